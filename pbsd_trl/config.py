@@ -1,0 +1,297 @@
+"""`PBSDConfig`: GRPO's configuration plus the fields of Preference-Based Self-Distillation."""
+
+import string
+import warnings
+from dataclasses import dataclass, field, fields
+
+from trl import GRPOConfig
+
+DEFAULT_TEACHER_PROMPT_TEMPLATE = (
+    "{prompt}\n\nHere is a reference solution to this problem:\n{privileged_context}\n\n"
+    "After understanding the reference solution, solve the problem yourself."
+)
+
+_CHOICES = {
+    "pair_labels": ("role", "reward"),
+    "tie_policy": ("role", "drop"),
+    "pairing": ("matched", "all"),
+    "teacher_model_kind": ("base", "live", "ema"),
+    "teacher_samples_from": ("teacher", "live"),
+}
+
+# GRPO fields that only shape GRPO's policy-gradient loss or advantages. PBSD's loss never reads them, so a value
+# other than GRPO's default would be silently ignored: say so instead.
+_GRPO_LOSS_ONLY_FIELDS = (
+    "loss_type",
+    "epsilon",
+    "epsilon_high",
+    "delta",
+    "importance_sampling_level",
+    "scale_rewards",
+    "multi_objective_aggregation",
+    "off_policy_mask_threshold",
+    "top_entropy_quantile",
+    "entropy_coef",
+    "use_adaptive_entropy",
+    "sapo_temperature_neg",
+    "sapo_temperature_pos",
+    "vespo_k_pos",
+    "vespo_lambda_pos",
+    "vespo_k_neg",
+    "vespo_lambda_neg",
+    "use_bias_correction_kl",
+)
+
+
+def template_placeholders(template: str) -> set[str]:
+    """Names of the `{…}` fields in a `str.format` template (raises `ValueError` on a malformed one)."""
+    return {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+
+
+@dataclass
+class PBSDConfig(GRPOConfig):
+    r"""
+    Configuration class for [`PBSDTrainer`].
+
+    Every [`~trl.GRPOConfig`] field keeps its meaning (generation, batching, vLLM, logging, …). The fields below add
+    Preference-Based Self-Distillation: the student `π_θ(y|x)` is trained with the logistic loss
+    `-log σ(m)`, `m = β·[(log π_θ(y⁺|x) - log π_T(y⁺|x,c)) - (log π_θ(y⁻|x) - log π_T(y⁻|x,c))]`, where `y⁺` is a
+    sample of the teacher (the same network prompted with the privileged context `c`) and `y⁻` an on-policy student
+    sample. GRPO's fields that only shape GRPO's own loss (`loss_type`, `epsilon`, `scale_rewards`, …) are ignored,
+    with a warning when set; GRPO's KL coefficient `beta` must stay `0.0` (PBSD's temperature is `pbsd_beta`).
+
+    Parameters:
+        > Parameters that control the PBSD loss
+
+        pbsd_beta (`float`, *optional*, defaults to `0.1`):
+            Preference temperature β of the implicit reward `β·log(π_θ/π_T)` and of the reward-regularized
+            objective `E[r] - β·KL(π‖π_T)`. Larger values make the loss saturate sooner. Not GRPO's `beta`.
+        pair_labels (`str`, *optional*, defaults to `"role"`):
+            How each (teacher sample, student sample) pair is ordered. `"role"` (paper): the teacher sample is always
+            preferred. `"reward"`: the sample with the higher reward (weighted sum of `reward_funcs`) is preferred;
+            ties follow `tie_policy`.
+        tie_policy (`str`, *optional*, defaults to `"role"`):
+            With `pair_labels="reward"`, what an equal-reward pair becomes: `"role"` (teacher preferred) or `"drop"`
+            (excluded from the loss).
+        num_teacher_generations (`int` or `None`, *optional*, defaults to `None`):
+            Teacher samples per prompt, G_T. `None` means `num_generations` (G_S). With `pairing="matched"` it must
+            equal G_S; with `pairing="all"` any 1 ≤ G_T ≤ G_S works (the first G_T rows of each prompt group carry a
+            teacher sample), except with vLLM in server mode, which needs G_T = G_S.
+        pairing (`str`, *optional*, defaults to `"matched"`):
+            `"matched"`: the i-th teacher sample of a prompt is paired with the i-th student sample. `"all"`: every
+            teacher sample of a prompt is paired with every student sample of that prompt (G_T × G_S pairs,
+            averaged); needs one extra no-grad scoring pass to supply the partner terms.
+        length_normalize (`bool`, *optional*, defaults to `False`):
+            Divide each sequence log-ratio by its completion length (SimPO/IPO-style) instead of using the sum.
+        label_smoothing (`float`, *optional*, defaults to `0.0`):
+            Conservative-DPO smoothing ε: the loss becomes `-(1-ε)·log σ(m) - ε·log σ(-m)`. Must be in `[0, 0.5)`.
+
+        > Parameters that control the teacher
+
+        teacher_model_kind (`str`, *optional*, defaults to `"base"`):
+            Weights of the teacher. `"base"`: the initial weights (with PEFT the adapter is disabled, without PEFT a
+            frozen copy). `"live"`: the current weights under stop-gradient. `"ema"`: an exponential moving average
+            of the student (a second adapter with PEFT, a second model without), saved in checkpoints.
+        teacher_update_rate (`float`, *optional*, defaults to `0.01`):
+            EMA rate α for `teacher_model_kind="ema"`: `θ_T ← (1-α)·θ_T + α·θ` every `teacher_sync_steps` steps.
+        teacher_sync_steps (`int`, *optional*, defaults to `1`):
+            Optimizer steps between two EMA updates of the teacher.
+        privileged_context_column (`str`, *optional*, defaults to `"privileged_context"`):
+            Dataset column with the privileged context `c` (a reference solution, a demonstration, tool docs). Must
+            hold strings.
+        teacher_prompt_template (`str`, *optional*, defaults to a reference-solution template):
+            `str.format` template of the teacher prompt with exactly the fields `{prompt}` and
+            `{privileged_context}`. For conversational prompts it is applied to the text of the last user turn, and
+            the chat template is applied once, to the result.
+        allow_empty_privileged_context (`bool`, *optional*, defaults to `False`):
+            By default a `None` or empty privileged context raises an error naming the row. When `True`, such rows
+            get a teacher prompt with an empty context (the teacher then knows no more than the student).
+        max_teacher_prompt_length (`int` or `None`, *optional*, defaults to `None`):
+            Token budget for a teacher prompt (e.g. to fit `vllm_max_model_length`). When a teacher prompt is longer,
+            the privileged context is cut from its end until it fits, never the student prompt; each cut is counted in
+            `pbsd/context_truncated_frac` and warned about once. `None` means no limit.
+        teacher_samples_from (`str`, *optional*, defaults to `"teacher"`):
+            Whose weights generate the teacher samples. `"teacher"`: the teacher weights (`teacher_model_kind`).
+            `"live"`: the current policy weights, prompted with the teacher prompt; the only option with vLLM when the
+            teacher is not `"live"`, since the vLLM engine holds the policy weights only. Teacher log-probs are always
+            computed with the teacher weights.
+
+        > Parameters that control the kernels
+
+        use_fused_logprob_kernel (`bool`, *optional*, defaults to `True`):
+            Score completions with pbsd-trl's plain-PyTorch fused log-prob kernel (no `[tokens, vocab]` logits).
+            `False` uses TRL's fused LM head instead.
+    """
+
+    _VALID_DICT_FIELDS = GRPOConfig._VALID_DICT_FIELDS
+
+    # GRPO defaults that PBSD changes, with their reason.
+    disable_dropout: bool = field(
+        default=True,
+        metadata={
+            "help": "Disable dropout so that the student and teacher log-probs of one step are computed by the same "
+            "deterministic function (PBSD compares them directly)."
+        },
+    )
+    vllm_importance_sampling_correction: bool = field(
+        default=False,
+        metadata={
+            "help": "PBSD's pairwise loss does not use GRPO's importance-sampling correction; enabling it only costs "
+            "an extra forward pass."
+        },
+    )
+
+    # PBSD loss
+    pbsd_beta: float = field(
+        default=0.1,
+        metadata={"help": "Preference temperature β of the implicit reward β·log(π_θ/π_T). Not GRPO's `beta`."},
+    )
+    pair_labels: str = field(
+        default="role",
+        metadata={"help": "How pairs are ordered: 'role' (teacher sample preferred, paper) or 'reward'."},
+    )
+    tie_policy: str = field(
+        default="role",
+        metadata={"help": "With pair_labels='reward', an equal-reward pair is labelled by 'role' or dropped ('drop')."},
+    )
+    num_teacher_generations: int | None = field(
+        default=None,
+        metadata={"help": "Teacher samples per prompt (G_T). None means num_generations."},
+    )
+    pairing: str = field(
+        default="matched",
+        metadata={"help": "'matched' (i-th teacher with i-th student sample) or 'all' (G_T × G_S pairs)."},
+    )
+    length_normalize: bool = field(
+        default=False,
+        metadata={"help": "Divide sequence log-ratios by completion length."},
+    )
+    label_smoothing: float = field(
+        default=0.0,
+        metadata={"help": "Conservative-DPO label smoothing ε in [0, 0.5)."},
+    )
+
+    # Teacher
+    teacher_model_kind: str = field(
+        default="base",
+        metadata={"help": "Teacher weights: 'base' (initial), 'live' (current, stop-gradient) or 'ema'."},
+    )
+    teacher_update_rate: float = field(
+        default=0.01,
+        metadata={"help": "EMA rate α of the 'ema' teacher: θ_T ← (1-α)θ_T + αθ."},
+    )
+    teacher_sync_steps: int = field(
+        default=1,
+        metadata={"help": "Optimizer steps between two EMA teacher updates."},
+    )
+    privileged_context_column: str = field(
+        default="privileged_context",
+        metadata={"help": "Dataset column holding the privileged context."},
+    )
+    teacher_prompt_template: str = field(
+        default=DEFAULT_TEACHER_PROMPT_TEMPLATE,
+        metadata={"help": "Teacher prompt template with the fields {prompt} and {privileged_context}."},
+    )
+    allow_empty_privileged_context: bool = field(
+        default=False,
+        metadata={"help": "Accept None/empty privileged contexts (teacher prompt with an empty context)."},
+    )
+    max_teacher_prompt_length: int | None = field(
+        default=None,
+        metadata={"help": "Token budget of a teacher prompt; the privileged context is cut to fit, never the prompt."},
+    )
+    teacher_samples_from: str = field(
+        default="teacher",
+        metadata={"help": "Weights that sample the teacher completions: 'teacher' or 'live' (vLLM fallback)."},
+    )
+
+    # Kernels
+    use_fused_logprob_kernel: bool = field(
+        default=True,
+        metadata={"help": "Use pbsd-trl's fused log-prob kernel; False uses TRL's fused LM head."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+
+        for name, choices in _CHOICES.items():
+            value = getattr(self, name)
+            if value not in choices:
+                raise ValueError(f"`{name}` must be one of {list(choices)}, got {value!r}.")
+
+        if self.pbsd_beta <= 0:
+            raise ValueError(f"`pbsd_beta` must be > 0, got {self.pbsd_beta}.")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"`label_smoothing` must be in [0, 0.5), got {self.label_smoothing}.")
+        if not 0.0 < self.teacher_update_rate <= 1.0:
+            raise ValueError(f"`teacher_update_rate` must be in (0, 1], got {self.teacher_update_rate}.")
+        if self.teacher_sync_steps < 1:
+            raise ValueError(f"`teacher_sync_steps` must be >= 1, got {self.teacher_sync_steps}.")
+        if self.max_teacher_prompt_length is not None and self.max_teacher_prompt_length < 1:
+            raise ValueError(f"`max_teacher_prompt_length` must be positive, got {self.max_teacher_prompt_length}.")
+
+        try:
+            placeholders = template_placeholders(self.teacher_prompt_template)
+        except ValueError as err:
+            raise ValueError(f"`teacher_prompt_template` is not a valid format string: {err}") from err
+        missing = {"prompt", "privileged_context"} - placeholders
+        unknown = placeholders - {"prompt", "privileged_context"}
+        if missing or unknown:
+            raise ValueError(
+                "`teacher_prompt_template` must contain exactly the placeholders {prompt} and {privileged_context}"
+                + (f"; missing: {sorted(missing)}" if missing else "")
+                + (f"; unknown: {sorted(unknown)} (escape literal braces as {{{{ and }}}})" if unknown else "")
+                + f". Got {self.teacher_prompt_template!r}."
+            )
+
+        num_student = self.num_generations
+        if self.num_teacher_generations is None:
+            self.num_teacher_generations = num_student
+        if not 1 <= self.num_teacher_generations <= num_student:
+            raise ValueError(
+                f"`num_teacher_generations` ({self.num_teacher_generations}) must be between 1 and "
+                f"`num_generations` ({num_student}): teacher samples ride on the rows of the student's prompt groups."
+            )
+        if self.pairing == "matched" and self.num_teacher_generations != num_student:
+            raise ValueError(
+                f"`pairing='matched'` pairs the i-th teacher sample with the i-th student sample, so "
+                f"`num_teacher_generations` ({self.num_teacher_generations}) must equal `num_generations` "
+                f"({num_student}). Set `pairing='all'` to use fewer teacher samples."
+            )
+        if (
+            self.use_vllm
+            and self.vllm_mode == "server"
+            and self.num_teacher_generations != num_student
+        ):
+            raise ValueError(
+                "vLLM server mode samples `num_generations` completions per run of identical prompts, so "
+                f"`num_teacher_generations` ({self.num_teacher_generations}) must equal `num_generations` "
+                f"({num_student}) there. Use `vllm_mode='colocate'` or set them equal."
+            )
+
+        if self.beta != 0.0:
+            raise ValueError(
+                f"`beta` is GRPO's KL coefficient and would add a reference model that PBSD does not use (got "
+                f"{self.beta}). PBSD's preference temperature is `pbsd_beta`; set `beta=0.0`."
+            )
+        if self.sync_ref_model:
+            raise ValueError(
+                "`sync_ref_model` syncs GRPO's reference model, which PBSD does not use. For a moving teacher set "
+                "`teacher_model_kind='ema'` (with `teacher_update_rate` and `teacher_sync_steps`)."
+            )
+        defaults = {f.name: f.default for f in fields(GRPOConfig)}
+        ignored = [name for name in _GRPO_LOSS_ONLY_FIELDS if getattr(self, name) != defaults[name]]
+        if ignored:
+            warnings.warn(
+                f"PBSDConfig ignores GRPO loss fields {ignored}: PBSD optimizes its own pairwise loss. Remove them "
+                "to silence this warning.",
+                UserWarning,
+                stacklevel=2,
+            )
+        if self.num_iterations != 1:
+            warnings.warn(
+                f"`num_iterations={self.num_iterations}` reuses each batch of samples for several updates; PBSD's "
+                "pairwise loss is applied to them without off-policy correction.",
+                UserWarning,
+                stacklevel=2,
+            )

@@ -1,0 +1,258 @@
+# Copyright 2026 The pbsd-trl authors. Licensed under the Apache License, Version 2.0.
+"""Synthetic arithmetic task with step-by-step reference solutions.
+
+Problems are ``a+b``, ``a-b`` (with ``a >= b``) and ``a*d`` (``d`` in 2..9), written without words,
+e.g. ``"347+589="``. The privileged context is a right-to-left digit scratchpad that ends with the
+final answer in GSM8K style::
+
+    >>> math_solution(347, "+", 589)
+    '7+9+0=16>6;4+8+1=13>36;3+5+1=9>936;#### 936'
+    >>> math_solution(523, "-", 187)
+    '13-7-0=6>6;12-8-1=3>36;5-1-1=3>336;#### 336'
+    >>> math_solution(347, "*", 6)
+    '7*6+0=42>2;4*6+4=28>82;3*6+2=20>082;2>2082;#### 2082'
+
+Each step is ``<digit op digit op carry>=<value>><result digits so far>``. A subtraction step that
+borrows writes the borrowed ten in front of the top digit (``13-7-0``); a final carry is written as
+its own step (``2>2082``). The student must produce the same scratchpad from the bare problem, the
+teacher sees it in its prompt (:data:`MATH_TEACHER_TEMPLATE`), which makes the teacher much stronger
+than the student: the gap that self-distillation closes.
+
+The datasets follow the column schema of TRL's self-distillation trainers (``prompt``,
+``privileged_context``) plus an ``answer`` column for reward functions.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from functools import lru_cache
+from typing import Literal
+
+from datasets import Dataset
+
+
+__all__ = [
+    "DIFFICULTIES",
+    "EVAL_SEED",
+    "MATH_TEACHER_TEMPLATE",
+    "MathProblem",
+    "eval_problems",
+    "make_math_dataset",
+    "math_completion",
+    "math_solution",
+    "parse_final_answer",
+    "sample_problem",
+]
+
+MATH_TEACHER_TEMPLATE = "{prompt} Reference solution: {privileged_context}"
+"""Teacher prompt template: ``{prompt}`` is the student's question (the last user turn's text for
+conversational prompts), ``{privileged_context}`` the reference solution."""
+
+DIFFICULTIES: dict[str, tuple[int, int]] = {"easy": (1, 2), "medium": (2, 3), "hard": (3, 4)}
+"""Difficulty name -> inclusive range of the number of digits of the operands (``d`` of ``a*d`` is
+always one digit)."""
+
+EVAL_SEED = 1_000_003
+"""Seed of the fixed held-out problems; training problems are drawn from other seeds and never
+include a held-out problem (of any difficulty)."""
+
+EVAL_SIZE = 200
+"""Number of fixed held-out problems per difficulty."""
+
+OPERATIONS = ("+", "-", "*")
+
+MathProblem = tuple[int, str, int]
+"""A problem ``(a, op, b)``."""
+
+_FINAL_ANSWER_RE = re.compile(r"####\s*(-?\d+)")
+
+
+def _digits_range(difficulty: str | tuple[int, int]) -> tuple[int, int]:
+    if isinstance(difficulty, str):
+        if difficulty not in DIFFICULTIES:
+            raise ValueError(f"Unknown difficulty {difficulty!r}; expected one of {list(DIFFICULTIES)} or (min, max).")
+        return DIFFICULTIES[difficulty]
+    lo, hi = difficulty
+    if not 1 <= lo <= hi:
+        raise ValueError(f"Invalid digit range {difficulty!r}.")
+    return int(lo), int(hi)
+
+
+def _random_number(rng: random.Random, lo_digits: int, hi_digits: int) -> int:
+    n_digits = rng.randint(lo_digits, hi_digits)
+    low = 0 if n_digits == 1 else 10 ** (n_digits - 1)
+    return rng.randint(low, 10**n_digits - 1)
+
+
+def sample_problem(rng: random.Random, difficulty: str | tuple[int, int] = "medium") -> MathProblem:
+    """Draws one problem ``(a, op, b)``: the operation is uniform, then each operand's number of digits
+    is uniform in the difficulty's range and its value uniform among numbers with that many digits."""
+    lo, hi = _digits_range(difficulty)
+    op = rng.choice(OPERATIONS)
+    a = _random_number(rng, lo, hi)
+    if op == "*":
+        return a, op, rng.randint(2, 9)
+    b = _random_number(rng, lo, hi)
+    if op == "-" and a < b:
+        a, b = b, a
+    return a, op, b
+
+
+def problem_text(a: int, op: str, b: int) -> str:
+    """The question shown to the student, e.g. ``"347+589="``."""
+    return f"{a}{op}{b}="
+
+
+def _evaluate(a: int, op: str, b: int) -> int:
+    if op == "+":
+        return a + b
+    if op == "-":
+        return a - b
+    if op == "*":
+        return a * b
+    raise ValueError(f"Unknown operation {op!r}")
+
+
+def math_solution(a: int, op: str, b: int) -> str:
+    """Right-to-left digit scratchpad for ``a op b`` ending in ``#### <result>`` (see module docstring).
+
+    ``op`` is ``"+"``, ``"-"`` (requires ``a >= b >= 0``) or ``"*"`` (requires ``0 <= b <= 9``).
+    """
+    if a < 0 or b < 0:
+        raise ValueError("Operands must be non-negative.")
+    da = [int(c) for c in reversed(str(a))]
+    steps: list[str] = []
+    out = ""
+    carry = 0
+    if op == "*":
+        if b > 9:
+            raise ValueError("Multiplication is a*d with a one-digit d.")
+        for x in da:
+            value = x * b + carry
+            out = str(value % 10) + out
+            steps.append(f"{x}*{b}+{carry}={value}>{out}")
+            carry = value // 10
+    else:
+        db = [int(c) for c in reversed(str(b))]
+        if op == "-" and a < b:
+            raise ValueError("Subtraction requires a >= b.")
+        if op not in "+-":
+            raise ValueError(f"Unknown operation {op!r}")
+        for i in range(max(len(da), len(db))):
+            x = da[i] if i < len(da) else 0
+            y = db[i] if i < len(db) else 0
+            if op == "+":
+                value = x + y + carry
+                out = str(value % 10) + out
+                steps.append(f"{x}+{y}+{carry}={value}>{out}")
+                carry = value // 10
+            else:
+                borrow = carry
+                if x - y - borrow < 0:
+                    value = 10 + x - y - borrow
+                    steps.append(f"1{x}-{y}-{borrow}={value}>{value}{out}")
+                    carry = 1
+                else:
+                    value = x - y - borrow
+                    steps.append(f"{x}-{y}-{borrow}={value}>{value}{out}")
+                    carry = 0
+                out = str(value) + out
+    if carry and op != "-":
+        out = str(carry) + out
+        steps.append(f"{carry}>{out}")
+    result = _evaluate(a, op, b)
+    assert int(out) == result, (a, op, b, out)  # the scratchpad is exact by construction
+    return ";".join(steps) + f";#### {result}"
+
+
+def math_completion(a: int, op: str, b: int) -> str:
+    """What the model is trained to answer: the scratchpad solution (without the end-of-turn token)."""
+    return math_solution(a, op, b)
+
+
+def parse_final_answer(text: str) -> str | None:
+    """The number after the first ``####`` in ``text``, or ``None`` when there is none."""
+    match = _FINAL_ANSWER_RE.search(text)
+    return match.group(1) if match else None
+
+
+@lru_cache(maxsize=None)
+def eval_problems(difficulty: str | tuple[int, int] = "medium", n: int = EVAL_SIZE) -> tuple[MathProblem, ...]:
+    """The fixed held-out problems of a difficulty: ``n`` distinct problems drawn with :data:`EVAL_SEED`."""
+    lo, hi = _digits_range(difficulty)
+    rng = random.Random(f"{EVAL_SEED}-{lo}-{hi}")
+    seen: set[str] = set()
+    problems: list[MathProblem] = []
+    attempts = 0
+    while len(problems) < n:
+        attempts += 1
+        if attempts > 100 * n + 1000:
+            raise ValueError(f"Cannot draw {n} distinct problems of difficulty {difficulty!r}.")
+        problem = sample_problem(rng, (lo, hi))
+        text = problem_text(*problem)
+        if text not in seen:
+            seen.add(text)
+            problems.append(problem)
+    return tuple(problems)
+
+
+@lru_cache(maxsize=None)
+def held_out_texts() -> frozenset[str]:
+    """Problem strings of the held-out sets of every named difficulty; never used for training."""
+    return frozenset(problem_text(*p) for d in DIFFICULTIES for p in eval_problems(d))
+
+
+def train_problems(rng: random.Random, n: int, difficulty: str | tuple[int, int] = "medium") -> list[MathProblem]:
+    """``n`` training problems from ``rng``, skipping every held-out problem (duplicates are possible)."""
+    excluded = held_out_texts()
+    problems: list[MathProblem] = []
+    while len(problems) < n:
+        problem = sample_problem(rng, difficulty)
+        if problem_text(*problem) not in excluded:
+            problems.append(problem)
+    return problems
+
+
+def make_math_dataset(
+    split: Literal["train", "eval"] = "train",
+    n: int | None = None,
+    seed: int = 0,
+    difficulty: str | tuple[int, int] = "medium",
+    conversational: bool = True,
+) -> Dataset:
+    """Builds the arithmetic dataset.
+
+    Args:
+        split: ``"train"``: ``n`` (default 1000) problems drawn with ``seed``, never containing a held-out
+            problem. ``"eval"``: the first ``n`` (default and at most 200) of the fixed held-out problems;
+            ``seed`` is ignored so every run evaluates on the same set.
+        n: Number of rows.
+        seed: Seed of the training problems.
+        difficulty: ``"easy"`` (1-2 digit operands), ``"medium"`` (2-3) or ``"hard"`` (3-4), or a
+            ``(min_digits, max_digits)`` tuple.
+        conversational: If ``True``, ``prompt`` is ``[{"role": "user", "content": "347+589="}]``;
+            otherwise the plain string ``"347+589="``. The base model of :func:`pbsd_trl.tiny.get_base_model`
+            is trained on the conversational (chat template) format.
+
+    Returns:
+        A :class:`datasets.Dataset` with columns ``prompt``, ``privileged_context`` (the reference
+        solution) and ``answer`` (the result as a string).
+    """
+    if split == "train":
+        problems = train_problems(random.Random(f"math-train-{seed}"), 1000 if n is None else n, difficulty)
+    elif split == "eval":
+        n = EVAL_SIZE if n is None else n
+        if n > EVAL_SIZE:
+            raise ValueError(f"The eval split has {EVAL_SIZE} problems; got n={n}.")
+        problems = list(eval_problems(difficulty))[:n]
+    else:
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+
+    prompts, contexts, answers = [], [], []
+    for a, op, b in problems:
+        text = problem_text(a, op, b)
+        prompts.append([{"role": "user", "content": text}] if conversational else text)
+        contexts.append(math_solution(a, op, b))
+        answers.append(str(_evaluate(a, op, b)))
+    return Dataset.from_dict({"prompt": prompts, "privileged_context": contexts, "answer": answers})

@@ -1,0 +1,70 @@
+# Copyright 2026 The PBSD-TRL Authors. All rights reserved.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+
+"""
+Full-logits reference for `fused_logprob_gap`: obviously correct, memory-hungry (`[B, T, V]` logits), used by the tests
+and as the "naive" contender of the benchmark. Computes in the inputs' dtype, so float64 inputs give a float64 oracle.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def reference_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    bias: torch.Tensor | None = None,
+    token_chunk_size: int | None = None,
+    vocab_chunk_size: int | None = None,
+) -> torch.Tensor:
+    """`log_softmax((hidden @ weight.T + bias) / temperature)` at `labels`, 0 where `labels == ignore_index`."""
+    del token_chunk_size, vocab_chunk_size  # same signature as the fused op; nothing is tiled here
+    logits = hidden @ weight.t()
+    if bias is not None:
+        logits = logits + bias
+    logps = torch.log_softmax(logits / temperature, dim=-1)
+    mask = labels != ignore_index
+    per_token = logps.gather(-1, labels.masked_fill(~mask, 0).unsqueeze(-1)).squeeze(-1)
+    return per_token.masked_fill(~mask, 0)
+
+
+def reference_logprob_gap(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    bias: torch.Tensor | None = None,
+    token_chunk_size: int | None = None,
+    vocab_chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Same contract as `fused_logprob_gap`, outputs in the computation dtype (at least float32)."""
+    out_dtype = torch.promote_types(student_hidden.dtype, torch.float32)
+    student_logps = reference_logprobs(student_hidden, lm_head_weight, labels, temperature, ignore_index, bias)
+    with torch.no_grad():
+        teacher_logps = reference_logprobs(
+            teacher_hidden.detach(),
+            lm_head_weight.detach(),
+            labels,
+            temperature,
+            ignore_index,
+            bias.detach() if bias is not None else None,
+        )
+    student_logps, teacher_logps = student_logps.to(out_dtype), teacher_logps.to(out_dtype)
+    return student_logps, teacher_logps, (student_logps - teacher_logps).sum(dim=-1)

@@ -1,0 +1,601 @@
+"""`PBSDTrainer`: GRPO's sampling loop, PBSD's pairwise loss against a privileged-context teacher."""
+
+import contextlib
+import logging
+import os
+from collections import defaultdict
+
+import torch
+from accelerate.utils import gather, gather_object
+from datasets import Dataset, IterableDataset
+from trl import GRPOTrainer
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import add_fused_lm_head
+
+from .config import PBSDConfig
+from .logprobs import add_pbsd_logprob_head, concat_prompt_completion, pad_token_lists, right_pad_to
+from .loss import (
+    DROPPED_LABEL,
+    FLIPPED_LABEL,
+    implicit_log_ratios,
+    logistic_preference_loss,
+    pair_margins,
+    preference_labels,
+)
+from .rewards.guard import guard_reward_funcs
+from .teacher import TeacherPromptBuilder
+from .teacher_model import TEACHER_STATE_FILE, TeacherEMACallback, TeacherWeights
+
+logger = logging.getLogger(__name__)
+
+# Output keys whose first dimension is the batch: they survive GRPO's shuffle/split of the generation batch.
+_TEACHER_KEYS = (
+    "teacher_prompt_ids",
+    "teacher_prompt_mask",
+    "teacher_completion_ids",
+    "teacher_completion_mask",
+)
+
+
+def _no_reward(prompts, completions, **kwargs):
+    """Placeholder that lets GRPOTrainer construct without reward functions; removed right after."""
+    return [0.0] * len(prompts)
+
+
+class PBSDTrainer(GRPOTrainer):
+    """
+    Trainer for Preference-Based Self-Distillation (PBSD), a drop-in replacement for [`~trl.GRPOTrainer`].
+
+    Each step samples completions from the student `π_θ(·|x)` exactly as GRPO does, samples completions from the
+    teacher (the same network prompted with the privileged context `c`, `π_T(·|x,c)`) through the same generation
+    backend, scores both sets with the teacher (no gradient) and the student (with gradient), and minimizes the
+    logistic loss on the implicit-reward margin between teacher and student samples. See [`PBSDConfig`].
+
+    The constructor takes GRPOTrainer's arguments. `reward_funcs` are optional with `pair_labels="role"` (rewards are
+    then only computed, and logged, when given), and required with `pair_labels="reward"`. The datasets need a
+    privileged-context column (`args.privileged_context_column`) of strings.
+    """
+
+    _tag_names = ["trl", "pbsd"]
+    _name = "PBSD"
+
+    def __init__(
+        self,
+        model,
+        reward_funcs=None,
+        args: PBSDConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        reward_processing_classes=None,
+        callbacks=None,
+        optimizers=(None, None),
+        quantization_config=None,
+        peft_config=None,
+        tools=None,
+        rollout_func=None,
+        environment_factory=None,
+    ):
+        if args is None:
+            model_name = model if isinstance(model, str) else model.config._name_or_path
+            args = PBSDConfig(f"{str(model_name).split('/')[-1] or 'model'}-PBSD")
+        elif not isinstance(args, PBSDConfig):
+            raise TypeError(
+                f"PBSDTrainer needs a `PBSDConfig`, got `{type(args).__name__}`. Replace `GRPOConfig(...)` with "
+                "`PBSDConfig(...)`: it takes the same arguments."
+            )
+        if tools or rollout_func is not None or environment_factory is not None:
+            raise NotImplementedError(
+                "PBSDTrainer does not support `tools`, `rollout_func` or `environment_factory` yet: teacher samples "
+                "would need the same multi-turn loop. Use ReAct-style text actions scored by a reward function."
+            )
+
+        reward_funcs = [] if reward_funcs is None else reward_funcs
+        reward_funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+        if args.pair_labels == "reward" and not reward_funcs:
+            raise ValueError("`pair_labels='reward'` orders pairs by reward: pass at least one reward function.")
+        for name, dataset in self._named_datasets(train_dataset, eval_dataset):
+            self._check_privileged_column(dataset, name, args)
+
+        self._has_reward_funcs = bool(reward_funcs)
+        reward_funcs = guard_reward_funcs(reward_funcs) if reward_funcs else [_no_reward]
+        super().__init__(
+            model=model,
+            reward_funcs=reward_funcs,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            reward_processing_classes=reward_processing_classes,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+        )
+        if not self._has_reward_funcs:
+            self.reward_funcs, self.reward_func_names, self.reward_processing_classes = [], [], []
+            self.reward_weights = torch.ones(0)
+
+        is_peft = hasattr(self.model, "peft_config")
+        if (
+            self.use_vllm
+            and args.teacher_model_kind != "live"
+            and args.teacher_samples_from == "teacher"
+        ):
+            raise ValueError(
+                f"The vLLM engine holds the policy's current weights only, so it cannot sample from the "
+                f"'{args.teacher_model_kind}' teacher. Set `teacher_samples_from='live'` (teacher prompts sampled with "
+                "the current weights, teacher log-probs still from the teacher weights), `teacher_model_kind='live'`, "
+                "or `use_vllm=False`."
+            )
+        if self.use_vllm and args.teacher_samples_from == "live" and args.teacher_model_kind != "live":
+            logger.warning(
+                "Teacher samples come from the current weights through vLLM (teacher_samples_from='live'); they are "
+                "scored with the '%s' teacher weights.",
+                args.teacher_model_kind,
+            )
+
+        # Scoring heads. GRPO has already added TRL's fused head to the student.
+        if args.use_fused_logprob_kernel:
+            add_pbsd_logprob_head(self._base_model(self.model), self.temperature)
+        self.teacher = TeacherWeights(self, args.teacher_model_kind, is_peft)
+        if self.teacher.uses_separate_model:
+            add_fused_lm_head(self.teacher.model, temperature=self.temperature)
+            if args.use_fused_logprob_kernel:
+                add_pbsd_logprob_head(self.teacher.model, self.temperature)
+            self.teacher.prepare()
+        if args.teacher_model_kind == "ema":
+            self.add_callback(TeacherEMACallback(self.teacher, args.teacher_sync_steps))
+
+        tokenizer = self._tokenizer
+        self.teacher_prompts = TeacherPromptBuilder(
+            template=args.teacher_prompt_template,
+            column=args.privileged_context_column,
+            allow_empty=args.allow_empty_privileged_context,
+            max_length=args.max_teacher_prompt_length,
+            count_tokens=lambda prompts: [len(ids) for ids in self._tokenize_prompts(prompts)[0]],
+            encode=lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],
+            decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=False),
+        )
+        self._last_rewards_per_func = None
+        self._pair_table = {}  # mode -> global per-row values that `pairing="all"` pairs against
+        self._teacher_tokens_seen = 0
+
+    # ---- construction checks ------------------------------------------------------------------------------------
+    @staticmethod
+    def _named_datasets(train_dataset, eval_dataset):
+        if train_dataset is not None:
+            yield "train_dataset", train_dataset
+        if isinstance(eval_dataset, dict):
+            for key, dataset in eval_dataset.items():
+                yield f"eval_dataset[{key!r}]", dataset
+        elif eval_dataset is not None:
+            yield "eval_dataset", eval_dataset
+
+    @staticmethod
+    def _check_privileged_column(dataset, name: str, args: PBSDConfig) -> None:
+        """Fail at construction, not at step 1, when the privileged column is missing or holds non-strings."""
+        column = args.privileged_context_column
+        columns = getattr(dataset, "column_names", None)
+        if columns is None:  # an iterable dataset of unknown schema: rows are checked as they arrive
+            return
+        if column not in columns:
+            raise ValueError(
+                f"{name} has no privileged-context column '{column}' (columns: {columns}). PBSD's teacher is prompted "
+                f"with it: add the column, or set `privileged_context_column` to the column that holds it."
+            )
+        if isinstance(dataset, Dataset):
+            from .teacher import check_privileged_context
+
+            for row, value in enumerate(dataset[column]):
+                try:
+                    check_privileged_context(value, column, row, args.allow_empty_privileged_context)
+                except (TypeError, ValueError) as err:
+                    raise type(err)(f"{name}: {err}") from None
+
+    def _set_signature_columns_if_needed(self):
+        # With `remove_unused_columns=True`, keep the privileged context and the reward functions' columns' carrier
+        super()._set_signature_columns_if_needed()
+        if self.args.privileged_context_column not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, self.args.privileged_context_column]
+
+    def _base_model(self, model):
+        model = self.accelerator.unwrap_model(model)
+        return model.get_base_model() if hasattr(model, "peft_config") else model
+
+    # ---- rewards ------------------------------------------------------------------------------------------------
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        if not self.reward_funcs:
+            # Role-labelled PBSD without reward functions: an empty (rows, 0) table, no collective needed
+            rewards = torch.zeros(len(prompts) * self.accelerator.num_processes, 0, device=self.accelerator.device)
+        else:
+            rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._last_rewards_per_func = rewards
+        return rewards
+
+    def _weighted_rewards(self, rewards_per_func: torch.Tensor) -> torch.Tensor | None:
+        """Weighted sum over reward functions per row (NaN where every function returned None); None without any."""
+        if rewards_per_func.size(1) == 0:
+            return None
+        weights = self.reward_weights.to(rewards_per_func.device)
+        total = (rewards_per_func * weights).nansum(dim=1)
+        total[torch.isnan(rewards_per_func).all(dim=1)] = torch.nan
+        return total
+
+    # ---- teacher sampling ---------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _teacher_sampling_weights(self):
+        """Generation inside this context samples from the weights named by `teacher_samples_from`."""
+        if self.args.teacher_samples_from == "live" or self.teacher.kind == "live":
+            yield
+        elif self.teacher.uses_separate_model:
+            # GRPO's generation reads `self.model_wrapped`: point it at the teacher for the duration
+            student_wrapped = self.model_wrapped
+            self.model_wrapped = self.teacher.model
+            try:
+                yield
+            finally:
+                self.model_wrapped = student_wrapped
+        else:
+            with self.teacher.active():
+                yield
+
+    @contextlib.contextmanager
+    def _teacher_generation_metrics(self, mode: str):
+        """Keep GRPO's `completions/*` metrics and token count about the student: file teacher ones under `pbsd/`."""
+        metrics = self._metrics[mode]
+        before = {key: len(values) for key, values in metrics.items()}
+        tokens_seen = self.state.num_input_tokens_seen
+        num_tokens = metrics.get("num_tokens")
+        num_tokens = list(num_tokens) if num_tokens is not None else None
+        yield
+        for key in [k for k in metrics if k.startswith("completions/")]:
+            new_values = metrics[key][before.get(key, 0) :]
+            del metrics[key][before.get(key, 0) :]
+            metrics[f"pbsd/teacher_{key}"].extend(new_values)
+        self._teacher_tokens_seen += self.state.num_input_tokens_seen - tokens_seen
+        self.state.num_input_tokens_seen = tokens_seen
+        if num_tokens is None:
+            metrics.pop("num_tokens", None)
+        else:
+            metrics["num_tokens"] = num_tokens
+
+    @contextlib.contextmanager
+    def _isolated_reward_logs(self):
+        """Teacher reward calls must not flush `log_extra`/`log_metric` entries into the student's table."""
+        saved = self._pending_extra_logs, self._pending_metrics
+        self._pending_extra_logs, self._pending_metrics = defaultdict(list), defaultdict(list)
+        try:
+            yield
+        finally:
+            self._pending_extra_logs, self._pending_metrics = saved
+
+    # ---- generation and scoring ---------------------------------------------------------------------------------
+    def _generate_and_score_completions(self, inputs):
+        mode = "train" if self.model.training else "eval"
+        device = self.accelerator.device
+        args = self.args
+        # Build (and validate) the teacher prompts before any generation, so bad rows fail fast
+        prompts = [row["prompt"] for row in inputs]
+        teacher_prompts, truncated = self.teacher_prompts(prompts, inputs)
+
+        output = super()._generate_and_score_completions(inputs)
+        student_rewards_global = self._last_rewards_per_func
+
+        num_rows = len(inputs)
+        group_size = self.num_generations if mode == "train" else self.num_generations_eval
+        teacher_group_size = group_size if args.pairing == "matched" else min(args.num_teacher_generations, group_size)
+        rank = self.accelerator.process_index
+        row_index = torch.arange(rank * num_rows, (rank + 1) * num_rows, device=device)
+        has_teacher = (row_index % group_size) < teacher_group_size
+        teacher_rows = has_teacher.nonzero().flatten().tolist()
+        if not teacher_rows:
+            raise ValueError(
+                f"This process holds no row that carries a teacher sample ({num_rows} rows, groups of {group_size}, "
+                f"{teacher_group_size} teacher samples per group): make each process's batch hold whole prompt groups."
+            )
+
+        # Teacher samples through GRPO's own generation path (HF generate, vLLM colocate/server)
+        with self._teacher_generation_metrics(mode), self._teacher_sampling_weights():
+            _, sampled_ids, _, teacher_completions, *_ = self._generate([teacher_prompts[i] for i in teacher_rows])
+        with self._isolated_reward_logs():
+            teacher_rewards_global = self._calculate_rewards(
+                [inputs[i] for i in teacher_rows],
+                [prompts[i] for i in teacher_rows],  # rewards judge the answer to the student's question
+                teacher_completions,
+                sampled_ids,
+            )
+
+        # Per-row teacher tensors; rows without a teacher sample get an empty completion
+        teacher_completion_lists = [[] for _ in range(num_rows)]
+        for i, ids in zip(teacher_rows, sampled_ids, strict=True):
+            teacher_completion_lists[i] = ids
+        pad_id, multiple = self._tokenizer.pad_token_id, self.pad_to_multiple_of
+        teacher_prompt_ids, teacher_prompt_mask = pad_token_lists(
+            self._tokenize_prompts(teacher_prompts)[0], pad_id, "left", device, multiple
+        )
+        teacher_completion_ids, teacher_completion_mask = pad_token_lists(
+            teacher_completion_lists, pad_id, "right", device, multiple
+        )
+        if self.mask_truncated_completions:
+            ends = [*self.eos_token_ids, pad_id]
+            clipped = torch.tensor([bool(ids) and ids[-1] not in ends for ids in teacher_completion_lists], device=device)
+            teacher_completion_mask = teacher_completion_mask * (~clipped).unsqueeze(1).int()
+
+        # Teacher log-probs of both sample sets, from the teacher prompt and weights (no gradient)
+        batch_size = args.per_device_train_batch_size if mode == "train" else args.per_device_eval_batch_size
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, args.gradient_checkpointing_kwargs):
+            with self.teacher.active():
+                scorer = self.teacher.scoring_model(self.model)
+                teacher_logps_teacher = self._sequence_logps(
+                    scorer, teacher_prompt_ids, teacher_prompt_mask, teacher_completion_ids, teacher_completion_mask, batch_size
+                )
+                teacher_logps_student = self._sequence_logps(
+                    scorer, teacher_prompt_ids, teacher_prompt_mask, output["completion_ids"], output["completion_mask"], batch_size
+                )
+
+        # Rewards per row (weighted over reward functions), local slices of the gathered tables
+        student_rewards = self._weighted_rewards(student_rewards_global)
+        teacher_rewards = self._weighted_rewards(teacher_rewards_global)
+        if student_rewards is not None:
+            student_rewards = student_rewards[rank * num_rows : (rank + 1) * num_rows]
+            n_teacher = len(teacher_rows)
+            teacher_rewards_rows = torch.full((num_rows,), torch.nan, device=device)
+            teacher_rewards_rows[teacher_rows] = teacher_rewards[rank * n_teacher : (rank + 1) * n_teacher]
+        else:
+            teacher_rewards_rows = None
+
+        labels = preference_labels(
+            teacher_rewards_rows if teacher_rewards_rows is not None else has_teacher.float(),
+            student_rewards,
+            args.pair_labels,
+            args.tie_policy,
+        )
+        teacher_lengths = teacher_completion_mask.sum(1)
+        student_lengths = output["completion_mask"].sum(1)
+
+        if args.pairing == "all":
+            num_pairs = self._build_pair_table(
+                mode, output, row_index, has_teacher, teacher_rewards_rows, student_rewards,
+                teacher_prompt_ids, teacher_prompt_mask, teacher_completion_ids, teacher_completion_mask,
+                teacher_logps_teacher, teacher_logps_student, batch_size, group_size,
+            )
+        else:
+            kept = has_teacher & (labels != DROPPED_LABEL)
+            num_pairs = gather(kept.sum().reshape(1)).sum()
+
+        output.update(
+            teacher_prompt_ids=teacher_prompt_ids,
+            teacher_prompt_mask=teacher_prompt_mask,
+            teacher_completion_ids=teacher_completion_ids,
+            teacher_completion_mask=teacher_completion_mask,
+            teacher_logps_teacher_samples=teacher_logps_teacher,
+            teacher_logps_student_samples=teacher_logps_student,
+            pbsd_labels=labels,
+            pbsd_has_teacher=has_teacher,
+            pbsd_row_index=row_index,
+            pbsd_num_pairs=num_pairs.float(),
+        )
+        self._log_generation_metrics(
+            mode, has_teacher, labels, teacher_rewards_rows, student_rewards, teacher_lengths, student_lengths, truncated
+        )
+        completions_for_table = [None] * num_rows
+        for i, completion in zip(teacher_rows, teacher_completions, strict=True):
+            completions_for_table[i] = completion
+        self._logs["extra"]["teacher_completion"].extend(gather_object(completions_for_table))
+        return output
+
+    def _sequence_logps(self, model, prompt_ids, prompt_mask, completion_ids, completion_mask, batch_size=None):
+        """Sum of per-token log-probs of each completion given its prompt, `(B,)` float32."""
+        per_token = self._completion_token_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask, batch_size)
+        return (per_token * completion_mask).sum(-1)
+
+    def _completion_token_logps(self, model, prompt_ids, prompt_mask, completion_ids, completion_mask, batch_size=None):
+        """Per-token log-probs `(B, C)` of the completion tokens (0 on padding), at the sampling temperature."""
+        if completion_ids.size(1) == 0:
+            return completion_ids.new_zeros(completion_ids.shape, dtype=torch.float32)
+        if not self.args.use_fused_logprob_kernel:
+            input_ids, attention_mask, _ = concat_prompt_completion(prompt_ids, prompt_mask, completion_ids, completion_mask)
+            logps, _, _ = self._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, completion_ids.size(1), batch_size=batch_size
+            )
+            return logps.float() * completion_mask
+        batch_size = batch_size or prompt_ids.size(0)
+        chunks = []
+        for start in range(0, prompt_ids.size(0), batch_size):
+            rows = slice(start, start + batch_size)
+            input_ids, attention_mask, labels = concat_prompt_completion(
+                prompt_ids[rows], prompt_mask[rows], completion_ids[rows], completion_mask[rows]
+            )
+            with self.accelerator.autocast():
+                logps = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, pbsd_logprobs=True)
+            chunks.append(logps[:, -completion_ids.size(1) :])
+        return torch.cat(chunks).float()
+
+    def _build_pair_table(
+        self, mode, output, row_index, has_teacher, teacher_rewards, student_rewards,
+        teacher_prompt_ids, teacher_prompt_mask, teacher_completion_ids, teacher_completion_mask,
+        teacher_logps_teacher, teacher_logps_student, batch_size, group_size,
+    ) -> torch.Tensor:
+        """Global table of detached per-row values for `pairing="all"`; returns the global number of kept pairs.
+
+        A pair's two samples can sit on different processes or micro-batches. With on-policy updates
+        (`num_iterations=1`, one generation batch per optimizer step) the student's weights do not change between
+        here and the loss, so partner log-ratios scored now, without gradient, are the partners' values at loss time:
+        each process differentiates its own samples against them, which gives the exact gradient of the global loss.
+        """
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            student_on_teacher = self._sequence_logps(
+                self.model, output["prompt_ids"], output["prompt_mask"], teacher_completion_ids, teacher_completion_mask, batch_size
+            )
+            student_on_student = self._sequence_logps(
+                self.model, output["prompt_ids"], output["prompt_mask"], output["completion_ids"], output["completion_mask"], batch_size
+            )
+        lengths_t = teacher_completion_mask.sum(1) if self.args.length_normalize else None
+        lengths_s = output["completion_mask"].sum(1) if self.args.length_normalize else None
+        nan = torch.full_like(student_on_student, torch.nan)
+        table = {
+            "group": gather(row_index // group_size),
+            "has_teacher": gather(has_teacher),
+            "teacher_log_ratio": gather(implicit_log_ratios(student_on_teacher, teacher_logps_teacher, lengths_t)),
+            "student_log_ratio": gather(implicit_log_ratios(student_on_student, teacher_logps_student, lengths_s)),
+            "teacher_reward": gather(teacher_rewards if teacher_rewards is not None else nan),
+            "student_reward": gather(student_rewards if student_rewards is not None else nan),
+        }
+        self._pair_table[mode] = table
+        labels = self._all_pair_labels(table["teacher_reward"], table["student_reward"])
+        valid = self._all_pair_mask(table["group"], table["has_teacher"], table["group"])
+        return (valid & (labels != DROPPED_LABEL)).sum()
+
+    def _all_pair_labels(self, teacher_rewards, student_rewards):
+        """`(N_T, N_S)` labels of every teacher × student pair (rows: teacher samples, columns: student samples)."""
+        if self.args.pair_labels == "role":
+            return torch.ones(teacher_rewards.size(0), student_rewards.size(0), device=teacher_rewards.device)
+        return preference_labels(
+            teacher_rewards.unsqueeze(1).expand(-1, student_rewards.size(0)),
+            student_rewards.unsqueeze(0).expand(teacher_rewards.size(0), -1),
+            self.args.pair_labels,
+            self.args.tie_policy,
+        )
+
+    @staticmethod
+    def _all_pair_mask(teacher_groups, teacher_has_sample, student_groups):
+        return (teacher_groups.unsqueeze(1) == student_groups.unsqueeze(0)) & teacher_has_sample.unsqueeze(1)
+
+    def _log_generation_metrics(
+        self, mode, has_teacher, labels, teacher_rewards, student_rewards, teacher_lengths, student_lengths, truncated
+    ):
+        metrics = self._metrics[mode]
+        device = has_teacher.device
+
+        def global_mean(values, mask=None):
+            mask = torch.ones_like(values, dtype=torch.bool) if mask is None else mask
+            mask = mask & ~torch.isnan(values.float())
+            stats = torch.stack([values.float().masked_fill(~mask, 0).sum(), mask.float().sum()])
+            total, count = self.accelerator.reduce(stats, reduction="sum").tolist()
+            return total / count if count else float("nan")
+
+        metrics["pbsd/teacher_length"].append(global_mean(teacher_lengths.float(), has_teacher))
+        metrics["pbsd/student_length"].append(global_mean(student_lengths.float()))
+        truncated = torch.tensor(truncated, dtype=torch.float32, device=device)
+        metrics["pbsd/context_truncated_frac"].append(global_mean(truncated))
+        metrics["pbsd/teacher_num_tokens"] = [float(self._teacher_tokens_seen)]
+        if student_rewards is not None:
+            metrics["pbsd/teacher_reward"].append(global_mean(teacher_rewards, has_teacher))
+            metrics["pbsd/student_reward"].append(global_mean(student_rewards))
+            tie = (teacher_rewards == student_rewards) | (torch.isnan(teacher_rewards) & torch.isnan(student_rewards))
+            metrics["pbsd/tie_frac"].append(global_mean(tie.float(), has_teacher))
+            flipped = student_rewards > torch.nan_to_num(teacher_rewards, nan=-float("inf"))
+            metrics["pbsd/flipped_frac"].append(global_mean(flipped.float(), has_teacher))
+        if self.args.pair_labels == "reward":
+            metrics["pbsd/label_flipped_frac"].append(global_mean((labels == FLIPPED_LABEL).float(), has_teacher))
+            metrics["pbsd/label_dropped_frac"].append(global_mean((labels == DROPPED_LABEL).float(), has_teacher))
+
+    # ---- loss ---------------------------------------------------------------------------------------------------
+    def _compute_loss(self, model, inputs):
+        mode = "train" if self.model.training else "eval"
+        args = self.args
+        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+        student_ids, student_mask = inputs["completion_ids"], inputs["completion_mask"]
+        teacher_ids, teacher_mask = inputs["teacher_completion_ids"], inputs["teacher_completion_mask"]
+        num_rows = prompt_ids.size(0)
+
+        # One student forward over both sample sets, each scored from the student prompt
+        width = max(student_ids.size(1), teacher_ids.size(1))
+        pad_id = self._tokenizer.pad_token_id
+        completion_ids = torch.cat([right_pad_to(student_ids, width, pad_id), right_pad_to(teacher_ids, width, pad_id)])
+        completion_mask = torch.cat([right_pad_to(student_mask, width, 0), right_pad_to(teacher_mask, width, 0)])
+        policy_logps = self._sequence_logps(
+            model, prompt_ids.repeat(2, 1), prompt_mask.repeat(2, 1), completion_ids, completion_mask
+        )
+        policy_student, policy_teacher = policy_logps[:num_rows], policy_logps[num_rows:]
+
+        lengths_t = teacher_mask.sum(1) if args.length_normalize else None
+        lengths_s = student_mask.sum(1) if args.length_normalize else None
+        teacher_log_ratios = implicit_log_ratios(policy_teacher, inputs["teacher_logps_teacher_samples"], lengths_t)
+        student_log_ratios = implicit_log_ratios(policy_student, inputs["teacher_logps_student_samples"], lengths_s)
+
+        if args.pairing == "matched":
+            labels = inputs["pbsd_labels"]
+            kept = inputs["pbsd_has_teacher"] & (labels != DROPPED_LABEL)
+            margins = pair_margins(teacher_log_ratios, student_log_ratios, labels, args.pbsd_beta)
+            loss_sum = (logistic_preference_loss(margins, args.label_smoothing) * kept).sum()
+            metric_margins, metric_kept = margins, kept
+        else:
+            loss_sum, metric_margins, metric_kept = self._all_pairs_loss_sum(
+                mode, inputs["pbsd_row_index"], teacher_log_ratios, student_log_ratios
+            )
+
+        # Normalize so that summing micro-batches and averaging over processes gives the mean over all pairs of the
+        # generation batch (and of one optimizer step when a generation batch spans several)
+        num_pairs = inputs["pbsd_num_pairs"].clamp(min=1.0)
+        scale = self.accelerator.num_processes / num_pairs
+        if mode == "train":
+            scale = scale * args.steps_per_generation / self.current_gradient_accumulation_steps
+        loss = loss_sum * scale
+
+        self._log_loss_metrics(
+            mode, metric_margins, metric_kept, teacher_log_ratios, student_log_ratios, inputs["pbsd_has_teacher"],
+            policy_student - inputs["teacher_logps_student_samples"],
+        )
+        return loss
+
+    def _all_pairs_loss_sum(self, mode, row_index, teacher_log_ratios, student_log_ratios):
+        """Sum of the losses of every pair touching this micro-batch's samples, with partners from the pair table.
+
+        Each pair appears twice over the whole batch (once with its teacher sample differentiated, once with its
+        student sample), so the value is halved while the gradient keeps both halves.
+        """
+        table = self._pair_table[mode]
+        beta, smoothing = self.args.pbsd_beta, self.args.label_smoothing
+        groups = table["group"][row_index]
+        # teacher side: this row's teacher sample against every student sample of its prompt
+        labels_t = self._all_pair_labels(table["teacher_reward"][row_index], table["student_reward"])
+        mask_t = self._all_pair_mask(groups, table["has_teacher"][row_index], table["group"]) & (labels_t != 0)
+        margins_t = pair_margins(teacher_log_ratios.unsqueeze(1), table["student_log_ratio"].unsqueeze(0), labels_t, beta)
+        # student side: every teacher sample of its prompt against this row's student sample
+        labels_s = self._all_pair_labels(table["teacher_reward"], table["student_reward"][row_index]).T
+        mask_s = self._all_pair_mask(table["group"], table["has_teacher"], groups).T & (labels_s != 0)
+        margins_s = pair_margins(table["teacher_log_ratio"].unsqueeze(0), student_log_ratios.unsqueeze(1), labels_s, beta)
+        surrogate = (logistic_preference_loss(margins_t, smoothing) * mask_t).sum() + (
+            logistic_preference_loss(margins_s, smoothing) * mask_s
+        ).sum()
+        loss_sum = surrogate - surrogate.detach() / 2
+        return loss_sum, margins_t[mask_t], torch.ones_like(margins_t[mask_t], dtype=torch.bool)
+
+    def _log_loss_metrics(self, mode, margins, kept, teacher_log_ratios, student_log_ratios, has_teacher, student_kl):
+        metrics = self._metrics[mode]
+
+        def global_mean(values, mask):
+            stats = torch.stack([(values.detach().float() * mask).sum(), mask.float().sum()])
+            total, count = self.accelerator.reduce(stats, reduction="sum").tolist()
+            return total / count if count else float("nan")
+
+        kept = kept.float()
+        metrics["pbsd/margin"].append(global_mean(margins, kept))
+        metrics["pbsd/preference_accuracy"].append(global_mean((margins > 0).float(), kept))
+        metrics["pbsd/log_ratio_teacher_samples"].append(global_mean(teacher_log_ratios, has_teacher.float()))
+        metrics["pbsd/log_ratio_student_samples"].append(global_mean(student_log_ratios, torch.ones_like(student_log_ratios)))
+        metrics["pbsd/kl_student_teacher"].append(global_mean(student_kl, torch.ones_like(student_kl)))
+
+    # ---- checkpoints --------------------------------------------------------------------------------------------
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        state = self.teacher.state_dict()  # collective under ZeRO-3: every process calls it
+        if state is not None and self.args.should_save:
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            torch.save(state, os.path.join(folder, TEACHER_STATE_FILE))
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None or self.teacher.kind != "ema":
+            return
+        path = os.path.join(checkpoint, TEACHER_STATE_FILE)
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"{checkpoint} has no {TEACHER_STATE_FILE}: it was not written by a PBSD run with an EMA teacher, so "
+                "the teacher cannot be restored. Resume from a PBSD checkpoint or start a new run."
+            )
+        self.teacher.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))

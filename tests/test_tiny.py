@@ -1,0 +1,163 @@
+# Copyright 2026 The pbsd-trl authors. Licensed under the Apache License, Version 2.0.
+import json
+import os
+import random
+import string
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from pbsd_trl import tiny
+from pbsd_trl.tiny import (
+    build_char_tokenizer,
+    build_random_model,
+    get_base_model,
+    load_tokenizer,
+    tiny_model_config,
+    warm_start,
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_char_tokenizer()
+
+
+def test_tokenizer_round_trip(tokenizer):
+    ids = tokenizer(string.printable, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(string.printable)  # one token per character
+    assert tokenizer.unk_token_id not in ids
+    assert tokenizer.decode(ids) == string.printable
+    for char in string.printable:
+        assert tokenizer.decode(tokenizer.encode(char, add_special_tokens=False)) == char
+    text = 'Action: fx\nAction Input: {"amt":20}  347+589= 7+9+0=16>6;#### 936'
+    assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)) == text
+    assert tokenizer.encode("é", add_special_tokens=False) == [tokenizer.unk_token_id]
+    assert tokenizer.eos_token == "<|end|>" and tokenizer.pad_token == "<|pad|>"
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+
+
+def test_chat_template(tokenizer):
+    messages = [{"role": "user", "content": "347+589="}]
+    assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == (
+        "<|user|>347+589=<|assistant|>"
+    )
+    full = messages + [{"role": "assistant", "content": "#### 936"}]
+    assert tokenizer.apply_chat_template(full, tokenize=False) == "<|user|>347+589=<|assistant|>#### 936<|end|>"
+    # TRL's conversational prompt path
+    out = tokenizer.apply_chat_template(
+        [messages, [{"role": "user", "content": "1+2="}]], add_generation_prompt=True, tokenize=True, return_dict=True
+    )
+    assert out["input_ids"][1] == tokenizer.convert_tokens_to_ids(["<|user|>", "1", "+", "2", "=", "<|assistant|>"])
+    ids = out["input_ids"][0] + [tokenizer.eos_token_id]
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "347+589="
+
+
+def test_left_padding_survives_save_and_load(tokenizer, tmp_path):
+    tokenizer.save_pretrained(tmp_path)
+    loaded = load_tokenizer(tmp_path)
+    assert loaded.padding_side == "left"
+    assert loaded.chat_template == tokenizer.chat_template
+    batch = loaded(["ab", "abcd"], padding=True)
+    assert batch["input_ids"][0][:2] == [loaded.pad_token_id] * 2
+    assert batch["attention_mask"][0] == [0, 0, 1, 1]
+    assert loaded.encode(string.printable, add_special_tokens=False) == tokenizer.encode(
+        string.printable, add_special_tokens=False
+    )
+
+
+def test_model_configs(tokenizer):
+    config = tiny_model_config(len(tokenizer))
+    assert (config.hidden_size, config.num_hidden_layers, config.intermediate_size) == (128, 4, 512)
+    assert config.tie_word_embeddings
+    assert tiny_model_config(len(tokenizer), hidden_size=64).hidden_size == 64
+    base = build_random_model(tokenizer, size="base")
+    assert 1.0e6 < sum(p.numel() for p in base.parameters()) < 1.1e6
+
+
+def test_random_model_forward_and_generate(tokenizer):
+    model = build_random_model(tokenizer)
+    assert sum(p.numel() for p in model.parameters()) < 50_000
+    assert model.config.eos_token_id == tokenizer.eos_token_id
+    assert model.config.pad_token_id == tokenizer.pad_token_id
+    batch = tokenizer.apply_chat_template(
+        [[{"role": "user", "content": "12+3="}], [{"role": "user", "content": "1+2="}]],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        padding=True,
+        return_tensors="pt",
+    )
+    logits = model(**batch).logits
+    assert logits.shape == (*batch["input_ids"].shape, len(tokenizer))
+    assert torch.isfinite(logits).all()
+    out = model.generate(**batch, max_new_tokens=5, do_sample=True)
+    assert out.shape[0] == 2 and out.shape[1] <= batch["input_ids"].shape[1] + 5
+    # same seed, same weights
+    assert torch.equal(
+        build_random_model(tokenizer, seed=1).model.embed_tokens.weight,
+        build_random_model(tokenizer, seed=1).model.embed_tokens.weight,
+    )
+
+
+@pytest.mark.parametrize("task", ["math", "tool_use"])
+def test_warm_start_learns(task):
+    steps_seen = []
+    model, tok = warm_start(
+        task,
+        steps=12,
+        model_overrides=tiny.TEST_MODEL_OVERRIDES,
+        batch_size=8,
+        progress_bar=False,
+        callback=lambda step, model, tokenizer: steps_seen.append(step),
+    )
+    assert steps_seen == list(range(1, 13)) and not model.training
+    rows = tiny._task_sampler(task, random.Random(0), "medium")(8)
+    input_ids, labels = tiny._sft_batch(tok, [r[0] for r in rows], [r[2] for r in rows])
+    assert input_ids.shape[1] % 16 == 0
+    assert (labels != -100).sum() == sum(len(r[2]) + 1 for r in rows)  # completion + <|end|> only
+    untrained = build_random_model(tok, size="base", **tiny.TEST_MODEL_OVERRIDES)
+    with torch.no_grad():
+        assert model(input_ids=input_ids, labels=labels).loss < untrained(input_ids=input_ids, labels=labels).loss
+
+
+def test_get_base_model_builds_once_and_caches(tmp_path, monkeypatch):
+    kwargs = dict(cache_dir=tmp_path, steps=2, progress_bar=False, model_overrides=tiny.TEST_MODEL_OVERRIDES, batch_size=4)
+    path = get_base_model("math", **kwargs)
+    assert os.path.basename(path).startswith("math-")
+    assert os.listdir(tmp_path) == [os.path.basename(path)]  # no temporary directory left over
+    metadata = json.loads(open(os.path.join(path, "pbsd_trl_base.json")).read())
+    assert metadata["steps"] == 2 and metadata["task"] == "math"
+
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tokenizer = load_tokenizer(path)
+    assert tokenizer.padding_side == "left"
+    assert model.config.vocab_size == len(tokenizer)
+    batch = tokenizer.apply_chat_template(
+        [[{"role": "user", "content": "12+3="}]], add_generation_prompt=True, return_dict=True, return_tensors="pt"
+    )
+    assert model.generate(**batch, max_new_tokens=3).shape[1] <= batch["input_ids"].shape[1] + 3
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the cached model must be reused")
+
+    monkeypatch.setattr(tiny, "warm_start", fail)
+    assert get_base_model("math", **kwargs) == path
+    # a different recipe is a different cache entry; an interrupted build leaves nothing behind
+    with pytest.raises(AssertionError):
+        get_base_model("math", **dict(kwargs, steps=3))
+    assert os.listdir(tmp_path) == [os.path.basename(path)]
+    monkeypatch.setenv("PBSD_TRL_CACHE", str(tmp_path / "env"))
+    assert tiny.default_cache_dir() == tmp_path / "env"
+
+
+def test_get_base_model_force_rebuilds(tmp_path):
+    kwargs = dict(cache_dir=tmp_path, steps=1, progress_bar=False, model_overrides=tiny.TEST_MODEL_OVERRIDES, batch_size=4)
+    path = get_base_model("tool_use", **kwargs)
+    first = os.path.getmtime(os.path.join(path, "pbsd_trl_base.json"))
+    assert get_base_model("tool_use", force=True, **kwargs) == path
+    assert os.path.getmtime(os.path.join(path, "pbsd_trl_base.json")) >= first
+    assert sorted(os.listdir(tmp_path)) == [os.path.basename(path)]
+    with pytest.raises(ValueError):
+        get_base_model("chess", cache_dir=tmp_path)
