@@ -72,7 +72,7 @@ CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'user' -%}" + USER_TOKEN + "{{ message['content'] }}"
     "{%- elif message['role'] == 'assistant' -%}" + ASSISTANT_TOKEN + "{{ message['content'] }}" + END_TOKEN + ""
-    "{%- elif message['role'] == 'system' -%}{{ message['content'] }}\n"
+    "{%- elif message['role'] == 'system' -%}{{ message['content'] + '\\n' }}"
     "{%- else -%}{{ raise_exception('Unsupported role: ' + message['role']) }}"
     "{%- endif -%}"
     "{%- endfor -%}"
@@ -354,7 +354,11 @@ def default_cache_dir() -> Path:
 
 
 def _base_model_spec(task: str, steps: int, seed: int, warm_start_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """What determines the warm-started weights; its hash is the cache key (the library versions are not
+    part of it)."""
     tokenizer = build_char_tokenizer()
+    config = tiny_model_config(len(tokenizer), **(warm_start_kwargs.get("model_overrides") or {})).to_diff_dict()
+    config.pop("transformers_version", None)
     return {
         "version": BASE_MODEL_VERSION,
         "task": task,
@@ -362,7 +366,7 @@ def _base_model_spec(task: str, steps: int, seed: int, warm_start_kwargs: dict[s
         "seed": seed,
         "vocab": "".join(CHARACTERS),
         "special_tokens": list(SPECIAL_TOKENS),
-        "config": tiny_model_config(len(tokenizer), **warm_start_kwargs.get("model_overrides", None) or {}).to_diff_dict(),
+        "config": config,
         "warm_start": {k: v for k, v in sorted(warm_start_kwargs.items()) if k not in ("model_overrides",)},
     }
 

@@ -531,7 +531,8 @@ class PBSDTrainer(GRPOTrainer):
         num_pairs = inputs["pbsd_num_pairs"].clamp(min=1.0)
         scale = self.accelerator.num_processes / num_pairs
         if mode == "train":
-            scale = scale * args.steps_per_generation / self.current_gradient_accumulation_steps
+            accumulation = getattr(self, "current_gradient_accumulation_steps", args.gradient_accumulation_steps)
+            scale = scale * args.steps_per_generation / accumulation
         loss = loss_sum * scale
 
         self._log_loss_metrics(

@@ -140,7 +140,9 @@ class TestMathAccuracy:
             [{"role": "assistant", "content": r"\boxed{7}"}, {"role": "tool", "content": r"\boxed{9}"}],
             [{"role": "assistant", "content": [{"type": "text", "text": r"\boxed{7}"}]}],
         ]
-        assert math_reward(prompts=[[{"role": "user", "content": "q"}]] * 4, completions=completions, answer=["7"] * 4) == [
+        assert math_reward(
+            prompts=[[{"role": "user", "content": "q"}]] * 4, completions=completions, answer=["7"] * 4
+        ) == [
             1.0,
             0.0,
             1.0,
@@ -149,7 +151,10 @@ class TestMathAccuracy:
 
     def test_plain_function_and_solution_column(self):
         solution = r"We compute $3/4$, so the answer is $\boxed{\frac{3}{4}}$."
-        completions = [[{"role": "assistant", "content": r"\boxed{0.75}"}], [{"role": "assistant", "content": "#### 1"}]]
+        completions = [
+            [{"role": "assistant", "content": r"\boxed{0.75}"}],
+            [{"role": "assistant", "content": "#### 1"}],
+        ]
         assert math_accuracy_reward(prompts=["q", "q"], completions=completions, solution=[solution] * 2) == [1.0, 0.0]
         # a solution without a marker is parsed as free text, as in TRL's accuracy_reward
         assert math_accuracy_reward(completions=[r"\boxed{0.5}"], solution=[r"It is $\frac{1}{2}$"]) == [1.0]
@@ -161,7 +166,11 @@ class TestMathAccuracy:
 
     def test_pattern_and_first_occurrence(self):
         reward = MathAccuracyReward(pattern=r"ANSWER:\s*(\S+)")
-        assert reward(prompts=None, completions=["ANSWER: 1/2", r"\boxed{0.5}", "ANSWER: 3 ANSWER: 4"], answer=["0.5", "0.5", "4"]) == [1.0, 0.0, 1.0]
+        assert reward(
+            prompts=None,
+            completions=["ANSWER: 1/2", r"\boxed{0.5}", "ANSWER: 3 ANSWER: 4"],
+            answer=["0.5", "0.5", "4"],
+        ) == [1.0, 0.0, 1.0]
         first = MathAccuracyReward(which="first")
         # the tiny task's convention: the first `#### N` counts, whatever the model rambles afterwards
         assert first(prompts=None, completions=["7+9=16>6;#### 936 #### 12"], answer=["936"]) == [1.0]
@@ -280,9 +289,19 @@ TOOL_CASES = [
     ("", GOLD_WEATHER, 0.0, 0.0),
     ("Final Answer: hello", [], 1.0, 1.0),  # no call expected, none made
     (_react(WEATHER), [], 0.0, 0.0),
-    (_react(("search", '{"q": {"text": "a}b", "n": 2}}')), [{"name": "search", "arguments": {"q": {"text": "a}b", "n": 2}}}], 1.0, 1.0),  # nested JSON
+    (
+        _react(("search", '{"q": {"text": "a}b", "n": 2}}')),
+        [{"name": "search", "arguments": {"q": {"text": "a}b", "n": 2}}}],
+        1.0,
+        1.0,
+    ),  # nested JSON
     (_react(WEATHER), [{"name": "getWeather", "arguments": '{"city": "Paris"}'}], 1.0, 1.0),  # OpenAI-style gold
-    (_react(WEATHER), [{"type": "function", "function": {"name": "getWeather", "arguments": {"city": "Paris"}}}], 1.0, 1.0),
+    (
+        _react(WEATHER),
+        [{"type": "function", "function": {"name": "getWeather", "arguments": {"city": "Paris"}}}],
+        1.0,
+        1.0,
+    ),
     (_react(WEATHER), json.dumps(GOLD_WEATHER), 1.0, 1.0),  # gold stored as a JSON string
     (_react(("getWeather", '{"city": "Paris"}   trailing text')), GOLD_WEATHER, 1.0, 1.0),
     ("Action: getWeather\nAction Input:\n" + "{" * 5000, GOLD_WEATHER, 0.0, 0.0),  # pathological nesting
@@ -298,13 +317,19 @@ class TestToolCall:
 
     def test_conversational_and_batch(self):
         completions = [[{"role": "assistant", "content": _react(WEATHER)}], [{"role": "assistant", "content": "no"}]]
-        assert tool_call_reward(prompts=["p", "p"], completions=completions, golden_answer=[GOLD_WEATHER] * 2) == [1.0, 0.0]
+        assert tool_call_reward(prompts=["p", "p"], completions=completions, golden_answer=[GOLD_WEATHER] * 2) == [
+            1.0,
+            0.0,
+        ]
 
     def test_unreadable_gold_is_skipped(self):
         assert tool_call_reward(completions=[_react(WEATHER)] * 2, golden_answer=[None, "not json"]) == [None, None]
 
     def test_parse_tool_calls(self):
-        assert parse_tool_calls(_react(WEATHER, ("getTime", "{}"))) == [("getWeather", {"city": "Paris"}), ("getTime", {})]
+        assert parse_tool_calls(_react(WEATHER, ("getTime", "{}"))) == [
+            ("getWeather", {"city": "Paris"}),
+            ("getTime", {}),
+        ]
         assert parse_tool_calls("Action: a\nAction: b\nAction Input: {}") == [("a", None), ("b", {})]
         assert parse_tool_calls("Action: a\nAction Input: {oops}") is None
 
@@ -374,7 +399,14 @@ class TestNamingAndHelpers:
     def test_names_match_trl(self):
         from trl.trainer.utils import get_callable_name, is_async_callable
 
-        for func in [plain_reward, functools.partial(scaled_reward, scale=3.0), LengthReward(), CallableWithoutName(), async_reward, AsyncCallable()]:
+        for func in [
+            plain_reward,
+            functools.partial(scaled_reward, scale=3.0),
+            LengthReward(),
+            CallableWithoutName(),
+            async_reward,
+            AsyncCallable(),
+        ]:
             assert get_reward_func_name(func) == get_callable_name(func)
             assert is_async_reward_func(func) == is_async_callable(func)
 
@@ -395,7 +427,15 @@ class TestNamingAndHelpers:
     )
     def test_outputs_through_helpers(self, func, expected):
         completions = [[{"role": "assistant", "content": "hello"}], "hi"]
-        kwargs = dict(prompts=["p", "p"], completions=completions, completion_ids=[[1], [2]], trainer_state=None, log_extra=None, log_metric=None, answer=["a", "b"])
+        kwargs = dict(
+            prompts=["p", "p"],
+            completions=completions,
+            completion_ids=[[1], [2]],
+            trainer_state=None,
+            log_extra=None,
+            log_metric=None,
+            answer=["a", "b"],
+        )
         name = validate_reward_funcs([func])[0]
         assert call_reward_safely(name, func, **kwargs) == expected
         assert ensure_sync(func)(**kwargs) == expected
@@ -416,9 +456,19 @@ class TestNamingAndHelpers:
                 seen.append((prompt, completion, row))
                 return None
 
-        out = Recorder()(prompts=["p1", "p2"], completions=["c1", "c2"], completion_ids=[[1], [2]], answer=["a1", "a2"], trainer_state="S", log_metric=print)
+        out = Recorder()(
+            prompts=["p1", "p2"],
+            completions=["c1", "c2"],
+            completion_ids=[[1], [2]],
+            answer=["a1", "a2"],
+            trainer_state="S",
+            log_metric=print,
+        )
         assert out == [None, None]
-        assert seen == [("p1", "c1", {"answer": "a1", "completion_ids": [1]}), ("p2", "c2", {"answer": "a2", "completion_ids": [2]})]
+        assert seen == [
+            ("p1", "c1", {"answer": "a1", "completion_ids": [1]}),
+            ("p2", "c2", {"answer": "a2", "completion_ids": [2]}),
+        ]
 
     def test_combine_rewards(self):
         def maybe(prompts, completions, **kwargs):
@@ -476,7 +526,9 @@ class TestErrors:
 
     def test_call_reward_safely_checks_length(self):
         with pytest.raises(ValueError, match="reward function 'short' returned 1 values for 2 completions"):
-            call_reward_safely("short", lambda prompts, completions, **kw: [1.0], prompts=["a", "b"], completions=["a", "b"])
+            call_reward_safely(
+                "short", lambda prompts, completions, **kw: [1.0], prompts=["a", "b"], completions=["a", "b"]
+            )
 
     def test_combined_reward_names_the_failing_component(self):
         def bad_len(prompts, completions, **kwargs):

@@ -24,8 +24,8 @@ A reward function is a callable (function, `functools.partial`, callable instanc
 called once per batch with keyword arguments only:
 
 ```python
-def my_reward(prompts, completions, completion_ids, trainer_state, log_extra, log_metric, **kwargs) -> list[float | None]:
-    ...
+def my_reward(prompts, completions, completion_ids, trainer_state, log_extra, log_metric, **kwargs):
+    ...  # -> list[float | None], one per completion
 ```
 
 - `prompts`: one per completion (prompts are repeated for the group). Strings, or lists of messages

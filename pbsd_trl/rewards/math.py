@@ -66,12 +66,12 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Answer extraction
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 _BOXED_START = re.compile(r"\\(?:boxed|fbox)\s*\{")
-_HASH_ANSWER = re.compile(r"####[ \t]*([^\n]*)")
+_HASH_ANSWER = re.compile(r"####[ \t]*((?:(?!####)[^\n])*)")  # up to the line end or the next ####
 # A number followed by words ("#### 72 apples."), to keep only the number.
 _NUMBER_THEN_WORDS = re.compile(r"^\\?\$?\s*([-+]?(?:\d[\d,]*(?:\.\d+)?|\.\d+))(?:\s+[A-Za-z].*)?$")
 
@@ -130,8 +130,8 @@ def extract_final_answer(
 
     Args:
         text: The text.
-        pattern: If given, a regex whose last (or first) match is the answer (group 1 if the regex has a group, else the
-            whole match); it replaces the default rules.
+        pattern: If given, a regex whose last (or first) match is the answer (group 1 if the regex has a group,
+            else the whole match); it replaces the default rules.
         which: Use the `"last"` occurrence (the final answer, default) or the `"first"` one.
 
     Returns:
@@ -154,9 +154,9 @@ def extract_final_answer(
     return _extract_hash_answer(text, which)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Normalization and the in-process quick check
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 _LATEX_SPACING = re.compile(r"\\[!,;: ]|\\(?:left|right)\b|\\displaystyle\b|~")
 _TRAILING_UNIT = re.compile(r"^([-+]?[\d.,]+)\\(?:text|mbox|mathrm)\{[^{}]*\}$")
@@ -199,7 +199,7 @@ def normalize_answer(answer: str) -> str:
 
 
 def _as_rational(normalized: str) -> Fraction | None:
-    """The exact value of a plain number or simple fraction (`-3`, `0.25`, `\frac{1}{2}`, `\frac12`, `3/4`), else None."""
+    """Exact value of a plain number or simple fraction (`-3`, `0.25`, `\frac{1}{2}`, `\frac12`, `3/4`), else None."""
     if len(normalized) > _MAX_NUMBER_CHARS:
         return None
     decimal = _DECIMAL.match(normalized)
@@ -230,9 +230,12 @@ def _quick_check(pred: str, gold: str) -> bool | None:
     return None
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Symbolic verification (runs in the worker process, or in-process as a fallback)
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+_WORKER_MEMORY_LIMIT = 8 << 30  # bytes of address space; the worker peaks near 0.2 GiB
 
 
 class _SoftTimeout(BaseException):
@@ -267,7 +270,7 @@ def _symbolic_equal(pred: str, gold: str, wrap_gold: bool = True) -> bool:
 
 
 def _call_with_soft_timeout(seconds: float | None, func, *args) -> Any:
-    """Run `func(*args)` on the main thread with a SIGALRM interval timer (sub-second precision); restores the old one."""
+    """Run `func(*args)` (main thread only) under a SIGALRM interval timer with sub-second precision."""
 
     armed = [True]
 
@@ -295,20 +298,38 @@ def _silence_math_verify() -> None:
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
-def _set_parent_death_signal() -> None:
-    """Linux: have the kernel kill this worker if its parent dies, so a stuck computation cannot outlive training."""
-    try:
-        import ctypes
+def _exit_when_orphaned(poll_seconds: float = 0.5) -> None:
+    """Exit if the parent process dies, even in the middle of a computation (a daemon thread polls the parent pid).
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except Exception:  # not Linux, or no prctl: the worker still exits on stdin EOF when idle
+    Not `prctl(PR_SET_PDEATHSIG)`: it fires when the parent *thread* that spawned us exits, and the trainer may call
+    rewards from short-lived threads.
+    """
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(poll_seconds)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="orphan-watch", daemon=True).start()
+
+
+def _limit_memory(max_bytes: int = _WORKER_MEMORY_LIMIT) -> None:
+    """Cap the worker's address space, so an expression that builds a huge number fails with MemoryError (0.0)."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        if soft == resource.RLIM_INFINITY or soft > max_bytes:
+            resource.setrlimit(resource.RLIMIT_AS, (max_bytes, hard))
+    except (ImportError, ValueError, OSError):  # not POSIX, or not permitted: the time limit still applies
         pass
 
 
 def _worker_main() -> None:
     """Entry point of the verification worker: one JSON request per stdin line, one JSON reply per line."""
-    _set_parent_death_signal()
+    _exit_when_orphaned()
+    _limit_memory()
     # Reply on a private copy of stdout and point fd 1 at stderr, so a stray print in a library cannot corrupt the
     # protocol.
     channel = os.fdopen(os.dup(1), "w", buffering=1)
@@ -504,9 +525,9 @@ def _warn_once(key: str, message: str) -> None:
         logger.warning(message)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # The reward
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 class MathAccuracyReward(RewardFunction):
@@ -514,9 +535,10 @@ class MathAccuracyReward(RewardFunction):
     1.0 if a completion's final answer is mathematically equivalent to the reference answer, else 0.0.
 
     See the module docstring for the pipeline. Malformed completions (no answer, unbalanced braces, unparseable,
-    too long, too slow to verify) score 0.0 and never raise. The reference comes from the `answer_column` column (may be
-    a bare answer like `\frac{1}{2}` or a full solution ending in `\boxed{...}` / `#### N`, like GSM8K's `answer`), or
-    else from the `solution` column (TRL's `accuracy_reward` convention), whose final answer is extracted the same way.
+    too long, too slow to verify) score 0.0 and never raise. The reference comes from the `answer_column` column (a
+    bare answer like `\frac{1}{2}`, or a full solution ending in `\boxed{...}` / `#### N` like GSM8K's `answer`), or
+    else from the `solution` column (TRL's `accuracy_reward` convention), whose final answer is extracted the same way
+    (without a marker, a solution is searched as free text, as TRL does).
     A missing or empty reference gives `None` (GRPO then ignores this function for that completion).
 
     Args:

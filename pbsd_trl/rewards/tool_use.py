@@ -25,11 +25,11 @@ and the reference is the dataset's `golden_answer`: a list of `{"Action": name, 
 (ToolAlpaca/SDFT), or a list of `{"name": ..., "arguments": <JSON string or dict>}` (OpenAI-style, optionally nested
 under `"function"`), or that list as a JSON string.
 
-The exact criterion is SDFT's: the multiset of action names equals the gold multiset **and** the merged argument dict
-(all `Action Input` objects, later keys overriding earlier ones) equals the merged gold dict. SDFT extracts the JSON with
-the regex `Action Input:\\s*({.*?})`, which stops at the first `}` and so cannot read nested objects; we decode the JSON
-object that starts there (`json.JSONDecoder.raw_decode`), which agrees with SDFT on flat arguments and also reads
-nested ones.
+The exact criterion is SDFT's: the multiset of action names equals the gold multiset **and** the merged argument
+dict (all `Action Input` objects, later keys overriding earlier ones) equals the merged gold dict. SDFT extracts the
+JSON with the regex `Action Input:\\s*({.*?})`, which stops at the first `}` and so cannot read nested objects; we
+decode the JSON object that starts there (`json.JSONDecoder.raw_decode`), which agrees with SDFT on flat arguments and
+also reads nested ones.
 """
 
 import json
@@ -200,7 +200,9 @@ class ToolCallReward(RewardFunction):
 _DEFAULT_REWARD = ToolCallReward()
 
 
-def tool_call_reward(prompts: list | None = None, completions: list | None = None, **kwargs: Any) -> list[float | None]:
+def tool_call_reward(
+    prompts: list | None = None, completions: list | None = None, **kwargs: Any
+) -> list[float | None]:
     """
     GRPO reward function: 1.0 if the ReAct completion's `Action`/`Action Input` calls match the `golden_answer` column
     (same multiset of actions, same merged arguments), else 0.0. [`ToolCallReward`] with default settings.

@@ -15,12 +15,12 @@
 """
 Checks run on reward functions at trainer construction and around each call.
 
-TRL 1.16 already names `functools.partial` objects and callable instances (`trl.trainer.utils.get_callable_name`, the
-fix for the `partial` crash of TRL issue #6313) and awaits async reward functions on a daemon event loop
-(`GRPOTrainer._calculate_rewards`). The helpers here mirror that behaviour so that code calling reward functions outside
-`_calculate_rewards` (e.g. scoring teacher samples) gets the same names and the same async support, and add the two
-things TRL lacks: unique names (two partials of one function would otherwise share a metric key) and error messages
-that name the offending function.
+TRL 1.16 already names `functools.partial` objects and callable instances (`trl.trainer.utils.get_callable_name`,
+the fix for the `partial` crash of TRL issue #6313) and awaits async reward functions on a daemon event loop
+(`GRPOTrainer._calculate_rewards`). The helpers here mirror that behaviour, so that code calling reward functions
+outside `_calculate_rewards` (e.g. scoring teacher samples) gets the same names and the same async support, and add
+two things TRL lacks: unique names (two partials of one function would otherwise share a metric key) and error
+messages that name the offending function.
 
 This module is deliberately free of torch/TRL imports: it is also imported by the math verification worker process.
 """
@@ -93,7 +93,9 @@ def is_async_reward_func(func: Any) -> bool:
     and callable instances whose `__call__` is `async def`.
     """
     func = _unwrap_partial(func)
-    return inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(getattr(func, "__call__", None))
+    # Look `__call__` up statically on the type: an `async def __call__` (possibly inherited) makes instances async.
+    call = inspect.getattr_static(type(func), "__call__", None)
+    return inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(call)
 
 
 def _run_coroutine_sync(coro: Any) -> Any:
@@ -138,8 +140,9 @@ def validate_reward_funcs(reward_funcs: Any) -> list[str]:
 
     Args:
         reward_funcs:
-            `None`, a single reward function, or a list of them. Each must be a callable (function, `functools.partial`,
-            callable instance, async function, model) or a string (a reward model id: left alone, TRL loads it).
+            `None`, a single reward function, or a list of them. Each must be a callable (function,
+            `functools.partial`, callable instance, async function, model) or a string (a reward model id: left
+            alone, TRL loads it).
 
     Returns:
         `list[str]`: The names, in order. When several functions would get the same name (e.g. two partials of one
@@ -236,8 +239,8 @@ def call_reward_safely(name: str, func: Callable, **kwargs: Any) -> list[float |
         when `completions` is given (otherwise only converted).
 
     Raises:
-        `RuntimeError`: `reward function '<name>' raised <ExceptionType>: <message>`, chained from the original exception
-        (`__cause__`), if the function raises.
+        `RuntimeError`: `reward function '<name>' raised <ExceptionType>: <message>`, chained from the original
+        exception (`__cause__`), if the function raises.
         `ValueError`: from [`check_reward_outputs`], if the outputs are malformed.
     """
     try:

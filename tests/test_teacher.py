@@ -1,0 +1,91 @@
+"""The teacher collator: teacher prompts, context validation, and the never-cut-the-student-prompt rule."""
+
+import pytest
+
+from pbsd_trl.teacher import TeacherPromptBuilder, check_privileged_context, compose_teacher_prompt
+from pbsd_trl.tiny import build_char_tokenizer
+
+TEMPLATE = "{prompt} Reference solution: {privileged_context}"
+
+
+def test_plain_text_prompt():
+    assert compose_teacher_prompt("2+2=", "#### 4", TEMPLATE) == "2+2= Reference solution: #### 4"
+
+
+def test_conversational_prompt_changes_only_the_last_user_turn():
+    prompt = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": [{"type": "text", "text": "2+"}, {"type": "text", "text": "2="}]},
+    ]
+    teacher = compose_teacher_prompt(prompt, "#### 4", TEMPLATE)
+    assert teacher[:3] == prompt[:3]
+    assert teacher[3] == {"role": "user", "content": "2+2= Reference solution: #### 4"}
+    assert prompt[3]["content"][0]["text"] == "2+"  # the student prompt is untouched
+
+
+def test_conversational_prompt_must_end_with_user():
+    with pytest.raises(ValueError, match="must end with a user turn"):
+        compose_teacher_prompt([{"role": "assistant", "content": "x"}], "c", TEMPLATE)
+
+
+@pytest.mark.parametrize("value", [None, "", "   "])
+def test_empty_context_is_an_error_naming_row_and_column(value):
+    with pytest.raises(ValueError, match="Row 3 has an empty privileged context \\(column 'solution'"):
+        check_privileged_context(value, "solution", 3, allow_empty=False)
+
+
+def test_empty_context_allowed_when_asked():
+    assert check_privileged_context(None, "c", 0, allow_empty=True) == ""
+
+
+@pytest.mark.parametrize("value", [["step 1", "step 2"], 42, {"a": 1}])
+def test_non_string_context_is_a_type_error(value):
+    with pytest.raises(TypeError, match="Column 'privileged_context' must hold strings, but row 1 holds"):
+        check_privileged_context(value, "privileged_context", 1, allow_empty=False)
+
+
+def test_missing_column_names_the_column():
+    builder = TeacherPromptBuilder(TEMPLATE, "solution")
+    with pytest.raises(KeyError, match="no privileged-context column 'solution'"):
+        builder(["1+1="], [{"prompt": "1+1=", "answer": "2"}])
+
+
+@pytest.mark.parametrize("conversational", [False, True])
+def test_long_context_never_truncates_the_student_prompt(conversational):
+    tokenizer = build_char_tokenizer()
+
+    def count_tokens(prompts):
+        if conversational:
+            return [len(tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]) for p in prompts]
+        return [len(tokenizer(p)["input_ids"]) for p in prompts]
+
+    builder = TeacherPromptBuilder(
+        TEMPLATE, "privileged_context", max_length=85, count_tokens=count_tokens,
+        encode=lambda t: tokenizer(t, add_special_tokens=False)["input_ids"], decode=tokenizer.decode,
+    )
+    question = "Q" * 50  # the prompt alone takes most of the budget
+    prompt = [{"role": "user", "content": question}] if conversational else question
+    rows = [{"privileged_context": "S" * 5000}, {"privileged_context": "short"}]
+    teacher_prompts, truncated = builder([prompt, prompt], rows)
+    assert truncated == [True, False]
+    text = teacher_prompts[0][-1]["content"] if conversational else teacher_prompts[0]
+    assert text.startswith(question + " Reference solution: ")
+    kept = text[len(question + " Reference solution: "):]
+    assert 0 < len(kept) < 5000 and set(kept) == {"S"}
+    assert count_tokens([teacher_prompts[0]])[0] <= 85  # the longest prefix that fits ...
+    longer = compose_teacher_prompt(prompt, "S" * (len(kept) + 1), TEMPLATE)
+    assert count_tokens([longer])[0] > 85  # ... and not one token less
+
+
+def test_context_longer_than_any_limit_keeps_the_whole_prompt():
+    tokenizer = build_char_tokenizer()
+    count = lambda prompts: [len(tokenizer(p)["input_ids"]) for p in prompts]  # noqa: E731
+    builder = TeacherPromptBuilder(
+        TEMPLATE, "c", max_length=5, count_tokens=count,
+        encode=lambda t: tokenizer(t, add_special_tokens=False)["input_ids"], decode=tokenizer.decode,
+    )
+    (teacher_prompt,), truncated = builder(["a long student prompt"], [{"c": "x" * 10_000}])
+    assert truncated == [True]
+    assert teacher_prompt == "a long student prompt Reference solution: "
