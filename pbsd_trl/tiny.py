@@ -21,7 +21,7 @@ Example:
 from transformers import AutoModelForCausalLM
 from pbsd_trl.tiny import get_base_model, load_tokenizer
 
-path = get_base_model("math")  # ~5-10 minutes on CPU the first time, then instant
+path = get_base_model("math")  # ~7 minutes on a quiet 2-core CPU the first time, then instant
 model = AutoModelForCausalLM.from_pretrained(path)
 tokenizer = load_tokenizer(path)
 ```
@@ -83,8 +83,12 @@ CHAT_TEMPLATE = (
 BASE_MODEL_VERSION = 1
 """Bump when the tokenizer, the tasks or the warm-start recipe change: it is part of the cache key."""
 
-DEFAULT_WARM_START_STEPS: dict[str, int] = {"math": 1000, "tool_use": 400}
-"""SFT steps of the cached base models (see :func:`warm_start` for what they give)."""
+DEFAULT_WARM_START_STEPS: dict[str, int] = {"math": 1200, "tool_use": 500}
+"""SFT steps of the cached base models. Measured (seed 0, 1 CPU thread, held-out sets, temperature 1):
+math 1200 steps: student Avg@8 0.30 (pass@8 0.69), teacher with the reference solution 0.93;
+tool_use 500 steps: student Avg@4 0.29, teacher with documentation and demonstration 0.47 (100 problems;
+at 1000 steps 0.70 / 0.79). The learning rate is constant, so accuracy is noisy from step to step (math
+at 1100 steps: 0.11 / 0.78)."""
 
 TEST_MODEL_OVERRIDES: dict[str, int] = {
     "hidden_size": 32,
@@ -278,8 +282,8 @@ def warm_start(
     is the cross-entropy of the completion tokens only. AdamW, constant learning rate after a linear
     warmup (so the model after ``k`` steps does not depend on the total number of steps).
 
-    With the defaults (``DEFAULT_WARM_START_STEPS``), the math student is right on part of the held-out
-    problems (Avg@8 around 0.3-0.6) while the teacher with the reference solution is right on > 0.9.
+    With the defaults (:data:`DEFAULT_WARM_START_STEPS`), the math student is right on part of the
+    held-out problems (Avg@8 0.30) while the teacher with the reference solution is right on 0.93.
 
     Args:
         task: ``"math"`` (:mod:`pbsd_trl.data.math_task`) or ``"tool_use"`` (:mod:`pbsd_trl.data.tool_task`).

@@ -245,6 +245,42 @@ class TestTimeLimit:
         assert reward(prompts=None, completions=[SLOW], answer=["5"]) == [0.0]
         assert time.monotonic() - start < LIMIT + SLACK
 
+    def test_worker_exits_when_orphaned(self, tmp_path):
+        # A trainer killed in the middle of a slow verification must not leave a worker computing forever.
+        import os
+        import subprocess
+        import sys
+
+        import pbsd_trl.rewards.math as math_module
+
+        rewards_dir = os.path.dirname(math_module.__file__)
+        script = (
+            "import sys, types\n"
+            "for name, path in [('pbsd_trl', sys.argv[1]), ('pbsd_trl.rewards', sys.argv[2])]:\n"
+            "    m = types.ModuleType(name); m.__path__ = [path]; sys.modules[name] = m\n"
+            "from pbsd_trl.rewards.math import _get_worker\n"
+            "w = _get_worker(); w.verify('1', '1', True, 60, None)\n"
+            "print(w._proc.pid, flush=True)\n"
+            f"w.verify({SLOW!r}, '5', True, 600, None)\n"
+        )
+        parent = subprocess.Popen(
+            [sys.executable, "-c", script, os.path.dirname(rewards_dir), rewards_dir], stdout=subprocess.PIPE
+        )
+        worker_pid = int(parent.stdout.readline())
+        time.sleep(0.5)  # let the worker get into the slow computation
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(worker_pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(worker_pid, 9)
+            pytest.fail("the verification worker outlived its parent")
+
     def test_timeouts_are_logged(self):
         logged = {}
         reward = MathAccuracyReward(timeout_seconds=LIMIT)

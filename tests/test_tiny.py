@@ -45,6 +45,8 @@ def test_chat_template(tokenizer):
     )
     full = messages + [{"role": "assistant", "content": "#### 936"}]
     assert tokenizer.apply_chat_template(full, tokenize=False) == "<|user|>347+589=<|assistant|>#### 936<|end|>"
+    system = [{"role": "system", "content": "Be brief."}] + messages
+    assert tokenizer.apply_chat_template(system, tokenize=False) == "Be brief.\n<|user|>347+589="
     # TRL's conversational prompt path
     out = tokenizer.apply_chat_template(
         [messages, [{"role": "user", "content": "1+2="}]], add_generation_prompt=True, tokenize=True, return_dict=True

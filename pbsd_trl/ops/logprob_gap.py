@@ -34,10 +34,11 @@ from __future__ import annotations
 import torch
 
 
-# Defaults picked by `benchmarks/bench_logprob_kernel.py --sweep` on CPU (see `benchmarks/results/logprob_kernel.md`):
-# a tile of `TOKEN_CHUNK_SIZE x VOCAB_CHUNK_SIZE` fp32 logits (8 MiB) stays in the last-level cache between the GEMM
-# that writes it and the element-wise passes that read it, while keeping the GEMMs large enough to run at full speed.
-TOKEN_CHUNK_SIZE = 1024
+# CPU defaults from `benchmarks/bench_logprob_kernel.py --sweep-only` (table in `benchmarks/results/logprob_kernel.md`):
+# every tile from 256 x 512 to 2048 x 8192 ran within the host's noise, because the GEMMs dominate once each is a few
+# hundred rows wide. 2048 x 2048 had the best median; its 16 MiB fp32 tile still fits a 32 MiB last-level cache
+# between the GEMM that writes it and the element-wise passes that read it, and it keeps the scratch memory fixed.
+TOKEN_CHUNK_SIZE = 2048
 VOCAB_CHUNK_SIZE = 2048
 # On CUDA the element-wise passes are bandwidth-bound kernels and the GEMMs want to be big; TRL's Triton kernel uses
 # the same 4096 x 32768 shape.
@@ -140,7 +141,8 @@ def _log_normalizers(
         scaled_bias = bias[v0:v1].to(dtype).mul(inv_t) if bias is not None else None
         for r0 in range(0, n, token_chunk):
             r1 = min(r0 + token_chunk, n)
-            tile = _logits_tile(tile_buf[: (r1 - r0) * (v1 - v0)].view(r1 - r0, v1 - v0), rows[r0:r1], w, scaled_bias, inv_t)
+            tile = tile_buf[: (r1 - r0) * (v1 - v0)].view(r1 - r0, v1 - v0)
+            tile = _logits_tile(tile, rows[r0:r1], w, scaled_bias, inv_t)
             m = running_max[r0:r1]
             new_m = torch.maximum(m, tile.amax(dim=1))
             # The first tile rescales from m=-inf: exp(-inf) = 0 wipes the (zero) sum, as it should
@@ -293,12 +295,16 @@ class FusedLogProbGapFunction(torch.autograd.Function):
 
 def _check_inputs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, name: str) -> None:
     if hidden.dim() != 3 or labels.shape != hidden.shape[:2]:
-        raise ValueError(f"`{name}` must be [B, T, H] and `labels` [B, T], got {tuple(hidden.shape)} and {tuple(labels.shape)}")
+        raise ValueError(
+            f"`{name}` must be [B, T, H] and `labels` [B, T], got {tuple(hidden.shape)} and {tuple(labels.shape)}"
+        )
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
         raise ValueError(f"`lm_head_weight` must be [V, {hidden.shape[2]}], got {tuple(weight.shape)}")
 
 
-def _resolve_chunks(device: torch.device, token_chunk_size: int | None, vocab_chunk_size: int | None) -> tuple[int, int]:
+def _resolve_chunks(
+    device: torch.device, token_chunk_size: int | None, vocab_chunk_size: int | None
+) -> tuple[int, int]:
     default_tokens, default_vocab = _default_chunks(device)
     token_chunk_size = token_chunk_size or default_tokens
     vocab_chunk_size = vocab_chunk_size or default_vocab
@@ -335,9 +341,9 @@ def fused_logprob_gap(
         token_chunk_size, vocab_chunk_size (`int`, *optional*): tile shape; the defaults depend on the device.
 
     Returns:
-        `(student_logps, teacher_logps, gap)`: two `[B, T]` fp32 (fp64 for fp64 inputs) tensors, exactly 0 at ignored positions, and the
-        `[B]` fp32 `sum_t (student_logps - teacher_logps)`. `student_logps` and `gap` are differentiable with respect
-        to the student path, the head weight and the bias; `teacher_logps` is not differentiable.
+        `(student_logps, teacher_logps, gap)`: two `[B, T]` fp32 tensors (fp64 for fp64 inputs), exactly 0 at ignored
+        positions, and the `[B]` `sum_t (student_logps - teacher_logps)`. `student_logps` and `gap` are differentiable
+        with respect to the student path, the head weight and the bias; `teacher_logps` is not differentiable.
     """
     _check_inputs(student_hidden, lm_head_weight, labels, "student_hidden")
     _check_inputs(teacher_hidden, lm_head_weight, labels, "teacher_hidden")
@@ -363,7 +369,5 @@ def fused_logprobs(
     """
     _check_inputs(hidden, weight, labels, "hidden")
     chunks = _resolve_chunks(hidden.device, token_chunk_size, vocab_chunk_size)
-    logps, _, _ = FusedLogProbGapFunction.apply(
-        hidden, None, weight, bias, labels, temperature, ignore_index, *chunks
-    )
+    logps, _, _ = FusedLogProbGapFunction.apply(hidden, None, weight, bias, labels, temperature, ignore_index, *chunks)
     return logps

@@ -298,20 +298,23 @@ def _silence_math_verify() -> None:
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
-def _exit_when_orphaned(poll_seconds: float = 0.5) -> None:
-    """Exit if the parent process dies, even in the middle of a computation (a daemon thread polls the parent pid).
+def _exit_when_orphaned(cpu_seconds: float = 0.5) -> None:
+    """Exit if the parent process dies, even in the middle of a computation.
 
-    Not `prctl(PR_SET_PDEATHSIG)`: it fires when the parent *thread* that spawned us exits, and the trainer may call
-    rewards from short-lived threads.
+    The check runs from a SIGVTALRM handler every `cpu_seconds` of CPU time: signal handlers still run while a long
+    big-integer operation holds the GIL (CPython checks for signals inside them, which is also what lets the soft
+    timeout work), whereas a watchdog thread would never get the GIL back. An idle orphan uses no CPU and exits on
+    stdin EOF instead. Not `prctl(PR_SET_PDEATHSIG)`: it fires when the parent *thread* that spawned the worker exits,
+    and the trainer may call rewards from short-lived threads.
     """
     parent = os.getppid()
 
-    def watch():
-        while os.getppid() == parent:
-            time.sleep(poll_seconds)
-        os._exit(0)
+    def check(signum, frame):
+        if os.getppid() != parent:
+            os._exit(0)
 
-    threading.Thread(target=watch, name="orphan-watch", daemon=True).start()
+    signal.signal(signal.SIGVTALRM, check)
+    signal.setitimer(signal.ITIMER_VIRTUAL, cpu_seconds, cpu_seconds)
 
 
 def _limit_memory(max_bytes: int = _WORKER_MEMORY_LIMIT) -> None:

@@ -1,0 +1,434 @@
+# Copyright 2026 The PBSD-TRL Authors. All rights reserved.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+
+"""
+Forward+backward time and extra peak memory of the PBSD log-prob computation, for three contenders doing the same work:
+student log-probs with backward, teacher log-probs forward-only, loss `(student_logps * w).sum() + gap.sum()`.
+
+- `naive`: full `[B, T, V]` logits, `log_softmax` + `gather` (`pbsd_trl.ops.reference_logprob_gap`);
+- `trl`: TRL's `ChunkedLogProbFunction`, called as `add_fused_lm_head` does (compact rows on Triton devices, every
+  position scored then masked elsewhere; on CPU its torch fallback runs);
+- `ours`: `pbsd_trl.ops.fused_logprob_gap`.
+
+Contenders are interleaved within each repetition (rotating the order) and medians are reported, because the host may
+be shared. Extra peak memory is the peak over the live inputs, minus the gradients the run must return:
+- CPU: the process's resident high-water mark (`VmHWM`, reset through `/proc/self/clear_refs`) minus the resident
+  size just before the run, after `malloc_trim` so that freed heap pages are not silently reused;
+- CUDA: `torch.cuda.max_memory_allocated` minus the allocated bytes just before the run.
+
+Usage:
+    python benchmarks/bench_logprob_kernel.py                 # CPU grid, writes benchmarks/results/logprob_kernel.*
+    python benchmarks/bench_logprob_kernel.py --quick --out-dir /tmp/x
+    python benchmarks/bench_logprob_kernel.py --device cuda --dtype bf16
+    python benchmarks/bench_logprob_kernel.py --sweep         # tile-size sweep of `ours`
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pbsd_trl.ops import fused_logprob_gap, reference_logprob_gap  # noqa: E402
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SEQ_LEN = 512
+TARGETS = {"time_vs_naive": 1.1, "time_vs_trl": 0.55, "mem_vs_naive": 1 / 5, "mem_vs_trl": 1 / 3}
+
+
+# ---------------------------------------------------------------------------------------------------------- contenders
+def _trl_logprob_gap(student_hidden, teacher_hidden, weight, labels, temperature=1.0, ignore_index=-100, bias=None):
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction, _use_triton
+    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
+
+    mask = labels != ignore_index
+    compact = _use_triton(student_hidden.device)
+
+    def score(hidden):
+        per_token = ChunkedLogProbFunction.apply(
+            hidden[mask] if compact else hidden.reshape(-1, hidden.size(-1)),
+            weight,
+            bias,
+            labels[mask] if compact else labels.clamp(min=0).reshape(-1),
+            temperature,
+            _CHUNKED_LOGPROB_CHUNK_SIZE,
+            None,
+            1.0,
+            ("log_probs",),
+        )[0]
+        if compact:
+            return per_token.new_zeros(mask.shape).masked_scatter(mask, per_token)
+        return per_token.view(mask.shape).masked_fill(~mask, 0)
+
+    student_logps = score(student_hidden)
+    with torch.no_grad():
+        teacher_logps = score(teacher_hidden)
+    return student_logps, teacher_logps, (student_logps - teacher_logps).sum(-1)
+
+
+def _naive_logprob_gap(student_hidden, teacher_hidden, weight, labels):
+    return reference_logprob_gap(student_hidden, teacher_hidden, weight, labels)
+
+
+def _ours(token_chunk_size=None, vocab_chunk_size=None):
+    def fn(student_hidden, teacher_hidden, weight, labels):
+        return fused_logprob_gap(
+            student_hidden,
+            teacher_hidden,
+            weight,
+            labels,
+            token_chunk_size=token_chunk_size,
+            vocab_chunk_size=vocab_chunk_size,
+        )
+
+    return fn
+
+
+# ------------------------------------------------------------------------------------------------------------- harness
+def make_inputs(n_tokens, hidden, vocab, dtype, device, ignore_frac, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    seq_len = min(SEQ_LEN, n_tokens)
+    batch = n_tokens // seq_len
+    student = torch.randn(batch, seq_len, hidden, generator=gen).to(device, dtype).requires_grad_()
+    teacher = (student.detach().float() + 0.5 * torch.randn(batch, seq_len, hidden, generator=gen)).to(device, dtype)
+    # Scaled like a trained head: logits of a few units, not hundreds
+    weight = (torch.randn(vocab, hidden, generator=gen) / hidden**0.5).to(device, dtype).requires_grad_()
+    labels = torch.randint(0, vocab, (batch, seq_len), generator=gen)
+    # Right padding of each completion, `ignore_frac` of the positions on average
+    pad = torch.randint(0, int(2 * ignore_frac * seq_len) + 1, (batch,), generator=gen)
+    labels[torch.arange(seq_len) >= (seq_len - pad).unsqueeze(1)] = -100
+    token_weights = torch.randn(batch, seq_len, generator=gen).to(device)
+    return student, teacher, weight, labels.to(device), token_weights
+
+
+class _PeakMemory:
+    """Extra peak bytes of one run over what is live just before it."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self._libc = ctypes.CDLL("libc.so.6") if self.device.type == "cpu" else None
+
+    @staticmethod
+    def _status_kib(field):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field):
+                    return int(line.split()[1])
+        raise RuntimeError(field)
+
+    def __enter__(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+        else:
+            # Give freed heap pages back, or the run would reuse them without raising the resident size
+            self._libc.malloc_trim(0)
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset VmHWM to the current resident size
+            self._base = self._status_kib("VmRSS:") * 1024
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self._base
+        else:
+            self.peak = self._status_kib("VmHWM:") * 1024 - self._base
+
+
+def run_once(fn, inputs, device):
+    student, teacher, weight, labels, token_weights = inputs
+    student.grad = weight.grad = None
+    with _PeakMemory(device) as mem:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        student_logps, _, gap = fn(student, teacher, weight, labels)
+        ((student_logps * token_weights).sum() + gap.sum()).backward()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        del student_logps, gap
+    grad_bytes = sum(t.grad.numel() * t.grad.element_size() for t in (student, weight))
+    return elapsed, max(mem.peak - grad_bytes, 0)
+
+
+def contenders(device):
+    out = {"naive": _naive_logprob_gap, "trl": _trl_logprob_gap, "ours": _ours()}
+    try:
+        import trl.trainer.utils  # noqa: F401  (its import would otherwise land inside TRL's first backward)
+    except ImportError:
+        out.pop("trl")
+    return out
+
+
+def bench_shape(fns, shape, args):
+    n_tokens, hidden, vocab = shape
+    inputs = make_inputs(n_tokens, hidden, vocab, DTYPES[args.dtype], args.device, args.ignore_frac)
+    names = list(fns)
+    # One untimed call each: lazy imports, allocator and BLAS warm-up
+    if args.warmup:
+        for name in names:
+            run_once(fns[name], inputs, args.device)
+    times = {name: [] for name in names}
+    mems = {name: [] for name in names}
+    for rep in range(args.reps):
+        for name in names[rep % len(names) :] + names[: rep % len(names)]:
+            t, m = run_once(fns[name], inputs, args.device)
+            times[name].append(t)
+            mems[name].append(m)
+            shape_str = f"N={n_tokens} H={hidden} V={vocab}"
+            print(f"  {shape_str} rep={rep} {name:6s} {t:8.3f} s  +{m / 2**20:8.1f} MiB", flush=True)
+    valid = int((inputs[3] != -100).sum())
+    return {
+        "n_tokens": n_tokens,
+        "hidden": hidden,
+        "vocab": vocab,
+        "scored_tokens": valid,
+        "times_s": times,
+        "extra_peak_bytes": mems,
+        "median_s": {k: statistics.median(v) for k, v in times.items()},
+        "median_extra_bytes": {k: statistics.median(v) for k, v in mems.items()},
+    }
+
+
+def sweep(args):
+    n_tokens, hidden, vocab = args.sweep_shape
+    inputs = make_inputs(n_tokens, hidden, vocab, DTYPES[args.dtype], args.device, args.ignore_frac)
+    token_chunks, vocab_chunks = args.sweep_tokens, args.sweep_vocab
+    configs = [(t, v) for t in token_chunks for v in vocab_chunks]
+    times = {f"{t}x{v}": [] for t, v in configs}
+    for t, v in configs:
+        run_once(_ours(t, v), inputs, args.device)
+    for rep in range(args.reps):
+        for t, v in configs[rep % len(configs) :] + configs[: rep % len(configs)]:
+            elapsed, _ = run_once(_ours(t, v), inputs, args.device)
+            times[f"{t}x{v}"].append(elapsed)
+            print(f"  sweep {t}x{v} rep={rep} {elapsed:.3f} s", flush=True)
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    return {"shape": [n_tokens, hidden, vocab], "times_s": times, "median_s": medians}
+
+
+# ------------------------------------------------------------------------------------------------------------- reports
+def machine_description(device):
+    desc = {"python": platform.python_version(), "torch": torch.__version__, "torch threads": torch.get_num_threads()}
+    try:
+        import trl
+
+        desc["trl"] = trl.__version__
+    except ImportError:
+        pass
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in lscpu.splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("Model name", "CPU(s)", "L2 cache", "L3 cache"):
+                desc[key.strip()] = value.strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    if device == "cuda":
+        desc["gpu"] = torch.cuda.get_device_name()
+    try:
+        desc["load_average_at_start"] = os.getloadavg()
+    except OSError:
+        pass
+    return desc
+
+
+def _verdict(value, target):
+    return "PASS" if value <= target else "MISS"
+
+
+def write_markdown(path, results, sweep_result, machine, args, command):
+    lines = [
+        "# Fused student/teacher log-prob kernel: benchmark",
+        "",
+        f"Reproduce: `{command}`",
+        "",
+        "## Machine",
+        "",
+        *[f"- {k}: {v}" for k, v in machine.items()],
+        "",
+        "## Setup",
+        "",
+        f"- dtype {args.dtype}, device {args.device}, {args.reps} interleaved repetitions (order rotated), medians"
+        f" reported; sequences of {SEQ_LEN} tokens with ~{args.ignore_frac:.0%} right padding (`-100`), so `N` counts"
+        " positions and the scored ones are fewer.",
+        f"- torch intra-op threads: {torch.get_num_threads()} (`--threads`; on a shared, oversubscribed host the OpenMP"
+        " barriers of a 2-thread pool made small ops 10-50x slower and the timings meaningless).",
+        "- Same work for every contender: student log-probs with backward, teacher log-probs forward-only, loss"
+        " `(student_logps * w).sum() + gap.sum()`, backward into the student hidden states and the head weight.",
+        "- `naive`: full-logits `log_softmax` + `gather`; `trl`: TRL's `ChunkedLogProbFunction` called as"
+        " `add_fused_lm_head` calls it (on CPU: torch fallback, every position scored then masked); `ours`:"
+        " `pbsd_trl.ops.fused_logprob_gap` with its default tiles.",
+        "- Extra peak memory: peak during forward+backward over what is live before it (inputs), minus the returned"
+        " gradients. CPU: resident high-water mark (`VmHWM` after resetting it through `/proc/self/clear_refs`) minus"
+        " the resident size right before the run, after `gc.collect()` and `malloc_trim(0)`; this counts every page"
+        " the run touches, tensors and temporaries alike. CUDA: `torch.cuda.max_memory_allocated()` minus"
+        " `memory_allocated()` before the run.",
+        "",
+        "## Results",
+        "",
+        "| N | H | V | naive s | trl s | ours s | ours/naive | ours/trl | naive MiB | trl MiB | ours MiB"
+        " | mem ours/naive | mem ours/trl |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        t, m = r["median_s"], r["median_extra_bytes"]
+        row = [str(r["n_tokens"]), str(r["hidden"]), str(r["vocab"])]
+        row += [f"{t[k]:.2f}" if k in t else "-" for k in ("naive", "trl", "ours")]
+        row += [f"{t['ours'] / t['naive']:.2f}", f"{t['ours'] / t['trl']:.2f}" if "trl" in t else "-"]
+        row += [f"{m[k] / 2**20:.0f}" if k in m else "-" for k in ("naive", "trl", "ours")]
+        row += [f"{m['ours'] / m['naive']:.3f}", f"{m['ours'] / m['trl']:.3f}" if "trl" in m else "-"]
+        lines.append("| " + " | ".join(row) + " |")
+
+    big = [r for r in results if r["vocab"] == max(x["vocab"] for x in results)]
+    lines += ["", f"## Targets (V={big[0]['vocab']})", ""]
+    lines += ["| N | H | target | value | verdict |", "|---|---|---|---|---|"]
+    for r in big:
+        t, m = r["median_s"], r["median_extra_bytes"]
+        checks = [("time ours/naive <= 1.1", t["ours"] / t["naive"], TARGETS["time_vs_naive"])]
+        checks.append(("extra mem ours/naive <= 1/5", m["ours"] / m["naive"], TARGETS["mem_vs_naive"]))
+        if "trl" in t:
+            checks.append(("time ours/trl <= 0.55", t["ours"] / t["trl"], TARGETS["time_vs_trl"]))
+            checks.append(("extra mem ours/trl <= 1/3", m["ours"] / m["trl"], TARGETS["mem_vs_trl"]))
+        for name, value, target in checks:
+            lines.append(f"| {r['n_tokens']} | {r['hidden']} | {name} | {value:.3f} | {_verdict(value, target)} |")
+
+    if sweep_result is not None:
+        n, h, v = sweep_result["shape"]
+        lines += ["", f"## Tile sweep (`ours`, N={n}, H={h}, V={v}, median s)", ""]
+        lines += [f"Command: `{sweep_result.get('command', '')}`", "", "| tokens x vocab | s |", "|---|---|"]
+        for key, value in sorted(sweep_result["median_s"].items(), key=lambda kv: kv[1]):
+            lines.append(f"| {key} | {value:.3f} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_plot(path, results):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed; no plot written")
+        return
+    labels = [f"N={r['n_tokens']}\nH={r['hidden']}\nV={r['vocab']}" for r in results]
+    names = [k for k in ("naive", "trl", "ours") if k in results[0]["median_s"]]
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(results) * 2), 4.5))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(results))]
+        axes[0].bar(xs, [r["median_s"][name] for r in results], width, label=name)
+        axes[1].bar(xs, [r["median_extra_bytes"][name] / 2**20 for r in results], width, label=name)
+    for ax, title in zip(axes, ("forward+backward time (s, median)", "extra peak memory (MiB, median)")):
+        ax.set_xticks(range(len(results)))
+        ax.set_xticklabels(labels, fontsize=7)
+        ax.set_title(title)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: fp32 on CPU, bf16 on CUDA")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 2048])
+    parser.add_argument("--hidden", type=int, nargs="+", default=[512])
+    parser.add_argument("--vocab", type=int, nargs="+", default=[32768, 151936])
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--no-warmup", dest="warmup", action="store_false")
+    parser.add_argument("--ignore-frac", type=float, default=0.1)
+    parser.add_argument("--quick", action="store_true", help="tiny grid, runs in seconds")
+    parser.add_argument("--sweep", action="store_true", help="sweep the tile sizes of `ours` into <name>_sweep.json")
+    parser.add_argument("--sweep-only", action="store_true", help="run the sweep and stop")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads; default 1 on CPU: on a shared host, OpenMP barriers of oversubscribed threads"
+        " make small ops 10-50x slower and the timings meaningless",
+    )
+    parser.add_argument("--sweep-shape", type=int, nargs=3, default=[1024, 512, 32768])
+    parser.add_argument("--sweep-tokens", type=int, nargs="+", default=[256, 512, 1024, 2048])
+    parser.add_argument("--sweep-vocab", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
+    parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--name", default="logprob_kernel", help="stem of the result files")
+    args = parser.parse_args(argv)
+    args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+    args.sweep = args.sweep or args.sweep_only
+    if args.threads is None and args.device == "cpu":
+        args.threads = 1
+    if args.quick:
+        args.tokens, args.hidden, args.vocab, args.reps = [256], [64], [1024, 4096], 3
+        args.sweep_shape, args.sweep_tokens, args.sweep_vocab = [256, 64, 4096], [64, 256], [512, 2048]
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    command = "python benchmarks/bench_logprob_kernel.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    machine = machine_description(args.device)
+    stem = args.out_dir / args.name
+    sweep_path = args.out_dir / f"{args.name}_sweep.json"
+    if args.sweep:
+        sweep_result = sweep(args)
+        sweep_result.update(command=command, machine=machine)
+        sweep_path.write_text(json.dumps(sweep_result, indent=1))
+        if args.sweep_only:
+            print(json.dumps(sweep_result["median_s"], indent=1))
+            return
+    else:
+        # A sweep run earlier (`--sweep-only`) goes into the report next to the grid
+        sweep_result = json.loads(sweep_path.read_text()) if sweep_path.exists() else None
+    fns = contenders(args.device)
+    if args.device == "cpu" and "trl" in fns:
+        print("TRL contender: torch fallback of ChunkedLogProbFunction (no Triton on CPU)")
+    results = []
+    for n_tokens in args.tokens:
+        for hidden in args.hidden:
+            for vocab in args.vocab:
+                results.append(bench_shape(fns, (n_tokens, hidden, vocab), args))
+    payload = {"command": command, "machine": machine, "args": {k: str(v) for k, v in vars(args).items()}}
+    payload.update(results=results, sweep=sweep_result)
+    stem.with_suffix(".json").write_text(json.dumps(payload, indent=1))
+    write_markdown(stem.with_suffix(".md"), results, sweep_result, machine, args, command)
+    write_plot(stem.with_suffix(".png"), results)
+    print((stem.with_suffix(".md")).read_text())
+    print(f"Reproduce with: {command}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""PBSD learns: the student picks up what only the privileged teacher knows (a learning test, not a smoke test).
+
+Task: the prompt is a letter ("c?"); the answer is a secret digit, the same for every letter. The privileged context
+states it ("c=7"). A short supervised warm start teaches the network to *copy* a digit from the context (with random
+digits, so it learns no answer) and to answer a bare prompt with a random digit. So the teacher (same network, with
+the context) systematically answers 7 and the student is at chance; only PBSD's teacher samples can teach the
+student the answer.
+"""
+
+import random
+
+import pytest
+import torch
+from datasets import Dataset
+
+from pbsd_trl import PBSDConfig, PBSDTrainer
+from pbsd_trl.tiny import build_char_tokenizer, build_random_model
+
+LETTERS = "abcdefgh"
+SECRET = {letter: "7" for letter in LETTERS}
+TEMPLATE = "{prompt} {privileged_context}"
+
+
+def user(text):
+    return [{"role": "user", "content": text}]
+
+
+def warm_start(model, tokenizer, steps=300, seed=0):
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    end = tokenizer.eos_token
+    for _ in range(steps):
+        batch = []
+        for _ in range(32):
+            letter, digit = rng.choice(LETTERS), str(rng.randrange(10))
+            if rng.random() < 0.5:  # teacher format: copy the digit of the context
+                prompt = user(TEMPLATE.format(prompt=f"{letter}?", privileged_context=f"{letter}={digit}"))
+            else:  # student format: any digit
+                prompt = user(f"{letter}?")
+            prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+            completion_ids = tokenizer(digit + end, add_special_tokens=False)["input_ids"]
+            batch.append((prompt_ids, completion_ids))
+        width = max(len(p) + len(c) for p, c in batch)
+        ids = torch.full((len(batch), width), tokenizer.pad_token_id)
+        labels = torch.full((len(batch), width), -100)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, (p, c) in enumerate(batch):
+            seq = p + c
+            ids[i, -len(seq):] = torch.tensor(seq)
+            mask[i, -len(seq):] = 1
+            labels[i, -len(c):] = torch.tensor(c)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model
+
+
+@torch.no_grad()
+def answer_logps(model, tokenizer, context: bool):
+    """Mean log-prob of the secret digit, with the student prompt (or the teacher prompt)."""
+    values = []
+    for letter, digit in SECRET.items():
+        text = TEMPLATE.format(prompt=f"{letter}?", privileged_context=f"{letter}={digit}") if context else f"{letter}?"
+        prompt_ids = tokenizer.apply_chat_template(user(text), add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        logits = model(input_ids=torch.tensor([prompt_ids])).logits[0, -1]
+        values.append(logits.log_softmax(-1)[tokenizer.convert_tokens_to_ids(digit)].item())
+    return sum(values) / len(values)
+
+
+@pytest.mark.slow
+def test_pbsd_teaches_the_student_what_the_teacher_knows(tmp_path):
+    tokenizer = build_char_tokenizer()
+    model = build_random_model(tokenizer, seed=0, hidden_size=64, intermediate_size=128, num_hidden_layers=2)
+    warm_start(model, tokenizer)
+    model.eval()
+    teacher_before, student_before = answer_logps(model, tokenizer, True), answer_logps(model, tokenizer, False)
+    assert teacher_before > -1.2  # the teacher copies the context (chance is log 1/10 = -2.3) ...
+    assert student_before < -1.8  # ... the student is near chance
+
+    rows = [{"prompt": user(f"{letter}?"), "privileged_context": f"{letter}={digit}"} for letter, digit in SECRET.items()]
+    args = PBSDConfig(
+        output_dir=str(tmp_path), per_device_train_batch_size=16, num_generations=4, max_completion_length=3,
+        max_steps=30, learning_rate=3e-3, pbsd_beta=0.5, logging_steps=1, report_to=[], bf16=False, use_cpu=True,
+        save_strategy="no", teacher_prompt_template=TEMPLATE, gradient_checkpointing=False, seed=0,
+    )
+    trainer = PBSDTrainer(model, args=args, train_dataset=Dataset.from_list(rows * 8), processing_class=tokenizer)
+    trainer.train()
+    model.eval()
+    student_after = answer_logps(model, tokenizer, False)
+    history = [entry for entry in trainer.state.log_history if "pbsd/preference_accuracy" in entry]
+    early = sum(e["pbsd/preference_accuracy"] for e in history[:5]) / 5
+    late = sum(e["pbsd/preference_accuracy"] for e in history[-5:]) / 5
+    print(f"student log p(answer): {student_before:.3f} -> {student_after:.3f}; teacher {teacher_before:.3f}; "
+          f"preference accuracy {early:.2f} -> {late:.2f}")
+    assert student_after > student_before + 1.0
+    assert late > early + 0.2
