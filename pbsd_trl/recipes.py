@@ -447,67 +447,6 @@ class SignalCheckpointCallback(TrainerCallback):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Workaround: the separate (non-PEFT) teacher must compute with its own weights
-# ----------------------------------------------------------------------------------------------------
-
-
-def _forward_bound_elsewhere(model) -> bool:
-    """Whether ``model.forward`` is an instance-level patch whose wrapped ``original_forward`` chain ends in a bound
-    method of *another* module (what ``copy.deepcopy`` of a model patched by TRL's ``add_fused_lm_head`` /
-    ``add_pbsd_logprob_head`` produces: the closures still call the original model)."""
-    import types
-
-    import torch
-
-    forward = model.__dict__.get("forward")
-    for _ in range(16):
-        if forward is None:
-            return False
-        func = getattr(forward, "__func__", forward)
-        inner = None
-        for cell in getattr(func, "__closure__", None) or ():
-            try:
-                value = cell.cell_contents
-            except ValueError:
-                continue
-            if isinstance(value, types.MethodType) and isinstance(value.__self__, torch.nn.Module):
-                if value.__self__ is not model:
-                    return True
-                inner = value
-                break
-        forward = inner
-    return False
-
-
-def repair_separate_teacher(trainer) -> bool:
-    """Makes a separate frozen teacher (``teacher_model_kind`` ``base``/``ema`` without PEFT) compute with its own
-    weights. Returns whether a repair was needed.
-
-    ``PBSDTrainer`` deep-copies the student *after* TRL's fused LM head (and pbsd-trl's log-prob head) patched its
-    ``forward``; the patches' closures keep calling the student's original ``forward``, so the copy silently ran the
-    live student (measured: teacher and student logits identical after training steps). Here the instance-level
-    ``forward`` of the copy is dropped and the heads are re-added on the copy itself.
-    """
-    teacher = getattr(trainer, "teacher", None)
-    model = getattr(teacher, "model", None)
-    if model is None:
-        return False
-    base = trainer.accelerator.unwrap_model(model)
-    if not _forward_bound_elsewhere(base):
-        return False
-    from trl.trainer.utils import add_fused_lm_head
-
-    from .logprobs import add_pbsd_logprob_head
-
-    base.__dict__.pop("forward", None)
-    add_fused_lm_head(base, temperature=trainer.temperature)
-    if trainer.args.use_fused_logprob_kernel:
-        add_pbsd_logprob_head(base, trainer.temperature)
-    logger.warning("Repaired the separate teacher's forward (it was bound to the student): see recipes.repair_separate_teacher.")
-    return True
-
-
-# ----------------------------------------------------------------------------------------------------
 # Report
 # ----------------------------------------------------------------------------------------------------
 
@@ -836,7 +775,6 @@ def run_example(task: str, argv: Sequence[str] | None = None, title: str | None 
         peft_config=get_peft_config(model_args),
         callbacks=[stopper],
     )
-    repair_separate_teacher(trainer)  # workaround, see its docstring
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume)
     train_seconds = time.perf_counter() - t0

@@ -111,6 +111,10 @@ class TeacherWeights:
             teacher = create_model_from_path(student.config._name_or_path, **init_kwargs)
         else:
             teacher = copy.deepcopy(student)
+            # GRPOTrainer has already patched the student's `forward` (fused LM head) with a closure over the
+            # *student's* original bound forward; a copy would keep computing with the student's weights.
+            # Dropping the instance attribute restores the class forward of the copy; the trainer re-adds the heads.
+            teacher.__dict__.pop("forward", None)
         teacher.requires_grad_(False)
         teacher.eval()
         disable_dropout_in_model(teacher)

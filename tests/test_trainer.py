@@ -196,6 +196,17 @@ def test_teacher_kinds_train(tmp_path, tokenizer, dataset, kind, use_peft):
         else:
             for a, b in zip(trainer.teacher.model.parameters(), initial.parameters(), strict=True):
                 assert torch.equal(a, b)
+            # regression: a copy of the student keeps GRPO's patched forward, bound to the *student's* weights
+            ids = torch.tensor([[5, 6, 7, 8, 9]])
+            with torch.no_grad():
+                teacher_logits = trainer.teacher.model(input_ids=ids).logits
+                teacher_logps = trainer.teacher.model(input_ids=ids, labels=ids, pbsd_logprobs=True)
+                reference = initial(input_ids=ids).logits
+                student_logits = trainer.model(input_ids=ids).logits
+            torch.testing.assert_close(teacher_logits, reference)
+            expected = reference[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+            torch.testing.assert_close(teacher_logps, expected, atol=1e-5, rtol=1e-5)
+            assert not torch.allclose(student_logits, reference)
     if kind == "ema":
         expected = initial_teacher
         for student in recorder.snapshots:
