@@ -219,6 +219,15 @@ class FusedLogProbGapFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_student_logps, grad_teacher_logps, grad_gap):  # type: ignore[override]
+        from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+        # The backward recomputes the logit tiles: under ZeRO-3 the head must be gathered again here
+        weight, bias = ctx.saved_tensors[1:3]
+        with maybe_gather_lm_head_ctx(weight, bias):
+            return FusedLogProbGapFunction._backward(ctx, grad_student_logps, grad_gap)
+
+    @staticmethod
+    def _backward(ctx, grad_student_logps, grad_gap):
         student_hidden, weight, bias, valid, targets, log_z = ctx.saved_tensors
         needs_hidden, _, needs_weight, needs_bias = ctx.needs_input_grad[:4]
         token_chunk, vocab_chunk = ctx.chunks
