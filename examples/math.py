@@ -12,7 +12,7 @@ before/after table and writes `results.json`, `results.md` and `training_curves.
     python examples/math.py
 
 Any model, dataset and every `PBSDConfig` / `GRPOConfig` / TRL `ModelConfig` field can be set on the command line or
-in a YAML file (`--config examples/recipes/math_qwen.yaml`); the built-in defaults apply only to what is not set:
+in a YAML file (`--config examples/recipes/math_qwen3_lora.yaml`); the built-in defaults apply only to what is not set:
 
     python examples/math.py \
         --model_name_or_path Qwen/Qwen3-1.7B --dataset_name data/math.jsonl \

@@ -3,6 +3,7 @@
 import contextlib
 import logging
 import os
+import textwrap
 from collections import defaultdict
 
 import torch
@@ -58,6 +59,18 @@ class PBSDTrainer(GRPOTrainer):
 
     _tag_names = ["trl", "pbsd"]
     _name = "PBSD"
+    _paper = {
+        "title": "Preference-Based Self-Distillation: Beyond KL Matching via Reward Regularization",
+        "id": "2605.05040",
+        # docstyle-ignore
+        "citation": textwrap.dedent("""\
+            @article{yu2026pbsd,
+                title        = {{Preference-Based Self-Distillation: Beyond KL Matching via Reward Regularization}},
+                author       = {Yu and Liao and Zhang and Yu and Xue and Guo},
+                year         = 2026,
+                eprint       = {arXiv:2605.05040},
+            }"""),
+    }
 
     def __init__(
         self,

@@ -25,7 +25,7 @@ def user(text):
     return [{"role": "user", "content": text}]
 
 
-def warm_start(model, tokenizer, steps=300, seed=0):
+def warm_start(model, tokenizer, steps=800, seed=0):
     rng = random.Random(seed)
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -59,14 +59,17 @@ def warm_start(model, tokenizer, steps=300, seed=0):
 
 @torch.no_grad()
 def answer_logps(model, tokenizer, context: bool):
-    """Mean log-prob of the secret digit, with the student prompt (or the teacher prompt)."""
-    values = []
+    """Mean log-prob of the secret digit, and the fraction of letters whose most likely digit is the secret, with
+    the student prompt (or the teacher prompt)."""
+    digit_ids = tokenizer.convert_tokens_to_ids(list("0123456789"))
+    values, hits = [], 0
     for letter, digit in SECRET.items():
         text = TEMPLATE.format(prompt=f"{letter}?", privileged_context=f"{letter}={digit}") if context else f"{letter}?"
         prompt_ids = tokenizer.apply_chat_template(user(text), add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-        logits = model(input_ids=torch.tensor([prompt_ids])).logits[0, -1]
-        values.append(logits.log_softmax(-1)[tokenizer.convert_tokens_to_ids(digit)].item())
-    return sum(values) / len(values)
+        logps = model(input_ids=torch.tensor([prompt_ids])).logits[0, -1].log_softmax(-1)
+        values.append(logps[tokenizer.convert_tokens_to_ids(digit)].item())
+        hits += int(digit_ids[logps[digit_ids].argmax().item()] == tokenizer.convert_tokens_to_ids(digit))
+    return sum(values) / len(values), hits / len(SECRET)
 
 
 @pytest.mark.slow
@@ -75,9 +78,10 @@ def test_pbsd_teaches_the_student_what_the_teacher_knows(tmp_path):
     model = build_random_model(tokenizer, seed=0, hidden_size=64, intermediate_size=128, num_hidden_layers=2)
     warm_start(model, tokenizer)
     model.eval()
-    teacher_before, student_before = answer_logps(model, tokenizer, True), answer_logps(model, tokenizer, False)
-    assert teacher_before > -1.2  # the teacher copies the context (chance is log 1/10 = -2.3) ...
-    assert student_before < -1.8  # ... the student is near chance
+    (teacher_before, teacher_hits), (student_before, _) = answer_logps(model, tokenizer, True), answer_logps(model, tokenizer, False)
+    assert teacher_hits >= 0.75  # the teacher copies the context ...
+    assert student_before < -1.8  # ... the student is near chance (log 1/10 = -2.3)
+    assert teacher_before > student_before + 0.5
 
     rows = [{"prompt": user(f"{letter}?"), "privileged_context": f"{letter}={digit}"} for letter, digit in SECRET.items()]
     args = PBSDConfig(
@@ -88,11 +92,10 @@ def test_pbsd_teaches_the_student_what_the_teacher_knows(tmp_path):
     trainer = PBSDTrainer(model, args=args, train_dataset=Dataset.from_list(rows * 8), processing_class=tokenizer)
     trainer.train()
     model.eval()
-    student_after = answer_logps(model, tokenizer, False)
-    history = [entry for entry in trainer.state.log_history if "pbsd/preference_accuracy" in entry]
-    early = sum(e["pbsd/preference_accuracy"] for e in history[:5]) / 5
-    late = sum(e["pbsd/preference_accuracy"] for e in history[-5:]) / 5
-    print(f"student log p(answer): {student_before:.3f} -> {student_after:.3f}; teacher {teacher_before:.3f}; "
-          f"preference accuracy {early:.2f} -> {late:.2f}")
-    assert student_after > student_before + 1.0
-    assert late > early + 0.2
+    student_after, student_hits = answer_logps(model, tokenizer, False)
+    print(f"student log p(answer): {student_before:.3f} -> {student_after:.3f} (argmax = secret for "
+          f"{student_hits:.0%} of letters); teacher {teacher_before:.3f} ({teacher_hits:.0%})")
+    # the student moves most of the way to the teacher, and the secret becomes its answer
+    assert student_after > student_before + 0.5
+    assert student_after > (student_before + teacher_before) / 2
+    assert student_hits >= 0.75
