@@ -21,7 +21,7 @@ Example:
 from transformers import AutoModelForCausalLM
 from pbsd_trl.tiny import get_base_model, load_tokenizer
 
-path = get_base_model("math")  # ~13 minutes on a 2-core CPU the first time, then instant
+path = get_base_model("math")  # ~8 minutes on a 2-core CPU the first time, then instant
 model = AutoModelForCausalLM.from_pretrained(path)
 tokenizer = load_tokenizer(path)
 ```

@@ -47,8 +47,8 @@ def combined_loss(outputs, seed=1):
     # Gradients reach both through the per-token log-probs and through the per-sequence gap
     student_logps, _, gap = outputs
     gen = torch.Generator().manual_seed(seed)
-    token_w = torch.randn(student_logps.shape, generator=gen, dtype=torch.float64).to(student_logps.dtype)
-    seq_w = torch.randn(gap.shape, generator=gen, dtype=torch.float64).to(gap.dtype)
+    token_w = torch.randn(student_logps.shape, generator=gen, dtype=torch.float64).to(student_logps)
+    seq_w = torch.randn(gap.shape, generator=gen, dtype=torch.float64).to(gap)
     return (student_logps * token_w).sum() + (gap * seq_w).sum()
 
 
@@ -151,6 +151,53 @@ def test_bf16_inputs():
     assert student.grad.dtype == torch.bfloat16 and weight.grad.dtype == torch.bfloat16
     assert_grads_close(student.grad, ref_student.grad, 2e-2)
     assert_grads_close(weight.grad, ref_weight.grad, 2e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+def test_cuda_matches_float64_reference(dtype, atol):
+    # Model-sized shapes with the CUDA default tiles (the CPU tests use tiny ones), against float64 on the same device
+    torch.backends.cuda.matmul.allow_tf32 = False
+    inputs = make_inputs(B=4, T=300, H=512, V=32_771, dtype=dtype)
+    student, teacher, weight, labels = (t.detach().cuda() for t in inputs)
+    # Scaled like a trained head (logits of a few units): with unit weights the logits reach ~100 and fp32 GEMM
+    # rounding alone (cuBLAS's order, ~1e-6 relative) exceeds 1e-4 absolute, whatever the kernel does
+    student.requires_grad_()
+    weight = (weight / 512**0.5).to(dtype).requires_grad_()
+    out = fused_logprob_gap(student, teacher, weight, labels, temperature=0.8)
+    ref_student, ref_teacher, ref_weight = as_float64(student, teacher, weight)
+    ref = reference_logprob_gap(ref_student, ref_teacher, ref_weight, labels, temperature=0.8)
+    for actual, expected in zip(out[:2], ref[:2]):
+        assert actual.dtype == torch.float32 and actual.is_cuda
+        torch.testing.assert_close(actual.double(), expected.detach(), atol=atol, rtol=0)
+    combined_loss(out).backward()
+    combined_loss(ref).backward()
+    assert teacher.grad is None and student.grad.dtype == dtype and weight.grad.dtype == dtype
+    assert_grads_close(student.grad, ref_student.grad, atol)
+    assert_grads_close(weight.grad, ref_weight.grad, atol)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_low_precision_gemm_path(monkeypatch, with_bias):
+    # The path accelerators take (bf16 GEMMs into fp32 statistics), forced on CPU so that CI covers it
+    import pbsd_trl.ops.logprob_gap as op
+
+    monkeypatch.setattr(op, "_compute_dtype", lambda dtype, device: dtype)
+    student, teacher, weight, labels = make_inputs(dtype=torch.bfloat16)
+    bias = (torch.randn(weight.shape[0], generator=torch.Generator().manual_seed(3)) / 4).to(torch.bfloat16)
+    bias = bias.requires_grad_() if with_bias else None
+    out = fused_logprob_gap(student, teacher, weight, labels, temperature=0.9, bias=bias, **TINY_TILES)
+    ref_student, ref_teacher, ref_weight = as_float64(student, teacher, weight)
+    ref_bias = as_float64(bias)[0] if with_bias else None
+    ref = reference_logprob_gap(ref_student, ref_teacher, ref_weight, labels, temperature=0.9, bias=ref_bias)
+    for actual, expected in zip(out[:2], ref[:2]):
+        torch.testing.assert_close(actual.double(), expected.detach(), atol=2e-2, rtol=0)
+    combined_loss(out).backward()
+    combined_loss(ref).backward()
+    assert_grads_close(student.grad, ref_student.grad, 2e-2)
+    assert_grads_close(weight.grad, ref_weight.grad, 2e-2)
+    if with_bias:
+        assert_grads_close(bias.grad, ref_bias.grad, 2e-2)
 
 
 def test_tied_embedding_weights():

@@ -258,9 +258,10 @@ class FusedLogProbGapFunction(torch.autograd.Function):
         # One-hot part of the head gradient: c * h scattered into the target rows, added per vocabulary tile in fp32
         onehot_rows = rows.to(dtype, copy=True).mul_(c.unsqueeze(1)) if needs_weight else None
 
-        tile_buf = torch.empty(
-            min(max(n_valid, 1), token_chunk) * min(vocab, vocab_chunk), device=device, dtype=dtype
-        )
+        tile_numel = min(max(n_valid, 1), token_chunk) * min(vocab, vocab_chunk)
+        tile_buf = torch.empty(tile_numel, device=device, dtype=dtype)
+        # Low-precision GEMMs read E from a tile of their own dtype, written by the exp itself (one pass, one cast)
+        low_buf = torch.empty(tile_numel, device=device, dtype=compute_dtype) if compute_dtype != dtype else None
         fp32_weight_grad = grad_weight is not None and grad_weight.dtype == dtype
         for v0 in range(0, vocab, vocab_chunk) if n_valid > 0 else ():
             v1 = min(v0 + vocab_chunk, vocab)
@@ -278,13 +279,17 @@ class FusedLogProbGapFunction(torch.autograd.Function):
                 tile = _logits_tile(
                     tile_buf[: (r1 - r0) * (v1 - v0)].view(r1 - r0, v1 - v0), rows[r0:r1], w, scaled_bias, inv_t
                 )
-                tile.sub_(shift[r0:r1].unsqueeze(1)).exp_()
+                tile.sub_(shift[r0:r1].unsqueeze(1))
+                if low_buf is None:
+                    e = tile.exp_()
+                else:
+                    e = torch.exp(tile, out=low_buf[: tile.numel()].view(tile.shape))
                 if grad_rows is not None:
-                    _addmm_acc(grad_rows[r0:r1], tile.to(compute_dtype), w)
+                    _addmm_acc(grad_rows[r0:r1], e, w)
                 if grad_weight is not None:
-                    _addmm_acc(acc_w, tile.t().to(compute_dtype), signed_rows[r0:r1])
+                    _addmm_acc(acc_w, e.t(), signed_rows[r0:r1])
                 if grad_bias is not None:
-                    acc_b.addmv_(tile.t(), neg_sign[r0:r1])
+                    acc_b.addmv_(e.t().to(dtype), neg_sign[r0:r1])
             if grad_weight is not None and not fp32_weight_grad:
                 grad_weight[v0:v1].copy_(acc_w)
             if grad_bias is not None:
