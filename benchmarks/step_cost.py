@@ -20,7 +20,7 @@ settings, and stepped round-robin (order rotated every round) so that their rati
 
 - `GRPO G=8`: TRL's `GRPOTrainer`, 8 completions per prompt;
 - `PBSD 4+4`: `PBSDTrainer`, G_S=4 student + G_T=4 teacher samples per prompt (8 sampled completions), with
-  pbsd-trl's fused log-prob kernel (`use_fused_logprob_kernel=True`, the default);
+  pbsd-trl's fused log-prob kernel (`use_fused_logprob_kernel=True`, the default on CPU);
 - `PBSD 4+4 TRL head`: the same with `use_fused_logprob_kernel=False` (TRL's fused LM head scores the completions);
 - `PBSD 8+8`: G_S=G_T=8, twice the samples, for reference.
 
@@ -37,6 +37,7 @@ separate teacher copy, optimizer state).
 Usage:
     python benchmarks/step_cost.py                       # full run, writes benchmarks/results/step_cost.{md,json,png}
     python benchmarks/step_cost.py --quick --output_dir /tmp/x
+    python benchmarks/step_cost.py --device cuda          # on a GPU, bf16: writes step_cost_cuda_<gpu>.{md,json,png}
 """
 
 from __future__ import annotations
@@ -70,9 +71,14 @@ TARGET_RATIO = 1.3
 # one: the host is shared, and wall time also counts the time slices other jobs take from this process.
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 PRIMARY = "cpu"
+# `--device cuda` sets these: steps in bf16 on the GPU, timers that wait for its queue, and wall time as the clock
+# (a GPU step's CPU time only counts the host's side of it)
+DEVICE = "cpu"
 
 
 def _now():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
     return {clock: fn() for clock, fn in CLOCKS.items()}
 
 
@@ -124,6 +130,15 @@ CONFIGS = {
         model="random", vocab_size=151_936, hidden_size=128, num_hidden_layers=2, intermediate_size=512,
         num_attention_heads=4, num_key_value_heads=4, prompts=4, max_completion_length=32, rounds=4, warmup=1,
         description="random Qwen2, V=151,936, H=128, 2 layers (LM head 19.4M of 20.2M parameters); 4 prompts/step",
+    ),
+}
+# GPU run: the tiny model again (where the per-call overheads dominate) and a random model of Qwen2.5-0.5B's shape
+CUDA_CONFIGS = {
+    "math-tiny": CONFIGS["math-tiny"],
+    "qwen2.5-0.5b-shape": dict(
+        model="random", vocab_size=151_936, hidden_size=896, num_hidden_layers=24, intermediate_size=4864,
+        num_attention_heads=14, num_key_value_heads=2, prompts=8, max_completion_length=128, rounds=5, warmup=1,
+        description="random Qwen2 of Qwen2.5-0.5B's shape (V=151,936, H=896, 24 layers, 494M parameters); 8 prompts/step",
     ),
 }
 QUICK_CONFIGS = {
@@ -188,8 +203,8 @@ def build_trainer(kind, num_generations, fused, model, tokenizer, dataset, spec,
         lr_scheduler_type="constant",
         max_steps=max_steps,
         gradient_checkpointing=False,
-        bf16=False,
-        use_cpu=True,
+        bf16=DEVICE == "cuda",
+        use_cpu=DEVICE == "cpu",
         report_to=[],
         logging_strategy="no",
         save_strategy="no",
@@ -303,7 +318,7 @@ class Contender:
         trainer = self.trainer
         batch = next(self.batches)
         self.probe.begin()
-        with _PeakMemory("cpu") as memory:
+        with _PeakMemory(DEVICE) as memory:
             start = _now()
             trainer.training_step(trainer.model, batch, None)
             if trainer.args.max_grad_norm > 0:
@@ -429,8 +444,9 @@ def _mib(n):
     return f"{n / 2**20:.0f}" if n >= 2**20 else f"{n / 2**20:.1f}"
 
 
-def attribution(result, clock=PRIMARY):
+def attribution(result, clock=None):
     """Where the matched PBSD step spends its extra time over GRPO's: bucket differences, largest first."""
+    clock = clock or PRIMARY
     by_name = {s["name"]: s for s in result["contenders"]}
     grpo = by_name[BASELINE]["median_breakdown_s"][clock]
     pbsd = by_name[MATCHED]["median_breakdown_s"][clock]
@@ -438,8 +454,9 @@ def attribution(result, clock=PRIMARY):
     return sorted(diff.items(), key=lambda kv: -kv[1])
 
 
-def analysis_lines(result, clock=PRIMARY):
+def analysis_lines(result, clock=None):
     """Where PBSD 4+4's step time goes relative to GRPO G=8, and rough what-if estimates from the measured buckets."""
+    clock = clock or PRIMARY
     by_name = {s["name"]: s for s in result["contenders"]}
     grpo, pbsd, unfused = by_name[BASELINE], by_name[MATCHED], by_name[MATCHED_UNFUSED]
     gb, pb = grpo["median_breakdown_s"][clock], pbsd["median_breakdown_s"][clock]
@@ -495,6 +512,23 @@ def analysis_lines(result, clock=PRIMARY):
     return lines
 
 
+PRECISION = {"cpu": "fp32 on CPU", "cuda": "bf16 autocast (`bf16=True`) on the GPU, fp32 weights"}
+CLOCK_TEXT = {
+    "cpu": "- Two clocks per step and per bucket: wall time and the process's CPU time (`time.process_time`, all"
+    " threads; torch runs 1 intra-op thread). The host is shared, and wall time also counts the slices other jobs"
+    " take from this process, so the breakdown, the analysis and the verdict use cpu time; wall-time ratios"
+    " are shown next to them.",
+    "cuda": "- Wall time, with `torch.cuda.synchronize()` at every timer, so that each bucket holds the GPU work it"
+    " queued (the CPU-time columns only count the host's side and are not meaningful here).",
+}
+MEMORY_TEXT = {
+    "cpu": "- Memory: `step peak` = resident high-water mark during the step minus the resident size before it"
+    " (`VmHWM` reset via `/proc/self/clear_refs`, after `gc.collect()` and `malloc_trim(0)`), median over rounds;",
+    "cuda": "- Memory: `step peak` = `torch.cuda.max_memory_allocated()` during the step minus"
+    " `torch.cuda.memory_allocated()` before it, median over rounds;",
+}
+
+
 def write_markdown(path, results, machine, command, quick):
     lines = [
         "# Step cost: GRPO vs PBSD at matched sampled completions",
@@ -508,7 +542,7 @@ def write_markdown(path, results, machine, command, quick):
         "## Setup",
         "",
         "- Same model weights, prompts (same seed: the same prompts in every step of every contender), generation"
-        " settings (temperature 1, `pad_to_multiple_of=16`), fp32 on CPU, AdamW lr 1e-4, `gradient_checkpointing=False`,"
+        f" settings (temperature 1, `pad_to_multiple_of=16`), {PRECISION[DEVICE]}, AdamW lr 1e-4, `gradient_checkpointing=False`,"
         " one generation batch per optimizer step, the math reward (`math_accuracy_reward`).",
         "- GRPO samples G=8 completions per prompt; PBSD 4+4 samples G_S=4 from the student and G_T=4 from the teacher"
         " (`teacher_model_kind='base'`, a frozen copy, prompted with the reference solution): 8 sampled completions"
@@ -517,10 +551,7 @@ def write_markdown(path, results, machine, command, quick):
         "- One step = `training_step` + gradient clipping + optimizer/scheduler step + `zero_grad`, as"
         " `Trainer._inner_training_loop` does with one micro-batch per step. Contenders live in one process and are"
         " stepped round-robin, order rotated every round; the first round(s) are warm-up and not counted.",
-        "- Two clocks per step and per bucket: wall time and the process's CPU time (`time.process_time`, all"
-        " threads; torch runs 1 intra-op thread). The host is shared, and wall time also counts the slices other jobs"
-        f" take from this process, so the breakdown, the analysis and the verdict use {PRIMARY} time; wall-time ratios"
-        " are shown next to them. Ratios are medians of per-round ratios; s/step and buckets are medians over rounds"
+        CLOCK_TEXT[DEVICE] + " Ratios are medians of per-round ratios; s/step and buckets are medians over rounds"
         " (so the buckets need not add up exactly to s/step).",
         "- Buckets: `gen student` / `gen teacher` = first / second `_generate` call of the step (HF `generate`);"
         " `rewards` = `_calculate_rewards` (student and teacher samples); `teacher scoring` = PBSD's no-grad"
@@ -528,9 +559,7 @@ def write_markdown(path, results, machine, command, quick):
         " `_generate_and_score_completions` (tokenizing, padding, decoding, metrics); `loss fwd` = `compute_loss`"
         " (PBSD: one student forward over student+teacher samples; GRPO: forward with entropies); `backward` ="
         " `accelerator.backward`; `optim+other` = clipping, optimizer and scheduler steps.",
-        "- Memory: `step peak` = resident high-water mark during the step minus the resident size before it"
-        " (`VmHWM` reset via `/proc/self/clear_refs`, after `gc.collect()` and `malloc_trim(0)`), median over rounds;"
-        " `persistent` = parameters + PBSD's frozen teacher copy + AdamW state, which live between steps;"
+        MEMORY_TEXT[DEVICE] + " `persistent` = parameters + PBSD's frozen teacher copy + AdamW state, which live between steps;"
         " `total` = persistent + step peak.",
     ]
     if quick:
@@ -637,23 +666,32 @@ def parse_args(argv=None):
     parser.add_argument("--configs", nargs="+", default=None, help="subset of the configurations to run")
     parser.add_argument("--rounds", type=int, default=None, help="measured rounds per configuration (override)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: shared host)")
-    parser.add_argument("--name", default="step_cost", help="stem of the result files")
+    parser.add_argument("--name", default=None, help="stem of the result files (default step_cost, on CUDA"
+                        " step_cost_cuda_<gpu name>)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     return parser.parse_args(argv)
 
 
 def main(argv=None):
+    global DEVICE, PRIMARY
     args = parse_args(argv)
     command = "python benchmarks/step_cost.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    DEVICE = args.device
+    if DEVICE == "cuda":
+        PRIMARY = "wall"
+        if args.name is None:
+            args.name = "step_cost_cuda_" + "_".join("".join(c if c.isalnum() else " " for c in torch.cuda.get_device_name()).split())
+    args.name = args.name or "step_cost"
     torch.set_num_threads(args.threads)
     logging.getLogger("transformers").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=UserWarning)
-    configs = QUICK_CONFIGS if args.quick else CONFIGS
+    configs = QUICK_CONFIGS if args.quick else CUDA_CONFIGS if DEVICE == "cuda" else CONFIGS
     if args.configs:
         configs = {k: configs[k] for k in args.configs}
     if args.rounds:
         configs = {k: dict(v, rounds=args.rounds) for k, v in configs.items()}
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    machine = machine_description("cpu")
+    machine = machine_description(DEVICE)
     import transformers
     import trl
 

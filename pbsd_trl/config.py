@@ -118,9 +118,10 @@ class PBSDConfig(GRPOConfig):
 
         > Parameters that control the kernels
 
-        use_fused_logprob_kernel (`bool`, *optional*, defaults to `True`):
+        use_fused_logprob_kernel (`bool` or `None`, *optional*, defaults to `None`):
             Score completions with pbsd-trl's plain-PyTorch fused log-prob kernel (no `[tokens, vocab]` logits).
-            `False` uses TRL's fused LM head instead.
+            `False` uses TRL's fused LM head instead. `None` picks by device, as measured in `benchmarks/results/`:
+            pbsd-trl's kernel everywhere except on CUDA, where TRL's Triton kernel is faster at equal memory.
     """
 
     _VALID_DICT_FIELDS = GRPOConfig._VALID_DICT_FIELDS
@@ -206,9 +207,12 @@ class PBSDConfig(GRPOConfig):
     )
 
     # Kernels
-    use_fused_logprob_kernel: bool = field(
-        default=True,
-        metadata={"help": "Use pbsd-trl's fused log-prob kernel; False uses TRL's fused LM head."},
+    use_fused_logprob_kernel: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Use pbsd-trl's fused log-prob kernel; False uses TRL's fused LM head; None (default): pbsd-trl's "
+            "kernel except on CUDA, where TRL's Triton head is faster."
+        },
     )
 
     def __post_init__(self):

@@ -149,6 +149,9 @@ class PBSDTrainer(GRPOTrainer):
             )
 
         # Scoring heads. GRPO has already added TRL's fused head to the student.
+        if args.use_fused_logprob_kernel is None:
+            # Measured: ours is faster and leaner than TRL's torch fallback, and 1.5-2x slower than its Triton kernel
+            args.use_fused_logprob_kernel = self.accelerator.device.type != "cuda"
         if args.use_fused_logprob_kernel:
             add_pbsd_logprob_head(self._base_model(self.model), self.temperature)
         self.teacher = TeacherWeights(self, args.teacher_model_kind, is_peft)

@@ -152,6 +152,7 @@ def test_swap_in_for_grpo(tmp_path, tokenizer, dataset):
 
     pbsd = run_script(PBSDTrainer, PBSDConfig, model_dir, dataset, str(tmp_path / "pbsd"))
     assert pbsd.state.global_step == 3
+    assert pbsd.args.use_fused_logprob_kernel is True  # the device default resolves to pbsd-trl's kernel on CPU
     changed = [n for n, p in pbsd.model.named_parameters() if not torch.equal(p.detach(), initial[n])]
     assert len(changed) == len(initial)
     logged = {k for entry in pbsd.state.log_history for k in entry}
