@@ -59,7 +59,7 @@ from pbsd_trl.ops import fused_logprob_gap, reference_logprob_gap  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SEQ_LEN = 512
-# (label, numerator, denominator, metric, bound): CPU against naive and TRL's torch fallback; CUDA against TRL's Triton
+# (label, contender compared with, result field, bound on ours/contender): CPU against naive and TRL's torch fallback; CUDA against TRL's Triton
 TARGETS = {
     "cpu": [
         ("time ours/naive <= 1.1", "naive", "median_s", 1.1),
@@ -280,18 +280,17 @@ def _verdict(value, target):
     return "PASS" if value <= target else "MISS"
 
 
+def report_header(title, command, machine):
+    """The opening lines of a benchmark report: title, the command that reproduces it, the machine."""
+    return [f"# {title}", "", f"Reproduce: `{command}`", "", "## Machine", "",
+            *[f"- {k}: {v}" for k, v in machine.items()], ""]
+
+
 def write_markdown(path, results, sweep_result, machine, args, command):
     # GPU runs take milliseconds: print them as such
     unit, scale, digits = ("ms", 1e3, 1) if args.device == "cuda" else ("s", 1.0, 2)
     lines = [
-        "# Fused student/teacher log-prob kernel: benchmark",
-        "",
-        f"Reproduce: `{command}`",
-        "",
-        "## Machine",
-        "",
-        *[f"- {k}: {v}" for k, v in machine.items()],
-        "",
+        *report_header("Fused student/teacher log-prob kernel: benchmark", command, machine),
         "## Setup",
         "",
         f"- dtype {args.dtype}, device {args.device}, {args.reps} interleaved repetitions (order rotated), medians"
@@ -343,7 +342,16 @@ def write_markdown(path, results, sweep_result, machine, args, command):
     path.write_text("\n".join(lines) + "\n")
 
 
-def write_plot(path, results):
+def result_stem(name, device):
+    """`name`, or on CUDA `name_cuda_<GPU model>` so that results from different machines sit side by side."""
+    if device != "cuda":
+        return name
+    gpu = "".join(c if c.isalnum() else " " for c in torch.cuda.get_device_name())
+    return f"{name}_cuda_{'_'.join(gpu.split())}"
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, or None (with a message) without matplotlib."""
     try:
         import matplotlib
 
@@ -351,6 +359,13 @@ def write_plot(path, results):
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib not installed; no plot written")
+        return None
+    return plt
+
+
+def write_plot(path, results):
+    plt = pyplot()
+    if plt is None:
         return
     labels = [f"N={r['n_tokens']}\nH={r['hidden']}\nV={r['vocab']}" for r in results]
     names = [k for k in ("naive", "trl", "ours") if k in results[0]["median_s"]]
@@ -393,9 +408,11 @@ def parse_args(argv=None):
     parser.add_argument("--sweep-tokens", type=int, nargs="+", default=[256, 512, 1024, 2048])
     parser.add_argument("--sweep-vocab", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results")
-    parser.add_argument("--name", default="logprob_kernel", help="stem of the result files")
+    parser.add_argument("--name", default=None, help="stem of the result files (default logprob_kernel, on CUDA"
+                        " logprob_kernel_cuda_<gpu name>)")
     args = parser.parse_args(argv)
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+    args.name = args.name or result_stem("logprob_kernel", args.device)
     args.sweep = args.sweep or args.sweep_only
     if args.threads is None and args.device == "cpu":
         args.threads = 1

@@ -40,10 +40,8 @@ import json
 import logging
 import math
 import os
-import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -55,7 +53,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_logprob_kernel import machine_description as _machine_description, pyplot  # noqa: E402
 
 METHODS = ("GRPO", "OPSD", "SDFT", "PBSD-role", "PBSD-reward")
 PBSD_METHODS = ("PBSD-role", "PBSD-reward")
@@ -138,28 +139,10 @@ def verdict(pbsd, baseline):
 
 def machine_description() -> dict:
     import transformers
-    import trl
 
-    desc = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "trl": trl.__version__,
-        "torch threads": torch.get_num_threads(),
-    }
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in lscpu.splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() in ("Model name", "CPU(s)"):
-                desc[key.strip()] = value.strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    desc["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "none (CPU run)"
-    try:
-        desc["load average at start (1/5/15 min)"] = tuple(round(x, 2) for x in os.getloadavg())
-    except OSError:
-        pass
+    desc = _machine_description("cuda" if torch.cuda.is_available() else "cpu")
+    desc["transformers"] = transformers.__version__
+    desc.setdefault("gpu", "none (CPU run)")
     return desc
 
 
@@ -567,12 +550,8 @@ def write_markdown(path: Path, payload: dict, summary: dict, plots: dict):
 
 
 def plot(payload: dict, out_dir: Path) -> dict:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return {}
     import numpy as np
 

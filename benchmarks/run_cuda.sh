@@ -11,7 +11,6 @@ out=${1:-benchmarks/results}
 parts=${PARTS:-1234}  # e.g. PARTS=124 skips the training run
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TRL_EXPERIMENTAL_SILENCE=1
-gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr -c 'A-Za-z0-9\n' '_' | tr -s '_' | sed 's/_$//')
 
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
@@ -26,7 +25,7 @@ timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_ops.py -k cuda -r
 [[ $parts == *2* ]] && {
 echo "== 2. kernel benchmark"
 timeout 240 python3 benchmarks/bench_logprob_kernel.py --device cuda --dtype bf16 --tokens 1024 4096 8192 --hidden 2048 \
-    --vocab 32768 151936 --reps 5 --out-dir "$out" --name "logprob_kernel_cuda_${gpu}" 2>&1 | tail -40
+    --vocab 32768 151936 --reps 5 --out-dir "$out" 2>&1 | tail -40
 
 }
 [[ $parts == *3* ]] && {
@@ -40,6 +39,5 @@ cp /tmp/pbsd-math-cuda/training_curves.png "$out/math_cuda_training_curves.png" 
 [[ $parts == *4* ]] && {
 echo "== 4. tile sweep"
 timeout 80 python3 benchmarks/bench_logprob_kernel.py --device cuda --dtype bf16 --sweep-only --sweep-shape 8192 2048 151936 \
-    --sweep-tokens 1024 4096 8192 --sweep-vocab 4096 16384 32768 --reps 3 --out-dir "$out" \
-    --name "logprob_kernel_cuda_${gpu}" 2>&1 | tail -15
+    --sweep-tokens 1024 4096 8192 --sweep-vocab 4096 16384 32768 --reps 3 --out-dir "$out" 2>&1 | tail -15
 }

@@ -63,7 +63,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_logprob_kernel import _PeakMemory, machine_description  # noqa: E402
+from bench_logprob_kernel import _PeakMemory, machine_description, pyplot, report_header, result_stem  # noqa: E402
 
 
 TARGET_RATIO = 1.3
@@ -129,7 +129,7 @@ CONFIGS = {
     "vocab-151k": dict(
         model="random", vocab_size=151_936, hidden_size=128, num_hidden_layers=2, intermediate_size=512,
         num_attention_heads=4, num_key_value_heads=4, prompts=4, max_completion_length=32, rounds=4, warmup=1,
-        description="random Qwen2, V=151,936, H=128, 2 layers (LM head 19.4M of 20.2M parameters); 4 prompts/step",
+        description="random Qwen2, V=151,936, H=128, 2 layers (LM head, tied to the embeddings, 19.4M of 20.0M parameters); 4 prompts/step",
     ),
 }
 # GPU run: the tiny model again (where the per-call overheads dominate) and a random model of Qwen2.5-0.5B's shape
@@ -158,29 +158,17 @@ QUICK_CONFIGS = {
 # ------------------------------------------------------------------------------------------------------------- models
 def build_model(spec, seed=0):
     """(model, tokenizer) of a configuration."""
-    from transformers import Qwen2ForCausalLM
-
-    from pbsd_trl.tiny import build_char_tokenizer, tiny_model_config
+    from pbsd_trl.tiny import build_char_tokenizer, build_random_model
 
     if spec["model"] == "base":
         from pbsd_trl.recipes import load_model_and_tokenizer
         from pbsd_trl.tiny import get_base_model
 
-        model, tokenizer = load_model_and_tokenizer(get_base_model("math"), dtype=torch.float32)
-        return model, tokenizer
+        return load_model_and_tokenizer(get_base_model("math"), dtype=torch.float32)
     tokenizer = build_char_tokenizer()
     fields = {k: spec[k] for k in ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
                                    "num_key_value_heads")}
-    config = tiny_model_config(
-        spec.get("vocab_size") or len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, bos_token_id=None, **fields,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen2ForCausalLM(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.bos_token_id = None
+    model = build_random_model(tokenizer, size="base", seed=seed, vocab_size=spec.get("vocab_size"), **fields)
     return model, tokenizer
 
 
@@ -531,14 +519,7 @@ MEMORY_TEXT = {
 
 def write_markdown(path, results, machine, command, quick):
     lines = [
-        "# Step cost: GRPO vs PBSD at matched sampled completions",
-        "",
-        f"Reproduce: `{command}`",
-        "",
-        "## Machine",
-        "",
-        *[f"- {k}: {v}" for k, v in machine.items()],
-        "",
+        *report_header("Step cost: GRPO vs PBSD at matched sampled completions", command, machine),
         "## Setup",
         "",
         "- Same model weights, prompts (same seed: the same prompts in every step of every contender), generation"
@@ -630,13 +611,8 @@ def write_markdown(path, results, machine, command, quick):
 
 
 def write_plot(path, results):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed; no plot written")
+    plt = pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 4.8), squeeze=False)
     colors = plt.get_cmap("tab10").colors
@@ -679,9 +655,7 @@ def main(argv=None):
     DEVICE = args.device
     if DEVICE == "cuda":
         PRIMARY = "wall"
-        if args.name is None:
-            args.name = "step_cost_cuda_" + "_".join("".join(c if c.isalnum() else " " for c in torch.cuda.get_device_name()).split())
-    args.name = args.name or "step_cost"
+    args.name = args.name or result_stem("step_cost", DEVICE)
     torch.set_num_threads(args.threads)
     logging.getLogger("transformers").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=UserWarning)

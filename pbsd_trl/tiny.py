@@ -180,6 +180,7 @@ def build_random_model(
     tokenizer: PreTrainedTokenizerFast | None = None,
     size: Literal["test", "base"] = "test",
     seed: int = 0,
+    vocab_size: int | None = None,
     **overrides: Any,
 ) -> Qwen2ForCausalLM:
     """A randomly initialized Qwen2 for ``tokenizer`` (default: :func:`build_char_tokenizer`).
@@ -189,13 +190,14 @@ def build_random_model(
         size: ``"test"`` uses :data:`TEST_MODEL_OVERRIDES` (~10k parameters, for unit tests);
             ``"base"`` the full :func:`tiny_model_config`.
         seed: Seed of the initialization.
+        vocab_size: Embedding rows, if not the tokenizer's size (e.g. a real model's vocabulary, for benchmarks).
         **overrides: Further :class:`~transformers.Qwen2Config` fields.
     """
     tokenizer = build_char_tokenizer() if tokenizer is None else tokenizer
     fields = dict(TEST_MODEL_OVERRIDES) if size == "test" else {}
     fields.update(_token_ids(tokenizer))
     fields.update(overrides)
-    config = tiny_model_config(len(tokenizer), **fields)
+    config = tiny_model_config(vocab_size or len(tokenizer), **fields)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Qwen2ForCausalLM(config)
