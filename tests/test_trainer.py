@@ -332,3 +332,44 @@ def test_role_mode_trains_without_reward_functions_and_eval_works(tmp_path, toke
     evals = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
     assert evals and "eval_pbsd/preference_accuracy" in evals[0]
     assert "pbsd/teacher_reward" not in trainer.state.log_history[0]
+
+
+def constant_reward(completions, value=1.0, **kwargs):
+    return [value] * len(completions)
+
+
+async def async_constant_reward(completions, **kwargs):
+    return [4.0] * len(completions)
+
+
+def test_reward_callables_of_every_kind_score_both_sample_sets(tmp_path, tokenizer, dataset):
+    import functools
+
+    from pbsd_trl.rewards import RewardFunction
+
+    class CountingReward(RewardFunction):
+        """A stateful class reward: 3.0 for everything, and it counts what it scored."""
+
+        def __init__(self):
+            self.scored = 0
+
+        def score(self, prompt, completion, **row):
+            self.scored += 1
+            return 3.0
+
+    counting = CountingReward()
+    reward_funcs = [constant_reward, functools.partial(constant_reward, value=2.0), counting, async_constant_reward]
+    args = make_args(tmp_path, max_steps=2, pair_labels="reward")
+    trainer = PBSDTrainer(build_random_model(tokenizer), reward_funcs, args=args, train_dataset=dataset,
+                          processing_class=tokenizer)
+    trainer.train()
+    assert trainer.state.global_step == 2
+    logs = trainer.state.log_history[0]
+    for name, value in zip(trainer.reward_func_names, (1.0, 2.0, 3.0, 4.0), strict=True):
+        assert logs[f"rewards/{name}/mean"] == pytest.approx(value), name
+    # Teacher samples went through the same four functions (weights 1): their reward is the sum
+    assert logs["pbsd/teacher_reward"] == pytest.approx(10.0)
+    assert logs["pbsd/student_reward"] == pytest.approx(10.0)
+    student_rows = args.per_device_train_batch_size
+    teacher_rows = student_rows // args.num_generations * args.num_teacher_generations
+    assert counting.scored == 2 * (student_rows + teacher_rows)
