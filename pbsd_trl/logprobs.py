@@ -28,10 +28,24 @@ def check_fused_head_supported(model) -> None:
             )
 
 
+def router_aux_loss(router_logits, text_config, attention_mask=None) -> torch.Tensor:
+    """The MoE load-balancing loss the model's own forward adds (transformers' Mixtral formula, which every MoE family
+    reuses), from the backbone's router logits; the same call as TRL's fused head makes."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    num_experts = getattr(text_config, "num_experts", None) or text_config.num_local_experts
+    return load_balancing_loss_func(router_logits, num_experts, text_config.num_experts_per_tok, attention_mask)
+
+
 def add_pbsd_logprob_head(model, temperature: float = 1.0) -> None:
-    """Patch `model.forward` to accept `pbsd_logprobs=True` (see the module docstring)."""
+    """Patch `model.forward` to accept `pbsd_logprobs=True` (see the module docstring).
+
+    With `output_router_logits=True` as well (MoE models), the call returns `(log_probs, aux_loss)`, the router
+    load-balancing loss of the same forward.
+    """
     check_fused_head_supported(model)
     original_forward = model.forward
+    text_config = model.config.get_text_config()
 
     @functools.wraps(type(model).forward)
     def _forward(self, *args, pbsd_logprobs=False, labels=None, **kwargs):
@@ -41,13 +55,17 @@ def add_pbsd_logprob_head(model, temperature: float = 1.0) -> None:
             return original_forward(*args, **kwargs)
         kwargs["use_cache"] = False
         # PEFT and FSDP replace the backbone and the head after patching: look them up on every call
-        hidden_states = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]
+        backbone_outputs = self.base_model(*args, **kwargs)
+        hidden_states = backbone_outputs.last_hidden_state[:, :-1]
         head = self.get_output_embeddings()
         labels = labels[:, 1:].to(head.weight.device)
         with maybe_gather_lm_head_ctx(head.weight, head.bias):
-            return fused_logprobs(
+            logps = fused_logprobs(
                 hidden_states.to(head.weight.device), head.weight, labels, temperature=temperature, bias=head.bias
             )
+        if kwargs.get("output_router_logits"):
+            return logps, router_aux_loss(backbone_outputs.router_logits, text_config, kwargs.get("attention_mask"))
+        return logps
 
     model.forward = types.MethodType(_forward, model)
 

@@ -14,6 +14,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import add_fused_lm_head
 
 from .config import PBSDConfig
+from .grpo_features import GRPOLossFeatures
 from .logprobs import add_pbsd_logprob_head, concat_prompt_completion, pad_token_lists, right_pad_to
 from .loss import (
     DROPPED_LABEL,
@@ -43,7 +44,7 @@ def _no_reward(prompts, completions, **kwargs):
     return [0.0] * len(prompts)
 
 
-class PBSDTrainer(GRPOTrainer):
+class PBSDTrainer(GRPOLossFeatures, GRPOTrainer):
     """
     Trainer for Preference-Based Self-Distillation (PBSD), a drop-in replacement for [`~trl.GRPOTrainer`].
 
@@ -401,10 +402,13 @@ class PBSDTrainer(GRPOTrainer):
         self._logs["extra"]["teacher_completion"].extend(gather_object(completions_for_table))
         return output
 
-    def _sequence_logps(self, model, prompt_ids, prompt_mask, completion_ids, completion_mask, batch_size=None):
-        """Sum of per-token log-probs of each completion given its prompt, `(B,)` float32."""
+    def _sequence_logps(
+        self, model, prompt_ids, prompt_mask, completion_ids, completion_mask, batch_size=None, score_mask=None
+    ):
+        """Sum of per-token log-probs of each completion given its prompt, `(B,)` float32, over `score_mask` (default:
+        the completion mask; tool results are attended to but not scored)."""
         per_token = self._completion_token_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask, batch_size)
-        return (per_token * completion_mask).sum(-1)
+        return (per_token * (completion_mask if score_mask is None else score_mask)).sum(-1)
 
     def _completion_token_logps(self, model, prompt_ids, prompt_mask, completion_ids, completion_mask, batch_size=None):
         """Per-token log-probs `(B, C)` of the completion tokens (0 on padding), at the sampling temperature."""
@@ -516,14 +520,20 @@ class PBSDTrainer(GRPOTrainer):
         teacher_ids, teacher_mask = inputs["teacher_completion_ids"], inputs["teacher_completion_mask"]
         num_rows = prompt_ids.size(0)
 
-        # One student forward over both sample sets, each scored from the student prompt
+        # One student forward over both sample sets, each scored from the student prompt; tool-result tokens are
+        # attended to but not scored (GRPO's `tool_mask`)
         width = max(student_ids.size(1), teacher_ids.size(1))
         pad_id = self._tokenizer.pad_token_id
         completion_ids = torch.cat([right_pad_to(student_ids, width, pad_id), right_pad_to(teacher_ids, width, pad_id)])
         completion_mask = torch.cat([right_pad_to(student_mask, width, 0), right_pad_to(teacher_mask, width, 0)])
-        policy_logps = self._sequence_logps(
+        student_mask, teacher_mask = self._score_masks(inputs)
+        score_mask = torch.cat([right_pad_to(student_mask, width, 0), right_pad_to(teacher_mask, width, 0)])
+        per_token, entropies, aux_loss = self._policy_forward(
             model, prompt_ids.repeat(2, 1), prompt_mask.repeat(2, 1), completion_ids, completion_mask
         )
+        entropy_mask = self._high_entropy_mask(entropies, score_mask)
+        per_token = self._gradient_only_through(per_token, entropy_mask)
+        policy_logps = (per_token * score_mask).sum(-1)
         policy_student, policy_teacher = policy_logps[:num_rows], policy_logps[num_rows:]
 
         lengths_t = teacher_mask.sum(1) if args.length_normalize else None
@@ -550,6 +560,7 @@ class PBSDTrainer(GRPOTrainer):
             accumulation = getattr(self, "current_gradient_accumulation_steps", args.gradient_accumulation_steps)
             scale = scale * args.steps_per_generation / accumulation
         loss = loss_sum * scale
+        loss = self._add_grpo_regularizers(mode, loss, entropies, score_mask, entropy_mask, num_rows, aux_loss)
 
         self._log_loss_metrics(
             mode, metric_margins, metric_kept, teacher_log_ratios, student_log_ratios, inputs["pbsd_has_teacher"],
