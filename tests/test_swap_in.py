@@ -171,3 +171,41 @@ def test_top_entropy_quantile_keeps_the_loss_and_restricts_the_gradient(tmp_path
     grad_masked = torch.cat([p.grad.flatten() for p in masked.model.parameters() if p.grad is not None])
     grad_full = torch.cat([p.grad.flatten() for p in full.model.parameters() if p.grad is not None])
     assert 0 < grad_masked.norm() < 0.5 * grad_full.norm()
+
+
+def test_gemma2_softcapped_head_is_scored_by_the_default_kernel(tmp_path, tokenizer, dataset):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Gemma2Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, final_logit_softcapping=2.0, max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+    )
+    model = Gemma2ForCausalLM(config)
+    with torch.no_grad():  # logits of several units, so that a cap of 2 bends them
+        model.lm_head.weight.mul_(30)
+    trainer = PBSDTrainer(model, contains_answer, args=make_args(tmp_path), train_dataset=dataset,
+                          processing_class=tokenizer)
+    assert trainer.args.use_fused_logprob_kernel  # the default on CPU: pbsd-trl's kernel, no refusal
+    inputs = trainer._generate_and_score_completions(generation_batch(dataset))
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    with torch.no_grad():
+        scored = trainer._sequence_logps(trainer.model, inputs["prompt_ids"], inputs["prompt_mask"],
+                                         inputs["completion_ids"], inputs["completion_mask"])
+        hidden = trainer.model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        raw = trainer.model.lm_head(hidden)[:, inputs["prompt_ids"].size(1) - 1 : -1].double()
+    completion = inputs["completion_ids"].unsqueeze(-1)
+    cmask = inputs["completion_mask"]
+
+    def seq_logps(logits):
+        return (logits.log_softmax(-1).gather(-1, completion).squeeze(-1) * cmask).sum(-1)
+
+    capped, uncapped = seq_logps(2.0 * torch.tanh(raw / 2.0)), seq_logps(raw)
+    assert (capped - uncapped).abs().max() > 1.0  # the cap matters at these logits
+    torch.testing.assert_close(scored.double(), capped, atol=1e-4, rtol=1e-4)
+    # and the model's own forward (which applies the cap) agrees with the hand-written reference
+    with torch.no_grad():
+        own = trainer.model(input_ids=ids, attention_mask=mask).logits[:, inputs["prompt_ids"].size(1) - 1 : -1]
+    torch.testing.assert_close(seq_logps(own.double()), capped, atol=1e-4, rtol=1e-4)
