@@ -209,3 +209,13 @@ def test_gemma2_softcapped_head_is_scored_by_the_default_kernel(tmp_path, tokeni
     with torch.no_grad():
         own = trainer.model(input_ids=ids, attention_mask=mask).logits[:, inputs["prompt_ids"].size(1) - 1 : -1]
     torch.testing.assert_close(seq_logps(own.double()), capped, atol=1e-4, rtol=1e-4)
+
+
+def test_model_card_names_pbsd_and_cites_it(tmp_path, tokenizer, dataset):
+    # GRPO writes the card at every checkpoint (and on push_to_hub) from the trainer's class attributes
+    trainer = PBSDTrainer(build_random_model(tokenizer, seed=1), contains_answer, args=make_args(tmp_path),
+                          train_dataset=dataset, processing_class=tokenizer)
+    trainer.create_model_card(model_name="tiny-pbsd")
+    card = (tmp_path / "README.md").read_text()
+    assert "PBSD" in card and "2605.05040" in card and "yu2026pbsd" in card
+    assert "pbsd" in card.split("tags:")[1].split("\n---")[0]  # hub tag
