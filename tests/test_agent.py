@@ -269,3 +269,35 @@ def test_rollout_func_needs_a_teacher_rollout_per_row(tmp_path, tool_model):
     with pytest.raises(ValueError, match="With `rollout_func`, every row needs a teacher rollout"):
         PBSDTrainer(model, answered_12, args=args, train_dataset=dataset(), processing_class=tokenizer,
                     rollout_func=rollout)
+
+
+def test_rollout_func_serves_the_teacher_from_the_teacher_prompt_with_its_env_mask(tmp_path, tool_model):
+    model, tokenizer = copy.deepcopy(tool_model[0]), tool_model[1]
+    seen = []
+
+    def scripted_rollout(prompts, trainer):
+        # A rollout that runs its own episode: its own tokenization, the scripted episode, the tool result masked
+        seen.append([p[-1]["content"] for p in prompts])
+        prompt_ids, completion_ids, env_mask = [], [], []
+        for prompt in prompts:
+            ids, episode = episode_ids(tokenizer, prompt[-1]["content"])
+            call, answer = len(tokenizer(TOOL_CALL)["input_ids"]), len(tokenizer("12<|im_end|>\n")["input_ids"])
+            prompt_ids.append(ids)
+            completion_ids.append(episode)
+            env_mask.append([1] * call + [0] * (len(episode) - call - answer) + [1] * answer)
+        return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": None, "env_mask": env_mask}
+
+    trainer = PBSDTrainer(model, answered_12, args=make_args(tmp_path, teacher_model_kind="live"),
+                          train_dataset=dataset(), processing_class=tokenizer, rollout_func=scripted_rollout)
+    trainer.model.eval()
+    inputs = trainer._generate_and_score_completions([dict(r) for r in dataset(4)])
+    student_call, teacher_call = seen
+    assert all(HINT not in c for c in student_call) and all(HINT in c for c in teacher_call)
+    expected_prompt, _ = episode_ids(tokenizer, TEMPLATE.format(prompt=QUESTION, privileged_context=HINT))
+    prompt = inputs["teacher_prompt_ids"][0][inputs["teacher_prompt_mask"][0].bool()].tolist()
+    assert prompt == expected_prompt  # the rollout's own tokens of the teacher prompt
+    assert (inputs["teacher_tool_mask"] == 0).any() and (inputs["tool_mask"] == 0).any()
+    teacher_scored = inputs["teacher_completion_mask"] * inputs["teacher_tool_mask"]
+    expected = masked_sequence_logps(model, inputs["teacher_prompt_ids"], inputs["teacher_prompt_mask"],
+                                     inputs["teacher_completion_ids"], inputs["teacher_completion_mask"], teacher_scored)
+    torch.testing.assert_close(inputs["teacher_logps_teacher_samples"].double(), expected, atol=1e-4, rtol=1e-4)
