@@ -4,6 +4,8 @@ The swap is what a user does: `GRPOConfig` → `PBSDConfig`, `GRPOTrainer` → `
 column added to the datasets. Nothing else of the tests changes.
 """
 
+import importlib
+import importlib.util
 import os
 
 import datasets
@@ -12,6 +14,20 @@ import pytest
 import stand_ins
 from pbsd_trl import PBSDConfig, PBSDTrainer
 from trl import GRPOConfig
+
+
+def _availability_check(name):
+    # TRL's testing_utils.py of a newer/older checkout may import an `is_<package>_available` helper the installed trl
+    # lacks (e.g. `is_joblib_available`); answer it the way TRL's helpers do, by whether the package is importable.
+    if name.startswith("is_") and name.endswith("_available"):
+        package = name[len("is_") : -len("_available")]
+        return lambda *args, **kwargs: importlib.util.find_spec(package) is not None
+    raise AttributeError(f"module 'trl.import_utils' has no attribute {name!r}")
+
+
+_import_utils = importlib.import_module("trl.import_utils")  # `trl` is a lazy module: attribute access fails
+if not hasattr(_import_utils, "__getattr__"):
+    _import_utils.__getattr__ = _availability_check
 
 PRIVILEGED_CONTEXT = "A reference answer: keep it short."
 _real_load_dataset = datasets.load_dataset

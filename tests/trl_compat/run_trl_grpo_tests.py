@@ -67,11 +67,14 @@ def run(suite: Path, trainer: str, hub_cache: Path, pytest_args: list[str]) -> t
         PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parents[1]), env.get("PYTHONPATH", "")]),
     )
     start = time.time()
+    report.unlink(missing_ok=True)
     subprocess.run(
         [sys.executable, "-m", "pytest", "tests/test_grpo_trainer.py", "-p", "no:cacheprovider", "-q",
          f"--junitxml={report}", "-o", "addopts=", *pytest_args],
         cwd=suite, env=env,
     )
+    if not report.exists():
+        sys.exit(f"pytest wrote no report for the {trainer} run (the suite failed before collection; see above)")
     return outcomes(report), time.time() - start
 
 
@@ -102,7 +105,7 @@ def main():
     tests_dir = trl_tests(args)
     source = (tests_dir / "test_grpo_trainer.py").read_text()
     built = stand_ins.write_hub_cache(stand_ins.hub_ids(source), workdir / "hub")
-    missing = [repo for repo, ok in built.items() if not ok]
+    missing = [repo for repo, ok in built.items() if not ok and repo != f"{stand_ins.ORG}/zen"]
     print(f"stand-ins: {sum(built.values())} built; no stand-in for: {missing}")
     suite = prepare_suite(tests_dir, workdir)
 
