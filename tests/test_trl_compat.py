@@ -87,3 +87,31 @@ def test_runner_reports_both_trainers_and_the_difference(tmp_path):
     assert "pbsd: 1 passed, 1 failed" in summary
     assert "passing with GRPO, not with PBSD: 1" in summary and "test_train_beta_non_zero" in summary
     assert "`beta` is GRPO's KL coefficient" in summary
+
+
+def _junit(path, cases):
+    body = "".join(
+        f'<testcase classname="tests.test_grpo_trainer.TestGRPOTrainer" name="{name}">'
+        + ('<failure message="ValueError: `beta` must be 0"/>' if outcome == "failed" else "<skipped/>" if outcome == "skipped" else "")
+        + "</testcase>"
+        for name, outcome in cases.items()
+    )
+    path.write_text(f'<?xml version="1.0"?><testsuites><testsuite name="pytest">{body}</testsuite></testsuites>')
+    return path
+
+
+def test_compare_reports_of_separate_and_interrupted_runs(tmp_path):
+    # GRPO ran 4 tests; the PBSD run was interrupted after 3: the 4th is "not run", not a regression
+    grpo = _junit(tmp_path / "grpo.xml", {"test_a": "passed", "test_beta": "passed", "test_gpu": "skipped", "test_late": "passed"})
+    pbsd = _junit(tmp_path / "pbsd.xml", {"test_a": "passed", "test_beta": "failed", "test_gpu": "skipped"})
+    out = subprocess.run(
+        [sys.executable, str(COMPAT / "run_trl_grpo_tests.py"), "--compare", str(grpo), str(pbsd)],
+        capture_output=True, text=True, timeout=300,
+    )
+    lines = out.stdout.splitlines()
+    assert "grpo: 3 passed, 0 failed, 1 skipped" in lines, out.stdout + out.stderr
+    assert "pbsd: 1 passed, 1 failed, 1 skipped" in lines
+    assert "passing with GRPO, not with PBSD: 1" in lines
+    assert any("TestGRPOTrainer::test_beta" in line and "`beta` must be 0" in line for line in lines)
+    assert not any("test_late  ->" in line for line in lines)
+    assert "passing with GRPO, not run with PBSD: 1" in lines

@@ -14,7 +14,9 @@ The PBSD run swaps `GRPOConfig`/`GRPOTrainer` for `PBSDConfig`/`PBSDTrainer` and
 to the datasets (`conftest_swap.py`). The report lists both pass counts and every test that passes with GRPO and fails
 with PBSD; the README's "Swapping from GRPO" section gives the reason for each feature PBSD refuses by design.
 
-Not part of the default test command: it runs TRL's whole GRPO suite twice.
+Not part of the default test command: it runs TRL's whole GRPO suite twice. The two runs can go in parallel
+(`--trainer grpo` and `--trainer pbsd` with separate `--workdir`s, then `--compare <grpo xml> <pbsd xml>`); a Ctrl-C
+(SIGINT to pytest) still writes the report of the tests run so far, and the comparison counts only tests run in both.
 """
 
 import argparse
@@ -90,12 +92,38 @@ def outcomes(report: Path) -> dict[str, str]:
     return results
 
 
+def summary(results: dict[str, dict], durations: dict[str, float]) -> list[str]:
+    lines = []
+    for trainer, result in results.items():
+        passed = sum(v == "passed" for v in result.values())
+        failed = sum(v.startswith("failed") for v in result.values())
+        skipped = sum(v == "skipped" for v in result.values())
+        took = f" in {durations[trainer]:.0f} s" if trainer in durations else ""
+        lines.append(f"{trainer}: {passed} passed, {failed} failed, {skipped} skipped{took}")
+    if len(results) == 2:
+        grpo_passed = [n for n, v in results["grpo"].items() if v == "passed"]
+        regressions = sorted(n for n in grpo_passed if results["pbsd"].get(n, "passed") != "passed")
+        lines.append(f"passing with GRPO, not with PBSD: {len(regressions)}")
+        lines += [f"  {name}  ->  {results['pbsd'][name]}" for name in regressions]
+        # an interrupted run (Ctrl-C writes the report of the tests done so far) leaves tests out of one report
+        not_run = sorted(n for n in grpo_passed if n not in results["pbsd"])
+        if not_run:
+            lines.append(f"passing with GRPO, not run with PBSD: {len(not_run)}")
+    return lines
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trl-src", help="local checkout of huggingface/trl at the installed version")
     parser.add_argument("--workdir", default=os.path.expanduser("~/.cache/pbsd_trl/trl_compat"))
     parser.add_argument("--trainer", choices=["both", "grpo", "pbsd"], default="both")
+    parser.add_argument("--compare", nargs=2, metavar=("GRPO_XML", "PBSD_XML"),
+                        help="only compare two junit reports of earlier runs (e.g. the two trainers run in parallel "
+                             "with --trainer grpo / --trainer pbsd and separate --workdir)")
     args, pytest_args = parser.parse_known_args()
+    if args.compare:
+        print("\n".join(summary({"grpo": outcomes(Path(args.compare[0])), "pbsd": outcomes(Path(args.compare[1]))}, {})))
+        return
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
 
@@ -112,16 +140,7 @@ def main():
     results, durations = {}, {}
     for trainer in (["grpo", "pbsd"] if args.trainer == "both" else [args.trainer]):
         results[trainer], durations[trainer] = run(suite, trainer, workdir / "hub", pytest_args)
-    lines = []
-    for trainer, result in results.items():
-        passed = sum(v == "passed" for v in result.values())
-        failed = sum(v.startswith("failed") for v in result.values())
-        skipped = sum(v == "skipped" for v in result.values())
-        lines.append(f"{trainer}: {passed} passed, {failed} failed, {skipped} skipped in {durations[trainer]:.0f} s")
-    if len(results) == 2:
-        regressions = sorted(n for n, v in results["grpo"].items() if v == "passed" and results["pbsd"].get(n) != "passed")
-        lines.append(f"passing with GRPO, not with PBSD: {len(regressions)}")
-        lines += [f"  {name}  ->  {results['pbsd'].get(name, 'missing')}" for name in regressions]
+    lines = summary(results, durations)
     print("\n".join(lines))
     (workdir / "summary.txt").write_text("\n".join(lines) + "\n")
 
