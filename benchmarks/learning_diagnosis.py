@@ -400,36 +400,40 @@ def main(argv=None):
     val, _ = eval_splits("math", 100, 100)
     settings = {"prompts_per_step": args.prompts_per_step, "num_generations": args.num_generations,
                 "max_completion_length": spec_task.default_config["max_completion_length"], "train_size": args.train_size}
-    base_model, tokenizer = load_model_and_tokenizer(model_path)
     rewards = spec_task.reward_funcs()
-    probe = build_probe(base_model, tokenizer, val.select(range(args.probe_problems)), rewards,
-                        spec_task.teacher_prompt_template, args.probe_student, args.probe_teacher,
-                        settings["max_completion_length"])
-    del base_model
-    ctx = {"settings": settings, "load": lambda: load_model_and_tokenizer(model_path), "probe": probe,
-           "val": val.select(range(args.eval_problems)), "rewards": rewards,
-           "train": spec_task.builtin("train", args.train_size, args.seed)}
     cache = RunCache(out_dir / "learning_diagnosis_runs")
+    specs = {name: {"version": DIAGNOSIS_VERSION, "task": "diagnosis", "variant": VARIANTS[name], "seed": args.seed,
+                    "steps": args.steps, "settings": settings, "model": Path(model_path).name,
+                    "probe": [args.probe_problems, args.probe_student, args.probe_teacher],
+                    "eval": [args.eval_every, args.eval_problems, args.probe_every]} for name in args.variants}
+    records = {name: cache.get(spec) for name, spec in specs.items()}
+    ctx = None
+    if any(r is None for r in records.values()):  # the probe is drawn only when something has to run
+        base_model, tokenizer = load_model_and_tokenizer(model_path)
+        probe = build_probe(base_model, tokenizer, val.select(range(args.probe_problems)), rewards,
+                            spec_task.teacher_prompt_template, args.probe_student, args.probe_teacher,
+                            settings["max_completion_length"])
+        del base_model
+        ctx = {"settings": settings, "load": lambda: load_model_and_tokenizer(model_path), "probe": probe,
+               "val": val.select(range(args.eval_problems)), "rewards": rewards,
+               "train": spec_task.builtin("train", args.train_size, args.seed)}
     cli = list(sys.argv[1:] if argv is None else argv)
     start = time.perf_counter()
     payload = {"command": " ".join(["python benchmarks/learning_diagnosis.py", *([shlex.join(cli)] if cli else [])]),
                "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine_description(),
                "config": {k: v for k, v in vars(args).items() if k not in ("output_dir", "findings")},
-               "model_path": model_path, "probe_n": {k: len(v) for k, v in probe.items()},
-               "records": {}, "summaries": {}, "executed": 0}
+               "model_path": model_path, "records": {}, "summaries": {}, "executed": 0}
     for name in args.variants:
-        spec = {"version": DIAGNOSIS_VERSION, "task": "diagnosis", "variant": VARIANTS[name], "seed": args.seed,
-                "steps": args.steps, "settings": settings, "model": Path(model_path).name,
-                "probe": [args.probe_problems, args.probe_student, args.probe_teacher], "eval": [args.eval_every,
-                args.eval_problems, args.probe_every]}
-        record = cache.get(spec)
+        record = records[name]
         if record is None:
             record = run_variant(name, args, ctx)
-            cache.put(spec, record)
+            cache.put(specs[name], record)
             payload["executed"] += 1
             print(f"[diagnosis] {name}: {record['seconds']:.0f} s", flush=True)
         payload["records"][name] = record
         payload["summaries"][name] = summarize(record, args.steps)
+    first_probe = next(iter(payload["records"].values()))["probes"][0]
+    payload["probe_n"] = {k: first_probe[k]["n"] for k in PROBE_SETS}
     payload["probe_steps_shown"] = sorted({args.probe_every, max(args.probe_every, args.steps // 4), args.steps // 2, args.steps})
     payload["total_seconds"] = time.perf_counter() - start
     if args.findings:
