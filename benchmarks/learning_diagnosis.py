@@ -434,7 +434,8 @@ def main(argv=None):
         payload["summaries"][name] = summarize(record, args.steps)
     first_probe = next(iter(payload["records"].values()))["probes"][0]
     payload["probe_n"] = {k: first_probe[k]["n"] for k in PROBE_SETS}
-    payload["probe_steps_shown"] = sorted({args.probe_every, max(args.probe_every, args.steps // 4), args.steps // 2, args.steps})
+    pe = args.probe_every
+    payload["probe_steps_shown"] = sorted({pe, 2 * pe, (args.steps // 2) // pe * pe, args.steps // pe * pe} - {0})
     payload["total_seconds"] = time.perf_counter() - start
     if args.findings:
         payload["findings"] = Path(args.findings).read_text()
