@@ -854,6 +854,10 @@ def write_report(path: Path, payload: dict, plots: dict) -> None:
                       f"`{plots[t].name}`: test Avg@8 (mean ± std over seeds; x at 0: the untrained model) of each method's "
                       "configuration selected for the budget of the panel, against that budget's counter; dashed: the "
                       f"budget. Right: the stability run of the {HEADLINE_BUDGET}-selected configurations.", ""]
+    if (path.parent / "learning_diagnosis.md").is_file():
+        lines += ["## Diagnosis of the early reward dip", "",
+                  "Measured separately by `benchmarks/learning_diagnosis.py` (validation problems only): see "
+                  "[learning_diagnosis.md](learning_diagnosis.md).", ""]
     if payload["errors"]:
         lines += ["## Errors", "", *[f"- {e}" for e in payload["errors"]], ""]
     lines += ["## Raw data", "", f"`{a['cache_dir']}/<task>/<key>.json`: one file per run (specification, every "
