@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from learning import machine_description  # noqa: E402
-from learning_tuned import RunCache, build_trainer, eval_splits, teacher_samples_per_step  # noqa: E402
+from learning_tuned import RunCache, build_trainer, eval_splits, model_identity, teacher_samples_per_step  # noqa: E402
 
 DIAGNOSIS_VERSION = 1
 # name -> (method, configuration on top of the default job: lr 1e-4, pbsd_beta 0.1, role labels)
@@ -403,7 +403,7 @@ def main(argv=None):
     rewards = spec_task.reward_funcs()
     cache = RunCache(out_dir / "learning_diagnosis_runs")
     specs = {name: {"version": DIAGNOSIS_VERSION, "task": "diagnosis", "variant": VARIANTS[name], "seed": args.seed,
-                    "steps": args.steps, "settings": settings, "model": Path(model_path).name,
+                    "steps": args.steps, "settings": settings, "model": model_identity(model_path),
                     "probe": [args.probe_problems, args.probe_student, args.probe_teacher],
                     "eval": [args.eval_every, args.eval_problems, args.probe_every]} for name in args.variants}
     records = {name: cache.get(spec) for name, spec in specs.items()}

@@ -185,6 +185,15 @@ def run_key(spec: dict) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def model_identity(model_path: str) -> str:
+    """`<task>-<sha256 of the weights, 12 hex>`: the same weights get the same run keys wherever they are stored
+    (the shipped copy in the package or a cache build)."""
+    manifest = Path(model_path) / "pbsd_trl_base.json"
+    task = json.loads(manifest.read_text()).get("task", "model") if manifest.is_file() else "model"
+    digest = hashlib.sha256((Path(model_path) / "model.safetensors").read_bytes()).hexdigest()[:12]
+    return f"{task}-{digest}"
+
+
 class RunCache:
     """One JSON file per finished run, written atomically, so that an interrupted benchmark resumes."""
 
@@ -393,7 +402,7 @@ class TaskContext:
                                              batch_size=8, model_overrides=TEST_MODEL_OVERRIDES, progress_bar=False)
         else:
             self.model_path = get_base_model(task)
-        self.model_id = Path(self.model_path).name  # `<task>-<hash of the recipe>`
+        self.model_id = model_identity(self.model_path)
         self.load = lambda: load_model_and_tokenizer(self.model_path)
         self.val, self.test = eval_splits(task, args.eval_problems, args.eval_problems)
         self.rewards = self.spec.reward_funcs()
