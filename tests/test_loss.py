@@ -9,6 +9,7 @@ from pbsd_trl.loss import (
     all_pairs,
     implicit_log_ratios,
     matched_pairs,
+    pair_labels_of,
     pbsd_loss,
     preference_labels,
 )
@@ -146,3 +147,25 @@ def test_loss_saturates_once_pair_is_ordered():
         loss.backward()
         grads.append(abs(chosen.grad.item()))
     assert grads[0] == pytest.approx(0.5) and grads[1] < 1e-4 and grads[2] < 1e-20
+
+
+def test_all_pairs_leaves_out_teacher_rows_without_a_sample_and_sum_reduction():
+    """The trainer's `pairing="all"` path: rows 1 and 3 carry no teacher sample (`num_teacher_generations=1`)."""
+    groups = torch.tensor([0, 0, 1, 1])
+    has_teacher = torch.tensor([True, False, True, False])
+    pairs = all_pairs(groups, groups, has_teacher)
+    assert sorted(map(tuple, pairs.tolist())) == [(0, 0), (0, 1), (2, 2), (2, 3)]
+    teacher_rewards = torch.tensor([1.0, float("nan"), 0.0, float("nan")])
+    student_rewards = torch.tensor([0.0, 1.0, 0.0, 1.0])
+    labels = pair_labels_of(pairs, teacher_rewards, student_rewards, "reward", "drop")
+    expected = {(0, 0): 1.0, (0, 1): 0.0, (2, 2): 0.0, (2, 3): -1.0}
+    assert labels.tolist() == [expected[tuple(p)] for p in pairs.tolist()]
+    (loss, margins, grad_t, grad_s), (ref_loss, ref_margins, ref_grad_t, ref_grad_s) = _run(pairs, labels, beta=0.4)
+    _assert_close((loss, margins, grad_t, grad_s), (ref_loss, ref_margins, ref_grad_t, ref_grad_s))
+    lr_t = torch.tensor(POLICY_T, dtype=torch.float64) - torch.tensor(TEACHER_T, dtype=torch.float64)
+    lr_s = torch.tensor(POLICY_S, dtype=torch.float64) - torch.tensor(TEACHER_S, dtype=torch.float64)
+    total, _ = pbsd_loss(lr_t, lr_s, pairs, labels.double(), 0.4, reduction="sum")
+    kept = sum(1 for y in labels.tolist() if y != 0)
+    assert total.item() == pytest.approx(ref_loss * kept, rel=1e-12)
+    with pytest.raises(ValueError, match="Unknown reduction 'none'"):
+        pbsd_loss(lr_t, lr_s, pairs, labels.double(), 0.4, reduction="none")
