@@ -26,6 +26,7 @@ from .loss import (
     preference_labels,
 )
 from .rewards.guard import guard_reward_funcs
+from .rewards.validation import weighted_reward_sum
 from .teacher import TeacherPromptBuilder
 from .teacher_model import TEACHER_STATE_FILE, TeacherEMACallback, TeacherWeights
 
@@ -226,10 +227,9 @@ class PBSDTrainer(GRPOTrainer):
         """Weighted sum over reward functions per row (NaN where every function returned None); None without any."""
         if rewards_per_func.size(1) == 0:
             return None
-        weights = self.reward_weights.to(rewards_per_func.device)
-        total = (rewards_per_func * weights).nansum(dim=1)
-        total[torch.isnan(rewards_per_func).all(dim=1)] = torch.nan
-        return total
+        totals = weighted_reward_sum(rewards_per_func.T.tolist(), self.reward_weights.tolist())
+        values = [torch.nan if total is None else total for total in totals]
+        return torch.tensor(values, dtype=torch.float32, device=rewards_per_func.device)
 
     # ---- teacher sampling ---------------------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -16,10 +16,9 @@ from pbsd_trl.data.tool_task import (
     TOOL_TEACHER_TEMPLATE,
     TOOLS,
     make_tool_dataset,
-    parse_tool_calls,
-    tool_call_matches,
     tool_completion,
 )
+from pbsd_trl.rewards import parse_tool_calls, tool_call_reward
 
 
 def _texts(dataset):
@@ -124,10 +123,14 @@ def test_tool_splits_determinism_and_disjointness():
     assert make_tool_dataset("eval", n=5, conversational=False)["prompt"] == _texts(eval_ds)[:5]
 
 
+def tool_call_matches(text, golden_answer):
+    return tool_call_reward(completions=[text], golden_answer=[golden_answer]) == [1.0]
+
+
 def test_tool_call_matching():
     gold = [{"Action": "fx", "Action_Input": '{"amt":20,"from":"USD","to":"EUR"}'}]
     assert tool_call_matches('Action: fx\nAction Input: {"amt": 20, "to": "EUR", "from": "USD"}', gold)
     assert not tool_call_matches('Action: fx\nAction Input: {"amt":20,"from":"USD","to":"GBP"}', gold)
     assert not tool_call_matches('Action: stock\nAction Input: {"amt":20,"from":"USD","to":"EUR"}', gold)
     assert not tool_call_matches('Action: fx\nAction Input: {"amt":20,"from":"USD"', gold)
-    assert parse_tool_calls("Action: fx\nAction Input: {bad}") == (["fx"], None)
+    assert parse_tool_calls("Action: fx\nAction Input: {bad}") is None  # malformed: no usable call

@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 
-from pbsd_trl.evaluate import evaluate_avg_at_k, main, score_completions
+from pbsd_trl.evaluate import evaluate_avg_at_k, evaluate_student_and_teacher, score_completions
 from pbsd_trl.rewards import math_accuracy_reward
-from pbsd_trl.tiny import build_char_tokenizer, build_random_model
+from pbsd_trl.scripts.evaluate import main
+from pbsd_trl.tiny import build_random_model
 
 
 class ScriptedModel(torch.nn.Module):
@@ -49,11 +50,6 @@ class ScriptedModel(torch.nn.Module):
 
 def rows(*items):
     return [{"prompt": [{"role": "user", "content": q}], "privileged_context": f"sol of {q}", "answer": a} for q, a in items]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_char_tokenizer()
 
 
 def test_avg_pass_and_per_problem_are_hand_computable(tokenizer):
@@ -107,6 +103,18 @@ def test_teacher_prompt_uses_template_but_reward_judges_the_student_question(tok
     assert all(p[-1]["content"] in ("Q1=", "Q2=") for p in seen_prompts)
 
 
+def test_student_and_teacher_reports(tokenizer):
+    # the student sees "Q1=" alone and answers wrong; with the privileged context the teacher answers right
+    model = ScriptedModel(tokenizer, {"REF:": ["#### 3", "#### 3"], "|>Q1=<": ["#### 4", "#### 4"]})
+    data = rows(("Q1=", "3"))
+    kwargs = dict(teacher_prompt_template="{prompt} REF: {privileged_context}", progress_bar=False)
+    reports = evaluate_student_and_teacher(model, tokenizer, data, math_accuracy_reward, k=2, **kwargs)
+    assert reports["student"]["prompt"] == "student" and reports["student"]["avg_at_k"] == 0.0
+    assert reports["teacher"]["prompt"] == "teacher" and reports["teacher"]["avg_at_k"] == 1.0
+    assert set(evaluate_student_and_teacher(model, tokenizer, data, math_accuracy_reward, k=2, teacher=False,
+                                            **kwargs)) == {"student"}
+
+
 def test_plain_text_prompts_and_completions(tokenizer):
     script = {"x1": ["#### 1"], "x2": ["#### 0"]}
     model = ScriptedModel(tokenizer, script)
@@ -148,17 +156,14 @@ def test_real_model_sampling_is_seeded_and_restores_rng(tokenizer):
     assert r1["avg_at_k"] == 0.0 and 0 < r1["mean_completion_tokens"] <= 8
 
 
-def test_cli_writes_report(tmp_path, tokenizer):
-    model = build_random_model(tokenizer, size="test", seed=0)
-    model.save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
+def test_cli_writes_report(tmp_path, tiny_model_dir):
     data = tmp_path / "eval.jsonl"
     with open(data, "w") as f:
         for q, s, a in [("1+1=", "1+1+0=2>2;#### 2", "2"), ("2+5=", "2+5+0=7>7;#### 7", "7")]:
             f.write(json.dumps({"question": q, "solution": s, "final": a}) + "\n")
     out = tmp_path / "report.json"
     report = main([
-        "--model_name_or_path", str(tmp_path / "model"), "--dataset_name", str(data), "--prompt_column", "question",
+        "--model_name_or_path", tiny_model_dir, "--dataset_name", str(data), "--prompt_column", "question",
         "--solution_column", "solution", "--answer_column", "final", "--k", "2", "--reward", "math",
         "--max_new_tokens", "8", "--with_privileged_context", "--greedy", "--output", str(out), "--no_progress_bar",
     ])
@@ -168,12 +173,9 @@ def test_cli_writes_report(tmp_path, tokenizer):
     assert report["avg_at_k"] == saved["avg_at_k"]
 
 
-def test_cli_builtin_tool_use_dataset(tmp_path, tokenizer):
-    model = build_random_model(tokenizer, size="test", seed=0)
-    model.save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
+def test_cli_builtin_tool_use_dataset(tiny_model_dir):
     report = main([
-        "--model_name_or_path", str(tmp_path / "model"), "--dataset_name", "builtin:tool_use", "--reward", "tool_use",
+        "--model_name_or_path", tiny_model_dir, "--dataset_name", "builtin:tool_use", "--reward", "tool_use",
         "--k", "2", "--num_problems", "3", "--max_new_tokens", "4", "--no_progress_bar",
     ])
     assert report["n_problems"] == 3 and report["avg_at_k"] == 0.0

@@ -19,11 +19,6 @@ from pbsd_trl.tiny import (
 )
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_char_tokenizer()
-
-
 def test_tokenizer_round_trip(tokenizer):
     ids = tokenizer(string.printable, add_special_tokens=False)["input_ids"]
     assert len(ids) == len(string.printable)  # one token per character

@@ -8,7 +8,7 @@ trainers (``prompt``, ``privileged_context``):
 """
 
 from .math_task import MATH_TEACHER_TEMPLATE, make_math_dataset, math_solution, parse_final_answer
-from .tool_task import TOOL_TEACHER_TEMPLATE, make_tool_dataset, parse_tool_calls, tool_call_matches, tool_completion
+from .tool_task import TOOL_TEACHER_TEMPLATE, make_tool_dataset, tool_completion
 
 
 __all__ = [
@@ -18,7 +18,5 @@ __all__ = [
     "make_tool_dataset",
     "math_solution",
     "parse_final_answer",
-    "parse_tool_calls",
-    "tool_call_matches",
     "tool_completion",
 ]

@@ -21,7 +21,7 @@ documentation and a demonstration response, as SDFT's teacher sees a golden resp
 short (prompts <= 150 characters, completions <= 60) so that a tiny character-level model can learn it.
 
 Columns: ``prompt``, ``privileged_context``, ``golden_answer`` (a list of ``{"Action": name,
-"Action_Input": json string}``, SDFT's format). :func:`tool_call_matches` implements SDFT's check
+"Action_Input": json string}``, SDFT's format). `pbsd_trl.rewards.tool_call_reward` implements SDFT's check
 (same multiset of actions and same merged input dict).
 """
 
@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
-from collections import Counter
 from functools import lru_cache
 from typing import Any, Literal
 
@@ -42,9 +40,7 @@ __all__ = [
     "TOOLS",
     "TOOL_TEACHER_TEMPLATE",
     "make_tool_dataset",
-    "parse_tool_calls",
     "sample_tool_example",
-    "tool_call_matches",
     "tool_completion",
 ]
 
@@ -217,36 +213,3 @@ def make_tool_dataset(
             "golden_answer": [e["golden_answer"] for e in examples],
         }
     )
-
-
-_ACTION_RE = re.compile(r"Action:\s*(\w+)")
-_ACTION_INPUT_RE = re.compile(r"Action Input:\s*(\{.*?\})", re.DOTALL)
-
-
-def parse_tool_calls(text: str) -> tuple[list[str], dict[str, Any] | None]:
-    """Extracts the actions and the merged inputs of a ReAct response, as SDFT's ``eval_tooluse.py``:
-    the action names (regex ``Action:\\s*(\\w+)``) and the union of the JSON objects after each
-    ``Action Input:``; the dict is ``None`` when one of them is not valid JSON."""
-    actions = _ACTION_RE.findall(text)
-    merged: dict[str, Any] = {}
-    for blob in _ACTION_INPUT_RE.findall(text):
-        try:
-            value = json.loads(blob)
-        except json.JSONDecodeError:
-            return actions, None
-        if not isinstance(value, dict):
-            return actions, None
-        merged.update(value)
-    return actions, merged
-
-
-def tool_call_matches(text: str, golden_answer: list[dict[str, str]]) -> bool:
-    """SDFT's correctness check: the multiset of actions equals the gold one and the merged input dict
-    equals the gold merged dict."""
-    actions, merged = parse_tool_calls(text)
-    if merged is None:
-        return False
-    gold_inputs: dict[str, Any] = {}
-    for call in golden_answer:
-        gold_inputs.update(json.loads(call["Action_Input"]))
-    return Counter(actions) == Counter(call["Action"] for call in golden_answer) and merged == gold_inputs
