@@ -37,24 +37,17 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
-import os
-import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from bench_utils import PeakMemory, machine_description, pyplot, report_header, result_stem
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pbsd_trl.ops import fused_logprob_gap, reference_logprob_gap  # noqa: E402
+from pbsd_trl.ops import fused_logprob_gap, reference_logprob_gap
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -140,47 +133,10 @@ def make_inputs(n_tokens, hidden, vocab, dtype, device, ignore_frac, seed=0):
     return student, teacher, weight, labels.to(device), token_weights
 
 
-class _PeakMemory:
-    """Extra peak bytes of one run over what is live just before it."""
-
-    def __init__(self, device):
-        self.device = torch.device(device)
-        self._libc = ctypes.CDLL("libc.so.6") if self.device.type == "cpu" else None
-
-    @staticmethod
-    def _status_kib(field):
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field):
-                    return int(line.split()[1])
-        raise RuntimeError(field)
-
-    def __enter__(self):
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self._base = torch.cuda.memory_allocated()
-        else:
-            # Give freed heap pages back, or the run would reuse them without raising the resident size
-            self._libc.malloc_trim(0)
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset VmHWM to the current resident size
-            self._base = self._status_kib("VmRSS:") * 1024
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated() - self._base
-        else:
-            self.peak = self._status_kib("VmHWM:") * 1024 - self._base
-
-
 def run_once(fn, inputs, device):
     student, teacher, weight, labels, token_weights = inputs
     student.grad = weight.grad = None
-    with _PeakMemory(device) as mem:
+    with PeakMemory(device) as mem:
         if device == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -251,39 +207,8 @@ def sweep(args):
 
 
 # ------------------------------------------------------------------------------------------------------------- reports
-def machine_description(device):
-    desc = {"python": platform.python_version(), "torch": torch.__version__, "torch threads": torch.get_num_threads()}
-    try:
-        import trl
-
-        desc["trl"] = trl.__version__
-    except ImportError:
-        pass
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in lscpu.splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() in ("Model name", "CPU(s)", "L2 cache", "L3 cache"):
-                desc[key.strip()] = value.strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    if device == "cuda":
-        desc["gpu"] = torch.cuda.get_device_name()
-    try:
-        desc["load_average_at_start"] = os.getloadavg()
-    except OSError:
-        pass
-    return desc
-
-
 def _verdict(value, target):
     return "PASS" if value <= target else "MISS"
-
-
-def report_header(title, command, machine):
-    """The opening lines of a benchmark report: title, the command that reproduces it, the machine."""
-    return [f"# {title}", "", f"Reproduce: `{command}`", "", "## Machine", "",
-            *[f"- {k}: {v}" for k, v in machine.items()], ""]
 
 
 def write_markdown(path, results, sweep_result, machine, args, command):
@@ -342,27 +267,6 @@ def write_markdown(path, results, sweep_result, machine, args, command):
     path.write_text("\n".join(lines) + "\n")
 
 
-def result_stem(name, device):
-    """`name`, or on CUDA `name_cuda_<GPU model>` so that results from different machines sit side by side."""
-    if device != "cuda":
-        return name
-    gpu = "".join(c if c.isalnum() else " " for c in torch.cuda.get_device_name())
-    return f"{name}_cuda_{'_'.join(gpu.split())}"
-
-
-def pyplot():
-    """matplotlib's pyplot on the file-only Agg backend, or None (with a message) without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed; no plot written")
-        return None
-    return plt
-
-
 def write_plot(path, results):
     plt = pyplot()
     if plt is None:
@@ -375,7 +279,7 @@ def write_plot(path, results):
         xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(results))]
         axes[0].bar(xs, [r["median_s"][name] for r in results], width, label=name)
         axes[1].bar(xs, [r["median_extra_bytes"][name] / 2**20 for r in results], width, label=name)
-    for ax, title in zip(axes, ("forward+backward time (s, median)", "extra peak memory (MiB, median)")):
+    for ax, title in zip(axes, ("forward+backward time (s, median)", "extra peak memory (MiB, median)"), strict=True):
         ax.set_xticks(range(len(results)))
         ax.set_xticklabels(labels, fontsize=7)
         ax.set_title(title)
@@ -408,8 +312,11 @@ def parse_args(argv=None):
     parser.add_argument("--sweep-tokens", type=int, nargs="+", default=[256, 512, 1024, 2048])
     parser.add_argument("--sweep-vocab", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results")
-    parser.add_argument("--name", default=None, help="stem of the result files (default logprob_kernel, on CUDA"
-                        " logprob_kernel_cuda_<gpu name>)")
+    parser.add_argument(
+        "--name",
+        default=None,
+        help="stem of the result files (default logprob_kernel, on CUDA logprob_kernel_cuda_<gpu name>)",
+    )
     args = parser.parse_args(argv)
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
     args.name = args.name or result_stem("logprob_kernel", args.device)

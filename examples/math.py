@@ -103,10 +103,19 @@ def main(argv=None):
         if eval_dataset is None or not state.is_main_process:
             return None
         reports = evaluate_student_and_teacher(
-            net, tokenizer, eval_dataset, reward_funcs, k, teacher=script_args.eval_teacher, description=label,
-            batch_size=script_args.eval_batch_size, max_new_tokens=training_args.max_completion_length,
-            temperature=training_args.temperature, teacher_prompt_template=training_args.teacher_prompt_template,
-            privileged_context_column=context_column, seed=training_args.seed,
+            net,
+            tokenizer,
+            eval_dataset,
+            reward_funcs,
+            k,
+            teacher=script_args.eval_teacher,
+            description=label,
+            batch_size=script_args.eval_batch_size,
+            max_new_tokens=training_args.max_completion_length,
+            temperature=training_args.temperature,
+            teacher_prompt_template=training_args.teacher_prompt_template,
+            privileged_context_column=context_column,
+            seed=training_args.seed,
         )
         say(f"[pbsd] {label}: {summary_line(reports, k)}", flush=True)
         return reports

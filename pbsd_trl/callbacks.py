@@ -42,8 +42,11 @@ class SignalCheckpointCallback(TrainerCallback):
         self.stop_requested = True
         self.received = signum
         name = signal.Signals(signum).name
-        print(f"\n[pbsd] {name} received: saving a checkpoint at the end of this step, then stopping "
-              f"(send it again to stop now).", file=sys.stderr, flush=True)
+        sys.stderr.write(
+            f"\n[pbsd] {name} received: saving a checkpoint at the end of this step, then stopping "
+            "(send it again to stop now).\n"
+        )
+        sys.stderr.flush()
 
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():

@@ -184,8 +184,15 @@ def _hf_generate(
 
 
 def _vllm_generate(
-    llm, prompt_texts: list[str], num_samples: int, max_new_tokens: int, temperature: float, top_p: float,
-    top_k: int | None, do_sample: bool, seed: int,
+    llm,
+    prompt_texts: list[str],
+    num_samples: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    top_k: int | None,
+    do_sample: bool,
+    seed: int,
 ) -> list[list[list[int]]]:  # pragma: no cover - needs vLLM and a GPU
     from vllm import SamplingParams
 
@@ -289,10 +296,11 @@ def evaluate_avg_at_k(
             )
         gen_prompts = [
             compose_teacher_prompt(
-                p, check_privileged_context(row.get(privileged_context_column), privileged_context_column, i, True),
+                p,
+                check_privileged_context(row.get(privileged_context_column), privileged_context_column, i, True),
                 teacher_prompt_template,
             )
-            for i, (p, row) in enumerate(zip(student_prompts, rows))
+            for i, (p, row) in enumerate(zip(student_prompts, rows, strict=True))
         ]
     else:
         gen_prompts = student_prompts
@@ -323,15 +331,30 @@ def evaluate_avg_at_k(
                 idx = order[lo : lo + batch_size]
                 if use_vllm:
                     batch = _vllm_generate(
-                        llm, [prompt_texts[i] for i in idx], num_samples, max_new_tokens, temperature, top_p, top_k,
-                        do_sample, seed + lo,
+                        llm,
+                        [prompt_texts[i] for i in idx],
+                        num_samples,
+                        max_new_tokens,
+                        temperature,
+                        top_p,
+                        top_k,
+                        do_sample,
+                        seed + lo,
                     )
                 else:
                     batch = _hf_generate(
-                        model, tokenizer, [prompt_ids[i] for i in idx], num_samples, max_new_tokens, temperature,
-                        top_p, top_k, do_sample, pad_to_multiple_of,
+                        model,
+                        tokenizer,
+                        [prompt_ids[i] for i in idx],
+                        num_samples,
+                        max_new_tokens,
+                        temperature,
+                        top_p,
+                        top_k,
+                        do_sample,
+                        pad_to_multiple_of,
                     )
-                for i, samples in zip(idx, batch):
+                for i, samples in zip(idx, batch, strict=True):
                     completions[i] = samples
                 bar.update(len(idx))
         return completions
@@ -339,9 +362,12 @@ def evaluate_avg_at_k(
     def score(completion_ids: list[list[list[int]]]) -> list[list[float]]:
         num = len(completion_ids[0])
         texts = [tokenizer.decode(ids, skip_special_tokens=True) for per in completion_ids for ids in per]
-        prompts = [p for p in student_prompts for _ in range(num)]  # rewards judge the answer to the student's question
+        prompts = [
+            p for p in student_prompts for _ in range(num)
+        ]  # rewards judge the answer to the student's question
         completions = [
-            [{"role": "assistant", "content": t}] if _is_conversational(p) else t for p, t in zip(prompts, texts)
+            [{"role": "assistant", "content": t}] if _is_conversational(p) else t
+            for p, t in zip(prompts, texts, strict=True)
         ]
         columns: dict[str, list] = {}
         for key in rows[0]:
@@ -388,7 +414,9 @@ def evaluate_avg_at_k(
         "top_p": top_p,
         "max_new_tokens": max_new_tokens,
         "per_problem": per_problem,
-        "sample_completions": [tokenizer.decode(sampled[i][0], skip_special_tokens=True) for i in range(min(3, len(rows)))],
+        "sample_completions": [
+            tokenizer.decode(sampled[i][0], skip_special_tokens=True) for i in range(min(3, len(rows)))
+        ],
     }
 
 
@@ -407,11 +435,19 @@ def evaluate_student_and_teacher(
     """
     prefix = f"{description} " if description else ""
     reports = {
-        "student": evaluate_avg_at_k(model, tokenizer, dataset, reward_funcs, k, description=f"{prefix}student", **kwargs)
+        "student": evaluate_avg_at_k(
+            model, tokenizer, dataset, reward_funcs, k, description=f"{prefix}student", **kwargs
+        )
     }
     if teacher:
         reports["teacher"] = evaluate_avg_at_k(
-            model, tokenizer, dataset, reward_funcs, k, with_privileged_context=True,
-            description=f"{prefix}teacher", **kwargs,
+            model,
+            tokenizer,
+            dataset,
+            reward_funcs,
+            k,
+            with_privileged_context=True,
+            description=f"{prefix}teacher",
+            **kwargs,
         )
     return reports

@@ -15,6 +15,7 @@ produces them from the model.
 import torch
 import torch.nn.functional as F
 
+
 ROLE_LABEL = 1.0  # the teacher sample is preferred
 FLIPPED_LABEL = -1.0  # the student sample is preferred
 DROPPED_LABEL = 0.0  # the pair does not enter the loss

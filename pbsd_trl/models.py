@@ -42,7 +42,9 @@ def load_model_and_tokenizer(model_name_or_path: str, dtype: Any = None, **kwarg
     """`AutoModelForCausalLM.from_pretrained` and [`load_tokenizer_for`]; `dtype` as `from_pretrained` takes it."""
     if isinstance(dtype, str) and dtype not in ("auto",):
         dtype = getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=dtype if dtype is not None else "auto", **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_name_or_path, dtype=dtype if dtype is not None else "auto", **kwargs
+    )
     tokenizer = load_tokenizer_for(model_name_or_path)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -103,7 +103,7 @@ def plot_training_curves(
         panels.append(rewards)
     panels += [[m] for m in metrics if m not in rewards]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
-    for ax, panel in zip(axes[0], panels):
+    for ax, panel in zip(axes[0], panels, strict=True):
         for metric in panel:
             steps, values = series[metric]
             if not values:

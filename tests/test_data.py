@@ -66,7 +66,9 @@ def test_math_dataset_schema_and_determinism():
 
     plain = make_math_dataset("train", n=50, seed=3, conversational=False)
     assert plain["prompt"] == _texts(ds)
-    teacher = MATH_TEACHER_TEMPLATE.format(prompt=plain[0]["prompt"], privileged_context=plain[0]["privileged_context"])
+    teacher = MATH_TEACHER_TEMPLATE.format(
+        prompt=plain[0]["prompt"], privileged_context=plain[0]["privileged_context"]
+    )
     assert teacher.startswith(plain[0]["prompt"]) and teacher.endswith(plain[0]["privileged_context"])
 
 

@@ -25,10 +25,14 @@ def _sigmoid(x):
 
 def reference(policy_t, teacher_t, policy_s, teacher_s, pairs, labels, beta, eps, len_t=None, len_s=None):
     """Loss, margins and d loss / d policy log-probs, from the method note's equations."""
-    lr_t = [(p - q) / (n if n else 1) for p, q, n in zip(policy_t, teacher_t, len_t or [1] * len(policy_t))]
-    lr_s = [(p - q) / (n if n else 1) for p, q, n in zip(policy_s, teacher_s, len_s or [1] * len(policy_s))]
-    kept = [(i, j, y) for (i, j), y in zip(pairs, labels) if y != 0]
-    margins = [beta * y * (lr_t[i] - lr_s[j]) for (i, j), y in zip(pairs, labels)]
+    lr_t = [
+        (p - q) / (n if n else 1) for p, q, n in zip(policy_t, teacher_t, len_t or [1] * len(policy_t), strict=True)
+    ]
+    lr_s = [
+        (p - q) / (n if n else 1) for p, q, n in zip(policy_s, teacher_s, len_s or [1] * len(policy_s), strict=True)
+    ]
+    kept = [(i, j, y) for (i, j), y in zip(pairs, labels, strict=True) if y != 0]
+    margins = [beta * y * (lr_t[i] - lr_s[j]) for (i, j), y in zip(pairs, labels, strict=True)]
     grad_t, grad_s = [0.0] * len(policy_t), [0.0] * len(policy_s)
     total = 0.0
     for i, j, y in kept:
@@ -59,8 +63,16 @@ def _run(pairs, labels, beta=0.5, eps=0.0, length_normalize=False):
     loss, margins = pbsd_loss(lr_t, lr_s, pairs, labels.double(), beta, eps)
     loss.backward()
     ref = reference(
-        POLICY_T, TEACHER_T, POLICY_S, TEACHER_S, pairs.tolist(), labels.tolist(), beta, eps,
-        LEN_T if length_normalize else None, LEN_S if length_normalize else None,
+        POLICY_T,
+        TEACHER_T,
+        POLICY_S,
+        TEACHER_S,
+        pairs.tolist(),
+        labels.tolist(),
+        beta,
+        eps,
+        LEN_T if length_normalize else None,
+        LEN_S if length_normalize else None,
     )
     return (loss.item(), margins.tolist(), policy_t.grad.tolist(), policy_s.grad.tolist()), ref
 
@@ -126,10 +138,16 @@ def test_gradient_matches_method_note_formula():
     beta = 0.25
     chosen = torch.tensor([-2.0], dtype=torch.float64, requires_grad=True)
     rejected = torch.tensor([-1.0], dtype=torch.float64, requires_grad=True)
-    teacher_chosen, teacher_rejected = torch.tensor([-2.5], dtype=torch.float64), torch.tensor([-0.5], dtype=torch.float64)
+    teacher_chosen, teacher_rejected = (
+        torch.tensor([-2.5], dtype=torch.float64),
+        torch.tensor([-0.5], dtype=torch.float64),
+    )
     loss, margins = pbsd_loss(
-        implicit_log_ratios(chosen, teacher_chosen), implicit_log_ratios(rejected, teacher_rejected),
-        matched_pairs(1), torch.ones(1, dtype=torch.float64), beta,
+        implicit_log_ratios(chosen, teacher_chosen),
+        implicit_log_ratios(rejected, teacher_rejected),
+        matched_pairs(1),
+        torch.ones(1, dtype=torch.float64),
+        beta,
     )
     loss.backward()
     m = beta * ((-2.0 + 2.5) - (-1.0 + 0.5))

@@ -6,6 +6,7 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig
+from testing_utils import save_tiny_model
 from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
@@ -13,7 +14,7 @@ from pbsd_trl import PBSDConfig, PBSDTrainer
 from pbsd_trl.data.math_task import make_math_dataset
 from pbsd_trl.teacher_model import TEACHER_ADAPTER_NAME
 from pbsd_trl.tiny import build_random_model
-from testing_utils import save_tiny_model
+
 
 TEMPLATE = "{prompt} Reference solution: {privileged_context}"
 
@@ -65,7 +66,7 @@ def test_teacher_scores_with_teacher_prompt_and_weights_student_with_its_own(tmp
                           peft_config=lora() if use_peft else None)
     # move the student away from its initial weights so that teacher (= base) and student differ
     with torch.no_grad():
-        for name, param in trainer.model.named_parameters():
+        for param in trainer.model.parameters():
             if param.requires_grad:
                 param.add_(torch.randn_like(param) * 0.5)
     trainer.model.train()

@@ -126,7 +126,7 @@ def load_prompt_dataset(
             raise missing(answer_column, "--answer_column")
         if target is not None and answer_column != target:
             renames[answer_column] = target
-    for old, new in renames.items():
+    for new in renames.values():
         if new in columns and new not in renames:
             dataset = dataset.remove_columns(new)
     if renames:

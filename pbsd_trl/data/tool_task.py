@@ -142,7 +142,12 @@ def sample_tool_example(rng: random.Random) -> dict[str, Any]:
     prompt = f"Tools: {tools_line}.\nFormat: Action: <tool>\nAction Input: <json>\nQ: {question}"
     golden_answer = [{"Action": tool, "Action_Input": _dump(args)}]
     privileged_context = f"Doc: {TOOLS[tool]['doc']}\nExample: {tool_completion(golden_answer)}"
-    return {"question": question, "prompt": prompt, "privileged_context": privileged_context, "golden_answer": golden_answer}
+    return {
+        "question": question,
+        "prompt": prompt,
+        "privileged_context": privileged_context,
+        "golden_answer": golden_answer,
+    }
 
 
 @lru_cache(maxsize=1)
@@ -208,7 +213,9 @@ def make_tool_dataset(
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     return Dataset.from_dict(
         {
-            "prompt": [[{"role": "user", "content": e["prompt"]}] if conversational else e["prompt"] for e in examples],
+            "prompt": [
+                [{"role": "user", "content": e["prompt"]}] if conversational else e["prompt"] for e in examples
+            ],
             "privileged_context": [e["privileged_context"] for e in examples],
             "golden_answer": [e["golden_answer"] for e in examples],
         }

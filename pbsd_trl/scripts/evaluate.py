@@ -59,7 +59,9 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--use_vllm", action="store_true", help="Sample with vllm.LLM (needs vLLM; untested on CPU).")
     parser.add_argument("--output", default=None, help="Write the JSON report here.")
     parser.add_argument("--no_progress_bar", action="store_true")
-    parser.add_argument("--num_threads", type=int, default=None, help="torch.set_num_threads (1 is best on a busy CPU).")
+    parser.add_argument(
+        "--num_threads", type=int, default=None, help="torch.set_num_threads (1 is best on a busy CPU)."
+    )
     return parser
 
 
@@ -105,7 +107,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         progress_bar=not args.no_progress_bar,
     )
     report.update(model=args.model_name_or_path, dataset=dataset_name, reward=args.reward)
-    summary = {key: report[key] for key in ("prompt", "k", "n_problems", "avg_at_k", "pass_at_k", "greedy_accuracy", "seconds")}
+    summary = {
+        key: report[key]
+        for key in ("prompt", "k", "n_problems", "avg_at_k", "pass_at_k", "greedy_accuracy", "seconds")
+    }
     print(json.dumps(summary, indent=2))
     if args.output:
         with open(args.output, "w") as f:

@@ -77,7 +77,9 @@ class ScriptArguments(trl.ScriptArguments):
     prompt_column: str = field(default="prompt", metadata={"help": "Column with the problem (text or messages)."})
     solution_column: str | None = field(
         default=None,
-        metadata={"help": "Column with the privileged context (e.g. reference solution). Default: privileged_context."},
+        metadata={
+            "help": "Column with the privileged context (e.g. reference solution). Default: privileged_context."
+        },
     )
     answer_column: str | None = field(
         default=None,
@@ -89,7 +91,9 @@ class ScriptArguments(trl.ScriptArguments):
         default=200, metadata={"help": "Evaluation problems (built-in: the 200 held-out ones). 0 skips evaluation."}
     )
     eval_batch_size: int = field(default=32, metadata={"help": "Problems per generate call during evaluation."})
-    eval_teacher: bool = field(default=True, metadata={"help": "Also evaluate the network with the privileged context."})
+    eval_teacher: bool = field(
+        default=True, metadata={"help": "Also evaluate the network with the privileged context."}
+    )
     plot: bool = field(default=True, metadata={"help": "Save training_curves.png in the output directory."})
     num_threads: int | None = field(
         default=None,
