@@ -1,17 +1,3 @@
-# Copyright 2026 The PBSD-TRL Authors. All rights reserved.
-#
-# Licensed under the Apache License, Version 2.0 (the "License");
-# you may not use this file except in compliance with the License.
-# You may obtain a copy of the License at
-#
-#     http://www.apache.org/licenses/LICENSE-2.0
-#
-# Unless required by applicable law or agreed to in writing, software
-# distributed under the License is distributed on an "AS IS" BASIS,
-# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
-# See the License for the specific language governing permissions and
-# limitations under the License.
-
 """
 Forward+backward time and extra peak memory of the PBSD log-prob computation, for three contenders doing the same work:
 student log-probs with backward, teacher log-probs forward-only, loss `(student_logps * w).sum() + gap.sum()`.
@@ -19,7 +5,9 @@ student log-probs with backward, teacher log-probs forward-only, loss `(student_
 - `naive`: full `[B, T, V]` logits, `log_softmax` + `gather` (`pbsd_trl.ops.reference_logprob_gap`);
 - `trl`: TRL's `ChunkedLogProbFunction`, called as `add_fused_lm_head` does (compact rows on Triton devices, every
   position scored then masked elsewhere; on CPU its torch fallback runs);
-- `ours`: `pbsd_trl.ops.fused_logprob_gap`.
+- `ours`: `pbsd_trl.ops.fused_logprob_gap`, student and teacher rows in one call;
+- `1path`: what `PBSDTrainer` runs (`use_fused_logprob_kernel=True`): `pbsd_trl.ops.fused_logprobs`, the single-path
+  form of the same autograd function, once for the student (with backward) and once for the teacher (no grad).
 
 Contenders are interleaved within each repetition (rotating the order) and medians are reported, because the host may
 be shared. Extra peak memory is the peak over the live inputs, minus the gradients the run must return:
@@ -32,6 +20,7 @@ Usage:
     python benchmarks/bench_logprob_kernel.py --quick --out-dir /tmp/x
     python benchmarks/bench_logprob_kernel.py --device cuda --dtype bf16
     python benchmarks/bench_logprob_kernel.py --sweep         # tile-size sweep of `ours`
+    python benchmarks/bench_logprob_kernel.py --contenders ours 1path --name logprob_kernel_paths  # 2 paths vs 1
 """
 
 from __future__ import annotations
@@ -47,7 +36,7 @@ from pathlib import Path
 import torch
 from bench_utils import PeakMemory, machine_description, pyplot, report_header, result_stem
 
-from pbsd_trl.ops import fused_logprob_gap, reference_logprob_gap
+from pbsd_trl.ops import fused_logprob_gap, fused_logprobs, reference_logprob_gap
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -115,6 +104,13 @@ def _ours(token_chunk_size=None, vocab_chunk_size=None):
     return fn
 
 
+def _single_path_calls(student_hidden, teacher_hidden, weight, labels):
+    with torch.no_grad():
+        teacher_logps = fused_logprobs(teacher_hidden, weight, labels)
+    student_logps = fused_logprobs(student_hidden, weight, labels)
+    return student_logps, teacher_logps, (student_logps - teacher_logps).sum(-1)
+
+
 # ------------------------------------------------------------------------------------------------------------- harness
 def make_inputs(n_tokens, hidden, vocab, dtype, device, ignore_frac, seed=0):
     gen = torch.Generator().manual_seed(seed)
@@ -151,7 +147,7 @@ def run_once(fn, inputs, device):
 
 
 def contenders(device):
-    out = {"naive": _naive_logprob_gap, "trl": _trl_logprob_gap, "ours": _ours()}
+    out = {"naive": _naive_logprob_gap, "trl": _trl_logprob_gap, "ours": _ours(), "1path": _single_path_calls}
     try:
         import trl.trainer.utils  # noqa: F401  (its import would otherwise land inside TRL's first backward)
     except ImportError:
@@ -236,17 +232,18 @@ def write_markdown(path, results, sweep_result, machine, args, command):
         "",
         "## Results",
         "",
-        f"| N | H | V | naive {unit} | trl {unit} | ours {unit} | ours/naive | ours/trl | naive MiB | trl MiB | ours MiB"
-        " | mem ours/naive | mem ours/trl |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| N | H | V | naive {unit} | trl {unit} | ours {unit} | 1path {unit} | ours/naive | ours/trl | ours/1path"
+        " | naive MiB | trl MiB | ours MiB | 1path MiB | mem ours/naive | mem ours/trl | mem ours/1path |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    names = ("naive", "trl", "ours", "1path")
     for r in results:
         t, m = r["median_s"], r["median_extra_bytes"]
         row = [str(r["n_tokens"]), str(r["hidden"]), str(r["vocab"])]
-        row += [f"{t[k] * scale:.{digits}f}" if k in t else "-" for k in ("naive", "trl", "ours")]
-        row += [f"{t['ours'] / t['naive']:.2f}", f"{t['ours'] / t['trl']:.2f}" if "trl" in t else "-"]
-        row += [f"{m[k] / 2**20:.0f}" if k in m else "-" for k in ("naive", "trl", "ours")]
-        row += [f"{m['ours'] / m['naive']:.3f}", f"{m['ours'] / m['trl']:.3f}" if "trl" in m else "-"]
+        row += [f"{t[k] * scale:.{digits}f}" if k in t else "-" for k in names]
+        row += [f"{t['ours'] / t[k]:.2f}" if k in t else "-" for k in ("naive", "trl", "1path")]
+        row += [f"{m[k] / 2**20:.0f}" if k in m else "-" for k in names]
+        row += [f"{m['ours'] / m[k]:.3f}" if k in m else "-" for k in ("naive", "trl", "1path")]
         lines.append("| " + " | ".join(row) + " |")
 
     big = [r for r in results if r["vocab"] == max(x["vocab"] for x in results)]
@@ -272,7 +269,7 @@ def write_plot(path, results):
     if plt is None:
         return
     labels = [f"N={r['n_tokens']}\nH={r['hidden']}\nV={r['vocab']}" for r in results]
-    names = [k for k in ("naive", "trl", "ours") if k in results[0]["median_s"]]
+    names = [k for k in ("naive", "trl", "ours", "1path") if k in results[0]["median_s"]]
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(results) * 2), 4.5))
     width = 0.8 / len(names)
     for i, name in enumerate(names):
@@ -307,6 +304,9 @@ def parse_args(argv=None):
         default=None,
         help="torch intra-op threads; default 1 on CPU: on a shared host, OpenMP barriers of oversubscribed threads"
         " make small ops 10-50x slower and the timings meaningless",
+    )
+    parser.add_argument(
+        "--contenders", nargs="+", default=["naive", "trl", "ours", "1path"], choices=["naive", "trl", "ours", "1path"]
     )
     parser.add_argument("--sweep-shape", type=int, nargs=3, default=[1024, 512, 32768])
     parser.add_argument("--sweep-tokens", type=int, nargs="+", default=[256, 512, 1024, 2048])
@@ -348,7 +348,7 @@ def main(argv=None):
     else:
         # A sweep run earlier (`--sweep-only`) goes into the report next to the grid
         sweep_result = json.loads(sweep_path.read_text()) if sweep_path.exists() else None
-    fns = contenders(args.device)
+    fns = {name: fn for name, fn in contenders(args.device).items() if name in args.contenders}
     if args.device == "cpu" and "trl" in fns:
         print("TRL contender: torch fallback of ChunkedLogProbFunction (no Triton on CPU)")
     results = []

@@ -1,4 +1,3 @@
-# Copyright 2026 The pbsd-trl authors. Licensed under the Apache License, Version 2.0.
 """
 Learning benchmark: base vs GRPO vs OPSD/SDFT vs PBSD at an equal budget of generated completion tokens.
 

@@ -1,4 +1,3 @@
-# Copyright 2026 The pbsd-trl authors. Licensed under the Apache License, Version 2.0.
 """
 Avg@k evaluation of a causal LM with any GRPO-style reward function.
 
@@ -158,7 +157,7 @@ def _hf_generate(
     do_sample: bool,
     pad_to_multiple_of: int | None,
 ) -> list[list[list[int]]]:
-    """Completion ids, ``[prompt][sample][token]``."""
+    """Completion ids, `[prompt][sample][token]`."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = _eos_ids(model, tokenizer)
     device = next(model.parameters()).device
@@ -242,38 +241,38 @@ def evaluate_avg_at_k(
     progress_bar: bool = True,
     description: str | None = None,
 ) -> dict[str, Any]:
-    """Samples ``k`` completions per problem and reports Avg@k, pass@k and per-problem accuracies.
+    """Samples `k` completions per problem and reports Avg@k, pass@k and per-problem accuracies.
 
     Args:
-        model: A causal LM (``transformers`` model, PEFT model, or an accelerate-wrapped one: it is only called through
-            ``generate``). Ignored when ``use_vllm`` (then ``llm`` or a model path is needed).
-        tokenizer: Its tokenizer; left padding is used for generation whatever its ``padding_side``.
-        dataset: A ``datasets.Dataset`` or a list of row dicts with a ``prompt`` column (string or list of messages)
-            and the columns the reward functions read (e.g. ``answer``, ``golden_answer``).
-        reward_funcs: One or more reward functions with GRPO's signature (see :mod:`pbsd_trl.rewards`).
+        model: A causal LM (`transformers` model, PEFT model, or an accelerate-wrapped one: it is only called through
+            `generate`). Ignored when `use_vllm` (then `llm` or a model path is needed).
+        tokenizer: Its tokenizer; left padding is used for generation whatever its `padding_side`.
+        dataset: A `datasets.Dataset` or a list of row dicts with a `prompt` column (string or list of messages)
+            and the columns the reward functions read (e.g. `answer`, `golden_answer`).
+        reward_funcs: One or more reward functions with GRPO's signature (see `pbsd_trl.rewards`).
         k: Samples per problem.
-        reward_weights: Weights of the reward functions (default 1 each), as GRPO's ``reward_weights``.
-        batch_size: Problems per ``generate`` call (``batch_size × k`` sequences).
+        reward_weights: Weights of the reward functions (default 1 each), as GRPO's `reward_weights`.
+        batch_size: Problems per `generate` call (`batch_size × k` sequences).
         max_new_tokens: Completion length limit.
-        temperature, top_p, top_k: Sampling parameters (``top_k=None``: no top-k filtering).
-        greedy: Also report ``greedy_accuracy`` (one greedy completion per problem).
-        with_privileged_context: Prompt the model as PBSD's teacher: ``teacher_prompt_template`` applied to the
-            prompt and the ``privileged_context_column`` (for conversational prompts, to the last user turn).
-        teacher_prompt_template: Needed with ``with_privileged_context``; default :class:`PBSDConfig`'s.
+        temperature, top_p, top_k: Sampling parameters (`top_k=None`: no top-k filtering).
+        greedy: Also report `greedy_accuracy` (one greedy completion per problem).
+        with_privileged_context: Prompt the model as PBSD's teacher: `teacher_prompt_template` applied to the
+            prompt and the `privileged_context_column` (for conversational prompts, to the last user turn).
+        teacher_prompt_template: Needed with `with_privileged_context`; default [`PBSDConfig`]'s.
         privileged_context_column: Column of the privileged context.
         prompt_column: Column of the prompts.
-        num_problems: Evaluate only the first ``num_problems`` rows.
+        num_problems: Evaluate only the first `num_problems` rows.
         seed: Seed of the sampling (the global RNG state is restored afterwards).
         pad_to_multiple_of: Pad prompt batches to a multiple of this (stable shapes are faster on CPU).
-        use_vllm: Sample with ``vllm.LLM`` (``llm``, or built from ``model`` when it is a path string).
-        llm: An existing ``vllm.LLM``.
+        use_vllm: Sample with `vllm.LLM` (`llm`, or built from `model` when it is a path string).
+        llm: An existing `vllm.LLM`.
         progress_bar: Show a tqdm progress bar.
-        description: Label of the progress bar and of the report (``"student"``/``"teacher"`` by default).
+        description: Label of the progress bar and of the report (`"student"`/`"teacher"` by default).
 
     Returns:
-        A JSON-serializable dict: ``avg_at_k``, ``pass_at_k``, ``greedy_accuracy`` (or ``None``), ``per_problem``
-        (mean reward of each problem's samples), ``n_problems``, ``k``, ``seconds``, ``prompt`` (``"student"`` or
-        ``"teacher"``), ``mean_completion_tokens``, ``n_unscored`` (samples every reward function declined) and the
+        A JSON-serializable dict: `avg_at_k`, `pass_at_k`, `greedy_accuracy` (or `None`), `per_problem`
+        (mean reward of each problem's samples), `n_problems`, `k`, `seconds`, `prompt` (`"student"` or
+        `"teacher"`), `mean_completion_tokens`, `n_unscored` (samples every reward function declined) and the
         sampling settings.
     """
     if k < 1:

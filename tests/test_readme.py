@@ -46,5 +46,6 @@ def test_ci_runs_the_readme_test_command():
     assert proc.returncode == 0, proc.stderr
     command = proc.stdout.strip()
     assert "pip install -e" in command and "pytest" in command
+    assert "ruff check ." in command and "ruff format --check ." in command  # lint, TRL's settings (pyproject.toml)
     block = re.search(r"<!-- test-command.*?-->\n```bash\n(.*?)```", README, re.S).group(1).strip()
     assert command == block

@@ -1,17 +1,3 @@
-# Copyright 2026 The PBSD-TRL Authors. All rights reserved.
-#
-# Licensed under the Apache License, Version 2.0 (the "License");
-# you may not use this file except in compliance with the License.
-# You may obtain a copy of the License at
-#
-#     http://www.apache.org/licenses/LICENSE-2.0
-#
-# Unless required by applicable law or agreed to in writing, software
-# distributed under the License is distributed on an "AS IS" BASIS,
-# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
-# See the License for the specific language governing permissions and
-# limitations under the License.
-
 import asyncio
 import functools
 import json
@@ -40,7 +26,7 @@ from pbsd_trl.rewards import (
     tool_call_reward,
     validate_reward_funcs,
 )
-from pbsd_trl.rewards.math import _get_worker
+from pbsd_trl.rewards.verifier import get_worker as _get_worker
 
 
 pytest.importorskip("math_verify")
@@ -251,14 +237,14 @@ class TestTimeLimit:
         import subprocess
         import sys
 
-        import pbsd_trl.rewards.math as math_module
+        import pbsd_trl.rewards.verifier as verifier_module
 
-        rewards_dir = os.path.dirname(math_module.__file__)
+        rewards_dir = os.path.dirname(verifier_module.__file__)
         script = (
             "import sys, types\n"
             "for name, path in [('pbsd_trl', sys.argv[1]), ('pbsd_trl.rewards', sys.argv[2])]:\n"
             "    m = types.ModuleType(name); m.__path__ = [path]; sys.modules[name] = m\n"
-            "from pbsd_trl.rewards.math import _get_worker\n"
+            "from pbsd_trl.rewards.verifier import get_worker as _get_worker\n"
             "w = _get_worker(); w.verify('1', '1', True, 60, None)\n"
             "print(w._proc.pid, flush=True)\n"
             f"w.verify({SLOW!r}, '5', True, 600, None)\n"

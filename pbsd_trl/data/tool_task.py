@@ -1,26 +1,29 @@
-# Copyright 2026 The pbsd-trl authors. Licensed under the Apache License, Version 2.0.
 """A small synthetic ReAct tool-use task in the format of SDFT's ToolAlpaca data.
 
-Eight made-up APIs (``weather``, ``fx``, ``time``, ``stock``, ``timer``, ``translate``, ``route``,
-``news``). Each example shows the student three tools by name and a one-line description, the answer
-format and a question::
+Eight made-up APIs (`weather`, `fx`, `time`, `stock`, `timer`, `translate`, `route`,
+`news`). Each example shows the student three tools by name and a one-line description, the answer
+format and a question:
 
-    Tools: stock: share price; fx: convert money; news: headlines.
-    Format: Action: <tool>
-    Action Input: <json>
-    Q: 20 dollars in euros?
+```
+Tools: stock: share price; fx: convert money; news: headlines.
+Format: Action: <tool>
+Action Input: <json>
+Q: 20 dollars in euros?
+```
 
-and the expected answer is one call (the ``golden_answer``)::
+and the expected answer is one call (the `golden_answer`):
 
-    Action: fx
-    Action Input: {"amt":20,"from":"USD","to":"EUR"}
+```
+Action: fx
+Action Input: {"amt":20,"from":"USD","to":"EUR"}
+```
 
 The argument names and conventions (ISO currency codes, tickers, minutes, language codes, defaults)
 are not in the student's prompt: they are in the privileged context, which holds the tool's
 documentation and a demonstration response, as SDFT's teacher sees a golden response. Strings are kept
 short (prompts <= 150 characters, completions <= 60) so that a tiny character-level model can learn it.
 
-Columns: ``prompt``, ``privileged_context``, ``golden_answer`` (a list of ``{"Action": name,
+Columns: `prompt`, `privileged_context`, `golden_answer` (a list of ``{"Action": name,
 "Action_Input": json string}``, SDFT's format). `pbsd_trl.rewards.tool_call_reward` implements SDFT's check
 (same multiset of actions and same merged input dict).
 """
@@ -73,11 +76,11 @@ TOOLS: dict[str, dict[str, str]] = {
     "route": {"brief": "directions", "doc": "route(src,dst): city names"},
     "news": {"brief": "headlines", "doc": "news(topic,n): n default 5"},
 }
-"""The made-up APIs: name -> ``brief`` (shown to the student) and ``doc`` (privileged)."""
+"""The made-up APIs: name -> `brief` (shown to the student) and `doc` (privileged)."""
 
 
 def _question(tool: str, rng: random.Random) -> tuple[str, dict[str, Any]]:
-    """A question for ``tool`` and the expected arguments (in the documented order)."""
+    """A question for `tool` and the expected arguments (in the documented order)."""
     if tool == "weather":
         city = rng.choice(_CITIES)
         q, unit = rng.choice(
@@ -127,13 +130,13 @@ def _dump(args: dict[str, Any]) -> str:
 
 
 def tool_completion(golden_answer: list[dict[str, str]]) -> str:
-    """The response the model is trained to produce for ``golden_answer`` (one ReAct step per call)."""
+    """The response the model is trained to produce for `golden_answer` (one ReAct step per call)."""
     return "\n".join(f"Action: {call['Action']}\nAction Input: {call['Action_Input']}" for call in golden_answer)
 
 
 def sample_tool_example(rng: random.Random) -> dict[str, Any]:
-    """Draws one example: a dict with ``question``, ``prompt`` (plain text), ``privileged_context`` and
-    ``golden_answer``."""
+    """Draws one example: a dict with `question`, `prompt` (plain text), `privileged_context` and
+    `golden_answer`."""
     tool = rng.choice(sorted(TOOLS))
     question, args = _question(tool, rng)
     shown = [tool] + rng.sample([t for t in sorted(TOOLS) if t != tool], TOOLS_PER_PROMPT - 1)
@@ -170,7 +173,7 @@ def held_out_prompts() -> frozenset[str]:
 
 
 def train_examples(rng: random.Random, n: int) -> list[dict[str, Any]]:
-    """``n`` training examples from ``rng``, skipping every held-out prompt (duplicates are possible)."""
+    """`n` training examples from `rng`, skipping every held-out prompt (duplicates are possible)."""
     excluded = held_out_prompts()
     examples = []
     while len(examples) < n:
@@ -189,17 +192,17 @@ def make_tool_dataset(
     """Builds the tool-use dataset.
 
     Args:
-        split: ``"train"``: ``n`` (default 1000) examples drawn with ``seed``, never containing a held-out
-            prompt. ``"eval"``: the first ``n`` (default and at most 200) fixed held-out examples (``seed``
+        split: `"train"`: `n` (default 1000) examples drawn with `seed`, never containing a held-out
+            prompt. `"eval"`: the first `n` (default and at most 200) fixed held-out examples (`seed`
             is ignored). Splits are disjoint by prompt string (tool menu + question).
         n: Number of rows.
         seed: Seed of the training examples.
-        conversational: If ``True``, ``prompt`` is a one-turn conversation; otherwise the plain string.
-            The base model of :func:`pbsd_trl.tiny.get_base_model` is trained on the conversational format.
+        conversational: If `True`, `prompt` is a one-turn conversation; otherwise the plain string.
+            The base model of [`~pbsd_trl.tiny.get_base_model`] is trained on the conversational format.
 
     Returns:
-        A :class:`datasets.Dataset` with columns ``prompt``, ``privileged_context`` (documentation of the
-        right tool and a demonstration response) and ``golden_answer`` (list of ``{"Action",
+        A [`~datasets.Dataset`] with columns `prompt`, `privileged_context` (documentation of the
+        right tool and a demonstration response) and `golden_answer` (list of ``{"Action",
         "Action_Input"}``).
     """
     if split == "train":
