@@ -26,21 +26,21 @@ import sys
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import time
+from pathlib import Path
 
-from accelerate import PartialState  # noqa: E402
-from trl import get_peft_config  # noqa: E402
+from accelerate import PartialState
+from trl import get_peft_config
 
-from pbsd_trl import PBSDTrainer  # noqa: E402
-from pbsd_trl.callbacks import SignalCheckpointCallback  # noqa: E402
-from pbsd_trl.data.loading import load_train_and_eval_datasets  # noqa: E402
-from pbsd_trl.data.tasks import TASKS  # noqa: E402
-from pbsd_trl.evaluate import evaluate_student_and_teacher  # noqa: E402
-from pbsd_trl.models import load_model_and_tokenizer  # noqa: E402
-from pbsd_trl.report import plot_training_curves, results_table, summary_line, write_results  # noqa: E402
-from pbsd_trl.scripts.utils import parse_args, resume_arg, set_num_threads  # noqa: E402
-from pbsd_trl.tiny import get_base_model  # noqa: E402
+from pbsd_trl import PBSDTrainer
+from pbsd_trl.callbacks import SignalCheckpointCallback
+from pbsd_trl.data.loading import load_train_and_eval_datasets
+from pbsd_trl.data.tasks import TASKS
+from pbsd_trl.evaluate import evaluate_student_and_teacher
+from pbsd_trl.models import load_model_and_tokenizer
+from pbsd_trl.report import plot_training_curves, results_table, summary_line, write_results
+from pbsd_trl.scripts.utils import parse_args, resume_arg, set_num_threads
+from pbsd_trl.tiny import get_base_model
 
 
 TASK = TASKS["tool_use"]
