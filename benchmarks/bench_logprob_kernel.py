@@ -223,7 +223,8 @@ def write_markdown(path, results, sweep_result, machine, args, command):
         " `(student_logps * w).sum() + gap.sum()`, backward into the student hidden states and the head weight.",
         "- `naive`: full-logits `log_softmax` + `gather`; `trl`: TRL's `ChunkedLogProbFunction` called as"
         " `add_fused_lm_head` calls it (on CPU: torch fallback, every position scored then masked); `ours`:"
-        " `pbsd_trl.ops.fused_logprob_gap` with its default tiles.",
+        " `pbsd_trl.ops.fused_logprob_gap` with its default tiles; `1path`: what `PBSDTrainer` runs,"
+        " `pbsd_trl.ops.fused_logprobs` once for the student (with backward) and once for the teacher (no grad).",
         "- Extra peak memory: peak during forward+backward over what is live before it (inputs), minus the returned"
         " gradients. CPU: resident high-water mark (`VmHWM` after resetting it through `/proc/self/clear_refs`) minus"
         " the resident size right before the run, after `gc.collect()` and `malloc_trim(0)`; this counts every page"
