@@ -25,6 +25,7 @@ from pbsd_trl.rewards import (
     parse_tool_calls,
     tool_call_reward,
     validate_reward_funcs,
+    weighted_reward_sum,
 )
 from pbsd_trl.rewards.verifier import get_worker as _get_worker
 
@@ -504,6 +505,13 @@ class TestNamingAndHelpers:
         assert combine_rewards([maybe])(prompts=["p", "p"], completions=["a", "b"]) == [None, 1.0]
         with pytest.raises(ValueError, match="2 weights for 1 reward functions"):
             combine_rewards([plain_reward], [1.0, 2.0])
+
+
+def test_weighted_reward_sum_leaves_out_none_and_nan():
+    outputs = [[1.0, None, float("nan"), 0.5], [2.0, 3.0, None, float("nan")]]
+    assert weighted_reward_sum(outputs, [0.5, 2.0]) == [4.5, 6.0, None, 0.25]
+    with pytest.raises(ValueError):
+        weighted_reward_sum(outputs, [1.0])  # one weight per function
 
 
 class TestErrors:
