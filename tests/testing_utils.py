@@ -1,5 +1,6 @@
 """Helpers shared by the tests (the fixtures built from them are in conftest.py)."""
 
+import importlib.util
 from pathlib import Path
 
 from pbsd_trl.tiny import build_random_model
@@ -15,8 +16,6 @@ def save_tiny_model(path, tokenizer, **model_kwargs) -> str:
 
 def load_example(name: str):
     """`examples/<name>.py` as a module, imported under another name (`examples/math.py` would shadow `math`)."""
-    import importlib.util
-
     path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"pbsd_example_{name}", path)
     module = importlib.util.module_from_spec(spec)
