@@ -61,12 +61,14 @@ def main(argv=None):
         TASK, **script_args.dataset_kwargs(context_column, training_args.seed)
     )
 
-    # Model: the built-in tiny base model unless --model_name_or_path (built once, cached in ~/.cache/pbsd_trl)
+    # Model: the built-in tiny base model (shipped in the package) unless --model_name_or_path
     model_path = model_args.model_name_or_path
     set_num_threads(script_args.num_threads, model_path is None, training_args.use_cpu, state.num_processes)
     if model_path is None:
         with state.main_process_first():
-            model_path = get_base_model(TASK.name, progress_bar=state.is_main_process)
+            model_path = get_base_model(
+                TASK.name, build=script_args.build_base_model, progress_bar=state.is_main_process
+            )
     attention = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
     model, tokenizer = load_model_and_tokenizer(
         model_path, dtype=model_args.dtype, revision=model_args.model_revision, **attention
