@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from pbsd_trl import tiny
 from pbsd_trl.tiny import (
+    build_char_tokenizer,
     build_random_model,
     get_base_model,
     load_tokenizer,
