@@ -92,7 +92,7 @@ _PROBE = textwrap.dedent(
 
     # plot_training_curves must not switch matplotlib's backend (a notebook's inline backend would stop showing plots)
     import matplotlib
-    from pbsd_trl.recipes import plot_training_curves
+    from pbsd_trl.report import plot_training_curves
     backend = matplotlib.get_backend()
     log = [{"step": s, "pbsd/margin": -1.0 + 0.1 * s, "pbsd/student_reward": 0.1 * s} for s in range(1, 6)]
     png = plot_training_curves(log, sys.argv[1], metrics=("pbsd/margin", "pbsd/student_reward"))
@@ -115,7 +115,7 @@ def import_probe(tmp_path_factory):
 
 
 def test_importing_every_module_changes_no_global_state(import_probe):
-    assert "pbsd_trl.trainer" in import_probe["modules"] and "pbsd_trl.recipes" in import_probe["modules"]
+    assert "pbsd_trl.trainer" in import_probe["modules"] and "pbsd_trl.report" in import_probe["modules"]
     assert import_probe["changes"] == {}, json.dumps(import_probe["changes"], indent=1)[:3000]
     # Heavy optional dependencies load when used, not on import (deepspeed's import, for one, logs and probes devices)
     assert import_probe["heavy imports"] == []
@@ -328,17 +328,18 @@ def test_math_worker_survives_an_interrupted_request(monkeypatch):
 
 @pytest.mark.slow
 def test_run_example_restores_signal_handlers_when_training_raises(tmp_path, tokenizer, monkeypatch):
-    from pbsd_trl import recipes
+    from testing_utils import load_example
 
+    example = load_example("math")
     model_dir = tmp_path / "model"
     build_random_model(tokenizer, size="test", seed=0).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
 
-    class _FailAtStepEnd(recipes.SignalCheckpointCallback):
+    class _FailAtStepEnd(example.SignalCheckpointCallback):
         def on_step_end(self, args, state, control, **kwargs):
             raise RuntimeError("a failing step")
 
-    monkeypatch.setattr(recipes, "SignalCheckpointCallback", _FailAtStepEnd)
+    monkeypatch.setattr(example, "SignalCheckpointCallback", _FailAtStepEnd)
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     argv = [
         "--model_name_or_path", str(model_dir), "--max_steps", "2", "--eval_num_problems", "0", "--train_size", "16",
@@ -346,5 +347,5 @@ def test_run_example_restores_signal_handlers_when_training_raises(tmp_path, tok
         "--num_generations", "4", "--max_completion_length", "8", "--save_strategy", "no",
     ]
     with pytest.raises(RuntimeError, match="a failing step"):
-        recipes.run_example("math", argv)
+        example.main(argv)
     assert {s: signal.getsignal(s) for s in previous} == previous
