@@ -134,12 +134,13 @@ class PBSDTrainer(GRPOTrainer):
             self.use_vllm
             and args.teacher_model_kind != "live"
             and args.teacher_samples_from == "teacher"
+            and args.teacher_pool is None
         ):
             raise ValueError(
                 f"The vLLM engine holds the policy's current weights only, so it cannot sample from the "
                 f"'{args.teacher_model_kind}' teacher. Set `teacher_samples_from='live'` (teacher prompts sampled with "
                 "the current weights, teacher log-probs still from the teacher weights), `teacher_model_kind='live'`, "
-                "or `use_vllm=False`."
+                "a `teacher_pool` of base-teacher samples drawn ahead of time, or `use_vllm=False`."
             )
         if self.use_vllm and args.teacher_samples_from == "live" and args.teacher_model_kind != "live":
             logger.warning(
@@ -176,6 +177,7 @@ class PBSDTrainer(GRPOTrainer):
         self._last_rewards_per_func = None
         self._pair_table = {}  # mode -> global per-row values that `pairing="all"` pairs against
         self._teacher_tokens_seen = 0
+        self._setup_teacher_generation(args, train_dataset, eval_dataset, is_peft)
 
     # ---- construction checks ------------------------------------------------------------------------------------
     @staticmethod
@@ -286,6 +288,126 @@ class PBSDTrainer(GRPOTrainer):
         finally:
             self._pending_extra_logs, self._pending_metrics = saved
 
+    # ---- teacher samples: pool, one generation pass ------------------------------------------------------------
+    def _setup_teacher_generation(self, args, train_dataset, eval_dataset, is_peft):
+        """Open and check the teacher pool; decide whether student and teacher samples share one `generate` call."""
+        self._teacher_pool = None
+        if args.teacher_pool is not None:
+            from .pool import TeacherPool, pool_stamp
+
+            pool = TeacherPool(args.teacher_pool, stride=args.num_teacher_generations)
+            teacher_weights = self.teacher.model if self.teacher.uses_separate_model else self.model
+            pool.check(
+                pool_stamp(self.accelerator.unwrap_model(teacher_weights), self._tokenizer, args, self.eos_token_ids),
+                args.num_teacher_generations,
+            )
+            column = args.privileged_context_column
+            for name, dataset in self._named_datasets(train_dataset, eval_dataset):
+                # vLLM cannot sample the base teacher online, so there evaluation rows must come from the pool too
+                if isinstance(dataset, Dataset) and (name == "train_dataset" or self.use_vllm):
+                    pool.check_covers(dataset, column, name)
+            self._teacher_pool = pool
+        # One generate call for both sample sets: same weights, or per-row PEFT adapters (adapter disabled = base)
+        same_weights = args.teacher_model_kind == "live" or args.teacher_samples_from == "live"
+        per_row_adapters = is_peft and args.teacher_model_kind == "base" and args.teacher_samples_from == "teacher"
+        self._one_pass_mode = None
+        if args.one_generation_pass and not self.use_vllm and not self.use_transformers_continuous_batching:
+            self._one_pass_mode = "shared" if same_weights else "adapters" if per_row_adapters else None
+        self._one_pass = None  # the plan of the step being generated
+
+    def _pool_serves(self, inputs) -> bool:
+        if self._teacher_pool is None:
+            return False
+        if self.model.training:
+            return True  # every training row was checked at construction
+        from .pool import row_key
+
+        column = self.args.privileged_context_column
+        return all(self._teacher_pool.has(row_key(row["prompt"], row[column])) for row in inputs)
+
+    def _teacher_samples_from_pool(self, inputs, teacher_prompts, teacher_rows, row_index, group_size):
+        """(completion ids, decoded completions, teacher log-probs) of the teacher rows, taken from the pool."""
+        from .pool import row_key
+
+        column = self.args.privileged_context_column
+        keys = [row_key(inputs[i]["prompt"], inputs[i][column]) for i in teacher_rows]
+        global_rows = [int(row_index[i]) for i in teacher_rows]
+        ids, logps = self._teacher_pool.draw(
+            keys, [r % group_size for r in global_rows], [r // group_size for r in global_rows]
+        )
+        completions = self._decode_completions([teacher_prompts[i] for i in teacher_rows], ids)
+        return ids, completions, logps
+
+    def _decode_completions(self, prompts, completion_ids):
+        """Completions as `_generate` decodes them (text, or an assistant message for conversational prompts)."""
+        from trl.data_utils import is_conversational
+
+        if not is_conversational({"prompt": prompts[0]}):
+            return self.processing_class.batch_decode(completion_ids, skip_special_tokens=True)
+        tokenizer = self._tokenizer
+        if getattr(tokenizer, "response_template", None) is not None or getattr(tokenizer, "response_schema", None):
+            from transformers.utils.chat_parsing_utils import parse_response
+
+            prompt_ids = self._tokenize_prompts(prompts)[0]
+            return [[parse_response(tokenizer, ids, prefix=p)] for ids, p in zip(completion_ids, prompt_ids, strict=True)]
+        contents = self.processing_class.batch_decode(completion_ids, skip_special_tokens=True)
+        return [[{"role": "assistant", "content": content}] for content in contents]
+
+    def _plan_one_pass(self, teacher_prompts):
+        """What the student's `generate` call also samples for the teacher this step (None: a separate call)."""
+        if self._one_pass_mode is None:
+            return None
+        from trl.data_utils import is_conversational
+
+        if is_conversational({"prompt": teacher_prompts[0]}) and self._is_vlm:
+            return None  # images ride along with the prompts: keep the two calls
+        return {"teacher_ids": self._tokenize_prompts(teacher_prompts)[0]}
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        plan = self._one_pass
+        if plan is None or images is not None:
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
+        if "teacher_result" in plan:  # the teacher's `_generate`: its samples were drawn with the student's
+            if list(map(list, prompt_ids)) != plan["teacher_ids"]:
+                raise RuntimeError("One-pass generation: the teacher prompts differ from those sampled with the student.")
+            self._one_pass = None
+            return plan.pop("teacher_result")
+        num_student = len(prompt_ids)
+        adapters = None
+        if self._one_pass_mode == "adapters":
+            active = self.accelerator.unwrap_model(self.model).active_adapter
+            adapters = [active] * num_student + ["__base__"] * len(plan["teacher_ids"])
+        with self._per_row_adapters(adapters):
+            ids, logprobs = super()._generate_single_turn(
+                list(prompt_ids) + plan["teacher_ids"], images, multimodal_fields, num_generations, has_tool_images
+            )
+        split = lambda values: (None, None) if values is None else (values[:num_student], values[num_student:])  # noqa: E731
+        (student_ids, teacher_ids), (student_logprobs, teacher_logprobs) = split(ids), split(logprobs)
+        plan["teacher_result"] = (teacher_ids, teacher_logprobs)
+        return student_ids, student_logprobs
+
+    @contextlib.contextmanager
+    def _per_row_adapters(self, adapter_names):
+        """PEFT's mixed-adapter batch for GRPO's `generate` call: row i computes with adapter `adapter_names[i]`."""
+        if adapter_names is None:
+            yield
+            return
+        model = self.accelerator.unwrap_model(self.model_wrapped)
+        original = model.__dict__.get("generate")
+        generate = model.generate
+        model.generate = lambda *a, **kw: generate(*a, adapter_names=adapter_names, **kw)
+        # PEFT refuses `adapter_names` in training mode; dropout is disabled for PBSD, so eval() changes nothing else
+        was_training = model.training
+        model.eval()
+        try:
+            yield
+        finally:
+            model.train(was_training)
+            if original is None:
+                del model.generate
+            else:
+                model.generate = original
+
     # ---- generation and scoring ---------------------------------------------------------------------------------
     def _generate_and_score_completions(self, inputs):
         mode = "train" if self.model.training else "eval"
@@ -294,9 +416,6 @@ class PBSDTrainer(GRPOTrainer):
         # Build (and validate) the teacher prompts before any generation, so bad rows fail fast
         prompts = [row["prompt"] for row in inputs]
         teacher_prompts, truncated = self.teacher_prompts(prompts, inputs)
-
-        output = super()._generate_and_score_completions(inputs)
-        student_rewards_global = self._last_rewards_per_func
 
         num_rows = len(inputs)
         group_size = self.num_generations if mode == "train" else self.num_generations_eval
@@ -310,10 +429,26 @@ class PBSDTrainer(GRPOTrainer):
                 f"This process holds no row that carries a teacher sample ({num_rows} rows, groups of {group_size}, "
                 f"{teacher_group_size} teacher samples per group): make each process's batch hold whole prompt groups."
             )
+        from_pool = self._pool_serves(inputs)
+        self._one_pass = None if from_pool else self._plan_one_pass([teacher_prompts[i] for i in teacher_rows])
 
-        # Teacher samples through GRPO's own generation path (HF generate, vLLM colocate/server)
-        with self._teacher_generation_metrics(mode), self._teacher_sampling_weights():
-            _, sampled_ids, _, teacher_completions, *_ = self._generate([teacher_prompts[i] for i in teacher_rows])
+        output = super()._generate_and_score_completions(inputs)
+        student_rewards_global = self._last_rewards_per_func
+
+        pool_logps = None
+        if from_pool:
+            # Teacher samples drawn ahead of time by the base teacher, with their teacher log-probs
+            sampled_ids, teacher_completions, pool_logps = self._teacher_samples_from_pool(
+                inputs, teacher_prompts, teacher_rows, row_index, group_size
+            )
+        else:
+            # Teacher samples through GRPO's own generation path (HF generate, vLLM colocate/server); with one
+            # generation pass they were drawn in the student's call and this call only decodes and logs them
+            try:
+                with self._teacher_generation_metrics(mode), self._teacher_sampling_weights():
+                    _, sampled_ids, _, teacher_completions, *_ = self._generate([teacher_prompts[i] for i in teacher_rows])
+            finally:
+                self._one_pass = None
         with self._isolated_reward_logs():
             teacher_rewards_global = self._calculate_rewards(
                 [inputs[i] for i in teacher_rows],
@@ -343,9 +478,15 @@ class PBSDTrainer(GRPOTrainer):
         with torch.no_grad(), disable_gradient_checkpointing(self.model, args.gradient_checkpointing_kwargs):
             with self.teacher.active():
                 scorer = self.teacher.scoring_model(self.model)
-                teacher_logps_teacher = self._sequence_logps(
-                    scorer, teacher_prompt_ids, teacher_prompt_mask, teacher_completion_ids, teacher_completion_mask, batch_size
-                )
+                if pool_logps is None:
+                    teacher_logps_teacher = self._sequence_logps(
+                        scorer, teacher_prompt_ids, teacher_prompt_mask, teacher_completion_ids, teacher_completion_mask, batch_size
+                    )
+                else:
+                    teacher_logps_teacher = torch.zeros(num_rows, device=device)
+                    teacher_logps_teacher[teacher_rows] = torch.tensor(pool_logps, device=device)
+                    # a completion masked out (truncated, with `mask_truncated_completions`) scores 0, as online
+                    teacher_logps_teacher = teacher_logps_teacher * teacher_completion_mask.any(1)
                 teacher_logps_student = self._sequence_logps(
                     scorer, teacher_prompt_ids, teacher_prompt_mask, output["completion_ids"], output["completion_mask"], batch_size
                 )
