@@ -127,7 +127,8 @@ class PBSDConfig(GRPOConfig):
         one_generation_pass (`bool`, *optional*, defaults to `True`):
             Draw the student and the teacher samples of a step in one `generate` call when they can share it: with
             the current weights (`teacher_model_kind="live"` or `teacher_samples_from="live"`), and for a PEFT
-            student with the `base` teacher (per-row adapters, the teacher rows with the adapter disabled). Only with
+            student with the `base` or `ema` teacher (per-row adapters: the teacher rows with the adapter disabled, or
+            with the EMA adapter). Only with
             transformers' `generate` (not vLLM, not continuous batching). The samples have the same distribution as
             with two calls (they are not the same draws: the random numbers are consumed in another order).
 

@@ -24,8 +24,9 @@ from .loss import (
     preference_labels,
 )
 from .rewards.guard import guard_reward_funcs
+from .shared_prefix import shared_prefix_token_logps, supports_shared_prefix
 from .teacher import TeacherPromptBuilder
-from .teacher_model import TEACHER_STATE_FILE, TeacherEMACallback, TeacherWeights
+from .teacher_model import TEACHER_ADAPTER_NAME, TEACHER_STATE_FILE, TeacherEMACallback, TeacherWeights
 
 logger = logging.getLogger(__name__)
 
@@ -309,7 +310,7 @@ class PBSDTrainer(GRPOTrainer):
             self._teacher_pool = pool
         # One generate call for both sample sets: same weights, or per-row PEFT adapters (adapter disabled = base)
         same_weights = args.teacher_model_kind == "live" or args.teacher_samples_from == "live"
-        per_row_adapters = is_peft and args.teacher_model_kind == "base" and args.teacher_samples_from == "teacher"
+        per_row_adapters = is_peft and args.teacher_model_kind != "live" and args.teacher_samples_from == "teacher"
         self._one_pass_mode = None
         if args.one_generation_pass and not self.use_vllm and not self.use_transformers_continuous_batching:
             self._one_pass_mode = "shared" if same_weights else "adapters" if per_row_adapters else None
@@ -376,7 +377,8 @@ class PBSDTrainer(GRPOTrainer):
         adapters = None
         if self._one_pass_mode == "adapters":
             active = self.accelerator.unwrap_model(self.model).active_adapter
-            adapters = [active] * num_student + ["__base__"] * len(plan["teacher_ids"])
+            teacher = "__base__" if self.teacher.kind == "base" else TEACHER_ADAPTER_NAME  # PEFT's name for "none"
+            adapters = [active] * num_student + [teacher] * len(plan["teacher_ids"])
         with self._per_row_adapters(adapters):
             ids, logprobs = super()._generate_single_turn(
                 list(prompt_ids) + plan["teacher_ids"], images, multimodal_fields, num_generations, has_tool_images
@@ -478,18 +480,19 @@ class PBSDTrainer(GRPOTrainer):
         with torch.no_grad(), disable_gradient_checkpointing(self.model, args.gradient_checkpointing_kwargs):
             with self.teacher.active():
                 scorer = self.teacher.scoring_model(self.model)
+                sets = [(output["completion_ids"], output["completion_mask"])]
                 if pool_logps is None:
-                    teacher_logps_teacher = self._sequence_logps(
-                        scorer, teacher_prompt_ids, teacher_prompt_mask, teacher_completion_ids, teacher_completion_mask, batch_size
-                    )
+                    sets.append((teacher_completion_ids, teacher_completion_mask))
+                teacher_logps_student, *rest = self._teacher_sequence_logps(
+                    scorer, teacher_prompt_ids, teacher_prompt_mask, sets, batch_size
+                )
+                if pool_logps is None:
+                    teacher_logps_teacher = rest[0]
                 else:
                     teacher_logps_teacher = torch.zeros(num_rows, device=device)
                     teacher_logps_teacher[teacher_rows] = torch.tensor(pool_logps, device=device)
                     # a completion masked out (truncated, with `mask_truncated_completions`) scores 0, as online
                     teacher_logps_teacher = teacher_logps_teacher * teacher_completion_mask.any(1)
-                teacher_logps_student = self._sequence_logps(
-                    scorer, teacher_prompt_ids, teacher_prompt_mask, output["completion_ids"], output["completion_mask"], batch_size
-                )
 
         # Rewards per row (weighted over reward functions), local slices of the gathered tables
         student_rewards = self._weighted_rewards(student_rewards_global)
@@ -541,6 +544,29 @@ class PBSDTrainer(GRPOTrainer):
             completions_for_table[i] = completion
         self._logs["extra"]["teacher_completion"].extend(gather_object(completions_for_table))
         return output
+
+    def _teacher_sequence_logps(self, scorer, prompt_ids, prompt_mask, completion_sets, batch_size=None):
+        """Teacher log-prob sums of several completion sets given the same teacher prompts (no gradient).
+
+        With pbsd-trl's kernel on a supported model, the rows of a prompt group share one teacher-prompt forward
+        whose KV cache serves all their completions, of every set (`pbsd_trl.shared_prefix`); else one
+        `[prompt ; completion]` pass per set.
+        """
+        model = self.accelerator.unwrap_model(scorer)
+        if not (self.args.use_fused_logprob_kernel and supports_shared_prefix(model)):
+            return [self._sequence_logps(scorer, prompt_ids, prompt_mask, ids, mask, batch_size) for ids, mask in completion_sets]
+        width = max(ids.size(1) for ids, _ in completion_sets)
+        pad_id = self._tokenizer.pad_token_id
+        ids = torch.cat([right_pad_to(ids, width, pad_id) for ids, _ in completion_sets])
+        mask = torch.cat([right_pad_to(mask, width, 0) for _, mask in completion_sets])
+        rows = prompt_ids.size(0)
+        per_token = shared_prefix_token_logps(
+            model, prompt_ids.repeat(len(completion_sets), 1), prompt_mask.repeat(len(completion_sets), 1), ids, mask,
+            temperature=self.temperature, max_rows=None if batch_size is None else 2 * batch_size,
+            autocast=self.accelerator.autocast(),
+        )
+        sums = (per_token * mask).sum(-1)
+        return [sums[i * rows : (i + 1) * rows] for i in range(len(completion_sets))]
 
     def _sequence_logps(self, model, prompt_ids, prompt_mask, completion_ids, completion_mask, batch_size=None):
         """Sum of per-token log-probs of each completion given its prompt, `(B,)` float32."""
