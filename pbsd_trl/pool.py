@@ -445,7 +445,10 @@ def build_teacher_pool(
         tokenizer.pad_token = tokenizer.eos_token
     state = PartialState()
     device = state.device
+    was_training = model.training
     model = model.to(device).eval()
+    # A PEFT model's base teacher is the model with its adapters disabled
+    base_weights = model.disable_adapter if hasattr(model, "peft_config") else contextlib.nullcontext
     eos_ids = eos_token_ids(model, tokenizer)
     stamp = pool_stamp(model, tokenizer, args, eos_ids)
 
@@ -503,7 +506,8 @@ def build_teacher_pool(
         batch = order[start : start + prompts_per_batch]
         first_key = mine[batch[0]][0]
         torch.manual_seed(int(hashlib.sha256(f"{seed}:{first_key}".encode()).hexdigest()[:8], 16))
-        samples = sampler.sample([prompt_ids[i] for i in batch], num_samples)
+        with base_weights():
+            samples = sampler.sample([prompt_ids[i] for i in batch], num_samples)
         records = []
         flat_prompts, flat_completions = [], []
         for i, drawn in zip(batch, samples, strict=True):
@@ -512,8 +516,9 @@ def build_teacher_pool(
             flat_completions += drawn
             records.append({"key": mine[i][0], "row": mine[i][1], "completion_ids": drawn,
                             "teacher_prompt_length": len(prompt_ids[i])})
-        logps = sequence_logps(model, flat_prompts, flat_completions, args.temperature, tokenizer.pad_token_id,
-                               device, bf16=bool(args.bf16))
+        with base_weights():
+            logps = sequence_logps(model, flat_prompts, flat_completions, args.temperature, tokenizer.pad_token_id,
+                                   device, bf16=bool(args.bf16))
         for j, record in enumerate(records):
             record["teacher_logps"] = logps[j * num_samples : (j + 1) * num_samples]
         _write_part(output_dir, state.process_index, records)
@@ -521,6 +526,7 @@ def build_teacher_pool(
         bar.update(len(flat_completions))
         bar.set_postfix_str(f"{generated / (time.perf_counter() - started):.0f} tok/s")
     bar.close()
+    model.train(was_training)
 
     state.wait_for_everyone()
     if stop_after_batches is not None and len(_done_keys(output_dir)) < len(first_row):
@@ -627,3 +633,66 @@ class TeacherPool:
             ids.append(sample)
             logps.append(logp)
         return ids, logps
+
+
+# ---- the example scripts' default -------------------------------------------------------------------------------
+def rows_visited(trainer, dataset) -> list[int]:
+    """Indices of the dataset rows the run's `max_steps` optimizer steps will draw, in GRPO's sampler order."""
+    args = trainer.args
+    if args.max_steps is None or args.max_steps <= 0:
+        return list(range(len(dataset)))
+    needed = args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    sampler = trainer._get_train_sampler(dataset)
+    seen: dict[int, None] = {}
+    drawn = 0
+    while drawn < needed:
+        before = drawn
+        for index in sampler:
+            seen.setdefault(int(index), None)
+            drawn += 1
+            if drawn >= needed:
+                break
+        if drawn == before:  # an empty sampler
+            break
+    return list(seen)
+
+
+def use_default_pool(trainer, dataset, pool_root: str | None = None, say=print) -> str | None:
+    """The example scripts' choice: draw the base teacher's samples for the rows the run visits into a pool first.
+
+    A pool with K = G_T samples per visited row never draws more teacher samples than the run would draw online (each
+    row is visited at least once), draws them in large batches, and spares the rescoring of the teacher's own
+    samples: faster end to end whenever it applies, i.e. with the fixed `base` teacher sampled with HF `generate`
+    (not vLLM, not DeepSpeed/FSDP-sharded weights). Returns the pool folder, or None when it does not apply.
+    """
+    args = trainer.args
+    if args.teacher_pool is not None:
+        return args.teacher_pool
+    why_not = None
+    if args.teacher_model_kind != "base" or args.teacher_samples_from != "teacher":
+        why_not = f"teacher_model_kind={args.teacher_model_kind!r} changes during training"
+    elif trainer.use_vllm:
+        why_not = "vLLM serves the student's samples (pass a --teacher_pool built beforehand)"
+    elif trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
+        why_not = "the weights are sharded (build one with pbsd_trl.scripts.build_teacher_pool and pass --teacher_pool)"
+    if why_not is not None:
+        say(f"[pbsd] Teacher samples: drawn in every step ({why_not}).")
+        return None
+    rows = rows_visited(trainer, dataset)
+    subset = dataset.select(rows)
+    teacher = trainer.teacher_weights_model()
+    stamp = pool_stamp(teacher, trainer._tokenizer, args, trainer.eos_token_ids)
+    digest = hashlib.sha256(json.dumps(stamp, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    path = os.path.join(pool_root or args.output_dir, f"teacher_pool-{digest}")
+    num_samples = args.num_teacher_generations
+    start = time.perf_counter()
+    pool = build_teacher_pool(teacher, trainer._tokenizer, subset, path, args, num_samples)
+    seconds = time.perf_counter() - start
+    trainer.use_teacher_pool(path)
+    say(
+        f"[pbsd] Teacher samples: from a pool of K={num_samples} base-teacher samples for the {len(pool)} training "
+        f"prompts the run visits, drawn in {seconds:.0f} s into {path} (reused when the same command is rerun). "
+        "Training takes them from it instead of sampling and rescoring the teacher in every step, which is faster end "
+        "to end (benchmarks/results/step_cost.md). `--auto_teacher_pool false` samples the teacher in every step."
+    )
+    return path

@@ -596,6 +596,14 @@ class ExampleArguments:
         default=200, metadata={"help": "Evaluation problems (built-in: the 200 held-out ones). 0 skips evaluation."}
     )
     eval_batch_size: int = field(default=32, metadata={"help": "Problems per generate call during evaluation."})
+    auto_teacher_pool: bool = field(
+        default=True,
+        metadata={
+            "help": "With the fixed base teacher (and HF generate), draw its samples for the rows the run visits into "
+            "a teacher pool before training (pbsd_trl.pool.use_default_pool): faster end to end. False samples the "
+            "teacher in every step."
+        },
+    )
     eval_teacher: bool = field(default=True, metadata={"help": "Also evaluate the network with the privileged context."})
     plot: bool = field(default=True, metadata={"help": "Save training_curves.png in the output directory."})
     num_threads: int | None = field(
@@ -777,6 +785,10 @@ def run_example(task: str, argv: Sequence[str] | None = None, title: str | None 
         peft_config=get_peft_config(model_args),
         callbacks=[stopper],
     )
+    if script_args.auto_teacher_pool:
+        from .pool import use_default_pool
+
+        use_default_pool(trainer, train_dataset, say=say)
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume)
     train_seconds = time.perf_counter() - t0

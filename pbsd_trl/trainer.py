@@ -294,20 +294,7 @@ class PBSDTrainer(GRPOTrainer):
         """Open and check the teacher pool; decide whether student and teacher samples share one `generate` call."""
         self._teacher_pool = None
         if args.teacher_pool is not None:
-            from .pool import TeacherPool, pool_stamp
-
-            pool = TeacherPool(args.teacher_pool, stride=args.num_teacher_generations)
-            teacher_weights = self.teacher.model if self.teacher.uses_separate_model else self.model
-            pool.check(
-                pool_stamp(self.accelerator.unwrap_model(teacher_weights), self._tokenizer, args, self.eos_token_ids),
-                args.num_teacher_generations,
-            )
-            column = args.privileged_context_column
-            for name, dataset in self._named_datasets(train_dataset, eval_dataset):
-                # vLLM cannot sample the base teacher online, so there evaluation rows must come from the pool too
-                if isinstance(dataset, Dataset) and (name == "train_dataset" or self.use_vllm):
-                    pool.check_covers(dataset, column, name)
-            self._teacher_pool = pool
+            self.use_teacher_pool(args.teacher_pool, train_dataset, eval_dataset)
         # One generate call for both sample sets: same weights, or per-row PEFT adapters (adapter disabled = base)
         same_weights = args.teacher_model_kind == "live" or args.teacher_samples_from == "live"
         per_row_adapters = is_peft and args.teacher_model_kind != "live" and args.teacher_samples_from == "teacher"
@@ -316,11 +303,46 @@ class PBSDTrainer(GRPOTrainer):
             self._one_pass_mode = "shared" if same_weights else "adapters" if per_row_adapters else None
         self._one_pass = None  # the plan of the step being generated
 
+    def teacher_weights_model(self):
+        """The module holding the teacher's weights (the frozen copy, or the PEFT model whose adapter it disables)."""
+        return self.accelerator.unwrap_model(self.teacher.model if self.teacher.uses_separate_model else self.model)
+
+    def use_teacher_pool(self, path: str, train_dataset=None, eval_dataset=None) -> None:
+        """Take the base teacher's samples from the pool at `path` (what `teacher_pool` does at construction).
+
+        Refuses a pool drawn from other teacher weights, tokenizer, teacher prompt or sampling settings, or with fewer
+        than `num_teacher_generations` samples per row. Batches with a row the pool lacks sample the teacher online
+        (with vLLM, which cannot sample the base teacher, every row must be in the pool).
+        """
+        from .pool import TeacherPool, pool_stamp, row_key
+
+        args = self.args
+        if args.teacher_model_kind != "base" or args.teacher_samples_from != "teacher":
+            raise ValueError("A teacher pool serves `teacher_model_kind='base'` with `teacher_samples_from='teacher'`.")
+        pool = TeacherPool(path, stride=args.num_teacher_generations)
+        pool.check(pool_stamp(self.teacher_weights_model(), self._tokenizer, args, self.eos_token_ids),
+                   args.num_teacher_generations)
+        train_dataset = self.train_dataset if train_dataset is None else train_dataset
+        eval_dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        column = args.privileged_context_column
+        for name, dataset in self._named_datasets(train_dataset, eval_dataset):
+            if not isinstance(dataset, Dataset):
+                continue
+            if self.use_vllm:  # vLLM cannot sample the base teacher online: every row must come from the pool
+                pool.check_covers(dataset, column, name)
+            elif name == "train_dataset":
+                missing = sum(not pool.has(row_key(p, c)) for p, c in zip(dataset["prompt"], dataset[column], strict=True))
+                if missing:
+                    logger.warning(
+                        "The teacher pool at %s has no samples for %d of the %d rows of train_dataset: batches holding "
+                        "such a row sample the teacher online.", path, missing, len(dataset),
+                    )
+        args.teacher_pool = path
+        self._teacher_pool = pool
+
     def _pool_serves(self, inputs) -> bool:
         if self._teacher_pool is None:
             return False
-        if self.model.training:
-            return True  # every training row was checked at construction
         from .pool import row_key
 
         column = self.args.privileged_context_column

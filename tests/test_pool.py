@@ -128,13 +128,26 @@ def test_trainer_refuses_a_mismatched_pool(tmp_path, pool_dir, model, tokenizer,
         trainer(max_completion_length=12)
     with pytest.raises(TeacherPoolError, match="K=4 samples per row, fewer than `num_teacher_generations`=8"):
         trainer(num_generations=8, per_device_train_batch_size=16)
-    more = make_math_dataset("train", n=14, seed=0)
-    with pytest.raises(TeacherPoolError, match="no samples for 2 of the 14 rows of train_dataset \\(first: row 12\\)"):
-        trainer(data=more)
     with pytest.raises(TeacherPoolError, match="not a teacher pool"):
         trainer(teacher_pool=str(tmp_path))
     with pytest.raises(ValueError, match="`teacher_pool` holds samples of the fixed `base` teacher"):
         make_args(tmp_path, teacher_pool=pool_dir, teacher_model_kind="live")
+
+
+def test_rows_missing_from_the_pool_sample_the_teacher_online(tmp_path, pool_dir, model, tokenizer, dataset, caplog):
+    more = make_math_dataset("train", n=14, seed=0)  # rows 12 and 13 are not in the pool
+    args = make_args(tmp_path, teacher_pool=pool_dir)
+    with caplog.at_level("WARNING"):
+        trainer = PBSDTrainer(copy.deepcopy(model), contains_answer, args=args, train_dataset=more, processing_class=tokenizer)
+    assert "no samples for 2 of the 14 rows of train_dataset" in caplog.text
+    calls = []
+    original = trainer._generate_single_turn
+    trainer._generate_single_turn = lambda ids, *a, **kw: calls.append(len(ids)) or original(ids, *a, **kw)
+    trainer.model.train()
+    trainer._generate_and_score_completions([dict(more[0])] * 4 + [dict(more[1])] * 4)
+    assert calls == [8]  # student only: the teacher's samples came from the pool
+    trainer._generate_and_score_completions([dict(more[0])] * 4 + [dict(more[13])] * 4)
+    assert calls == [8, 8, 8]  # a row without samples: the teacher is sampled online
 
 
 def test_pool_serves_a_lora_student_of_the_same_model(tmp_path, pool_dir, model, tokenizer, dataset):
@@ -213,3 +226,38 @@ def test_later_visits_take_unused_samples_first(tmp_path, pool_dir, model, token
         seen.append([tuple(ids[i][mask[i].bool()].tolist()) for i in range(2)])
     assert seen[0] + seen[1] == samples  # samples 0, 1 then 2, 3
     assert seen[2] == seen[0]
+
+
+def test_default_pool_covers_the_rows_the_run_visits_and_replaces_teacher_generation(tmp_path, model, tokenizer, dataset):
+    from pbsd_trl.pool import rows_visited, use_default_pool
+
+    args = make_args(tmp_path, max_steps=2)  # 2 steps x 2 prompts: 4 of the 12 rows
+    trainer = PBSDTrainer(copy.deepcopy(model), contains_answer, args=args, train_dataset=dataset, processing_class=tokenizer)
+    visited = rows_visited(trainer, dataset)
+    loader_rows = []
+    for batch in trainer.get_train_dataloader():  # what training draws: the same rows as predicted
+        loader_rows += [row_key(r["prompt"], r["privileged_context"]) for r in batch]
+        if len(loader_rows) >= 2 * args.per_device_train_batch_size:
+            break
+    assert {row_key(dataset[i]["prompt"], dataset[i]["privileged_context"]) for i in visited} == set(loader_rows)
+    assert len(visited) == 4
+    messages = []
+    path = use_default_pool(trainer, dataset, say=messages.append)
+    pool, stamp = load_teacher_pool(path)
+    assert len(pool) == 4 and stamp["num_samples"] == 4 and "from a pool of K=4" in messages[0]
+    calls = []
+    original = trainer._generate_single_turn
+    trainer._generate_single_turn = lambda ids, *a, **kw: calls.append(len(ids)) or original(ids, *a, **kw)
+    trainer.train()
+    assert calls == [8, 8]  # two steps, student samples only
+    assert use_default_pool(trainer, dataset, say=messages.append) == path  # already set: kept
+
+
+def test_default_pool_is_not_used_for_a_moving_teacher(tmp_path, model, tokenizer, dataset):
+    from pbsd_trl.pool import use_default_pool
+
+    trainer = PBSDTrainer(copy.deepcopy(model), contains_answer, args=make_args(tmp_path, teacher_model_kind="live"),
+                          train_dataset=dataset, processing_class=tokenizer)
+    messages = []
+    assert use_default_pool(trainer, dataset, say=messages.append) is None
+    assert "drawn in every step (teacher_model_kind='live' changes during training)" in messages[0]
