@@ -39,6 +39,34 @@ _TEACHER_KEYS = (
 )
 
 
+def _lora_row_scalings(model, adapter_names):
+    """Per-row LoRA scalings (0 for `"__base__"` rows) on every layer, for a batch that mixes the active adapter and
+    the base model; returns what to restore, or None where that does not apply (other adapter types or variants,
+    several adapters in the batch)."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    used = set(adapter_names) - {"__base__"}
+    if len(used) != 1:
+        return None
+    (adapter,) = used
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    if not layers or any(
+        type(m) is not LoraLinear or m.lora_variant.get(adapter) is not None or m.merged or list(m.active_adapters) != [adapter]
+        for m in layers
+        if adapter in getattr(m, "lora_A", {})
+    ) or any(not isinstance(m, LoraLinear) for m in layers):
+        return None
+    device = next(model.parameters()).device
+    mask = torch.tensor([name != "__base__" for name in adapter_names], dtype=torch.float32, device=device).view(-1, 1, 1)
+    restore = []
+    for layer in layers:
+        if adapter in layer.scaling:
+            restore.append((layer, adapter, layer.scaling[adapter]))
+            layer.scaling[adapter] = layer.scaling[adapter] * mask
+    return restore
+
+
 def _no_reward(prompts, completions, **kwargs):
     """Placeholder that lets GRPOTrainer construct without reward functions; removed right after."""
     return [0.0] * len(prompts)
@@ -412,11 +440,21 @@ class PBSDTrainer(GRPOTrainer):
 
     @contextlib.contextmanager
     def _per_row_adapters(self, adapter_names):
-        """PEFT's mixed-adapter batch for GRPO's `generate` call: row i computes with adapter `adapter_names[i]`."""
+        """A mixed-adapter batch for GRPO's `generate` call: row i computes with adapter `adapter_names[i]`."""
         if adapter_names is None:
             yield
             return
         model = self.accelerator.unwrap_model(self.model_wrapped)
+        masked = _lora_row_scalings(model, adapter_names)
+        if masked is not None:
+            # Rows with the adapter off get a LoRA scaling of 0: one batched LoRA product per layer instead of PEFT's
+            # per-adapter sub-batches, which index the batch in Python at every layer of every decoding step
+            try:
+                yield
+            finally:
+                for layer, adapter, scaling in masked:
+                    layer.scaling[adapter] = scaling
+            return
         original = model.__dict__.get("generate")
         generate = model.generate
         model.generate = lambda *a, **kw: generate(*a, adapter_names=adapter_names, **kw)
