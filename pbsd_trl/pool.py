@@ -254,8 +254,11 @@ def sequence_logps(model, prompt_ids: list[list[int]], completion_ids: list[list
     head = model.get_output_embeddings()
     with _autocast(device, bf16):
         hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    logps = fused_logprobs(hidden[:, :-1].to(head.weight.device), head.weight, labels[:, 1:].to(head.weight.device),
-                           temperature=temperature, bias=head.bias)
+    from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+    with maybe_gather_lm_head_ctx(head.weight, head.bias):
+        logps = fused_logprobs(hidden[:, :-1].to(head.weight.device), head.weight,
+                               labels[:, 1:].to(head.weight.device), temperature=temperature, bias=head.bias)
     return logps.sum(-1).tolist()
 
 

@@ -11,6 +11,7 @@ function as the full forward (same positions, same masks; equal up to floating-p
 from __future__ import annotations
 
 import torch
+from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from .ops import fused_logprobs
 
@@ -86,7 +87,8 @@ def shared_prefix_token_logps(
         # the first completion token is predicted from the prompt's last position
         hidden = torch.cat([prefix.last_hidden_state[owner, -1:], hidden[:, :-1]], dim=1)
         labels = c_ids.masked_fill(c_mask == 0, -100)
-        logps = fused_logprobs(hidden.to(head.weight.device), head.weight, labels.to(head.weight.device),
-                               temperature=temperature, bias=head.bias)
+        with maybe_gather_lm_head_ctx(head.weight, head.bias):  # ZeRO-3: the head's weight is partitioned
+            logps = fused_logprobs(hidden.to(head.weight.device), head.weight, labels.to(head.weight.device),
+                                   temperature=temperature, bias=head.bias)
         out[target] = logps.float().to(out.device)
     return out
