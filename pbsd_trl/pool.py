@@ -244,7 +244,7 @@ def sequence_logps(model, prompt_ids: list[list[int]], completion_ids: list[list
     The same computation as the trainer's teacher scoring with pbsd-trl's fused kernel (`[left-padded prompt ;
     right-padded completion]`, hidden states through the LM head in fp32 without `[tokens, vocab]` logits).
     """
-    from .logprobs import concat_prompt_completion
+    from .logprobs import concat_prompt_completion, head_logit_transform
     from .ops import fused_logprobs
 
     p_ids, p_mask = _left_pad(prompt_ids, pad_id, device)
@@ -257,8 +257,9 @@ def sequence_logps(model, prompt_ids: list[list[int]], completion_ids: list[list
     from trl.trainer.utils import maybe_gather_lm_head_ctx
 
     with maybe_gather_lm_head_ctx(head.weight, head.bias):
-        logps = fused_logprobs(hidden[:, :-1].to(head.weight.device), head.weight,
-                               labels[:, 1:].to(head.weight.device), temperature=temperature, bias=head.bias)
+        softcap, logit_scale = head_logit_transform(model)
+        logps = fused_logprobs(hidden[:, :-1].to(head.weight.device), head.weight, labels[:, 1:].to(head.weight.device),
+                               temperature=temperature, bias=head.bias, softcap=softcap, logit_scale=logit_scale)
     return logps.sum(-1).tolist()
 
 

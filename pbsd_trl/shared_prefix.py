@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
+from .logprobs import head_logit_transform
 from .ops import fused_logprobs
 
 
@@ -47,6 +48,7 @@ def shared_prefix_token_logps(
 
     backbone = model.get_base_model().base_model if hasattr(model, "peft_config") else model.base_model
     head = model.get_output_embeddings()
+    softcap, logit_scale = head_logit_transform(model)
     out = torch.zeros(completion_ids.shape, dtype=torch.float32, device=completion_ids.device)
     rows = completion_mask.any(1).nonzero().flatten()  # rows without a completion score 0
     if rows.numel() == 0:
@@ -89,6 +91,6 @@ def shared_prefix_token_logps(
         labels = c_ids.masked_fill(c_mask == 0, -100)
         with maybe_gather_lm_head_ctx(head.weight, head.bias):  # ZeRO-3: the head's weight is partitioned
             logps = fused_logprobs(hidden.to(head.weight.device), head.weight, labels.to(head.weight.device),
-                                   temperature=temperature, bias=head.bias)
+                                   temperature=temperature, bias=head.bias, softcap=softcap, logit_scale=logit_scale)
         out[target] = logps.float().to(out.device)
     return out
