@@ -59,6 +59,7 @@ from pbsd_trl.data.loading import load_train_and_eval_datasets
 from pbsd_trl.data.tasks import TASKS
 from pbsd_trl.evaluate import evaluate_student_and_teacher
 from pbsd_trl.models import load_model_and_tokenizer
+from pbsd_trl.pool import use_default_pool
 from pbsd_trl.report import plot_training_curves, results_table, summary_line, write_results
 from pbsd_trl.scripts.utils import parse_args, resume_arg, set_num_threads
 from pbsd_trl.tiny import get_base_model
@@ -137,6 +138,8 @@ def main(argv=None):
         peft_config=get_peft_config(model_args),
         callbacks=[stopper],
     )
+    if script_args.auto_teacher_pool:  # the fixed base teacher's samples, drawn in large batches before training
+        use_default_pool(trainer, train_dataset, say=say)
     train_start = time.perf_counter()
     try:
         trainer.train(resume_from_checkpoint=resume)

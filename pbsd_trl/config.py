@@ -112,6 +112,22 @@ class PBSDConfig(GRPOConfig):
             `"live"`: the current policy weights, prompted with the teacher prompt; the only option with vLLM when the
             teacher is not `"live"`, since the vLLM engine holds the policy weights only. Teacher log-probs are always
             computed with the teacher weights.
+        teacher_pool (`str` or `None`, *optional*, defaults to `None`):
+            Folder of a teacher-sample pool built with `python -m pbsd_trl.scripts.build_teacher_pool` (see
+            `pbsd_trl.pool`): K teacher samples per training row, drawn ahead of time from the `base` teacher with
+            their teacher log-probs. Training steps then take `num_teacher_generations` samples per prompt from it
+            (unused ones first on later visits) instead of generating and rescoring them; everything else is computed
+            as without it. Needs `teacher_model_kind="base"` and `teacher_samples_from="teacher"`; a pool drawn from
+            other weights, another tokenizer, teacher prompt or sampling settings is refused at construction, naming
+            the difference. Student samples can then come from vLLM while the teacher stays the exact `base` teacher.
+            Evaluation rows missing from the pool get online teacher samples.
+        one_generation_pass (`bool`, *optional*, defaults to `True`):
+            Draw the student and the teacher samples of a step in one `generate` call when they can share it: with
+            the current weights (`teacher_model_kind="live"` or `teacher_samples_from="live"`), and for a PEFT
+            student with the `base` or `ema` teacher (per-row adapters: the teacher rows with the adapter disabled, or
+            with the EMA adapter). Only with
+            transformers' `generate` (not vLLM, not continuous batching). The samples have the same distribution as
+            with two calls (they are not the same draws: the random numbers are consumed in another order).
 
         > Parameters that control the kernels
 
@@ -202,6 +218,14 @@ class PBSDConfig(GRPOConfig):
         default="teacher",
         metadata={"help": "Weights that sample the teacher completions: 'teacher' or 'live' (vLLM fallback)."},
     )
+    teacher_pool: str | None = field(
+        default=None,
+        metadata={"help": "Folder of a teacher-sample pool (pbsd_trl.scripts.build_teacher_pool) for the base teacher."},
+    )
+    one_generation_pass: bool = field(
+        default=True,
+        metadata={"help": "Draw student and teacher samples in one generate call when they can share weights."},
+    )
 
     # Kernels
     use_fused_logprob_kernel: bool | None = field(
@@ -228,6 +252,12 @@ class PBSDConfig(GRPOConfig):
             raise ValueError(f"`teacher_update_rate` must be in (0, 1], got {self.teacher_update_rate}.")
         if self.teacher_sync_steps < 1:
             raise ValueError(f"`teacher_sync_steps` must be >= 1, got {self.teacher_sync_steps}.")
+        if self.teacher_pool is not None and (self.teacher_model_kind != "base" or self.teacher_samples_from != "teacher"):
+            raise ValueError(
+                "`teacher_pool` holds samples of the fixed `base` teacher, drawn ahead of time: it needs "
+                f"`teacher_model_kind='base'` and `teacher_samples_from='teacher'` (got {self.teacher_model_kind!r} "
+                f"and {self.teacher_samples_from!r}). A live or EMA teacher changes during training."
+            )
         if self.max_teacher_prompt_length is not None and self.max_teacher_prompt_length < 1:
             raise ValueError(f"`max_teacher_prompt_length` must be positive, got {self.max_teacher_prompt_length}.")
 

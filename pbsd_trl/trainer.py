@@ -35,10 +35,39 @@ from .loss import (
 )
 from .rewards.guard import guard_reward_funcs
 from .rewards.validation import weighted_reward_sum
+from .shared_prefix import shared_prefix_token_logps, supports_shared_prefix
 from .teacher import TeacherPromptBuilder
-from .teacher_model import TEACHER_STATE_FILE, TeacherEMACallback, TeacherWeights
+from .teacher_model import TEACHER_ADAPTER_NAME, TEACHER_STATE_FILE, TeacherEMACallback, TeacherWeights
 
 logger = logging.getLogger(__name__)
+
+def _lora_row_scalings(model, adapter_names):
+    """Per-row LoRA scalings (0 for `"__base__"` rows) on every layer, for a batch that mixes the active adapter and
+    the base model; returns what to restore, or None where that does not apply (other adapter types or variants,
+    several adapters in the batch)."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    used = set(adapter_names) - {"__base__"}
+    if len(used) != 1:
+        return None
+    (adapter,) = used
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    if not layers or any(
+        type(m) is not LoraLinear or m.lora_variant.get(adapter) is not None or m.merged or list(m.active_adapters) != [adapter]
+        for m in layers
+        if adapter in getattr(m, "lora_A", {})
+    ) or any(not isinstance(m, LoraLinear) for m in layers):
+        return None
+    device = next(model.parameters()).device
+    mask = torch.tensor([name != "__base__" for name in adapter_names], dtype=torch.float32, device=device).view(-1, 1, 1)
+    restore = []
+    for layer in layers:
+        if adapter in layer.scaling:
+            restore.append((layer, adapter, layer.scaling[adapter]))
+            layer.scaling[adapter] = layer.scaling[adapter] * mask
+    return restore
+
 
 def _no_reward(prompts, completions, **kwargs):
     """Placeholder that lets GRPOTrainer construct without reward functions; removed right after."""
@@ -146,12 +175,13 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
             self.use_vllm
             and args.teacher_model_kind != "live"
             and args.teacher_samples_from == "teacher"
+            and args.teacher_pool is None
         ):
             raise ValueError(
                 f"The vLLM engine holds the policy's current weights only, so it cannot sample from the "
                 f"'{args.teacher_model_kind}' teacher. Set `teacher_samples_from='live'` (teacher prompts sampled with "
                 "the current weights, teacher log-probs still from the teacher weights), `teacher_model_kind='live'`, "
-                "or `use_vllm=False`."
+                "a `teacher_pool` of base-teacher samples drawn ahead of time, or `use_vllm=False`."
             )
         if self.use_vllm and args.teacher_samples_from == "live" and args.teacher_model_kind != "live":
             logger.warning(
@@ -194,6 +224,7 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
         self._last_rewards_per_func = None
         self._pair_table = {}  # mode -> global per-row values that `pairing="all"` pairs against
         self._teacher_tokens_seen = 0
+        self._setup_teacher_generation(args, train_dataset, eval_dataset, is_peft)
 
     def train(self, *args, **kwargs):
         # A `train()` interrupted mid-step (Ctrl-C in a notebook) leaves that step's partial metrics, completions
@@ -319,6 +350,159 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
         finally:
             self._pending_extra_logs, self._pending_metrics = saved
 
+    # ---- teacher samples: pool, one generation pass ------------------------------------------------------------
+    def _setup_teacher_generation(self, args, train_dataset, eval_dataset, is_peft):
+        """Open and check the teacher pool; decide whether student and teacher samples share one `generate` call."""
+        self._teacher_pool = None
+        if args.teacher_pool is not None:
+            self.use_teacher_pool(args.teacher_pool, train_dataset, eval_dataset)
+        # One generate call for both sample sets: same weights, or per-row PEFT adapters (adapter disabled = base)
+        same_weights = args.teacher_model_kind == "live" or args.teacher_samples_from == "live"
+        per_row_adapters = is_peft and args.teacher_model_kind != "live" and args.teacher_samples_from == "teacher"
+        self._one_pass_mode = None
+        if args.one_generation_pass and not self.use_vllm and not self.use_transformers_continuous_batching:
+            self._one_pass_mode = "shared" if same_weights else "adapters" if per_row_adapters else None
+        self._one_pass = None  # the plan of the step being generated
+
+    def teacher_weights_model(self):
+        """The module holding the teacher's weights (the frozen copy, or the PEFT model whose adapter it disables)."""
+        return self.accelerator.unwrap_model(self.teacher.model if self.teacher.uses_separate_model else self.model)
+
+    def use_teacher_pool(self, path: str, train_dataset=None, eval_dataset=None) -> None:
+        """Take the base teacher's samples from the pool at `path` (what `teacher_pool` does at construction).
+
+        Refuses a pool drawn from other teacher weights, tokenizer, teacher prompt or sampling settings, or with fewer
+        than `num_teacher_generations` samples per row. Batches with a row the pool lacks sample the teacher online
+        (with vLLM, which cannot sample the base teacher, every row must be in the pool).
+        """
+        from .pool import TeacherPool, pool_stamp, row_key
+
+        args = self.args
+        if args.teacher_model_kind != "base" or args.teacher_samples_from != "teacher":
+            raise ValueError("A teacher pool serves `teacher_model_kind='base'` with `teacher_samples_from='teacher'`.")
+        pool = TeacherPool(path, stride=args.num_teacher_generations)
+        pool.check(pool_stamp(self.teacher_weights_model(), self._tokenizer, args, self.eos_token_ids),
+                   args.num_teacher_generations)
+        train_dataset = self.train_dataset if train_dataset is None else train_dataset
+        eval_dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        column = args.privileged_context_column
+        for name, dataset in self._named_datasets(train_dataset, eval_dataset):
+            if not isinstance(dataset, Dataset):
+                continue
+            if self.use_vllm:  # vLLM cannot sample the base teacher online: every row must come from the pool
+                pool.check_covers(dataset, column, name)
+            elif name == "train_dataset":
+                missing = sum(not pool.has(row_key(p, c)) for p, c in zip(dataset["prompt"], dataset[column], strict=True))
+                if missing:
+                    logger.warning(
+                        "The teacher pool at %s has no samples for %d of the %d rows of train_dataset: batches holding "
+                        "such a row sample the teacher online.", path, missing, len(dataset),
+                    )
+        args.teacher_pool = path
+        self._teacher_pool = pool
+
+    def _pool_serves(self, inputs) -> bool:
+        if self._teacher_pool is None or self._is_agent:  # a multi-turn teacher rollout is not a stored completion
+            return False
+        from .pool import row_key
+
+        column = self.args.privileged_context_column
+        return all(self._teacher_pool.has(row_key(row["prompt"], row[column])) for row in inputs)
+
+    def _teacher_samples_from_pool(self, inputs, teacher_prompts, teacher_rows, row_index, group_size):
+        """(completion ids, decoded completions, teacher log-probs) of the teacher rows, taken from the pool."""
+        from .pool import row_key
+
+        column = self.args.privileged_context_column
+        keys = [row_key(inputs[i]["prompt"], inputs[i][column]) for i in teacher_rows]
+        global_rows = [int(row_index[i]) for i in teacher_rows]
+        ids, logps = self._teacher_pool.draw(
+            keys, [r % group_size for r in global_rows], [r // group_size for r in global_rows]
+        )
+        completions = self._decode_completions([teacher_prompts[i] for i in teacher_rows], ids)
+        return ids, completions, logps
+
+    def _decode_completions(self, prompts, completion_ids):
+        """Completions as `_generate` decodes them (text, or an assistant message for conversational prompts)."""
+        from trl.data_utils import is_conversational
+
+        if not is_conversational({"prompt": prompts[0]}):
+            return self.processing_class.batch_decode(completion_ids, skip_special_tokens=True)
+        tokenizer = self._tokenizer
+        if getattr(tokenizer, "response_template", None) is not None or getattr(tokenizer, "response_schema", None):
+            from transformers.utils.chat_parsing_utils import parse_response
+
+            prompt_ids = self._tokenize_prompts(prompts)[0]
+            return [[parse_response(tokenizer, ids, prefix=p)] for ids, p in zip(completion_ids, prompt_ids, strict=True)]
+        contents = self.processing_class.batch_decode(completion_ids, skip_special_tokens=True)
+        return [[{"role": "assistant", "content": content}] for content in contents]
+
+    def _plan_one_pass(self, teacher_prompts):
+        """What the student's `generate` call also samples for the teacher this step (None: a separate call)."""
+        if self._one_pass_mode is None or self._is_agent:  # a tool loop calls generate once per turn
+            return None
+        from trl.data_utils import is_conversational
+
+        if is_conversational({"prompt": teacher_prompts[0]}) and self._is_vlm:
+            return None  # images ride along with the prompts: keep the two calls
+        return {"teacher_ids": self._tokenize_prompts(teacher_prompts)[0]}
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        plan = self._one_pass
+        if plan is None or images is not None:
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
+        if "teacher_result" in plan:  # the teacher's `_generate`: its samples were drawn with the student's
+            if list(map(list, prompt_ids)) != plan["teacher_ids"]:
+                raise RuntimeError("One-pass generation: the teacher prompts differ from those sampled with the student.")
+            self._one_pass = None
+            return plan.pop("teacher_result")
+        num_student = len(prompt_ids)
+        adapters = None
+        if self._one_pass_mode == "adapters":
+            active = self.accelerator.unwrap_model(self.model).active_adapter
+            teacher = "__base__" if self.teacher.kind == "base" else TEACHER_ADAPTER_NAME  # PEFT's name for "none"
+            adapters = [active] * num_student + [teacher] * len(plan["teacher_ids"])
+        with self._per_row_adapters(adapters):
+            ids, logprobs = super()._generate_single_turn(
+                list(prompt_ids) + plan["teacher_ids"], images, multimodal_fields, num_generations, has_tool_images
+            )
+        split = lambda values: (None, None) if values is None else (values[:num_student], values[num_student:])  # noqa: E731
+        (student_ids, teacher_ids), (student_logprobs, teacher_logprobs) = split(ids), split(logprobs)
+        plan["teacher_result"] = (teacher_ids, teacher_logprobs)
+        return student_ids, student_logprobs
+
+    @contextlib.contextmanager
+    def _per_row_adapters(self, adapter_names):
+        """A mixed-adapter batch for GRPO's `generate` call: row i computes with adapter `adapter_names[i]`."""
+        if adapter_names is None:
+            yield
+            return
+        model = self.accelerator.unwrap_model(self.model_wrapped)
+        masked = _lora_row_scalings(model, adapter_names)
+        if masked is not None:
+            # Rows with the adapter off get a LoRA scaling of 0: one batched LoRA product per layer instead of PEFT's
+            # per-adapter sub-batches, which index the batch in Python at every layer of every decoding step
+            try:
+                yield
+            finally:
+                for layer, adapter, scaling in masked:
+                    layer.scaling[adapter] = scaling
+            return
+        original = model.__dict__.get("generate")
+        generate = model.generate
+        model.generate = lambda *a, **kw: generate(*a, adapter_names=adapter_names, **kw)
+        # PEFT refuses `adapter_names` in training mode; dropout is disabled for PBSD, so eval() changes nothing else
+        was_training = model.training
+        model.eval()
+        try:
+            yield
+        finally:
+            model.train(was_training)
+            if original is None:
+                del model.generate
+            else:
+                model.generate = original
+
     # ---- generation and scoring ---------------------------------------------------------------------------------
     def _generate_and_score_completions(self, inputs):
         mode = "train" if self.model.training else "eval"
@@ -330,13 +514,6 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
         else:
             prompts = [row["prompt"] for row in inputs]
         teacher_prompts, truncated = self.teacher_prompts(prompts, inputs)
-
-        output = super()._generate_and_score_completions(inputs)
-        student_rewards_global = self._last_rewards_per_func
-        if self.environment_factories is not None:
-            # The teacher prompt wraps the prompt the student saw, the environment's observation included
-            prompts = self._student_prompts_seen(prompts)
-            teacher_prompts, truncated = self.teacher_prompts(prompts, inputs)
 
         num_rows = len(inputs)
         group_size = self.num_generations if mode == "train" else self.num_generations_eval
@@ -350,15 +527,23 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
                 f"This process holds no row that carries a teacher sample ({num_rows} rows, groups of {group_size}, "
                 f"{teacher_group_size} teacher samples per group): make each process's batch hold whole prompt groups."
             )
+        from_pool = self._pool_serves(inputs)
+        self._one_pass = None if from_pool else self._plan_one_pass([teacher_prompts[i] for i in teacher_rows])
 
-        # Teacher samples through GRPO's own generation path (HF generate, vLLM colocate/server), tool/environment
-        # loop and rollout_func included, on the teacher rows' slice of the per-row rollout state
-        self._reset_teacher_environments(inputs, teacher_rows, prompts)
-        with self._teacher_rows_state(teacher_rows):
-            with self._teacher_generation_metrics(mode), self._teacher_sampling_weights():
-                rollout_prompt_ids, sampled_ids, tool_mask_rows, teacher_completions, _, extra, *_ = self._generate(
-                    [teacher_prompts[i] for i in teacher_rows]
-                )
+        output = super()._generate_and_score_completions(inputs)
+        student_rewards_global = self._last_rewards_per_func
+        if self.environment_factories is not None:
+            # The teacher prompt wraps the prompt the student saw, the environment's observation included
+            prompts = self._student_prompts_seen(prompts)
+            teacher_prompts, truncated = self.teacher_prompts(prompts, inputs)
+
+        pool_logps = None
+        if from_pool:
+            # Teacher samples drawn ahead of time by the base teacher, with their teacher log-probs
+            sampled_ids, teacher_completions, pool_logps = self._teacher_samples_from_pool(
+                inputs, teacher_prompts, teacher_rows, row_index, group_size
+            )
+            rollout_prompt_ids, tool_mask_rows, extra = None, None, {}
             with self._isolated_reward_logs():
                 teacher_rewards_global = self._calculate_rewards(
                     self._teacher_reward_rows(inputs, teacher_rows, extra),
@@ -366,6 +551,26 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
                     teacher_completions,
                     sampled_ids,
                 )
+        else:
+            # Teacher samples through GRPO's own generation path (HF generate, vLLM colocate/server), tool/environment
+            # loop and rollout_func included, on the teacher rows' slice of the per-row rollout state; with one
+            # generation pass they were drawn in the student's call and this call only decodes and logs them
+            self._reset_teacher_environments(inputs, teacher_rows, prompts)
+            with self._teacher_rows_state(teacher_rows):
+                try:
+                    with self._teacher_generation_metrics(mode), self._teacher_sampling_weights():
+                        rollout_prompt_ids, sampled_ids, tool_mask_rows, teacher_completions, _, extra, *_ = self._generate(
+                            [teacher_prompts[i] for i in teacher_rows]
+                        )
+                finally:
+                    self._one_pass = None
+                with self._isolated_reward_logs():
+                    teacher_rewards_global = self._calculate_rewards(
+                        self._teacher_reward_rows(inputs, teacher_rows, extra),
+                        [prompts[i] for i in teacher_rows],  # rewards judge the answer to the student's question
+                        teacher_completions,
+                        sampled_ids,
+                    )
 
         # Per-row teacher tensors; rows without a teacher sample get an empty completion
         teacher_completion_lists = [[] for _ in range(num_rows)]
@@ -393,14 +598,19 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
         with torch.no_grad(), disable_gradient_checkpointing(self.model, args.gradient_checkpointing_kwargs):
             with self.teacher.active():
                 scorer = self.teacher.scoring_model(self.model)
-                teacher_logps_teacher = self._sequence_logps(
-                    scorer, teacher_prompt_ids, teacher_prompt_mask, teacher_completion_ids, teacher_completion_mask, batch_size,
-                    score_mask=teacher_scored,
+                sets = [(output["completion_ids"], output["completion_mask"], student_scored)]
+                if pool_logps is None:
+                    sets.append((teacher_completion_ids, teacher_completion_mask, teacher_scored))
+                teacher_logps_student, *rest = self._teacher_sequence_logps(
+                    scorer, teacher_prompt_ids, teacher_prompt_mask, sets, batch_size
                 )
-                teacher_logps_student = self._sequence_logps(
-                    scorer, teacher_prompt_ids, teacher_prompt_mask, output["completion_ids"], output["completion_mask"], batch_size,
-                    score_mask=student_scored,
-                )
+                if pool_logps is None:
+                    teacher_logps_teacher = rest[0]
+                else:
+                    teacher_logps_teacher = torch.zeros(num_rows, device=device)
+                    teacher_logps_teacher[teacher_rows] = torch.tensor(pool_logps, device=device)
+                    # a completion masked out (truncated, with `mask_truncated_completions`) scores 0, as online
+                    teacher_logps_teacher = teacher_logps_teacher * teacher_completion_mask.any(1)
 
         # Rewards per row (weighted over reward functions), local slices of the gathered tables
         student_rewards = self._weighted_rewards(student_rewards_global)
@@ -452,6 +662,34 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
             completions_for_table[i] = completion
         self._logs["extra"]["teacher_completion"].extend(gather_object(completions_for_table))
         return output
+
+    def _teacher_sequence_logps(self, scorer, prompt_ids, prompt_mask, completion_sets, batch_size=None):
+        """Teacher log-prob sums of several `(ids, mask, score_mask)` completion sets given the same teacher prompts
+        (no gradient).
+
+        With pbsd-trl's kernel on a supported model, the rows of a prompt group share one teacher-prompt forward
+        whose KV cache serves all their completions, of every set (`pbsd_trl.shared_prefix`); else one
+        `[prompt ; completion]` pass per set.
+        """
+        model = self.accelerator.unwrap_model(scorer)
+        if not (self.args.use_fused_logprob_kernel and supports_shared_prefix(model)):
+            return [
+                self._sequence_logps(scorer, prompt_ids, prompt_mask, ids, mask, batch_size, score_mask=scored)
+                for ids, mask, scored in completion_sets
+            ]
+        width = max(ids.size(1) for ids, _, _ in completion_sets)
+        pad_id = self._tokenizer.pad_token_id
+        ids = torch.cat([right_pad_to(ids, width, pad_id) for ids, _, _ in completion_sets])
+        mask = torch.cat([right_pad_to(mask, width, 0) for _, mask, _ in completion_sets])
+        scored = torch.cat([right_pad_to(scored, width, 0) for _, _, scored in completion_sets])
+        rows = prompt_ids.size(0)
+        per_token = shared_prefix_token_logps(
+            model, prompt_ids.repeat(len(completion_sets), 1), prompt_mask.repeat(len(completion_sets), 1), ids, mask,
+            temperature=self.temperature, max_rows=None if batch_size is None else 2 * batch_size,
+            autocast=self.accelerator.autocast(),
+        )
+        sums = (per_token * scored).sum(-1)  # tool results are attended to but not scored
+        return [sums[i * rows : (i + 1) * rows] for i in range(len(completion_sets))]
 
     def _sequence_logps(
         self, model, prompt_ids, prompt_mask, completion_ids, completion_mask, batch_size=None, score_mask=None

@@ -62,6 +62,11 @@ def test_step_cost_quick(tmp_path):
         assert names["PBSD 4+4"]["median_breakdown_s"]["cpu"]["teacher_scoring"] > 0
         assert names["GRPO G=8"]["median_breakdown_s"]["cpu"]["teacher_scoring"] == 0
         assert names["GRPO G=8"]["time_ratio"] == {"wall": 1.0, "cpu": 1.0}
+        # the pool contenders take the teacher's samples from the pool built before the rounds: no teacher generate
+        assert result["pool_build"]["tokens"] > 0 and result["pool_build"]["rows"] > 0
+        assert names["PBSD 4+4 pool"]["median_breakdown_s"]["cpu"]["gen_teacher"] == 0
+        assert names["PBSD 4+4"]["median_breakdown_s"]["cpu"]["gen_teacher"] > 0
+        assert names["PBSD 4+4 LoRA 1-pass"]["time_ratio_vs"]["LoRA GRPO G=8"]["cpu"] > 0
 
 
 # ---- benchmarks/learning_tuned.py: the protocol's pieces, without training ----------------------------------------

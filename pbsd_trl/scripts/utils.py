@@ -59,6 +59,8 @@ class ScriptArguments(trl.ScriptArguments):
         eval_num_problems: Evaluation problems (built-in: the 200 held-out ones); 0 skips evaluation.
         eval_batch_size: Problems per generate call during evaluation.
         eval_teacher: Also evaluate the network with the privileged context.
+        auto_teacher_pool: Draw the fixed base teacher's samples for the rows the run visits into a teacher pool
+            before training ([`pbsd_trl.pool.use_default_pool`]).
         plot: Save `training_curves.png` in the output directory.
         build_base_model: Build the built-in tiny base model instead of loading the copy shipped in the package.
         num_threads: torch intra-op threads.
@@ -94,6 +96,14 @@ class ScriptArguments(trl.ScriptArguments):
     eval_batch_size: int = field(default=32, metadata={"help": "Problems per generate call during evaluation."})
     eval_teacher: bool = field(
         default=True, metadata={"help": "Also evaluate the network with the privileged context."}
+    )
+    auto_teacher_pool: bool = field(
+        default=True,
+        metadata={
+            "help": "With the fixed base teacher (and HF generate), draw its samples for the rows the run visits into "
+            "a teacher pool before training (pbsd_trl.pool.use_default_pool): faster end to end. False samples the "
+            "teacher in every step."
+        },
     )
     plot: bool = field(default=True, metadata={"help": "Save training_curves.png in the output directory."})
     build_base_model: bool = field(
