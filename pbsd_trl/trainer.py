@@ -24,7 +24,7 @@ from .loss import (
     preference_labels,
 )
 from .rewards.guard import guard_reward_funcs
-from .teacher import TeacherPromptBuilder
+from .teacher import ROW_INDEX_COLUMN, TeacherPromptBuilder, check_privileged_context, check_prompt
 from .teacher_model import TEACHER_STATE_FILE, TeacherEMACallback, TeacherWeights
 
 logger = logging.getLogger(__name__)
@@ -36,6 +36,19 @@ _TEACHER_KEYS = (
     "teacher_completion_ids",
     "teacher_completion_mask",
 )
+
+
+# Rows per chunk of the construction-time scans of map-style datasets
+_CHECK_CHUNK = 1024
+
+
+def _with_row_index(dataset):
+    """An iterable dataset with each row's stream position in `ROW_INDEX_COLUMN`, for errors that name the row."""
+    if isinstance(dataset, dict):
+        return {key: _with_row_index(value) for key, value in dataset.items()}
+    if isinstance(dataset, IterableDataset):
+        return dataset.map(lambda row, index: {ROW_INDEX_COLUMN: index}, with_indices=True)
+    return dataset
 
 
 def _no_reward(prompts, completions, **kwargs):
@@ -107,11 +120,14 @@ class PBSDTrainer(GRPOTrainer):
         reward_funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
         if args.pair_labels == "reward" and not reward_funcs:
             raise ValueError("`pair_labels='reward'` orders pairs by reward: pass at least one reward function.")
+        self._check_tokenizer(processing_class)
         for name, dataset in self._named_datasets(train_dataset, eval_dataset):
             self._check_privileged_column(dataset, name, args)
+        train_dataset, eval_dataset = _with_row_index(train_dataset), _with_row_index(eval_dataset)
 
         self._has_reward_funcs = bool(reward_funcs)
-        reward_funcs = guard_reward_funcs(reward_funcs) if reward_funcs else [_no_reward]
+        reward_failures = []
+        reward_funcs = guard_reward_funcs(reward_funcs, reward_failures) if reward_funcs else [_no_reward]
         super().__init__(
             model=model,
             reward_funcs=reward_funcs,
@@ -125,6 +141,7 @@ class PBSDTrainer(GRPOTrainer):
             quantization_config=quantization_config,
             peft_config=peft_config,
         )
+        self._reward_failures = reward_failures
         if not self._has_reward_funcs:
             self.reward_funcs, self.reward_func_names, self.reward_processing_classes = [], [], []
             self.reward_weights = torch.ones(0)
@@ -164,6 +181,7 @@ class PBSDTrainer(GRPOTrainer):
             self.add_callback(TeacherEMACallback(self.teacher, args.teacher_sync_steps))
 
         tokenizer = self._tokenizer
+        self._check_tokenizer(tokenizer)
         self.teacher_prompts = TeacherPromptBuilder(
             template=args.teacher_prompt_template,
             column=args.privileged_context_column,
@@ -172,7 +190,10 @@ class PBSDTrainer(GRPOTrainer):
             count_tokens=lambda prompts: [len(ids) for ids in self._tokenize_prompts(prompts)[0]],
             encode=lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],
             decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=False),
+            position_limit=self._teacher_position_limit(),
         )
+        for name, dataset in self._named_datasets(self.train_dataset, self.eval_dataset):
+            self._check_teacher_prompts(dataset, name)
         self._last_rewards_per_func = None
         self._pair_table = {}  # mode -> global per-row values that `pairing="all"` pairs against
         self._teacher_tokens_seen = 0
@@ -190,30 +211,87 @@ class PBSDTrainer(GRPOTrainer):
 
     @staticmethod
     def _check_privileged_column(dataset, name: str, args: PBSDConfig) -> None:
-        """Fail at construction, not at step 1, when the privileged column is missing or holds non-strings."""
+        """Fail at construction, not at step 1, on a missing column or a row that cannot make a teacher prompt."""
         column = args.privileged_context_column
         columns = getattr(dataset, "column_names", None)
         if columns is None:  # an iterable dataset of unknown schema: rows are checked as they arrive
             return
-        if column not in columns:
-            raise ValueError(
-                f"{name} has no privileged-context column '{column}' (columns: {columns}). PBSD's teacher is prompted "
-                f"with it: add the column, or set `privileged_context_column` to the column that holds it."
-            )
+        for needed in ("prompt", column):
+            if needed not in columns:
+                raise ValueError(
+                    f"{name} has no {'privileged-context' if needed == column else 'prompt'} column '{needed}' "
+                    f"(columns: {columns}). PBSD's teacher is prompted with the prompt and the privileged context: "
+                    + ("add the column, or set `privileged_context_column` to the column that holds it."
+                       if needed == column else "add it (GRPO samples from it).")
+                )
         if isinstance(dataset, Dataset):
-            from .teacher import check_privileged_context
+            rows = dataset.select_columns(["prompt", column])
+            for start in range(0, len(rows), _CHECK_CHUNK):
+                chunk = rows[start : start + _CHECK_CHUNK]
+                for row, (prompt, value) in enumerate(zip(chunk["prompt"], chunk[column], strict=True), start=start):
+                    try:
+                        check_prompt(prompt, row)
+                        check_privileged_context(value, column, row, args.allow_empty_privileged_context)
+                    except (TypeError, ValueError) as err:
+                        raise type(err)(f"{name}: {err}") from None
 
-            for row, value in enumerate(dataset[column]):
-                try:
-                    check_privileged_context(value, column, row, args.allow_empty_privileged_context)
-                except (TypeError, ValueError) as err:
-                    raise type(err)(f"{name}: {err}") from None
+    @staticmethod
+    def _check_tokenizer(processing_class) -> None:
+        """Padding needs a pad token or, as GRPO's fallback, an EOS token: without both a step would crash deep inside."""
+        tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        if tokenizer is not None and tokenizer.pad_token is None and tokenizer.eos_token is None:
+            raise ValueError(
+                f"The tokenizer ({type(tokenizer).__name__}) has neither a pad token nor an EOS token: batches cannot be "
+                "padded and completions cannot end. Set one, e.g. `tokenizer.pad_token = ...` or "
+                "`tokenizer.add_special_tokens({'eos_token': ...})` (and resize the model's embeddings)."
+            )
+
+    def _teacher_position_limit(self) -> tuple[int, str] | None:
+        """Most tokens a teacher prompt may take: the model's positions (or vLLM's `max_model_len`) less a completion."""
+        args = self.args
+        config = self._base_model(self.model).config
+        positions = getattr(config.get_text_config(), "max_position_embeddings", None)
+        limits = []
+        if positions:
+            limits.append((positions, f"the model's max_position_embeddings={positions}"))
+        if self.use_vllm and args.vllm_max_model_length:
+            limits.append((args.vllm_max_model_length, f"vllm_max_model_length={args.vllm_max_model_length}"))
+        if not limits:
+            return None
+        total, what = min(limits)
+        completion = args.max_completion_length or 0
+        limit = total - completion
+        what = f"{what} with max_completion_length={completion}"
+        if args.max_teacher_prompt_length is not None and args.max_teacher_prompt_length > limit:
+            raise ValueError(
+                f"`max_teacher_prompt_length` ({args.max_teacher_prompt_length}) does not fit in {what}: a teacher "
+                f"prompt and its completion need at most {total} tokens. Set it to at most {limit}."
+            )
+        if limit < 1:
+            raise ValueError(f"`max_completion_length` ({completion}) leaves no room for a prompt in {total} positions.")
+        return limit, what
+
+    def _check_teacher_prompts(self, dataset, name: str) -> None:
+        """Tokenize every teacher prompt of a map-style dataset once, so that one that cannot fit fails now."""
+        if not isinstance(dataset, Dataset) or (
+            self.teacher_prompts.max_length is None and self.teacher_prompts.position_limit is None
+        ):
+            return
+        rows = dataset.select_columns(["prompt", self.args.privileged_context_column])
+        for start in range(0, len(rows), _CHECK_CHUNK):
+            chunk = rows.select(range(start, min(start + _CHECK_CHUNK, len(rows)))).to_list()
+            try:
+                self.teacher_prompts(
+                    [row["prompt"] for row in chunk], chunk, indices=range(start, start + len(chunk)), fit=False
+                )
+            except (TypeError, ValueError) as err:
+                raise type(err)(f"{name}: {err}") from None
 
     def _set_signature_columns_if_needed(self):
         # With `remove_unused_columns=True`, keep the privileged context and the reward functions' columns' carrier
         super()._set_signature_columns_if_needed()
-        if self.args.privileged_context_column not in self._signature_columns:
-            self._signature_columns = [*self._signature_columns, self.args.privileged_context_column]
+        extra = [c for c in (self.args.privileged_context_column, ROW_INDEX_COLUMN) if c not in self._signature_columns]
+        self._signature_columns = [*self._signature_columns, *extra]
 
     def _base_model(self, model):
         model = self.accelerator.unwrap_model(model)
@@ -225,9 +303,34 @@ class PBSDTrainer(GRPOTrainer):
             # Role-labelled PBSD without reward functions: an empty (rows, 0) table, no collective needed
             rewards = torch.zeros(len(prompts) * self.accelerator.num_processes, 0, device=self.accelerator.device)
         else:
+            self._reward_failures.clear()
             rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+            self._raise_reward_failures()
         self._last_rewards_per_func = rewards
         return rewards
+
+    def _raise_reward_failures(self) -> None:
+        """Raise the first reward-function error of any process on every process, with the same type and message.
+
+        The guarded functions record their errors instead of raising, so every process reaches GRPO's gather; one
+        flag all-reduce then tells every process whether to stop, instead of the healthy ones waiting in the next
+        collective until its timeout.
+        """
+        local = self._reward_failures[0] if self._reward_failures else None
+        self._reward_failures.clear()
+        world = self.accelerator.num_processes
+        if world == 1:
+            if local is not None:
+                raise local
+            return
+        flag = torch.tensor([float(local is not None)], device=self.accelerator.device)
+        if self.accelerator.reduce(flag, reduction="sum").item() == 0:
+            return
+        report = None if local is None else (type(local).__name__, str(local))
+        reports = gather_object([report])
+        rank, (kind, message) = next((r, rep) for r, rep in enumerate(reports) if rep is not None)
+        error_type = ValueError if kind == "ValueError" else RuntimeError
+        raise error_type(f"{message} [on process {rank} of {world}; every process stops]") from local
 
     def _weighted_rewards(self, rewards_per_func: torch.Tensor) -> torch.Tensor | None:
         """Weighted sum over reward functions per row (NaN where every function returned None); None without any."""
@@ -292,7 +395,7 @@ class PBSDTrainer(GRPOTrainer):
         device = self.accelerator.device
         args = self.args
         # Build (and validate) the teacher prompts before any generation, so bad rows fail fast
-        prompts = [row["prompt"] for row in inputs]
+        prompts = self.teacher_prompts.prompts(inputs)
         teacher_prompts, truncated = self.teacher_prompts(prompts, inputs)
 
         output = super()._generate_and_score_completions(inputs)
