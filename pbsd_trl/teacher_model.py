@@ -176,13 +176,28 @@ class TeacherWeights:
             return {f"teacher.{i}": t.detach().to("cpu", copy=True) for i, t in enumerate(self._teacher_params)}
 
     @torch.no_grad()
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+    def load_state_dict(self, state: dict[str, torch.Tensor], source: str = "the checkpoint") -> None:
+        """Restore the EMA teacher; `source` (the file) is named in the error when `state` does not fit this model."""
         if self.kind != "ema":
             return
-        if len(state) != len(self._teacher_params):
+        expected = {f"teacher.{i}" for i in range(len(self._teacher_params))}
+        if not isinstance(state, dict) or set(state) != expected:
+            keys = sorted(state)[:4] if isinstance(state, dict) else type(state).__name__
             raise ValueError(
-                f"The checkpoint's EMA teacher has {len(state)} tensors, this model's has {len(self._teacher_params)}."
+                f"{source} does not hold this model's EMA teacher: {len(state) if isinstance(state, dict) else 0} "
+                f"tensors ({keys}…) for {len(expected)} expected. It was written for another model or adapter "
+                "configuration; resume with the configuration that wrote it, or start a new run."
             )
+        shapes = [tuple(getattr(t, "ds_shape", t.shape)) for t in self._teacher_params]  # full shapes under ZeRO-3
+        for i, shape in enumerate(shapes):
+            if tuple(state[f"teacher.{i}"].shape) != shape:
+                raise ValueError(
+                    f"{source}: EMA teacher tensor {i} has shape {tuple(state[f'teacher.{i}'].shape)}, this model's "
+                    f"has {shape}. It was written for another model or adapter configuration; resume with the "
+                    "configuration that wrote it, or start a new run."
+                )
+            if not torch.isfinite(state[f"teacher.{i}"]).all():
+                raise ValueError(f"{source}: EMA teacher tensor {i} holds NaN or inf; resume from an earlier checkpoint.")
         zero3 = any(hasattr(p, "ds_id") for p in self._teacher_params)
         with _gathered(self._teacher_params, modifier_rank=0):
             if not zero3 or _is_rank_zero():

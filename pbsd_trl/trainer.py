@@ -13,6 +13,7 @@ from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import add_fused_lm_head
 
+from .checkpoint import CheckpointError, check_checkpoint, checkpoint_info, write_checkpoint_info
 from .config import PBSDConfig
 from .logprobs import add_pbsd_logprob_head, concat_prompt_completion, pad_token_lists, right_pad_to
 from .loss import (
@@ -699,14 +700,30 @@ class PBSDTrainer(GRPOTrainer):
         metrics["pbsd/kl_student_teacher"].append(global_mean(student_kl, torch.ones_like(student_kl)))
 
     # ---- checkpoints --------------------------------------------------------------------------------------------
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        # Check the checkpoint before anything of it is loaded, so that a bad file fails with its name
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            checkpoint = get_last_checkpoint(self.args.output_dir)  # None: transformers raises its own error
+        if isinstance(checkpoint, (str, os.PathLike)):
+            check_checkpoint(checkpoint, self._checkpoint_info())
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _checkpoint_info(self) -> dict:
+        return checkpoint_info(self.teacher.kind, self.teacher.is_peft)
+
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
         state = self.teacher.state_dict()  # collective under ZeRO-3: every process calls it
-        if state is not None and self.args.should_save:
+        if self.args.should_save:
             from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
             folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            torch.save(state, os.path.join(folder, TEACHER_STATE_FILE))
+            if state is not None:
+                torch.save(state, os.path.join(folder, TEACHER_STATE_FILE))
+            write_checkpoint_info(folder, self._checkpoint_info())
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -718,4 +735,11 @@ class PBSDTrainer(GRPOTrainer):
                 f"{checkpoint} has no {TEACHER_STATE_FILE}: it was not written by a PBSD run with an EMA teacher, so "
                 "the teacher cannot be restored. Resume from a PBSD checkpoint or start a new run."
             )
-        self.teacher.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise CheckpointError(
+                f"{path} cannot be read ({type(err).__name__}: {err}); it is corrupt or truncated. Resume from an "
+                "earlier checkpoint."
+            ) from err
+        self.teacher.load_state_dict(state, source=path)
