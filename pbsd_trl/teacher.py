@@ -199,9 +199,9 @@ class TeacherPromptBuilder:
             self._check_fittable([prompts[i] for i in over], [contexts[i] for i in over], [labels[i] for i in over])
             for i in over:
                 truncated[i] = True
+                lengths[i] = self.max_length  # at most, once cut
                 if fit:
                     teacher_prompts[i] = self._fit(prompts[i], contexts[i])
-                    lengths[i] = self.max_length  # at most
             if any(truncated) and fit and not self._warned_truncation:
                 logger.warning(
                     "Some teacher prompts exceed max_teacher_prompt_length=%d tokens: their privileged context was cut "
