@@ -175,27 +175,32 @@ class TeacherWeights:
         with _gathered(self._teacher_params):
             return {f"teacher.{i}": t.detach().to("cpu", copy=True) for i, t in enumerate(self._teacher_params)}
 
-    @torch.no_grad()
-    def load_state_dict(self, state: dict[str, torch.Tensor], source: str = "the checkpoint") -> None:
-        """Restore the EMA teacher; `source` (the file) is named in the error when `state` does not fit this model."""
-        if self.kind != "ema":
-            return
+    def check_state_dict(self, state, source: str = "the checkpoint") -> None:
+        """Raise an error naming `source` unless `state` holds one tensor of the right shape per EMA teacher tensor."""
         expected = {f"teacher.{i}" for i in range(len(self._teacher_params))}
         if not isinstance(state, dict) or set(state) != expected:
-            keys = sorted(state)[:4] if isinstance(state, dict) else type(state).__name__
+            count = len(state) if isinstance(state, dict) else 0
             raise ValueError(
-                f"{source} does not hold this model's EMA teacher: {len(state) if isinstance(state, dict) else 0} "
-                f"tensors ({keys}…) for {len(expected)} expected. It was written for another model or adapter "
-                "configuration; resume with the configuration that wrote it, or start a new run."
+                f"{source} does not hold this model's EMA teacher: {count} tensors for {len(expected)} expected. It "
+                "was written for another model or adapter configuration; resume with the configuration that wrote "
+                "it, or start a new run."
             )
-        shapes = [tuple(getattr(t, "ds_shape", t.shape)) for t in self._teacher_params]  # full shapes under ZeRO-3
-        for i, shape in enumerate(shapes):
+        for i, param in enumerate(self._teacher_params):
+            shape = tuple(getattr(param, "ds_shape", param.shape))  # the full shape under ZeRO-3
             if tuple(state[f"teacher.{i}"].shape) != shape:
                 raise ValueError(
                     f"{source}: EMA teacher tensor {i} has shape {tuple(state[f'teacher.{i}'].shape)}, this model's "
                     f"has {shape}. It was written for another model or adapter configuration; resume with the "
                     "configuration that wrote it, or start a new run."
                 )
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, torch.Tensor], source: str = "the checkpoint") -> None:
+        """Restore the EMA teacher; `source` (the file) is named in the error when `state` does not fit this model."""
+        if self.kind != "ema":
+            return
+        self.check_state_dict(state, source)
+        for i in range(len(self._teacher_params)):
             if not torch.isfinite(state[f"teacher.{i}"]).all():
                 raise ValueError(f"{source}: EMA teacher tensor {i} holds NaN or inf; resume from an earlier checkpoint.")
         zero3 = any(hasattr(p, "ds_id") for p in self._teacher_params)

@@ -709,6 +709,9 @@ class PBSDTrainer(GRPOTrainer):
             checkpoint = get_last_checkpoint(self.args.output_dir)  # None: transformers raises its own error
         if isinstance(checkpoint, (str, os.PathLike)):
             check_checkpoint(checkpoint, self._checkpoint_info())
+            if self.teacher.kind == "ema":  # memory-mapped: the shapes are read, not the tensors
+                path = os.path.join(checkpoint, TEACHER_STATE_FILE)
+                self.teacher.check_state_dict(torch.load(path, map_location="cpu", weights_only=True, mmap=True), path)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _checkpoint_info(self) -> dict:
