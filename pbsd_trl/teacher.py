@@ -42,6 +42,9 @@ def compose_teacher_prompt(prompt: str | list[dict], privileged_context: str, te
     return teacher_prompt + [last]
 
 
+# Bytes allowed for the first token of a context when judging, without tokenizing, that a cut context keeps one
+_FIRST_TOKEN_SLACK = 32
+
 ROW_INDEX_COLUMN = "pbsd_row_index"
 """Column the trainer adds to iterable (streaming) datasets: each row's position in the stream, so that an error found
 when the row arrives names the dataset row, not its position in the generation batch."""
@@ -185,6 +188,8 @@ class TeacherPromptBuilder:
         `indices` are the rows' dataset indices (default: the index column of streaming rows, else the position).
         With `fit=False` (construction checks) over-long rows are only checked to be fittable, not cut.
         """
+        if not rows:
+            return [], []
         labels = list(indices) if indices is not None else [row_label(row, i) for i, row in enumerate(rows)]
         for prompt, label in zip(prompts, labels, strict=True):
             check_prompt(prompt, label)
@@ -219,6 +224,37 @@ class TeacherPromptBuilder:
                         "shorten the row's prompt and context."
                     )
         return teacher_prompts, truncated
+
+    def surely_fit(self, prompts: Sequence, contexts: Sequence[str]) -> list[bool]:
+        """Per row, whether its teacher prompt certainly fits every limit, judged without tokenizing the row.
+
+        Upper bound: the tokens of the same prompt with every text emptied (chat template and teacher template, exact,
+        once per message layout) plus one token per UTF-8 byte of the texts; no tokenizer in use makes more tokens
+        than bytes of ordinary text. Rows it cannot clear are tokenized; the per-batch check still covers every row.
+        """
+        limits = [limit for limit in (self.max_length, self.position_limit and self.position_limit[0]) if limit]
+        if not limits or self.count_tokens is None:
+            return [False] * len(prompts)
+        limit, overheads, result = min(limits), {}, []
+        for prompt, context in zip(prompts, contexts, strict=True):
+            if isinstance(prompt, str):
+                layout, texts, empty = "plain", [prompt], ""
+            elif all(isinstance(m.get("content"), str) for m in prompt):
+                layout = tuple(m["role"] for m in prompt)
+                texts = [m["content"] for m in prompt]
+                empty = [{"role": m["role"], "content": ""} for m in prompt]
+            else:
+                result.append(False)
+                continue
+            if layout not in overheads:
+                overheads[layout] = self.count_tokens([compose_teacher_prompt(empty, "", self.template)])[0]
+            prompt_size = overheads[layout] + sum(len(t.encode()) for t in texts)
+            fits = prompt_size + len(context.encode()) <= limit
+            # over the budget but surely cut to fit with some context left (32 bytes of slack for its first token);
+            # the budget itself fits the positions (checked at construction)
+            cuttable = self.max_length is not None and prompt_size + _FIRST_TOKEN_SLACK <= self.max_length
+            result.append(fits or cuttable)
+        return result
 
     def _check_fittable(self, prompts: list, contexts: list[str], labels: list) -> None:
         """Over-budget rows must fit with their context cut, and keep at least one token of it (unless allowed empty)."""

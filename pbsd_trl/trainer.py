@@ -278,13 +278,16 @@ class PBSDTrainer(GRPOTrainer):
             self.teacher_prompts.max_length is None and self.teacher_prompts.position_limit is None
         ):
             return
-        rows = dataset.select_columns(["prompt", self.args.privileged_context_column])
+        builder, column = self.teacher_prompts, self.args.privileged_context_column
+        rows = dataset.select_columns(["prompt", column])
         for start in range(0, len(rows), _CHECK_CHUNK):
             chunk = rows.select(range(start, min(start + _CHECK_CHUNK, len(rows)))).to_list()
+            contexts = builder.contexts(chunk, list(range(start, start + len(chunk))))
+            # only rows that might not fit are tokenized (a bound in bytes clears the others)
+            doubtful = [i for i, ok in enumerate(builder.surely_fit([r["prompt"] for r in chunk], contexts)) if not ok]
             try:
-                self.teacher_prompts(
-                    [row["prompt"] for row in chunk], chunk, indices=range(start, start + len(chunk)), fit=False
-                )
+                builder([chunk[i]["prompt"] for i in doubtful], [chunk[i] for i in doubtful],
+                        indices=[start + i for i in doubtful], fit=False)  # fmt: skip
             except (TypeError, ValueError) as err:
                 raise type(err)(f"{name}: {err}") from None
 

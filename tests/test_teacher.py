@@ -123,3 +123,26 @@ def test_teacher_prompt_past_the_position_limit_names_the_row_and_numbers():
     with pytest.raises(ValueError, match="Row 3: its teacher prompt is 122 tokens, more than the 50 that fit in the "
                                          "model's 64 positions"):
         builder(["q"], [{"c": "x" * 100}], indices=[3])
+
+
+@pytest.mark.parametrize("conversational", [False, True])
+def test_rows_cleared_without_tokenizing_really_fit(conversational):
+    """`surely_fit` lets construction skip tokenizing rows far below the limits: it must never clear one that is over."""
+    tokenizer = build_char_tokenizer()
+
+    def count_tokens(prompts):
+        if conversational:
+            return [len(tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]) for p in prompts]
+        return [len(tokenizer(p)["input_ids"]) for p in prompts]
+
+    builder = TeacherPromptBuilder(TEMPLATE, "c", count_tokens=count_tokens, position_limit=(60, "60 positions"))
+    prompts, contexts = [], []
+    for n in range(0, 60, 3):
+        text = "q" * (1 + n // 2)
+        prompts.append([{"role": "system", "content": "s"}, {"role": "user", "content": text}] if conversational else text)
+        contexts.append("x" * n)
+    cleared = builder.surely_fit(prompts, contexts)
+    exact = count_tokens([compose_teacher_prompt(p, c, TEMPLATE) for p, c in zip(prompts, contexts)])
+    assert any(cleared) and not all(cleared)
+    assert all(length <= 60 for length, ok in zip(exact, cleared) if ok)
+    assert any(length > 60 for length in exact)
