@@ -389,7 +389,8 @@ def test_intact_checkpoint_still_resumes(checkpoint, tmp_path):
     from common import build_trainer
 
     model_dir, source = checkpoint
-    info = json.loads(open(os.path.join(source, "pbsd_checkpoint.json")).read())
+    with open(os.path.join(source, "pbsd_checkpoint.json")) as f:
+        info = json.load(f)
     assert info == {"teacher_model_kind": "ema", "peft": False}
     trainer = build_trainer(model_dir, str(tmp_path / "resumed"), 8, "ema", peft=False, max_steps=2)
     trainer.train(resume_from_checkpoint=source)
@@ -406,7 +407,7 @@ def test_reward_error_on_one_rank_is_raised_on_every_rank(tmp_path):
     from launch import accelerate_launch
 
     model_dir = make_model_dir(str(tmp_path / "model"), tied=False)
-    rc, output, seconds = accelerate_launch(
+    rc, output, _ = accelerate_launch(
         "examples/accelerate_configs/multi_gpu.yaml", "run_reward_failure.py", "--model-dir", model_dir,
         "--out", str(tmp_path), timeout=300,
     )  # fmt: skip
