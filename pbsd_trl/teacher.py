@@ -95,10 +95,6 @@ def check_prompt(prompt: Any, row: int | str) -> None:
             f"last turn (message {len(prompt) - 1} of column 'prompt') is the {last['role']!r}'s. Drop the trailing "
             "turn or the row."
         )
-    content = last["content"]
-    only_text = isinstance(content, str) or all(isinstance(p, Mapping) and p.get("type") == "text" for p in content)
-    if only_text and not _message_text(content).strip():
-        raise ValueError(f"Row {row}: the last user turn of column 'prompt' is empty. Fill it or drop the row.")
 
 
 def check_privileged_context(value: Any, column: str, row: int | str, allow_empty: bool) -> str:
