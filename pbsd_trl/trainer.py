@@ -207,7 +207,8 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
             count_tokens=lambda prompts: [len(ids) for ids in self._tokenize_prompts(prompts)[0]],
             encode=lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],
             decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=False),
-            position_limit=self._teacher_position_limit(),
+            # environments: tokenizing needs the batch's environments, which exist only once generation starts
+            position_limit=self._teacher_position_limit() if self.environment_factories is None else None,
         )
         for name, dataset in self._named_datasets(self.train_dataset, self.eval_dataset):
             self._check_teacher_prompts(dataset, name)
