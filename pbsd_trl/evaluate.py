@@ -399,12 +399,14 @@ def evaluate_avg_at_k(
         return [values[i * num : (i + 1) * num] for i in range(len(rows))]
 
     rng_devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=rng_devices):
-        torch.manual_seed(seed)
-        sampled = run(k, True, f"{description} avg@{k}")
-        greedy_ids = run(1, False, f"{description} greedy") if greedy else None
-    if was_training:
-        model.train()
+    try:
+        with torch.random.fork_rng(devices=rng_devices):
+            torch.manual_seed(seed)
+            sampled = run(k, True, f"{description} avg@{k}")
+            greedy_ids = run(1, False, f"{description} greedy") if greedy else None
+    finally:  # also when interrupted: a model evaluated in the middle of training goes back to training mode
+        if was_training:
+            model.train()
 
     rewards = score(sampled)
     n_unscored = sum(1 for per in rewards for v in per if math.isnan(v))

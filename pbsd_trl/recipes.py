@@ -520,10 +520,8 @@ def plot_training_curves(
     if not any(values for _, values in series.values()):
         return None
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        # The object-oriented API without pyplot: no global backend switch (a notebook keeps its inline backend)
+        from matplotlib.figure import Figure
     except ImportError:
         logger.warning("matplotlib is not installed (pip install pbsd-trl[plot]): curves written as JSON only.")
         return None
@@ -533,7 +531,8 @@ def plot_training_curves(
     if rewards:
         panels.append(rewards)
     panels += [[m] for m in metrics if m not in rewards]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    fig = Figure(figsize=(4.2 * len(panels), 3.4))
+    axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, panel in zip(axes[0], panels):
         for metric in panel:
             steps, values = series[metric]
@@ -551,7 +550,6 @@ def plot_training_curves(
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
@@ -786,7 +784,10 @@ def run_example(task: str, argv: Sequence[str] | None = None, title: str | None 
         callbacks=[stopper],
     )
     t0 = time.perf_counter()
-    trainer.train(resume_from_checkpoint=resume)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    finally:  # when train() raises, on_train_end never runs: give the caller its signal handlers back here
+        stopper.uninstall()
     train_seconds = time.perf_counter() - t0
     interrupted = stopper.stop_requested
     out_dir = Path(training_args.output_dir)

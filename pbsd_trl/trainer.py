@@ -17,7 +17,13 @@ from .agent import AgentRollouts
 from .checkpoint import CheckpointError, check_checkpoint, checkpoint_info, write_checkpoint_info
 from .config import PBSDConfig
 from .grpo_features import GRPOLossFeatures
-from .logprobs import add_pbsd_logprob_head, concat_prompt_completion, pad_token_lists, right_pad_to
+from .logprobs import (
+    add_pbsd_logprob_head,
+    concat_prompt_completion,
+    pad_token_lists,
+    reset_forward_patches,
+    right_pad_to,
+)
 from .loss import (
     DROPPED_LABEL,
     FLIPPED_LABEL,
@@ -132,6 +138,8 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
         self._has_reward_funcs = bool(reward_funcs)
         reward_failures = []
         reward_funcs = guard_reward_funcs(reward_funcs, reward_failures) if reward_funcs else [_no_reward]
+        if isinstance(model, torch.nn.Module):  # a model object a previous trainer patched (a re-run notebook cell)
+            reset_forward_patches(model.get_base_model() if hasattr(model, "peft_config") else model)
         super().__init__(
             model=model,
             reward_funcs=reward_funcs,
@@ -215,6 +223,20 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
         self._last_rewards_per_func = None
         self._pair_table = {}  # mode -> global per-row values that `pairing="all"` pairs against
         self._teacher_tokens_seen = 0
+
+    def train(self, *args, **kwargs):
+        # A `train()` interrupted mid-step (Ctrl-C in a notebook) leaves that step's partial metrics, completions
+        # table, pair table and buffered generation batch behind: a new run starts without them, as a new trainer
+        # would (the Trainer builds a new `TrainerState` too, so the token counts restart with it).
+        for metrics in self._metrics.values():
+            metrics.clear()
+        for logs in self._logs.values():
+            for values in logs.values() if isinstance(logs, dict) else [logs]:
+                values.clear()
+        self._pair_table.clear()
+        self._teacher_tokens_seen = 0
+        self._step, self._buffered_inputs = 0, None
+        return super().train(*args, **kwargs)
 
     # ---- construction checks ------------------------------------------------------------------------------------
     @staticmethod
@@ -395,17 +417,19 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
         tokens_seen = self.state.num_input_tokens_seen
         num_tokens = metrics.get("num_tokens")
         num_tokens = list(num_tokens) if num_tokens is not None else None
-        yield
-        for key in [k for k in metrics if k.startswith(("completions/", "tools/"))]:
-            new_values = metrics[key][before.get(key, 0) :]
-            del metrics[key][before.get(key, 0) :]
-            metrics[f"pbsd/teacher_{key}"].extend(new_values)
-        self._teacher_tokens_seen += self.state.num_input_tokens_seen - tokens_seen
-        self.state.num_input_tokens_seen = tokens_seen
-        if num_tokens is None:
-            metrics.pop("num_tokens", None)
-        else:
-            metrics["num_tokens"] = num_tokens
+        try:
+            yield
+        finally:  # also when interrupted: the student's metrics keep no teacher entries
+            for key in [k for k in metrics if k.startswith(("completions/", "tools/"))]:
+                new_values = metrics[key][before.get(key, 0) :]
+                del metrics[key][before.get(key, 0) :]
+                metrics[f"pbsd/teacher_{key}"].extend(new_values)
+            self._teacher_tokens_seen += self.state.num_input_tokens_seen - tokens_seen
+            self.state.num_input_tokens_seen = tokens_seen
+            if num_tokens is None:
+                metrics.pop("num_tokens", None)
+            else:
+                metrics["num_tokens"] = num_tokens
 
     @contextlib.contextmanager
     def _isolated_reward_logs(self):

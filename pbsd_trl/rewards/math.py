@@ -478,6 +478,9 @@ class _VerifierWorker:
                 self.stats["errors"] += 1
                 self._restart()
                 return "error"
+            except BaseException:  # interrupted (Ctrl-C in a notebook) with this reply in flight: the next request
+                self._kill()  # would read it as its own. A fresh worker is spawned on the next request.
+                raise
             if reply.get("timeout"):
                 self.stats["timeouts"] += 1
                 return "timeout"
