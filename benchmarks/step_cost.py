@@ -227,7 +227,7 @@ def build_model(spec, seed=0):
 def lora_config():
     from peft import LoraConfig
 
-    from pbsd_trl.recipes import LORA_TARGET_MODULES
+    from pbsd_trl.scripts.utils import LORA_TARGET_MODULES
 
     return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=list(LORA_TARGET_MODULES))
 

@@ -14,6 +14,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import add_fused_lm_head
 
 from .agent import AgentRollouts
+from .checkpoint import CheckpointError, check_checkpoint, checkpoint_info, write_checkpoint_info
 from .config import PBSDConfig
 from .grpo_features import GRPOLossFeatures
 from .logprobs import (
@@ -36,7 +37,7 @@ from .loss import (
 from .rewards.guard import guard_reward_funcs
 from .rewards.validation import weighted_reward_sum
 from .shared_prefix import shared_prefix_token_logps, supports_shared_prefix
-from .teacher import TeacherPromptBuilder
+from .teacher import ROW_INDEX_COLUMN, TeacherPromptBuilder, check_privileged_context, check_prompt
 from .teacher_model import TEACHER_ADAPTER_NAME, TEACHER_STATE_FILE, TeacherEMACallback, TeacherWeights
 
 logger = logging.getLogger(__name__)
@@ -67,6 +68,19 @@ def _lora_row_scalings(model, adapter_names):
             restore.append((layer, adapter, layer.scaling[adapter]))
             layer.scaling[adapter] = layer.scaling[adapter] * mask
     return restore
+
+
+# Rows per chunk of the construction-time scans of map-style datasets
+_CHECK_CHUNK = 1024
+
+
+def _with_row_index(dataset):
+    """An iterable dataset with each row's stream position in `ROW_INDEX_COLUMN`, for errors that name the row."""
+    if isinstance(dataset, dict):
+        return {key: _with_row_index(value) for key, value in dataset.items()}
+    if isinstance(dataset, IterableDataset):
+        return dataset.map(lambda row, index: {ROW_INDEX_COLUMN: index}, with_indices=True)
+    return dataset
 
 
 def _no_reward(prompts, completions, **kwargs):
@@ -139,11 +153,14 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
         reward_funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
         if args.pair_labels == "reward" and not reward_funcs:
             raise ValueError("`pair_labels='reward'` orders pairs by reward: pass at least one reward function.")
+        self._check_tokenizer(processing_class)
         for name, dataset in self._named_datasets(train_dataset, eval_dataset):
-            self._check_privileged_column(dataset, name, args)
+            self._check_privileged_column(dataset, name, args, check_prompts=environment_factory is None)
+        train_dataset, eval_dataset = _with_row_index(train_dataset), _with_row_index(eval_dataset)
 
         self._has_reward_funcs = bool(reward_funcs)
-        reward_funcs = guard_reward_funcs(reward_funcs) if reward_funcs else [_no_reward]
+        reward_failures = []
+        reward_funcs = guard_reward_funcs(reward_funcs, reward_failures) if reward_funcs else [_no_reward]
         if isinstance(model, torch.nn.Module):  # a model object a previous trainer patched (a re-run notebook cell)
             reset_forward_patches(model.get_base_model() if hasattr(model, "peft_config") else model)
         super().__init__(
@@ -162,6 +179,7 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
             rollout_func=rollout_func,
             environment_factory=environment_factory,
         )
+        self._reward_failures = reward_failures
         if not self._has_reward_funcs:
             # Drop the placeholder; an environment's own `get_reward`, appended by GRPO after it, stays
             self.reward_funcs = self.reward_funcs[1:]
@@ -212,6 +230,7 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
             )
 
         tokenizer = self._tokenizer
+        self._check_tokenizer(tokenizer)
         self.teacher_prompts = TeacherPromptBuilder(
             template=args.teacher_prompt_template,
             column=args.privileged_context_column,
@@ -220,25 +239,15 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
             count_tokens=lambda prompts: [len(ids) for ids in self._tokenize_prompts(prompts)[0]],
             encode=lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],
             decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=False),
+            # environments: tokenizing needs the batch's environments, which exist only once generation starts
+            position_limit=self._teacher_position_limit() if self.environment_factories is None else None,
         )
+        for name, dataset in self._named_datasets(self.train_dataset, self.eval_dataset):
+            self._check_teacher_prompts(dataset, name)
         self._last_rewards_per_func = None
         self._pair_table = {}  # mode -> global per-row values that `pairing="all"` pairs against
         self._teacher_tokens_seen = 0
         self._setup_teacher_generation(args, train_dataset, eval_dataset, is_peft)
-
-    def train(self, *args, **kwargs):
-        # A `train()` interrupted mid-step (Ctrl-C in a notebook) leaves that step's partial metrics, completions
-        # table, pair table and buffered generation batch behind: a new run starts without them, as a new trainer
-        # would (the Trainer builds a new `TrainerState` too, so the token counts restart with it).
-        for metrics in self._metrics.values():
-            metrics.clear()
-        for logs in self._logs.values():
-            for values in logs.values() if isinstance(logs, dict) else [logs]:
-                values.clear()
-        self._pair_table.clear()
-        self._teacher_tokens_seen = 0
-        self._step, self._buffered_inputs = 0, None
-        return super().train(*args, **kwargs)
 
     # ---- construction checks ------------------------------------------------------------------------------------
     @staticmethod
@@ -252,31 +261,98 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
             yield "eval_dataset", eval_dataset
 
     @staticmethod
-    def _check_privileged_column(dataset, name: str, args: PBSDConfig) -> None:
-        """Fail at construction, not at step 1, when the privileged column is missing or holds non-strings."""
+    def _check_privileged_column(dataset, name: str, args: PBSDConfig, check_prompts: bool = True) -> None:
+        """Fail at construction, not at step 1, on a missing column or a row that cannot make a teacher prompt.
+
+        With `check_prompts=False` (an environment may own the prompt) only the privileged context is checked.
+        """
         column = args.privileged_context_column
         columns = getattr(dataset, "column_names", None)
         if columns is None:  # an iterable dataset of unknown schema: rows are checked as they arrive
             return
-        if column not in columns:
-            raise ValueError(
-                f"{name} has no privileged-context column '{column}' (columns: {columns}). PBSD's teacher is prompted "
-                f"with it: add the column, or set `privileged_context_column` to the column that holds it."
-            )
+        for needed in ("prompt", column) if check_prompts else (column,):
+            if needed not in columns:
+                raise ValueError(
+                    f"{name} has no {'privileged-context' if needed == column else 'prompt'} column '{needed}' "
+                    f"(columns: {columns}). PBSD's teacher is prompted with the prompt and the privileged context: "
+                    + ("add the column, or set `privileged_context_column` to the column that holds it."
+                       if needed == column else "add it (GRPO samples from it).")
+                )
         if isinstance(dataset, Dataset):
-            from .teacher import check_privileged_context
+            rows = dataset.select_columns(["prompt", column] if check_prompts else [column])
+            for start in range(0, len(rows), _CHECK_CHUNK):
+                chunk = rows[start : start + _CHECK_CHUNK]
+                prompts = chunk["prompt"] if check_prompts else [None] * len(chunk[column])
+                for row, (prompt, value) in enumerate(zip(prompts, chunk[column], strict=True), start=start):
+                    try:
+                        if check_prompts:
+                            check_prompt(prompt, row)
+                        check_privileged_context(value, column, row, args.allow_empty_privileged_context)
+                    except (TypeError, ValueError) as err:
+                        raise type(err)(f"{name}: {err}") from None
 
-            for row, value in enumerate(dataset[column]):
-                try:
-                    check_privileged_context(value, column, row, args.allow_empty_privileged_context)
-                except (TypeError, ValueError) as err:
-                    raise type(err)(f"{name}: {err}") from None
+    @staticmethod
+    def _check_tokenizer(processing_class) -> None:
+        """Padding needs a pad token or, as GRPO's fallback, an EOS token: without both a step would crash deep inside."""
+        tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        if tokenizer is not None and tokenizer.pad_token is None and tokenizer.eos_token is None:
+            raise ValueError(
+                f"The tokenizer ({type(tokenizer).__name__}) has neither a pad token nor an EOS token: batches cannot be "
+                "padded and completions cannot end. Set one, e.g. `tokenizer.pad_token = ...` or "
+                "`tokenizer.add_special_tokens({'eos_token': ...})` (and resize the model's embeddings)."
+            )
+
+    def _teacher_position_limit(self) -> tuple[int, str] | None:
+        """Most tokens a teacher prompt may take: the model's positions (or vLLM's `max_model_len`) less a completion."""
+        args = self.args
+        config = self._base_model(self.model).config
+        positions = getattr(config.get_text_config(), "max_position_embeddings", None)
+        limits = []
+        if positions:
+            limits.append((positions, f"the model's max_position_embeddings={positions}"))
+        if self.use_vllm and args.vllm_max_model_length:
+            limits.append((args.vllm_max_model_length, f"vllm_max_model_length={args.vllm_max_model_length}"))
+        if not limits:
+            return None
+        total, what = min(limits)
+        completion = args.max_completion_length or 0
+        limit = total - completion
+        what = f"{what} with max_completion_length={completion}"
+        if args.max_teacher_prompt_length is not None and args.max_teacher_prompt_length > limit:
+            raise ValueError(
+                f"`max_teacher_prompt_length` ({args.max_teacher_prompt_length}) does not fit in {what}: a teacher "
+                f"prompt and its completion need at most {total} tokens. Set it to at most {limit}."
+            )
+        if limit < 1:
+            raise ValueError(f"`max_completion_length` ({completion}) leaves no room for a prompt in {total} positions.")
+        return limit, what
+
+    def _check_teacher_prompts(self, dataset, name: str) -> None:
+        """Tokenize every teacher prompt of a map-style dataset once, so that one that cannot fit fails now."""
+        if (
+            not isinstance(dataset, Dataset)
+            or self.environment_factories is not None  # the environment's observation joins the prompt later
+            or (self.teacher_prompts.max_length is None and self.teacher_prompts.position_limit is None)
+        ):
+            return
+        builder, column = self.teacher_prompts, self.args.privileged_context_column
+        rows = dataset.select_columns(["prompt", column])
+        for start in range(0, len(rows), _CHECK_CHUNK):
+            chunk = rows.select(range(start, min(start + _CHECK_CHUNK, len(rows)))).to_list()
+            contexts = builder.contexts(chunk, list(range(start, start + len(chunk))))
+            # only rows that might not fit are tokenized (a bound in bytes clears the others)
+            doubtful = [i for i, ok in enumerate(builder.surely_fit([r["prompt"] for r in chunk], contexts)) if not ok]
+            try:
+                builder([chunk[i]["prompt"] for i in doubtful], [chunk[i] for i in doubtful],
+                        indices=[start + i for i in doubtful], fit=False)  # fmt: skip
+            except (TypeError, ValueError) as err:
+                raise type(err)(f"{name}: {err}") from None
 
     def _set_signature_columns_if_needed(self):
         # With `remove_unused_columns=True`, keep the privileged context and the reward functions' columns' carrier
         super()._set_signature_columns_if_needed()
-        if self.args.privileged_context_column not in self._signature_columns:
-            self._signature_columns = [*self._signature_columns, self.args.privileged_context_column]
+        extra = [c for c in (self.args.privileged_context_column, ROW_INDEX_COLUMN) if c not in self._signature_columns]
+        self._signature_columns = [*self._signature_columns, *extra]
 
     def _base_model(self, model):
         model = self.accelerator.unwrap_model(model)
@@ -288,9 +364,34 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
             # Role-labelled PBSD without reward functions: an empty (rows, 0) table, no collective needed
             rewards = torch.zeros(len(prompts) * self.accelerator.num_processes, 0, device=self.accelerator.device)
         else:
+            self._reward_failures.clear()
             rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+            self._raise_reward_failures()
         self._last_rewards_per_func = rewards
         return rewards
+
+    def _raise_reward_failures(self) -> None:
+        """Raise the first reward-function error of any process on every process, with the same type and message.
+
+        The guarded functions record their errors instead of raising, so every process reaches GRPO's gather; one
+        flag all-reduce then tells every process whether to stop, instead of the healthy ones waiting in the next
+        collective until its timeout.
+        """
+        local = self._reward_failures[0] if self._reward_failures else None
+        self._reward_failures.clear()
+        world = self.accelerator.num_processes
+        if world == 1:
+            if local is not None:
+                raise local
+            return
+        flag = torch.tensor([float(local is not None)], device=self.accelerator.device)
+        if self.accelerator.reduce(flag, reduction="sum").item() == 0:
+            return
+        report = None if local is None else (type(local).__name__, str(local))
+        reports = gather_object([report])
+        rank, (kind, message) = next((r, rep) for r, rep in enumerate(reports) if rep is not None)
+        error_type = ValueError if kind == "ValueError" else RuntimeError
+        raise error_type(f"{message} [on process {rank} of {world}; every process stops]") from local
 
     def _weighted_rewards(self, rewards_per_func: torch.Tensor) -> torch.Tensor | None:
         """Weighted sum over reward functions per row (NaN where every function returned None); None without any."""
@@ -512,7 +613,7 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
         if self.environment_factories is not None:  # an environment may own the prompt (GRPO's default)
             prompts = [row.get("prompt", [{"role": "user", "content": ""}]) for row in inputs]
         else:
-            prompts = [row["prompt"] for row in inputs]
+            prompts = self.teacher_prompts.prompts(inputs)
         teacher_prompts, truncated = self.teacher_prompts(prompts, inputs)
 
         num_rows = len(inputs)
@@ -889,14 +990,44 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
         metrics["pbsd/kl_student_teacher"].append(global_mean(student_kl))
 
     # ---- checkpoints --------------------------------------------------------------------------------------------
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        # Check the checkpoint before anything of it is loaded, so that a bad file fails with its name
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            checkpoint = get_last_checkpoint(self.args.output_dir)  # None: transformers raises its own error
+        if isinstance(checkpoint, (str, os.PathLike)):
+            check_checkpoint(checkpoint, self._checkpoint_info())
+            if self.teacher.kind == "ema":  # memory-mapped: the shapes are read, not the tensors
+                path = os.path.join(checkpoint, TEACHER_STATE_FILE)
+                self.teacher.check_state_dict(torch.load(path, map_location="cpu", weights_only=True, mmap=True), path)
+        # A `train()` interrupted mid-step (Ctrl-C in a notebook) leaves that step's partial metrics, completions
+        # table, pair table and buffered generation batch behind: a new run starts without them, as a new trainer
+        # would (the Trainer builds a new `TrainerState` too, so the token counts restart with it).
+        for metrics in self._metrics.values():
+            metrics.clear()
+        for logs in self._logs.values():
+            for values in logs.values() if isinstance(logs, dict) else [logs]:
+                values.clear()
+        self._pair_table.clear()
+        self._teacher_tokens_seen = 0
+        self._step, self._buffered_inputs = 0, None
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _checkpoint_info(self) -> dict:
+        return checkpoint_info(self.teacher.kind, self.teacher.is_peft)
+
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
         state = self.teacher.state_dict()  # collective under ZeRO-3: every process calls it
-        if state is not None and self.args.should_save:
+        if self.args.should_save:
             from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
             folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            torch.save(state, os.path.join(folder, TEACHER_STATE_FILE))
+            if state is not None:
+                torch.save(state, os.path.join(folder, TEACHER_STATE_FILE))
+            write_checkpoint_info(folder, self._checkpoint_info())
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -908,4 +1039,11 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
                 f"{checkpoint} has no {TEACHER_STATE_FILE}: it was not written by a PBSD run with an EMA teacher, so "
                 "the teacher cannot be restored. Resume from a PBSD checkpoint or start a new run."
             )
-        self.teacher.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise CheckpointError(
+                f"{path} cannot be read ({type(err).__name__}: {err}); it is corrupt or truncated. Resume from an "
+                "earlier checkpoint."
+            ) from err
+        self.teacher.load_state_dict(state, source=path)

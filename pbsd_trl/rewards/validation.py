@@ -182,7 +182,7 @@ def check_reward_outputs(name: str, outputs: Any, expected_len: int | None) -> l
 
     Raises:
         `ValueError`: naming the function, if the outputs are not a sequence, have the wrong length, or contain a value
-        that is not a real number or `None`.
+        that is not a real number or `None`, or an infinite one.
     """
     if hasattr(outputs, "tolist") and not isinstance(outputs, (list, tuple)):  # torch.Tensor, np.ndarray
         outputs = outputs.tolist()
@@ -203,7 +203,14 @@ def check_reward_outputs(name: str, outputs: Any, expected_len: int | None) -> l
         if value is None:
             checked.append(None)
         elif isinstance(value, numbers.Real):
-            checked.append(float(value))  # NaN is kept: GRPO treats it like None
+            value = float(value)
+            if math.isinf(value):
+                # an infinite reward turns weighted sums, group statistics and reward-ordered pairs into NaN
+                raise ValueError(
+                    f"reward function '{name}' returned {value} at index {index}; rewards must be finite (return None "
+                    "for a completion that gets no reward)"
+                )
+            checked.append(value)  # NaN is kept: GRPO treats it like None
         else:
             raise ValueError(
                 f"reward function '{name}' returned a non-numeric value {value!r:.50} ({type(value).__name__}) at "
