@@ -272,6 +272,26 @@ class PBSDConfig(GRPOConfig):
                 f"`num_teacher_generations` ({self.num_teacher_generations}) must equal `num_generations` "
                 f"({num_student}) there. Use `vllm_mode='colocate'` or set them equal."
             )
+        if self.use_vllm and self.teacher_model_kind != "live" and self.teacher_samples_from == "teacher":
+            raise ValueError(
+                f"The vLLM engine holds the policy's current weights only, so it cannot sample from the "
+                f"'{self.teacher_model_kind}' teacher. Set `teacher_samples_from='live'` (teacher prompts sampled with "
+                "the current weights, teacher log-probs still from the teacher weights), `teacher_model_kind='live'`, "
+                "or `use_vllm=False`."
+            )
+        if (
+            self.use_vllm
+            and self.vllm_mode == "colocate"
+            and self.vllm_max_model_length is not None
+            and self.max_teacher_prompt_length is not None
+            and self.max_teacher_prompt_length + self.max_completion_length > self.vllm_max_model_length
+        ):
+            raise ValueError(
+                f"`max_teacher_prompt_length` ({self.max_teacher_prompt_length}) + `max_completion_length` "
+                f"({self.max_completion_length}) exceeds `vllm_max_model_length` ({self.vllm_max_model_length}): the "
+                "vLLM engine would refuse the longest teacher prompts in the middle of a step. Set "
+                f"`max_teacher_prompt_length` to at most {self.vllm_max_model_length - self.max_completion_length}."
+            )
 
         if self.beta != 0.0:
             raise ValueError(
