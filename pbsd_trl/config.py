@@ -109,7 +109,9 @@ class PBSDConfig(GRPOConfig):
         max_teacher_prompt_length (`int` or `None`, *optional*, defaults to `None`):
             Token budget for a teacher prompt (e.g. to fit `vllm_max_model_length`). When a teacher prompt is longer,
             the privileged context is cut from its end until it fits, never the student prompt; each cut is counted in
-            `pbsd/context_truncated_frac` and warned about once. `None` means no limit.
+            `pbsd/context_truncated_frac` and warned about once. `None` means no limit. In vLLM colocate mode,
+            `max_teacher_prompt_length + max_completion_length` must not exceed `vllm_max_model_length` when both are
+            set.
         teacher_samples_from (`str`, *optional*, defaults to `"teacher"`):
             Whose weights generate the teacher samples. `"teacher"`: the teacher weights (`teacher_model_kind`).
             `"live"`: the current policy weights, prompted with the teacher prompt; the only option with vLLM when the
