@@ -30,9 +30,6 @@ _GRPO_LOSS_ONLY_FIELDS = (
     "scale_rewards",
     "multi_objective_aggregation",
     "off_policy_mask_threshold",
-    "top_entropy_quantile",
-    "entropy_coef",
-    "use_adaptive_entropy",
     "sapo_temperature_neg",
     "sapo_temperature_pos",
     "vespo_k_pos",
@@ -139,8 +136,8 @@ class PBSDConfig(GRPOConfig):
     vllm_importance_sampling_correction: bool = field(
         default=False,
         metadata={
-            "help": "PBSD's pairwise loss does not use GRPO's importance-sampling correction; enabling it only costs "
-            "an extra forward pass."
+            "help": "Must stay False with vLLM: PBSD's pairwise loss has no per-token policy-gradient term for GRPO's "
+            "importance-sampling ratio to reweight."
         },
     )
 
@@ -299,6 +296,12 @@ class PBSDConfig(GRPOConfig):
             raise ValueError(
                 f"`beta` is GRPO's KL coefficient and would add a reference model that PBSD does not use (got "
                 f"{self.beta}). PBSD's preference temperature is `pbsd_beta`; set `beta=0.0`."
+            )
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            raise ValueError(
+                "`vllm_importance_sampling_correction=True` reweights GRPO's per-token policy-gradient loss by the "
+                "trainer/vLLM probability ratio; PBSD's pairwise loss has no such term to reweight. Leave it False "
+                "(PBSDConfig's default)."
             )
         if self.sync_ref_model:
             raise ValueError(

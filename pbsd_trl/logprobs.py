@@ -16,22 +16,41 @@ from trl.trainer.utils import maybe_gather_lm_head_ctx, pad
 from .ops import fused_logprobs
 
 
-def check_fused_head_supported(model) -> None:
-    """Raise when the model's head does something the kernel does not model (logit scaling or soft-capping)."""
+def head_logit_transform(model) -> tuple[float | None, float]:
+    """`(softcap, logit_scale)` of the model's head, read from its config by the rules TRL's fused head uses, so that
+    both heads score the same logits: `final_logit_softcapping` (Gemma-2), and a multiplier from `logit_scale`
+    (Cohere), `output_multiplier`, `lm_head_multiplier` (Falcon-H1) or `logits_scaling` (a divisor for Granite and
+    MiniCPM3, a multiplier for HyperCLOVA X)."""
     config = model.config.get_text_config()
-    for attribute in ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"):
-        value = getattr(config, attribute, None)
-        if value not in (None, 1.0):
-            raise ValueError(
-                f"{type(model).__name__} sets `{attribute}={value}`, which pbsd-trl's fused log-prob kernel does not "
-                "apply. Set `use_fused_logprob_kernel=False` to score with TRL's fused LM head."
-            )
+    softcap = getattr(config, "final_logit_softcapping", None) or None
+    scale = getattr(config, "logit_scale", None)
+    if scale is None:
+        scale = getattr(config, "output_multiplier", None)
+    if scale is None:
+        scale = getattr(config, "lm_head_multiplier", None)
+    if scale is None and getattr(config, "logits_scaling", None) is not None:
+        scale = config.logits_scaling if config.model_type == "hyperclovax" else 1 / config.logits_scaling
+    return softcap, 1.0 if scale is None else float(scale)
+
+
+def router_aux_loss(router_logits, text_config, attention_mask=None) -> torch.Tensor:
+    """The MoE load-balancing loss the model's own forward adds (transformers' Mixtral formula, which every MoE family
+    reuses), from the backbone's router logits; the same call as TRL's fused head makes."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    num_experts = getattr(text_config, "num_experts", None) or text_config.num_local_experts
+    return load_balancing_loss_func(router_logits, num_experts, text_config.num_experts_per_tok, attention_mask)
 
 
 def add_pbsd_logprob_head(model, temperature: float = 1.0) -> None:
-    """Patch `model.forward` to accept `pbsd_logprobs=True` (see the module docstring)."""
-    check_fused_head_supported(model)
+    """Patch `model.forward` to accept `pbsd_logprobs=True` (see the module docstring).
+
+    With `output_router_logits=True` as well (MoE models), the call returns `(log_probs, aux_loss)`, the router
+    load-balancing loss of the same forward.
+    """
     original_forward = model.forward
+    text_config = model.config.get_text_config()
+    softcap, logit_scale = head_logit_transform(model)
 
     @functools.wraps(type(model).forward)
     def _forward(self, *args, pbsd_logprobs=False, labels=None, **kwargs):
@@ -41,13 +60,18 @@ def add_pbsd_logprob_head(model, temperature: float = 1.0) -> None:
             return original_forward(*args, **kwargs)
         kwargs["use_cache"] = False
         # PEFT and FSDP replace the backbone and the head after patching: look them up on every call
-        hidden_states = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]
+        backbone_outputs = self.base_model(*args, **kwargs)
+        hidden_states = backbone_outputs.last_hidden_state[:, :-1]
         head = self.get_output_embeddings()
         labels = labels[:, 1:].to(head.weight.device)
         with maybe_gather_lm_head_ctx(head.weight, head.bias):
-            return fused_logprobs(
-                hidden_states.to(head.weight.device), head.weight, labels, temperature=temperature, bias=head.bias
+            logps = fused_logprobs(
+                hidden_states.to(head.weight.device), head.weight, labels, temperature=temperature, bias=head.bias,
+                softcap=softcap, logit_scale=logit_scale,
             )
+        if kwargs.get("output_router_logits"):
+            return logps, router_aux_loss(backbone_outputs.router_logits, text_config, kwargs.get("attention_mask"))
+        return logps
 
     model.forward = types.MethodType(_forward, model)
 

@@ -12,8 +12,21 @@ Everything is built from code, nothing is downloaded:
   (question + privileged context -> solution). The default number of steps leaves a student that is
   right part of the time and a teacher (the same network with the reference solution in its prompt)
   that is almost always right: the setting self-distillation is for.
-- :func:`get_base_model`: builds the warm-started model once and caches it on disk
-  (``$PBSD_TRL_CACHE`` or ``~/.cache/pbsd_trl``), returning a directory for ``from_pretrained``.
+- :func:`get_base_model`: the warm-started model of a task, as a directory for ``from_pretrained``. The default
+  recipe's models ship inside the package (``pbsd_trl/base_models/<task>``, checksummed), so every machine gets
+  the same weights: the warm start's float trajectory depends on the CPU's kernels and thread count, so two
+  machines building "the same" model get different ones. Other recipes (or ``build=True``) are built once and
+  cached (``$PBSD_TRL_CACHE`` or ``~/.cache/pbsd_trl``).
+
+The shipped copies were produced by the committed command
+
+```bash
+python -m pbsd_trl.tiny build math --output_dir pbsd_trl/base_models/math --num_threads 1
+python -m pbsd_trl.tiny build tool_use --output_dir pbsd_trl/base_models/tool_use --num_threads 1
+```
+
+which also records, in each ``pbsd_trl_base.json``, the SHA-256 of every file (checked on every load), the
+machine and the held-out quality of the result.
 
 Example:
 
@@ -21,7 +34,7 @@ Example:
 from transformers import AutoModelForCausalLM
 from pbsd_trl.tiny import get_base_model, load_tokenizer
 
-path = get_base_model("math")  # ~8 minutes on a 2-core CPU the first time, then instant
+path = get_base_model("math")  # the shipped copy: instant, no build
 model = AutoModelForCausalLM.from_pretrained(path)
 tokenizer = load_tokenizer(path)
 ```
@@ -29,10 +42,12 @@ tokenizer = load_tokenizer(path)
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
 import os
+import platform
 import random
 import shutil
 import string
@@ -49,7 +64,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config, 
 
 __all__ = [
     "BASE_MODEL_VERSION",
+    "BaseModelChecksumError",
     "DEFAULT_WARM_START_STEPS",
+    "SHIPPED_BASE_MODELS_DIR",
     "TEST_MODEL_OVERRIDES",
     "build_char_tokenizer",
     "build_random_model",
@@ -57,6 +74,7 @@ __all__ = [
     "get_base_model",
     "load_tokenizer",
     "tiny_model_config",
+    "verify_base_model",
     "warm_start",
 ]
 
@@ -84,11 +102,13 @@ BASE_MODEL_VERSION = 1
 """Bump when the tokenizer, the tasks or the warm-start recipe change: it is part of the cache key."""
 
 DEFAULT_WARM_START_STEPS: dict[str, int] = {"math": 1200, "tool_use": 500}
-"""SFT steps of the cached base models. Measured (seed 0, 1 CPU thread, held-out sets, temperature 1):
-math 1200 steps: student Avg@8 0.30 (pass@8 0.69), teacher with the reference solution 0.93;
-tool_use 500 steps: student Avg@4 0.29, teacher with documentation and demonstration 0.47 (100 problems;
-at 1000 steps 0.70 / 0.79). The learning rate is constant, so accuracy is noisy from step to step (math
-at 1100 steps: 0.11 / 0.78)."""
+"""SFT steps of the default recipe (the shipped base models). Measured on the shipped copies (seed 0, 1 CPU thread,
+held-out sets, temperature 1, :data:`BASE_MODEL_EVAL`; recorded in each ``pbsd_trl_base.json``): math 1200 steps,
+student Avg@8 0.256 (pass@8 0.555), teacher with the reference solution 0.925; tool_use 500 steps, student Avg@4
+0.288 (pass@4 0.57), teacher with documentation and demonstration 0.35. A rebuild on another CPU gives other
+numbers: the learning rate is constant, so accuracy is noisy from step to step (math at 1100 steps: 0.11 / 0.78),
+and earlier builds of the same recipe on other machines scored student 0.157 (an Intel Xeon with AVX-512) and 0.302
+(an AMD EPYC)."""
 
 TEST_MODEL_OVERRIDES: dict[str, int] = {
     "hidden_size": 32,
@@ -348,8 +368,17 @@ def warm_start(
 
 
 # ----------------------------------------------------------------------------------------------------
-# Cache
+# Shipped copies and cache
 # ----------------------------------------------------------------------------------------------------
+
+SHIPPED_BASE_MODELS_DIR = Path(__file__).resolve().parent / "base_models"
+"""Where the default recipe's base models ship, one directory per task."""
+
+MANIFEST_FILE = "pbsd_trl_base.json"
+
+
+class BaseModelChecksumError(ValueError):
+    """A base-model file is missing or does not match the SHA-256 recorded in its ``pbsd_trl_base.json``."""
 
 
 def default_cache_dir() -> Path:
@@ -377,29 +406,97 @@ def _base_model_spec(task: str, steps: int, seed: int, warm_start_kwargs: dict[s
     }
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_manifest(directory: Path, metadata: dict[str, Any]) -> dict[str, Any]:
+    """Writes ``pbsd_trl_base.json``: ``metadata`` plus the SHA-256 of every other file of ``directory``."""
+    files = sorted(p.name for p in directory.iterdir() if p.is_file() and p.name != MANIFEST_FILE)
+    manifest = dict(metadata, sha256={name: _sha256(directory / name) for name in files})
+    (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    return manifest
+
+
+def verify_base_model(path: str | os.PathLike) -> dict[str, Any]:
+    """Checks every file of a base-model directory against the SHA-256 in its ``pbsd_trl_base.json``.
+
+    Returns the manifest. Raises [`BaseModelChecksumError`] naming the file when one is missing or altered (a
+    partial download, a corrupted install, an edited checkpoint), since a model that silently differs would
+    give other numbers than the documented ones.
+    """
+    path = Path(path)
+    manifest_path = path / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise BaseModelChecksumError(f"{manifest_path} is missing: {path} is not a pbsd-trl base model directory.")
+    manifest = json.loads(manifest_path.read_text())
+    hashes = manifest.get("sha256")
+    if not hashes:
+        raise BaseModelChecksumError(f"{manifest_path} records no checksums; rebuild the model (`force=True`).")
+    fix = (
+        "Reinstall pbsd-trl (or `git checkout pbsd_trl/base_models`)"
+        if path.parent == SHIPPED_BASE_MODELS_DIR
+        else "Rebuild it with `get_base_model(..., force=True)`"
+    )
+    for name, expected in hashes.items():
+        file = path / name
+        if not file.is_file():
+            raise BaseModelChecksumError(f"Base model file {file} is missing. {fix}.")
+        actual = _sha256(file)
+        if actual != expected:
+            raise BaseModelChecksumError(
+                f"Base model file {file} does not match its checksum (SHA-256 {actual[:16]}..., recorded "
+                f"{expected[:16]}... in {manifest_path}): it is corrupt or was modified. {fix}."
+            )
+    return manifest
+
+
+def _shipped_base_model(task: str) -> str:
+    path = SHIPPED_BASE_MODELS_DIR / task
+    manifest = verify_base_model(path)
+    if manifest.get("version") != BASE_MODEL_VERSION:
+        raise BaseModelChecksumError(
+            f"The shipped {task} base model in {path} has recipe version {manifest.get('version')}, the code "
+            f"{BASE_MODEL_VERSION}: regenerate it with `python -m pbsd_trl.tiny build {task} --output_dir {path}`."
+        )
+    return str(path)
+
+
 def get_base_model(
     task: Task = "math",
     cache_dir: str | os.PathLike | None = None,
     force: bool = False,
     *,
+    build: bool = False,
     steps: int | None = None,
     seed: int = 0,
     progress_bar: bool = True,
     **warm_start_kwargs: Any,
 ) -> str:
-    """Path to the warm-started tiny base model of ``task``, built on first use and cached.
+    """Path to the warm-started tiny base model of ``task``: the shipped copy, or one built and cached.
 
-    The directory (``<cache_dir>/<task>-<hash>``, the hash covering the recipe, steps, seed and model
-    configuration) holds the model and tokenizer written by ``save_pretrained`` and a
-    ``pbsd_trl_base.json`` with the recipe and the build time: load them with
-    ``AutoModelForCausalLM.from_pretrained(path)`` and :func:`load_tokenizer`. The build happens in a
-    temporary directory renamed into place at the end, so an interrupted build is never used. Nothing is
-    downloaded.
+    With the default recipe (default ``steps`` and ``seed``, no further warm-start arguments) and without
+    ``build``/``force``, this is the copy shipped in the package (:data:`SHIPPED_BASE_MODELS_DIR`), checked
+    against its checksums: instant, and the same weights on every machine. Otherwise the model is built by
+    :func:`warm_start` into ``<cache_dir>/<task>-<hash>`` (the hash covering the recipe, steps, seed and model
+    configuration) on first use and reused after that. A build happens in a temporary directory renamed into
+    place at the end, so an interrupted build is never used. Nothing is downloaded.
+
+    Either directory holds the model and tokenizer written by ``save_pretrained`` and a ``pbsd_trl_base.json``
+    with the recipe and the files' checksums: load them with ``AutoModelForCausalLM.from_pretrained(path)`` and
+    :func:`load_tokenizer`.
 
     Args:
         task: ``"math"`` or ``"tool_use"``.
-        cache_dir: Root of the cache; default :func:`default_cache_dir`.
-        force: Rebuild even if a cached model exists.
+        cache_dir: Root of the cache of built models; default :func:`default_cache_dir`.
+        force: Rebuild even if a cached model exists (implies ``build``).
+        build: Build from scratch (into the cache) even for the default recipe, instead of the shipped copy.
+            The result differs from the shipped weights in the last bits on another CPU, and so does its
+            accuracy after 1,200 SFT steps at a constant learning rate.
         steps: Warm-start steps; default :data:`DEFAULT_WARM_START_STEPS` of the task.
         seed: Warm-start seed.
         progress_bar: Show the warm start's progress bar.
@@ -412,13 +509,18 @@ def get_base_model(
     """
     if task not in DEFAULT_WARM_START_STEPS:
         raise ValueError(f"Unknown task {task!r}; expected one of {list(DEFAULT_WARM_START_STEPS)}.")
-    steps = DEFAULT_WARM_START_STEPS[task] if steps is None else steps
+    default_steps = DEFAULT_WARM_START_STEPS[task]
+    steps = default_steps if steps is None else steps
     num_threads = warm_start_kwargs.pop("num_threads", None)
+    if not (build or force) and steps == default_steps and seed == 0 and not warm_start_kwargs:
+        return _shipped_base_model(task)
+
     spec = _base_model_spec(task, steps, seed, warm_start_kwargs)
     key = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     final = root / f"{task}-{key}"
-    if final.is_dir() and (final / "pbsd_trl_base.json").is_file() and not force:
+    if final.is_dir() and (final / MANIFEST_FILE).is_file() and not force:
+        verify_base_model(final)
         return str(final)
 
     root.mkdir(parents=True, exist_ok=True)
@@ -429,10 +531,9 @@ def get_base_model(
         warm_start(
             task, steps=steps, seed=seed, output_dir=tmp, progress_bar=progress_bar, num_threads=num_threads, **warm_start_kwargs
         )
-        metadata = dict(spec, build_seconds=round(time.perf_counter() - start, 1), torch=torch.__version__)
-        (tmp / "pbsd_trl_base.json").write_text(json.dumps(metadata, indent=2, default=str))
+        _write_manifest(tmp, dict(spec, **_build_info(time.perf_counter() - start, num_threads)))
         if final.exists():
-            if not force and (final / "pbsd_trl_base.json").is_file():  # another process finished first
+            if not force and (final / MANIFEST_FILE).is_file():  # another process finished first
                 shutil.rmtree(tmp, ignore_errors=True)
                 return str(final)
             trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=root))
@@ -443,3 +544,110 @@ def get_base_model(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return str(final)
+
+
+def _build_info(seconds: float, num_threads: int | None) -> dict[str, Any]:
+    """Where and how a model was built: the warm start's result depends on the CPU kernels and thread count."""
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {
+        "build_seconds": round(seconds, 1),
+        "num_threads": num_threads or torch.get_num_threads(),
+        "cpu": cpu,
+        "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def build_base_model(
+    task: Task, output_dir: str | os.PathLike, *, num_threads: int | None = 1, evaluate: bool = True, progress_bar: bool = True
+) -> dict[str, Any]:
+    """Builds the default recipe's base model of ``task`` into ``output_dir`` (the command that produced the
+    shipped copies) and writes its manifest; with ``evaluate``, also measures and records its held-out quality
+    (:func:`base_model_quality`). Returns the manifest."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()):
+        raise FileExistsError(f"{output_dir} is not empty; remove it first (the build writes every file anew).")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    steps = DEFAULT_WARM_START_STEPS[task]
+    start = time.perf_counter()
+    warm_start(task, steps=steps, seed=0, output_dir=output_dir, num_threads=num_threads, progress_bar=progress_bar)
+    metadata = dict(_base_model_spec(task, steps, 0, {}), **_build_info(time.perf_counter() - start, num_threads))
+    metadata["command"] = f"python -m pbsd_trl.tiny build {task} --output_dir {output_dir} --num_threads {num_threads}"
+    if evaluate:
+        metadata["quality"] = base_model_quality(task, output_dir, num_threads=num_threads, progress_bar=progress_bar)
+    return _write_manifest(output_dir, metadata)
+
+
+BASE_MODEL_EVAL: dict[str, dict[str, Any]] = {
+    "math": {"k": 8, "num_problems": 200, "max_new_tokens": 64},
+    "tool_use": {"k": 4, "num_problems": 100, "max_new_tokens": 64},
+}
+"""How :func:`base_model_quality` evaluates each task's base model (held-out problems, temperature 1, seed 0)."""
+
+
+def base_model_quality(
+    task: Task, path: str | os.PathLike, *, num_threads: int | None = None, progress_bar: bool = False
+) -> dict[str, float]:
+    """Student and teacher (with the privileged context) Avg@k / pass@k of a base model on the task's held-out
+    problems, with the settings of :data:`BASE_MODEL_EVAL`."""
+    from transformers import AutoModelForCausalLM
+
+    from .data import MATH_TEACHER_TEMPLATE, TOOL_TEACHER_TEMPLATE, make_math_dataset, make_tool_dataset
+    from .evaluate import evaluate_avg_at_k
+    from .rewards import math_accuracy_reward, tool_call_reward
+
+    settings = BASE_MODEL_EVAL[task]
+    make_dataset, template, reward = {
+        "math": (make_math_dataset, MATH_TEACHER_TEMPLATE, math_accuracy_reward),
+        "tool_use": (make_tool_dataset, TOOL_TEACHER_TEMPLATE, tool_call_reward),
+    }[task]
+    dataset = make_dataset("eval", n=settings["num_problems"])
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    tokenizer = load_tokenizer(path)
+    previous = torch.get_num_threads()
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    try:
+        quality = {}
+        for who, privileged in (("student", False), ("teacher", True)):
+            report = evaluate_avg_at_k(
+                model, tokenizer, dataset, [reward], settings["k"], max_new_tokens=settings["max_new_tokens"],
+                with_privileged_context=privileged, teacher_prompt_template=template, seed=0,
+                progress_bar=progress_bar, description=f"{task} {who}",
+            )  # fmt: skip
+            quality[f"{who}_avg_at_{settings['k']}"] = round(report["avg_at_k"], 4)
+            quality[f"{who}_pass_at_{settings['k']}"] = round(report["pass_at_k"], 4)
+    finally:
+        torch.set_num_threads(previous)
+    return quality
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pbsd_trl.tiny", description="Tiny offline base models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    build = commands.add_parser("build", help="Build the default recipe's base model of a task, with its manifest.")
+    build.add_argument("task", choices=sorted(DEFAULT_WARM_START_STEPS))
+    build.add_argument("--output_dir", required=True)
+    build.add_argument("--num_threads", type=int, default=1, help="torch threads (the shipped copies used 1).")
+    build.add_argument("--no_evaluate", action="store_true", help="Skip the held-out quality measurement.")
+    verify = commands.add_parser("verify", help="Check a base-model directory against its checksums.")
+    verify.add_argument("path")
+    args = parser.parse_args(argv)
+    if args.command == "build":
+        manifest = build_base_model(args.task, args.output_dir, num_threads=args.num_threads, evaluate=not args.no_evaluate)
+        print(json.dumps({k: manifest[k] for k in ("task", "steps", "build_seconds", "cpu", "quality") if k in manifest}, indent=2))
+    else:
+        verify_base_model(args.path)
+        print(f"{args.path}: every file matches its checksum.")
+
+
+if __name__ == "__main__":
+    main()

@@ -13,7 +13,9 @@ from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import add_fused_lm_head
 
+from .agent import AgentRollouts
 from .config import PBSDConfig
+from .grpo_features import GRPOLossFeatures
 from .logprobs import add_pbsd_logprob_head, concat_prompt_completion, pad_token_lists, right_pad_to
 from .loss import (
     DROPPED_LABEL,
@@ -43,7 +45,7 @@ def _no_reward(prompts, completions, **kwargs):
     return [0.0] * len(prompts)
 
 
-class PBSDTrainer(GRPOTrainer):
+class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
     """
     Trainer for Preference-Based Self-Distillation (PBSD), a drop-in replacement for [`~trl.GRPOTrainer`].
 
@@ -97,10 +99,11 @@ class PBSDTrainer(GRPOTrainer):
                 f"PBSDTrainer needs a `PBSDConfig`, got `{type(args).__name__}`. Replace `GRPOConfig(...)` with "
                 "`PBSDConfig(...)`: it takes the same arguments."
             )
-        if tools or rollout_func is not None or environment_factory is not None:
-            raise NotImplementedError(
-                "PBSDTrainer does not support `tools`, `rollout_func` or `environment_factory` yet: teacher samples "
-                "would need the same multi-turn loop. Use ReAct-style text actions scored by a reward function."
+        if rollout_func is not None and args.num_teacher_generations != args.num_generations:
+            raise ValueError(
+                "With `rollout_func`, every row needs a teacher rollout: the teacher prompt's tokens are the ones the "
+                f"rollout returns. Set `num_teacher_generations` ({args.num_teacher_generations}) to `num_generations` "
+                f"({args.num_generations})."
             )
 
         reward_funcs = [] if reward_funcs is None else reward_funcs
@@ -124,10 +127,17 @@ class PBSDTrainer(GRPOTrainer):
             optimizers=optimizers,
             quantization_config=quantization_config,
             peft_config=peft_config,
+            tools=tools,
+            rollout_func=rollout_func,
+            environment_factory=environment_factory,
         )
         if not self._has_reward_funcs:
-            self.reward_funcs, self.reward_func_names, self.reward_processing_classes = [], [], []
-            self.reward_weights = torch.ones(0)
+            # Drop the placeholder; an environment's own `get_reward`, appended by GRPO after it, stays
+            self.reward_funcs = self.reward_funcs[1:]
+            self.reward_func_names = self.reward_func_names[1:]
+            self.reward_processing_classes = self.reward_processing_classes[1:]
+            self.reward_weights = self.reward_weights[1:]
+            self._has_reward_funcs = bool(self.reward_funcs)
 
         is_peft = hasattr(self.model, "peft_config")
         # (a non-live teacher with vLLM and `teacher_samples_from="teacher"` is refused by PBSDConfig, before an
@@ -153,6 +163,12 @@ class PBSDTrainer(GRPOTrainer):
             self.teacher.prepare()
         if args.teacher_model_kind == "ema":
             self.add_callback(TeacherEMACallback(self.teacher, args.teacher_sync_steps))
+        if rollout_func is not None and self.teacher.uses_separate_model and args.teacher_samples_from == "teacher":
+            raise ValueError(
+                f"A `rollout_func` generates with weights PBSD cannot swap: the '{args.teacher_model_kind}' teacher "
+                "is a separate model here. Use a PEFT model (the teacher is then the same model with its adapter "
+                "switched), `teacher_model_kind='live'`, or `teacher_samples_from='live'`."
+            )
 
         tokenizer = self._tokenizer
         self.teacher_prompts = TeacherPromptBuilder(
@@ -256,7 +272,7 @@ class PBSDTrainer(GRPOTrainer):
         num_tokens = metrics.get("num_tokens")
         num_tokens = list(num_tokens) if num_tokens is not None else None
         yield
-        for key in [k for k in metrics if k.startswith("completions/")]:
+        for key in [k for k in metrics if k.startswith(("completions/", "tools/"))]:
             new_values = metrics[key][before.get(key, 0) :]
             del metrics[key][before.get(key, 0) :]
             metrics[f"pbsd/teacher_{key}"].extend(new_values)
@@ -283,11 +299,18 @@ class PBSDTrainer(GRPOTrainer):
         device = self.accelerator.device
         args = self.args
         # Build (and validate) the teacher prompts before any generation, so bad rows fail fast
-        prompts = [row["prompt"] for row in inputs]
+        if self.environment_factories is not None:  # an environment may own the prompt (GRPO's default)
+            prompts = [row.get("prompt", [{"role": "user", "content": ""}]) for row in inputs]
+        else:
+            prompts = [row["prompt"] for row in inputs]
         teacher_prompts, truncated = self.teacher_prompts(prompts, inputs)
 
         output = super()._generate_and_score_completions(inputs)
         student_rewards_global = self._last_rewards_per_func
+        if self.environment_factories is not None:
+            # The teacher prompt wraps the prompt the student saw, the environment's observation included
+            prompts = self._student_prompts_seen(prompts)
+            teacher_prompts, truncated = self.teacher_prompts(prompts, inputs)
 
         num_rows = len(inputs)
         group_size = self.num_generations if mode == "train" else self.num_generations_eval
@@ -302,32 +325,42 @@ class PBSDTrainer(GRPOTrainer):
                 f"{teacher_group_size} teacher samples per group): make each process's batch hold whole prompt groups."
             )
 
-        # Teacher samples through GRPO's own generation path (HF generate, vLLM colocate/server)
-        with self._teacher_generation_metrics(mode), self._teacher_sampling_weights():
-            _, sampled_ids, _, teacher_completions, *_ = self._generate([teacher_prompts[i] for i in teacher_rows])
-        with self._isolated_reward_logs():
-            teacher_rewards_global = self._calculate_rewards(
-                [inputs[i] for i in teacher_rows],
-                [prompts[i] for i in teacher_rows],  # rewards judge the answer to the student's question
-                teacher_completions,
-                sampled_ids,
-            )
+        # Teacher samples through GRPO's own generation path (HF generate, vLLM colocate/server), tool/environment
+        # loop and rollout_func included, on the teacher rows' slice of the per-row rollout state
+        self._reset_teacher_environments(inputs, teacher_rows, prompts)
+        with self._teacher_rows_state(teacher_rows):
+            with self._teacher_generation_metrics(mode), self._teacher_sampling_weights():
+                rollout_prompt_ids, sampled_ids, tool_mask_rows, teacher_completions, _, extra, *_ = self._generate(
+                    [teacher_prompts[i] for i in teacher_rows]
+                )
+            with self._isolated_reward_logs():
+                teacher_rewards_global = self._calculate_rewards(
+                    self._teacher_reward_rows(inputs, teacher_rows, extra),
+                    [prompts[i] for i in teacher_rows],  # rewards judge the answer to the student's question
+                    teacher_completions,
+                    sampled_ids,
+                )
 
         # Per-row teacher tensors; rows without a teacher sample get an empty completion
         teacher_completion_lists = [[] for _ in range(num_rows)]
         for i, ids in zip(teacher_rows, sampled_ids, strict=True):
             teacher_completion_lists[i] = ids
         pad_id, multiple = self._tokenizer.pad_token_id, self.pad_to_multiple_of
-        teacher_prompt_ids, teacher_prompt_mask = pad_token_lists(
-            self._tokenize_prompts(teacher_prompts)[0], pad_id, "left", device, multiple
-        )
+        # A rollout_func tokenizes its own prompts (every row has a teacher rollout then)
+        teacher_prompt_lists = rollout_prompt_ids if self.rollout_func is not None else self._tokenize_prompts(teacher_prompts)[0]
+        teacher_prompt_ids, teacher_prompt_mask = pad_token_lists(teacher_prompt_lists, pad_id, "left", device, multiple)
         teacher_completion_ids, teacher_completion_mask = pad_token_lists(
             teacher_completion_lists, pad_id, "right", device, multiple
         )
+        if tool_mask_rows is not None:
+            output["teacher_tool_mask"] = self._pad_tool_mask(
+                tool_mask_rows, num_rows, teacher_rows, device, teacher_completion_ids.size(1)
+            )
         if self.mask_truncated_completions:
             ends = [*self.eos_token_ids, pad_id]
             clipped = torch.tensor([bool(ids) and ids[-1] not in ends for ids in teacher_completion_lists], device=device)
             teacher_completion_mask = teacher_completion_mask * (~clipped).unsqueeze(1).int()
+        student_scored, teacher_scored = self._score_masks({**output, "teacher_completion_mask": teacher_completion_mask})
 
         # Teacher log-probs of both sample sets, from the teacher prompt and weights (no gradient)
         batch_size = args.per_device_train_batch_size if mode == "train" else args.per_device_eval_batch_size
@@ -335,10 +368,12 @@ class PBSDTrainer(GRPOTrainer):
             with self.teacher.active():
                 scorer = self.teacher.scoring_model(self.model)
                 teacher_logps_teacher = self._sequence_logps(
-                    scorer, teacher_prompt_ids, teacher_prompt_mask, teacher_completion_ids, teacher_completion_mask, batch_size
+                    scorer, teacher_prompt_ids, teacher_prompt_mask, teacher_completion_ids, teacher_completion_mask, batch_size,
+                    score_mask=teacher_scored,
                 )
                 teacher_logps_student = self._sequence_logps(
-                    scorer, teacher_prompt_ids, teacher_prompt_mask, output["completion_ids"], output["completion_mask"], batch_size
+                    scorer, teacher_prompt_ids, teacher_prompt_mask, output["completion_ids"], output["completion_mask"], batch_size,
+                    score_mask=student_scored,
                 )
 
         # Rewards per row (weighted over reward functions), local slices of the gathered tables
@@ -358,8 +393,8 @@ class PBSDTrainer(GRPOTrainer):
             args.pair_labels,
             args.tie_policy,
         )
-        teacher_lengths = teacher_completion_mask.sum(1)
-        student_lengths = output["completion_mask"].sum(1)
+        teacher_lengths = teacher_scored.sum(1)
+        student_lengths = student_scored.sum(1)
 
         if args.pairing == "all":
             num_pairs = self._build_pair_table(
@@ -392,10 +427,13 @@ class PBSDTrainer(GRPOTrainer):
         self._logs["extra"]["teacher_completion"].extend(gather_object(completions_for_table))
         return output
 
-    def _sequence_logps(self, model, prompt_ids, prompt_mask, completion_ids, completion_mask, batch_size=None):
-        """Sum of per-token log-probs of each completion given its prompt, `(B,)` float32."""
+    def _sequence_logps(
+        self, model, prompt_ids, prompt_mask, completion_ids, completion_mask, batch_size=None, score_mask=None
+    ):
+        """Sum of per-token log-probs of each completion given its prompt, `(B,)` float32, over `score_mask` (default:
+        the completion mask; tool results are attended to but not scored)."""
         per_token = self._completion_token_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask, batch_size)
-        return (per_token * completion_mask).sum(-1)
+        return (per_token * (completion_mask if score_mask is None else score_mask)).sum(-1)
 
     def _completion_token_logps(self, model, prompt_ids, prompt_mask, completion_ids, completion_mask, batch_size=None):
         """Per-token log-probs `(B, C)` of the completion tokens (0 on padding), at the sampling temperature."""
@@ -431,15 +469,18 @@ class PBSDTrainer(GRPOTrainer):
         here and the loss, so partner log-ratios scored now, without gradient, are the partners' values at loss time:
         each process differentiates its own samples against them, which gives the exact gradient of the global loss.
         """
+        student_scored, teacher_scored = self._score_masks({**output, "teacher_completion_mask": teacher_completion_mask})
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
             student_on_teacher = self._sequence_logps(
-                self.model, output["prompt_ids"], output["prompt_mask"], teacher_completion_ids, teacher_completion_mask, batch_size
+                self.model, output["prompt_ids"], output["prompt_mask"], teacher_completion_ids, teacher_completion_mask, batch_size,
+                score_mask=teacher_scored,
             )
             student_on_student = self._sequence_logps(
-                self.model, output["prompt_ids"], output["prompt_mask"], output["completion_ids"], output["completion_mask"], batch_size
+                self.model, output["prompt_ids"], output["prompt_mask"], output["completion_ids"], output["completion_mask"], batch_size,
+                score_mask=student_scored,
             )
-        lengths_t = teacher_completion_mask.sum(1) if self.args.length_normalize else None
-        lengths_s = output["completion_mask"].sum(1) if self.args.length_normalize else None
+        lengths_t = teacher_scored.sum(1) if self.args.length_normalize else None
+        lengths_s = student_scored.sum(1) if self.args.length_normalize else None
         nan = torch.full_like(student_on_student, torch.nan)
         table = {
             "group": gather(row_index // group_size),
@@ -507,14 +548,20 @@ class PBSDTrainer(GRPOTrainer):
         teacher_ids, teacher_mask = inputs["teacher_completion_ids"], inputs["teacher_completion_mask"]
         num_rows = prompt_ids.size(0)
 
-        # One student forward over both sample sets, each scored from the student prompt
+        # One student forward over both sample sets, each scored from the student prompt; tool-result tokens are
+        # attended to but not scored (GRPO's `tool_mask`)
         width = max(student_ids.size(1), teacher_ids.size(1))
         pad_id = self._tokenizer.pad_token_id
         completion_ids = torch.cat([right_pad_to(student_ids, width, pad_id), right_pad_to(teacher_ids, width, pad_id)])
         completion_mask = torch.cat([right_pad_to(student_mask, width, 0), right_pad_to(teacher_mask, width, 0)])
-        policy_logps = self._sequence_logps(
+        student_mask, teacher_mask = self._score_masks(inputs)
+        score_mask = torch.cat([right_pad_to(student_mask, width, 0), right_pad_to(teacher_mask, width, 0)])
+        per_token, entropies, aux_loss = self._policy_forward(
             model, prompt_ids.repeat(2, 1), prompt_mask.repeat(2, 1), completion_ids, completion_mask
         )
+        entropy_mask = self._high_entropy_mask(entropies, score_mask)
+        per_token = self._gradient_only_through(per_token, entropy_mask)
+        policy_logps = (per_token * score_mask).sum(-1)
         policy_student, policy_teacher = policy_logps[:num_rows], policy_logps[num_rows:]
 
         lengths_t = teacher_mask.sum(1) if args.length_normalize else None
@@ -541,6 +588,7 @@ class PBSDTrainer(GRPOTrainer):
             accumulation = getattr(self, "current_gradient_accumulation_steps", args.gradient_accumulation_steps)
             scale = scale * args.steps_per_generation / accumulation
         loss = loss_sum * scale
+        loss = self._add_grpo_regularizers(mode, loss, entropies, score_mask, entropy_mask, num_rows, aux_loss)
 
         self._log_loss_metrics(
             mode, metric_margins, metric_kept, teacher_log_ratios, student_log_ratios, inputs["pbsd_has_teacher"],

@@ -99,10 +99,14 @@ def test_pbsd_teaches_the_student_what_the_teacher_knows(tmp_path):
     assert student_after > student_before + 0.5
     assert student_after > (student_before + teacher_before) / 2
     assert student_hits >= 0.75
-    # the pairwise objective improves: margins climb from strongly negative to ~0 (once the student answers like the
-    # teacher most pairs hold two identical samples, whose margin is exactly 0), preference accuracy rises with them
+    # the pairwise objective improves: margins climb from strongly negative towards 0 and the loss falls from well
+    # above log 2 towards it. (Not preference accuracy: once the student answers like the teacher, most pairs hold two
+    # identical samples whose margin is exactly 0, so "margin > 0" reads 0 early and late on some CPUs.)
     history = [entry for entry in trainer.state.log_history if "pbsd/margin" in entry]
     early, late = history[:5], history[-10:]
     mean = lambda entries, key: sum(e[key] for e in entries) / len(entries)  # noqa: E731
+    print({f"{key} {when}": round(mean(entries, key), 3) for key in ("loss", "pbsd/margin")
+           for when, entries in (("early", early), ("late", late))})  # fmt: skip
     assert mean(late, "pbsd/margin") > mean(early, "pbsd/margin") + 0.5
-    assert mean(late, "pbsd/preference_accuracy") > mean(early, "pbsd/preference_accuracy")
+    assert mean(late, "loss") < mean(early, "loss") - 0.3
+    assert mean(early, "loss") > 0.9  # log 2 = 0.69 is the loss of a zero margin

@@ -26,6 +26,10 @@ respect to the logits of a row with upstream gradient `g` is `c * (onehot(y) - p
 the sign of `c` is folded into the small `[tokens, H]` operands, and the one-hot part is a gather/scatter of `H`-sized
 rows done once, outside the tiles.
 
+Heads that scale or soft-cap their logits (Gemma-2's `final_logit_softcapping`, Cohere's `logit_scale`) are modeled
+as TRL's fused head models them: `z = cap * tanh(s * (h @ W.T + b) / cap) / T`. The scale folds into the GEMM's
+`alpha`; the cap adds a `tanh` per tile in the forward and a `1 - tanh²` factor on each logit's gradient.
+
 Plain PyTorch, so it runs wherever PyTorch runs; only the positions whose label is not `ignore_index` are scored.
 """
 
@@ -77,10 +81,18 @@ def _addmm_acc(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
+def _head_transform(temperature: float, logit_scale: float, softcap: float | None) -> tuple[float, float | None]:
+    """`(alpha, post)` with `z = alpha * (h @ W.T + b)` without a cap, `z = post * tanh(alpha * (h @ W.T + b))` with."""
+    if softcap is None:
+        return logit_scale / temperature, None
+    return logit_scale / softcap, softcap / temperature
+
+
 def _logits_tile(
     tile: torch.Tensor, rows: torch.Tensor, w: torch.Tensor, scaled_bias: torch.Tensor | None, inv_t: float
 ) -> torch.Tensor:
-    """Writes `(rows @ w.T + bias) / T` into the fp32 `tile`, in the GEMM itself where the dtypes allow it."""
+    """Writes `(rows @ w.T + bias) * inv_t` into the fp32 `tile`, in the GEMM itself where the dtypes allow it (`inv_t`
+    is the transform's `alpha`; a soft-cap's `tanh` is applied by the caller)."""
     if rows.dtype == tile.dtype:
         if scaled_bias is None:
             # beta=0 ignores the stale tile contents (NaN/inf included) and saves a separate scaling pass
@@ -104,6 +116,7 @@ def _target_logits(
     targets: torch.Tensor,
     inv_t: float,
     chunk: int,
+    post: float | None = None,
 ) -> torch.Tensor:
     # One `H`-long dot product per row instead of a gather from every vocabulary tile
     dtype = _stat_dtype(rows.dtype)
@@ -115,6 +128,8 @@ def _target_logits(
     out.mul_(inv_t)
     if bias is not None:
         out.add_(bias[targets].to(dtype), alpha=inv_t)
+    if post is not None:
+        out.tanh_().mul_(post)
     return out
 
 
@@ -125,8 +140,9 @@ def _log_normalizers(
     inv_t: float,
     token_chunk: int,
     vocab_chunk: int,
+    post: float | None = None,
 ) -> torch.Tensor:
-    """`logsumexp((rows @ weight.T + bias) / T, dim=-1)` in fp32, one `[token_chunk, vocab_chunk]` tile at a time."""
+    """`logsumexp(z, dim=-1)` of the transformed logits in fp32, one `[token_chunk, vocab_chunk]` tile at a time."""
     n, vocab = rows.shape[0], weight.shape[0]
     device = rows.device
     compute_dtype = rows.dtype
@@ -143,6 +159,8 @@ def _log_normalizers(
             r1 = min(r0 + token_chunk, n)
             tile = tile_buf[: (r1 - r0) * (v1 - v0)].view(r1 - r0, v1 - v0)
             tile = _logits_tile(tile, rows[r0:r1], w, scaled_bias, inv_t)
+            if post is not None:
+                tile.tanh_().mul_(post)
             m = running_max[r0:r1]
             new_m = torch.maximum(m, tile.amax(dim=1))
             # The first tile rescales from m=-inf: exp(-inf) = 0 wipes the (zero) sum, as it should
@@ -170,12 +188,14 @@ class FusedLogProbGapFunction(torch.autograd.Function):
         ignore_index: int,
         token_chunk_size: int,
         vocab_chunk_size: int,
+        logit_scale: float = 1.0,
+        softcap: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # Callers often use only one of the outputs; without this, autograd would feed zeros for the others
         ctx.set_materialize_grads(False)
         B, T, H = student_hidden.shape
         device = student_hidden.device
-        inv_t = 1.0 / temperature
+        inv_t, post = _head_transform(temperature, logit_scale, softcap)
         flat_labels = labels.reshape(-1)
         valid = (flat_labels != ignore_index).nonzero().squeeze(1)
         targets = flat_labels[valid]
@@ -192,9 +212,9 @@ class FusedLogProbGapFunction(torch.autograd.Function):
             targets2 = targets
         rows = rows.to(compute_dtype)
         with torch.no_grad():
-            logps = _target_logits(rows, weight, bias, targets2, inv_t, token_chunk_size)
+            logps = _target_logits(rows, weight, bias, targets2, inv_t, token_chunk_size, post)
             if n_valid > 0:
-                log_z = _log_normalizers(rows, weight, bias, inv_t, token_chunk_size, vocab_chunk_size)
+                log_z = _log_normalizers(rows, weight, bias, inv_t, token_chunk_size, vocab_chunk_size, post)
                 logps.sub_(log_z)
             else:
                 log_z = logps
@@ -213,7 +233,7 @@ class FusedLogProbGapFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(teacher_logps)
         # The student log-normalizers are kept, so the backward recomputes the tiles but not the statistics
         ctx.save_for_backward(student_hidden, weight, bias, valid, targets, log_z[:n_valid].clone())
-        ctx.temperature = temperature
+        ctx.transform = (temperature, logit_scale, softcap)
         ctx.chunks = (token_chunk_size, vocab_chunk_size)
         return student_logps, teacher_logps, gap
 
@@ -231,7 +251,9 @@ class FusedLogProbGapFunction(torch.autograd.Function):
         student_hidden, weight, bias, valid, targets, log_z = ctx.saved_tensors
         needs_hidden, _, needs_weight, needs_bias = ctx.needs_input_grad[:4]
         token_chunk, vocab_chunk = ctx.chunks
-        inv_t = 1.0 / ctx.temperature
+        inv_t, post = _head_transform(*ctx.transform)
+        # d z / d raw logit: `alpha` without a cap, `alpha * post * (1 - tanh²)` with one
+        slope = inv_t if post is None else inv_t * post
         B, T, H = student_hidden.shape
         n_valid, vocab = valid.numel(), weight.shape[0]
         device = student_hidden.device
@@ -244,24 +266,31 @@ class FusedLogProbGapFunction(torch.autograd.Function):
             g += grad_student_logps.reshape(-1)[valid]
         if grad_gap is not None:
             g += grad_gap[torch.div(valid, T, rounding_mode="floor")]
-        # d loss / d logits = c * (onehot - p), c = g / T; the tiles hold E = |c| * p
-        c = g.mul_(inv_t)
+        # d loss / d raw logits = c * (onehot - p) * (1 - tanh²), c = g * slope; the tiles hold E = |c| * p * (1 - tanh²)
+        c = g.mul_(slope)
         shift = log_z - c.abs().log()  # c = 0 gives +inf, hence E = 0 for that row
         neg_sign = -c.sign()
 
         rows = student_hidden.detach().reshape(-1, H)[valid].to(compute_dtype)
+        # The one-hot part: c times the target logit's own cap slope
+        c_target = c
+        if post is not None and n_valid > 0:
+            target_tanh = _target_logits(rows, weight, bias, targets, inv_t, token_chunk, post).div_(post)
+            c_target = c * (1 - target_tanh.square())
         grad_rows = torch.zeros(n_valid, H, device=device, dtype=dtype) if needs_hidden else None
         grad_weight = torch.zeros_like(weight) if needs_weight else None
         grad_bias = torch.zeros_like(bias) if needs_bias else None
         # The head gradient takes -sign(c) through the (small) hidden operand rather than through the tile
         signed_rows = rows * neg_sign.to(compute_dtype).unsqueeze(1) if needs_weight else None
         # One-hot part of the head gradient: c * h scattered into the target rows, added per vocabulary tile in fp32
-        onehot_rows = rows.to(dtype, copy=True).mul_(c.unsqueeze(1)) if needs_weight else None
+        onehot_rows = rows.to(dtype, copy=True).mul_(c_target.unsqueeze(1)) if needs_weight else None
 
         tile_numel = min(max(n_valid, 1), token_chunk) * min(vocab, vocab_chunk)
         tile_buf = torch.empty(tile_numel, device=device, dtype=dtype)
         # Low-precision GEMMs read E from a tile of their own dtype, written by the exp itself (one pass, one cast)
         low_buf = torch.empty(tile_numel, device=device, dtype=compute_dtype) if compute_dtype != dtype else None
+        if post is not None and low_buf is None:
+            low_buf = torch.empty(tile_numel, device=device, dtype=dtype)  # E, while the tile holds 1 - tanh²
         fp32_weight_grad = grad_weight is not None and grad_weight.dtype == dtype
         for v0 in range(0, vocab, vocab_chunk) if n_valid > 0 else ():
             v1 = min(v0 + vocab_chunk, vocab)
@@ -279,11 +308,20 @@ class FusedLogProbGapFunction(torch.autograd.Function):
                 tile = _logits_tile(
                     tile_buf[: (r1 - r0) * (v1 - v0)].view(r1 - r0, v1 - v0), rows[r0:r1], w, scaled_bias, inv_t
                 )
-                tile.sub_(shift[r0:r1].unsqueeze(1))
-                if low_buf is None:
-                    e = tile.exp_()
+                if post is None:
+                    tile.sub_(shift[r0:r1].unsqueeze(1))
+                    if low_buf is None:
+                        e = tile.exp_()
+                    else:
+                        e = torch.exp(tile, out=low_buf[: tile.numel()].view(tile.shape))
                 else:
-                    e = torch.exp(tile, out=low_buf[: tile.numel()].view(tile.shape))
+                    t = tile.tanh_()
+                    e = low_buf[: tile.numel()].view(tile.shape)
+                    if e.dtype == t.dtype:
+                        torch.mul(t, post, out=e).sub_(shift[r0:r1].unsqueeze(1)).exp_()
+                    else:  # exponentiate in fp32, round once
+                        torch.exp(t.mul(post).sub_(shift[r0:r1].unsqueeze(1)), out=e)
+                    e.mul_(t.square_().neg_().add_(1))
                 if grad_rows is not None:
                     _addmm_acc(grad_rows[r0:r1], e, w)
                 if grad_weight is not None:
@@ -295,16 +333,16 @@ class FusedLogProbGapFunction(torch.autograd.Function):
             if grad_bias is not None:
                 grad_bias[v0:v1].add_(acc_b)
         if grad_bias is not None and n_valid > 0:
-            grad_bias.index_add_(0, targets, c.to(grad_bias.dtype))
+            grad_bias.index_add_(0, targets, c_target.to(grad_bias.dtype))
 
         grad_hidden = None
         if grad_rows is not None:
             # grad_h = c * W[y] - sign(c) * sum_v E_v W_v
-            grad_rows.mul_(neg_sign.unsqueeze(1)).add_(weight[targets].to(dtype).mul_(c.unsqueeze(1)))
+            grad_rows.mul_(neg_sign.unsqueeze(1)).add_(weight[targets].to(dtype).mul_(c_target.unsqueeze(1)))
             grad_hidden = torch.zeros(B * T, H, device=device, dtype=student_hidden.dtype)
             grad_hidden.index_copy_(0, valid, grad_rows.to(student_hidden.dtype))
             grad_hidden = grad_hidden.view(B, T, H)
-        return grad_hidden, None, grad_weight, grad_bias, None, None, None, None, None
+        return grad_hidden, None, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
 def _check_inputs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, name: str) -> None:
@@ -337,6 +375,8 @@ def fused_logprob_gap(
     bias: torch.Tensor | None = None,
     token_chunk_size: int | None = None,
     vocab_chunk_size: int | None = None,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """
     Per-token log-probabilities of the same labels under the student and the teacher hidden states, through one LM
@@ -353,6 +393,9 @@ def fused_logprob_gap(
         ignore_index (`int`): label of the positions that are not scored.
         bias (`torch.Tensor`, *optional*): `[V]` LM head bias. Gets the student path's gradient only.
         token_chunk_size, vocab_chunk_size (`int`, *optional*): tile shape; the defaults depend on the device.
+        softcap (`float`, *optional*): final-logit soft-cap (Gemma-2's `final_logit_softcapping`): the logits are
+            `softcap * tanh(logits / softcap)` before the temperature. `None` or 0 means no cap.
+        logit_scale (`float`, *optional*, defaults to `1.0`): multiplier of the head's logits, before the cap.
 
     Returns:
         `(student_logps, teacher_logps, gap)`: two `[B, T]` fp32 tensors (fp64 for fp64 inputs), exactly 0 at ignored
@@ -363,7 +406,8 @@ def fused_logprob_gap(
     _check_inputs(teacher_hidden, lm_head_weight, labels, "teacher_hidden")
     chunks = _resolve_chunks(student_hidden.device, token_chunk_size, vocab_chunk_size)
     return FusedLogProbGapFunction.apply(
-        student_hidden, teacher_hidden, lm_head_weight, bias, labels, temperature, ignore_index, *chunks
+        student_hidden, teacher_hidden, lm_head_weight, bias, labels, temperature, ignore_index, *chunks,
+        float(logit_scale), softcap or None,
     )
 
 
@@ -376,12 +420,17 @@ def fused_logprobs(
     bias: torch.Tensor | None = None,
     token_chunk_size: int | None = None,
     vocab_chunk_size: int | None = None,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
 ) -> torch.Tensor:
     """
     `[B, T]` fp32 `log_softmax((hidden @ weight.T + bias) / temperature)` gathered at `labels`, 0 where `labels ==
-    ignore_index`, differentiable with respect to `hidden`, `weight` and `bias`; single-path `fused_logprob_gap`.
+    ignore_index`, differentiable with respect to `hidden`, `weight` and `bias`; single-path `fused_logprob_gap`
+    (`softcap` and `logit_scale` as there).
     """
     _check_inputs(hidden, weight, labels, "hidden")
     chunks = _resolve_chunks(hidden.device, token_chunk_size, vocab_chunk_size)
-    logps, _, _ = FusedLogProbGapFunction.apply(hidden, None, weight, bias, labels, temperature, ignore_index, *chunks)
+    logps, _, _ = FusedLogProbGapFunction.apply(
+        hidden, None, weight, bias, labels, temperature, ignore_index, *chunks, float(logit_scale), softcap or None
+    )
     return logps

@@ -1,0 +1,77 @@
+"""pytest plugin for TRL's GRPO tests: offline datasets, and with PBSD_TRL_COMPAT_TRAINER=pbsd, PBSD swapped in.
+
+The swap is what a user does: `GRPOConfig` → `PBSDConfig`, `GRPOTrainer` → `PBSDTrainer`, and a privileged-context
+column added to the datasets. Nothing else of the tests changes.
+"""
+
+import os
+
+import datasets
+import pytest
+
+import stand_ins
+from pbsd_trl import PBSDConfig, PBSDTrainer
+from trl import GRPOConfig
+
+PRIVILEGED_CONTEXT = "A reference answer: keep it short."
+_real_load_dataset = datasets.load_dataset
+
+
+def load_dataset(path, name=None, *args, split=None, **kwargs):
+    if path == f"{stand_ins.ORG}/zen":
+        data = stand_ins.zen(name)
+        return data[split] if split else data
+    return _real_load_dataset(path, name, *args, split=split, **kwargs)
+
+
+def _with_context(dataset):
+    if dataset is None:
+        return None
+    if isinstance(dataset, dict):
+        return type(dataset)({key: _with_context(value) for key, value in dataset.items()})
+    columns = getattr(dataset, "column_names", None) or []
+    if "privileged_context" in columns:
+        return dataset
+    if isinstance(dataset, datasets.Dataset):
+        return dataset.add_column("privileged_context", [PRIVILEGED_CONTEXT] * len(dataset))
+    return dataset.map(lambda row: {**row, "privileged_context": PRIVILEGED_CONTEXT})
+
+
+def _bf16_ok() -> bool:
+    import torch
+    from transformers.utils import is_torch_bf16_gpu_available
+
+    return torch.cuda.is_available() and is_torch_bf16_gpu_available()
+
+
+# Where the machine has no bf16 (CPU-only hosts), the configs' `bf16=None` default resolves to fp32, in both runs
+# alike. Module-level classes: the trainers pickle their config.
+class FP32GRPOConfig(GRPOConfig):
+    def __post_init__(self):
+        if self.bf16 is None and not _bf16_ok():
+            self.bf16 = False
+        super().__post_init__()
+
+
+class FP32PBSDConfig(PBSDConfig):
+    def __post_init__(self):
+        if self.bf16 is None and not _bf16_ok():
+            self.bf16 = False
+        super().__post_init__()
+
+
+class SwappedTrainer(PBSDTrainer):
+    def __init__(self, *args, train_dataset=None, eval_dataset=None, **kwargs):
+        super().__init__(*args, train_dataset=_with_context(train_dataset), eval_dataset=_with_context(eval_dataset), **kwargs)
+
+
+@pytest.fixture(autouse=True)
+def _offline_and_swap(request, monkeypatch):
+    module = request.module
+    if hasattr(module, "load_dataset"):
+        monkeypatch.setattr(module, "load_dataset", load_dataset)
+    pbsd = os.environ.get("PBSD_TRL_COMPAT_TRAINER") == "pbsd"
+    if hasattr(module, "GRPOConfig"):
+        monkeypatch.setattr(module, "GRPOConfig", FP32PBSDConfig if pbsd else FP32GRPOConfig)
+    if pbsd and hasattr(module, "GRPOTrainer"):
+        monkeypatch.setattr(module, "GRPOTrainer", SwappedTrainer)
