@@ -1,17 +1,3 @@
-# Copyright 2026 The PBSD-TRL Authors. All rights reserved.
-#
-# Licensed under the Apache License, Version 2.0 (the "License");
-# you may not use this file except in compliance with the License.
-# You may obtain a copy of the License at
-#
-#     http://www.apache.org/licenses/LICENSE-2.0
-#
-# Unless required by applicable law or agreed to in writing, software
-# distributed under the License is distributed on an "AS IS" BASIS,
-# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
-# See the License for the specific language governing permissions and
-# limitations under the License.
-
 """
 Seconds per optimizer step and peak memory of GRPO vs PBSD at the same number of sampled completions per prompt.
 
@@ -31,7 +17,7 @@ optimizer and scheduler steps and `zero_grad`. Trainer methods are wrapped with 
 `_sequence_logps` outside the loss (teacher scoring), the rest of `_generate_and_score_completions` (tokenization,
 padding, decoding, metrics), `compute_loss` (loss forward), `accelerator.backward`, and the remainder (clipping,
 optimizer). Peak memory is the process's resident high-water mark during the step minus the resident size before it
-(`_PeakMemory` of `bench_logprob_kernel.py`), plus the persistent state each trainer holds (parameters, the
+(`PeakMemory` of `bench_utils.py`), plus the persistent state each trainer holds (parameters, the
 separate teacher copy, optimizer state).
 
 Usage:
@@ -58,12 +44,10 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from bench_utils import PeakMemory, machine_description, pyplot, report_header, result_stem
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench_logprob_kernel import _PeakMemory, machine_description, pyplot, report_header, result_stem  # noqa: E402
+from pbsd_trl.models import load_model_and_tokenizer
+from pbsd_trl.rewards import math_accuracy_reward
 
 
 TARGET_RATIO = 1.3
@@ -85,6 +69,7 @@ def _now():
 def _since(start):
     now = _now()
     return {clock: now[clock] - start[clock] for clock in CLOCKS}
+
 
 BUCKETS = (
     "gen_student",
@@ -123,12 +108,25 @@ BASELINE = "GRPO G=8"
 # Qwen's vocabulary size, where the LM head is most of the compute; a random model samples to the length limit.
 CONFIGS = {
     "math-tiny": dict(
-        model="base", prompts=8, max_completion_length=56, rounds=10, warmup=1,
+        model="base",
+        prompts=8,
+        max_completion_length=56,
+        rounds=10,
+        warmup=1,
         description="built-in tiny base model (`get_base_model('math')`), V=105, H=128, 4 layers; 8 prompts/step",
     ),
     "vocab-151k": dict(
-        model="random", vocab_size=151_936, hidden_size=128, num_hidden_layers=2, intermediate_size=512,
-        num_attention_heads=4, num_key_value_heads=4, prompts=4, max_completion_length=32, rounds=4, warmup=1,
+        model="random",
+        vocab_size=151_936,
+        hidden_size=128,
+        num_hidden_layers=2,
+        intermediate_size=512,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        prompts=4,
+        max_completion_length=32,
+        rounds=4,
+        warmup=1,
         description="random Qwen2, V=151,936, H=128, 2 layers (LM head, tied to the embeddings, 19.4M of 20.0M parameters); 4 prompts/step",
     ),
 }
@@ -136,20 +134,47 @@ CONFIGS = {
 CUDA_CONFIGS = {
     "math-tiny": CONFIGS["math-tiny"],
     "qwen2.5-0.5b-shape": dict(
-        model="random", vocab_size=151_936, hidden_size=896, num_hidden_layers=24, intermediate_size=4864,
-        num_attention_heads=14, num_key_value_heads=2, prompts=8, max_completion_length=128, rounds=5, warmup=1,
+        model="random",
+        vocab_size=151_936,
+        hidden_size=896,
+        num_hidden_layers=24,
+        intermediate_size=4864,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        prompts=8,
+        max_completion_length=128,
+        rounds=5,
+        warmup=1,
         description="random Qwen2 of Qwen2.5-0.5B's shape (V=151,936, H=896, 24 layers, 494M parameters); 8 prompts/step",
     ),
 }
 QUICK_CONFIGS = {
     "math-tiny": dict(
-        model="random", vocab_size=None, hidden_size=32, num_hidden_layers=2, intermediate_size=64,
-        num_attention_heads=2, num_key_value_heads=2, prompts=2, max_completion_length=8, rounds=2, warmup=1,
+        model="random",
+        vocab_size=None,
+        hidden_size=32,
+        num_hidden_layers=2,
+        intermediate_size=64,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        prompts=2,
+        max_completion_length=8,
+        rounds=2,
+        warmup=1,
         description="random test-size model (quick mode), character vocabulary; 2 prompts/step",
     ),
     "vocab-4k": dict(
-        model="random", vocab_size=4096, hidden_size=32, num_hidden_layers=1, intermediate_size=64,
-        num_attention_heads=2, num_key_value_heads=2, prompts=2, max_completion_length=8, rounds=2, warmup=1,
+        model="random",
+        vocab_size=4096,
+        hidden_size=32,
+        num_hidden_layers=1,
+        intermediate_size=64,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        prompts=2,
+        max_completion_length=8,
+        rounds=2,
+        warmup=1,
         description="random model, V=4,096 (quick mode); 2 prompts/step",
     ),
 }
@@ -161,13 +186,20 @@ def build_model(spec, seed=0):
     from pbsd_trl.tiny import build_char_tokenizer, build_random_model
 
     if spec["model"] == "base":
-        from pbsd_trl.recipes import load_model_and_tokenizer
         from pbsd_trl.tiny import get_base_model
 
         return load_model_and_tokenizer(get_base_model("math"), dtype=torch.float32)
     tokenizer = build_char_tokenizer()
-    fields = {k: spec[k] for k in ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
-                                   "num_key_value_heads")}
+    fields = {
+        k: spec[k]
+        for k in (
+            "hidden_size",
+            "num_hidden_layers",
+            "intermediate_size",
+            "num_attention_heads",
+            "num_key_value_heads",
+        )
+    }
     model = build_random_model(tokenizer, size="base", seed=seed, vocab_size=spec.get("vocab_size"), **fields)
     return model, tokenizer
 
@@ -177,7 +209,6 @@ def build_trainer(kind, num_generations, fused, model, tokenizer, dataset, spec,
 
     from pbsd_trl import PBSDConfig, PBSDTrainer
     from pbsd_trl.data.math_task import MATH_TEACHER_TEMPLATE
-    from pbsd_trl.recipes import _math_rewards
 
     common = dict(
         output_dir=output_dir,
@@ -201,12 +232,14 @@ def build_trainer(kind, num_generations, fused, model, tokenizer, dataset, spec,
     )
     if kind == "grpo":
         args = GRPOConfig(**common, beta=0.0)
-        return GRPOTrainer(model, _math_rewards(), args=args, train_dataset=dataset, processing_class=tokenizer)
+        return GRPOTrainer(model, [math_accuracy_reward], args=args, train_dataset=dataset, processing_class=tokenizer)
     args = PBSDConfig(
-        **common, num_teacher_generations=num_generations, use_fused_logprob_kernel=fused,
+        **common,
+        num_teacher_generations=num_generations,
+        use_fused_logprob_kernel=fused,
         teacher_prompt_template=MATH_TEACHER_TEMPLATE,
     )
-    return PBSDTrainer(model, _math_rewards(), args=args, train_dataset=dataset, processing_class=tokenizer)
+    return PBSDTrainer(model, [math_accuracy_reward], args=args, train_dataset=dataset, processing_class=tokenizer)
 
 
 # ------------------------------------------------------------------------------------------------------------- probes
@@ -220,8 +253,12 @@ class StepProbe:
         self.in_loss = False
         self._wrap(trainer, "_generate", self._on_generate)
         self._wrap(trainer, "_calculate_rewards", lambda s: self._add("rewards", s))
-        self._wrap(trainer, "_generate_and_score_completions", lambda s: self._add("gen_and_score", s),
-                   on_result=self._on_output)
+        self._wrap(
+            trainer,
+            "_generate_and_score_completions",
+            lambda s: self._add("gen_and_score", s),
+            on_result=self._on_output,
+        )
         self._wrap(trainer, "compute_loss", lambda s: self._add("loss_forward", s), flag="in_loss")
         self._wrap(trainer.accelerator, "backward", lambda s: self._add("backward", s))
         if hasattr(trainer, "_sequence_logps"):
@@ -257,11 +294,16 @@ class StepProbe:
 
     def _on_output(self, output):
         """Padded widths of the generation batch: what the scoring passes run over."""
-        self.shapes = {"rows": output["prompt_ids"].size(0), "prompt_width": output["prompt_ids"].size(1),
-                       "completion_width": output["completion_ids"].size(1)}
+        self.shapes = {
+            "rows": output["prompt_ids"].size(0),
+            "prompt_width": output["prompt_ids"].size(1),
+            "completion_width": output["completion_ids"].size(1),
+        }
         if "teacher_prompt_ids" in output:
-            self.shapes.update(teacher_prompt_width=output["teacher_prompt_ids"].size(1),
-                               teacher_completion_width=output["teacher_completion_ids"].size(1))
+            self.shapes.update(
+                teacher_prompt_width=output["teacher_prompt_ids"].size(1),
+                teacher_completion_width=output["teacher_completion_ids"].size(1),
+            )
 
     def _on_sequence_logps(self, seconds):
         if not self.in_loss:
@@ -306,7 +348,7 @@ class Contender:
         trainer = self.trainer
         batch = next(self.batches)
         self.probe.begin()
-        with _PeakMemory(DEVICE) as memory:
+        with PeakMemory(DEVICE) as memory:
             start = _now()
             trainer.training_step(trainer.model, batch, None)
             if trainer.args.max_grad_norm > 0:
@@ -338,8 +380,12 @@ class Contender:
         optimizer = _tensor_bytes(
             v for state in trainer.optimizer.state.values() for v in state.values() if torch.is_tensor(v)
         )
-        return {"parameters": params, "teacher_copy": teacher_copy, "optimizer_state": optimizer,
-                "total": params + teacher_copy + optimizer}
+        return {
+            "parameters": params,
+            "teacher_copy": teacher_copy,
+            "optimizer_state": optimizer,
+            "total": params + teacher_copy + optimizer,
+        }
 
     def summary(self):
         measured = [r for r in self.records if r["measured"]]
@@ -380,7 +426,14 @@ def run_config(config_name, spec, tmp_dir):
     contenders = []
     for name, kind, num_student, num_teacher, fused in CONTENDERS:
         trainer = build_trainer(
-            kind, num_student, fused, copy.deepcopy(base_model), tokenizer, dataset, spec, total_steps,
+            kind,
+            num_student,
+            fused,
+            copy.deepcopy(base_model),
+            tokenizer,
+            dataset,
+            spec,
+            total_steps,
             str(Path(tmp_dir) / config_name / name.replace(" ", "_")),
         )
         contenders.append(Contender(name, trainer, num_student, num_teacher, fused, total_steps))
@@ -418,7 +471,7 @@ def run_config(config_name, spec, tmp_dir):
     per_round = {c: [t[MATCHED][c] / t[MATCHED_UNFUSED][c] for t in round_times] for c in CLOCKS}
     return {
         "config": config_name,
-        "spec": {k: v for k, v in spec.items()},
+        "spec": dict(spec),
         "rounds": rounds,
         "warmup": warmup,
         "contenders": summaries,
@@ -483,17 +536,29 @@ def analysis_lines(result, clock=None):
     merged_gen_saving = max(gen_pbsd - gen_grpo, 0.0)
     ratio = pbsd["time_ratio"][clock]
     whatifs = [
-        ("score the teacher prompt once per prompt group and reuse its KV cache for the group's "
-         f"{2 * group} completions (both passes)", prefix_saving),
-        ("take the teacher's log-probs of its own samples from its sampling pass (exact only without top-k/top-p, and"
-         " up to cached-decoding rounding) instead of a rescoring pass", sampling_logps_saving),
-        ("draw student and teacher samples in one `generate` call (only when they share weights:"
-         " `teacher_model_kind='live'` or `teacher_samples_from='live'`), costed as GRPO's call (a lower bound: the"
-         " merged batch still carries the wider teacher prompts)", merged_gen_saving),
+        (
+            "score the teacher prompt once per prompt group and reuse its KV cache for the group's "
+            f"{2 * group} completions (both passes)",
+            prefix_saving,
+        ),
+        (
+            "take the teacher's log-probs of its own samples from its sampling pass (exact only without top-k/top-p, and"
+            " up to cached-decoding rounding) instead of a rescoring pass",
+            sampling_logps_saving,
+        ),
+        (
+            "draw student and teacher samples in one `generate` call (only when they share weights:"
+            " `teacher_model_kind='live'` or `teacher_samples_from='live'`), costed as GRPO's call (a lower bound: the"
+            " merged batch still carries the wider teacher prompts)",
+            merged_gen_saving,
+        ),
         ("all three", merged_gen_saving + both_scoring_saving),
     ]
-    lines += ["", f"Rough what-if estimates from these {clock} buckets (time taken as proportional to positions; not"
-              " measured):", ""]
+    lines += [
+        "",
+        f"Rough what-if estimates from these {clock} buckets (time taken as proportional to positions; not measured):",
+        "",
+    ]
     lines += ["| change | saves s/step | PBSD/GRPO after |", "|---|---|---|"]
     for text, saving in whatifs:
         lines.append(f"| {text} | {saving:.3f} | {ratio * (step - saving) / step:.2f}× |")
@@ -540,7 +605,8 @@ def write_markdown(path, results, machine, command, quick):
         " `_generate_and_score_completions` (tokenizing, padding, decoding, metrics); `loss fwd` = `compute_loss`"
         " (PBSD: one student forward over student+teacher samples; GRPO: forward with entropies); `backward` ="
         " `accelerator.backward`; `optim+other` = clipping, optimizer and scheduler steps.",
-        MEMORY_TEXT[DEVICE] + " `persistent` = parameters + PBSD's frozen teacher copy + AdamW state, which live between steps;"
+        MEMORY_TEXT[DEVICE]
+        + " `persistent` = parameters + PBSD's frozen teacher copy + AdamW state, which live between steps;"
         " `total` = persistent + step peak.",
     ]
     if quick:
@@ -557,7 +623,8 @@ def write_markdown(path, results, machine, command, quick):
             "",
             f"| contender | samples/prompt | {PRIMARY} s/step | × GRPO | wall s/step | × GRPO | step peak MiB | × GRPO"
             " | persistent MiB | total MiB | × GRPO | "
-            + " | ".join(BUCKET_TITLES[b] for b in BUCKETS) + " | student len | teacher len |",
+            + " | ".join(BUCKET_TITLES[b] for b in BUCKETS)
+            + " | student len | teacher len |",
             "|" + "---|" * (13 + len(BUCKETS)),
         ]
         for s in result["contenders"]:
@@ -593,7 +660,8 @@ def write_markdown(path, results, machine, command, quick):
             f"- Fused kernel on vs off (PBSD 4+4 / PBSD 4+4 TRL head): time {fused[PRIMARY]:.2f}× {PRIMARY}"
             f" ({fused['wall']:.2f}× wall), step peak memory {result['fused_vs_unfused_extra_peak_ratio']:.2f}×.",
             f"- Extra {PRIMARY} seconds of PBSD 4+4 over GRPO G=8, by bucket: "
-            + ", ".join(f"{BUCKET_TITLES[k]} {v:+.3f}" for k, v in attribution(result)) + ".",
+            + ", ".join(f"{BUCKET_TITLES[k]} {v:+.3f}" for k, v in attribution(result))
+            + ".",
             "",
             "Where the time goes:",
             "",
@@ -616,16 +684,22 @@ def write_plot(path, results):
         return
     fig, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 4.8), squeeze=False)
     colors = plt.get_cmap("tab10").colors
-    for ax, result in zip(axes[0], results):
+    for ax, result in zip(axes[0], results, strict=True):
         names = [s["name"] for s in result["contenders"]]
         bottom = [0.0] * len(names)
         for i, bucket in enumerate(BUCKETS):
             values = [max(s["median_breakdown_s"][PRIMARY][bucket], 0.0) for s in result["contenders"]]
             ax.bar(names, values, bottom=bottom, label=BUCKET_TITLES[bucket], color=colors[i % len(colors)])
-            bottom = [b + v for b, v in zip(bottom, values)]
+            bottom = [b + v for b, v in zip(bottom, values, strict=True)]
         for j, s in enumerate(result["contenders"]):
-            ax.text(j, bottom[j], f"{s['median_s'][PRIMARY]:.2f}s\n{s['time_ratio'][PRIMARY]:.2f}× GRPO",
-                    ha="center", va="bottom", fontsize=8)
+            ax.text(
+                j,
+                bottom[j],
+                f"{s['median_s'][PRIMARY]:.2f}s\n{s['time_ratio'][PRIMARY]:.2f}× GRPO",
+                ha="center",
+                va="bottom",
+                fontsize=8,
+            )
         ax.set_title(f"{result['config']}: {PRIMARY} seconds per step (median), by bucket")
         ax.set_ylim(0, max(bottom) * 1.2)
         ax.tick_params(axis="x", labelsize=8, rotation=15)
@@ -642,8 +716,9 @@ def parse_args(argv=None):
     parser.add_argument("--configs", nargs="+", default=None, help="subset of the configurations to run")
     parser.add_argument("--rounds", type=int, default=None, help="measured rounds per configuration (override)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: shared host)")
-    parser.add_argument("--name", default=None, help="stem of the result files (default step_cost, on CUDA"
-                        " step_cost_cuda_<gpu name>)")
+    parser.add_argument(
+        "--name", default=None, help="stem of the result files (default step_cost, on CUDA step_cost_cuda_<gpu name>)"
+    )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     return parser.parse_args(argv)
 
@@ -683,8 +758,13 @@ def main(argv=None):
         pass
     machine["wall_seconds"] = round(time.perf_counter() - started, 1)
     stem = args.output_dir / args.name
-    payload = {"command": command, "machine": machine, "quick": args.quick, "target_ratio": TARGET_RATIO,
-               "results": results}
+    payload = {
+        "command": command,
+        "machine": machine,
+        "quick": args.quick,
+        "target_ratio": TARGET_RATIO,
+        "results": results,
+    }
     stem.with_suffix(".json").write_text(json.dumps(payload, indent=1, default=str))
     write_markdown(stem.with_suffix(".md"), results, machine, command, args.quick)
     if not args.quick:

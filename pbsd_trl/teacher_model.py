@@ -150,10 +150,12 @@ class TeacherWeights:
         adapter = None if self.kind == "base" else TEACHER_ADAPTER_NAME
         # set_adapter flips requires_grad on the adapters: remember the student's flags and put them back
         flags = [p.requires_grad for p in model.parameters()]
-        with use_adapter(model, adapter):
-            yield
-        for param, flag in zip(model.parameters(), flags, strict=True):
-            param.requires_grad_(flag)
+        try:
+            with use_adapter(model, adapter):
+                yield
+        finally:  # also when interrupted (Ctrl-C in a notebook): the student's trainable set stays the student's
+            for param, flag in zip(model.parameters(), flags, strict=True):
+                param.requires_grad_(flag)
 
     @torch.no_grad()
     def ema_update(self) -> None:

@@ -1,4 +1,3 @@
-# Copyright 2026 The pbsd-trl authors. Licensed under the Apache License, Version 2.0.
 """A tiny offline base model for trying PBSD on a laptop CPU.
 
 Everything is built from code, nothing is downloaded:

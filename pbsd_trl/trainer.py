@@ -16,29 +16,29 @@ from trl.trainer.utils import add_fused_lm_head
 from .agent import AgentRollouts
 from .config import PBSDConfig
 from .grpo_features import GRPOLossFeatures
-from .logprobs import add_pbsd_logprob_head, concat_prompt_completion, pad_token_lists, right_pad_to
+from .logprobs import (
+    add_pbsd_logprob_head,
+    concat_prompt_completion,
+    pad_token_lists,
+    reset_forward_patches,
+    right_pad_to,
+)
 from .loss import (
     DROPPED_LABEL,
     FLIPPED_LABEL,
+    all_pairs,
     implicit_log_ratios,
-    logistic_preference_loss,
-    pair_margins,
+    matched_pairs,
+    pair_labels_of,
+    pbsd_loss,
     preference_labels,
 )
 from .rewards.guard import guard_reward_funcs
+from .rewards.validation import weighted_reward_sum
 from .teacher import TeacherPromptBuilder
 from .teacher_model import TEACHER_STATE_FILE, TeacherEMACallback, TeacherWeights
 
 logger = logging.getLogger(__name__)
-
-# Output keys whose first dimension is the batch: they survive GRPO's shuffle/split of the generation batch.
-_TEACHER_KEYS = (
-    "teacher_prompt_ids",
-    "teacher_prompt_mask",
-    "teacher_completion_ids",
-    "teacher_completion_mask",
-)
-
 
 def _no_reward(prompts, completions, **kwargs):
     """Placeholder that lets GRPOTrainer construct without reward functions; removed right after."""
@@ -115,6 +115,8 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
 
         self._has_reward_funcs = bool(reward_funcs)
         reward_funcs = guard_reward_funcs(reward_funcs) if reward_funcs else [_no_reward]
+        if isinstance(model, torch.nn.Module):  # a model object a previous trainer patched (a re-run notebook cell)
+            reset_forward_patches(model.get_base_model() if hasattr(model, "peft_config") else model)
         super().__init__(
             model=model,
             reward_funcs=reward_funcs,
@@ -184,6 +186,20 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
         self._pair_table = {}  # mode -> global per-row values that `pairing="all"` pairs against
         self._teacher_tokens_seen = 0
 
+    def train(self, *args, **kwargs):
+        # A `train()` interrupted mid-step (Ctrl-C in a notebook) leaves that step's partial metrics, completions
+        # table, pair table and buffered generation batch behind: a new run starts without them, as a new trainer
+        # would (the Trainer builds a new `TrainerState` too, so the token counts restart with it).
+        for metrics in self._metrics.values():
+            metrics.clear()
+        for logs in self._logs.values():
+            for values in logs.values() if isinstance(logs, dict) else [logs]:
+                values.clear()
+        self._pair_table.clear()
+        self._teacher_tokens_seen = 0
+        self._step, self._buffered_inputs = 0, None
+        return super().train(*args, **kwargs)
+
     # ---- construction checks ------------------------------------------------------------------------------------
     @staticmethod
     def _named_datasets(train_dataset, eval_dataset):
@@ -240,10 +256,9 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
         """Weighted sum over reward functions per row (NaN where every function returned None); None without any."""
         if rewards_per_func.size(1) == 0:
             return None
-        weights = self.reward_weights.to(rewards_per_func.device)
-        total = (rewards_per_func * weights).nansum(dim=1)
-        total[torch.isnan(rewards_per_func).all(dim=1)] = torch.nan
-        return total
+        totals = weighted_reward_sum(rewards_per_func.T.tolist(), self.reward_weights.tolist())
+        values = [torch.nan if total is None else total for total in totals]
+        return torch.tensor(values, dtype=torch.float32, device=rewards_per_func.device)
 
     # ---- teacher sampling ---------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -271,17 +286,19 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
         tokens_seen = self.state.num_input_tokens_seen
         num_tokens = metrics.get("num_tokens")
         num_tokens = list(num_tokens) if num_tokens is not None else None
-        yield
-        for key in [k for k in metrics if k.startswith(("completions/", "tools/"))]:
-            new_values = metrics[key][before.get(key, 0) :]
-            del metrics[key][before.get(key, 0) :]
-            metrics[f"pbsd/teacher_{key}"].extend(new_values)
-        self._teacher_tokens_seen += self.state.num_input_tokens_seen - tokens_seen
-        self.state.num_input_tokens_seen = tokens_seen
-        if num_tokens is None:
-            metrics.pop("num_tokens", None)
-        else:
-            metrics["num_tokens"] = num_tokens
+        try:
+            yield
+        finally:  # also when interrupted: the student's metrics keep no teacher entries
+            for key in [k for k in metrics if k.startswith(("completions/", "tools/"))]:
+                new_values = metrics[key][before.get(key, 0) :]
+                del metrics[key][before.get(key, 0) :]
+                metrics[f"pbsd/teacher_{key}"].extend(new_values)
+            self._teacher_tokens_seen += self.state.num_input_tokens_seen - tokens_seen
+            self.state.num_input_tokens_seen = tokens_seen
+            if num_tokens is None:
+                metrics.pop("num_tokens", None)
+            else:
+                metrics["num_tokens"] = num_tokens
 
     @contextlib.contextmanager
     def _isolated_reward_logs(self):
@@ -491,38 +508,27 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
             "student_reward": gather(student_rewards if student_rewards is not None else nan),
         }
         self._pair_table[mode] = table
-        labels = self._all_pair_labels(table["teacher_reward"], table["student_reward"])
-        valid = self._all_pair_mask(table["group"], table["has_teacher"], table["group"])
-        return (valid & (labels != DROPPED_LABEL)).sum()
-
-    def _all_pair_labels(self, teacher_rewards, student_rewards):
-        """`(N_T, N_S)` labels of every teacher × student pair (rows: teacher samples, columns: student samples)."""
-        if self.args.pair_labels == "role":
-            return torch.ones(teacher_rewards.size(0), student_rewards.size(0), device=teacher_rewards.device)
-        return preference_labels(
-            teacher_rewards.unsqueeze(1).expand(-1, student_rewards.size(0)),
-            student_rewards.unsqueeze(0).expand(teacher_rewards.size(0), -1),
-            self.args.pair_labels,
-            self.args.tie_policy,
+        pairs = all_pairs(table["group"], table["group"], table["has_teacher"])
+        labels = pair_labels_of(
+            pairs, table["teacher_reward"], table["student_reward"], self.args.pair_labels, self.args.tie_policy
         )
+        return (labels != DROPPED_LABEL).sum()
 
-    @staticmethod
-    def _all_pair_mask(teacher_groups, teacher_has_sample, student_groups):
-        return (teacher_groups.unsqueeze(1) == student_groups.unsqueeze(0)) & teacher_has_sample.unsqueeze(1)
+    def _global_mean(self, values, mask=None):
+        """Mean of `values` over `mask` (default: all) and every process, NaN entries left out; NaN when empty."""
+        values = values.detach().float()
+        mask = torch.ones_like(values, dtype=torch.bool) if mask is None else mask.bool()
+        mask = mask & ~torch.isnan(values)
+        stats = torch.stack([values.masked_fill(~mask, 0).sum(), mask.float().sum()])
+        total, count = self.accelerator.reduce(stats, reduction="sum").tolist()
+        return total / count if count else float("nan")
 
     def _log_generation_metrics(
         self, mode, has_teacher, labels, teacher_rewards, student_rewards, teacher_lengths, student_lengths, truncated
     ):
         metrics = self._metrics[mode]
         device = has_teacher.device
-
-        def global_mean(values, mask=None):
-            mask = torch.ones_like(values, dtype=torch.bool) if mask is None else mask
-            mask = mask & ~torch.isnan(values.float())
-            stats = torch.stack([values.float().masked_fill(~mask, 0).sum(), mask.float().sum()])
-            total, count = self.accelerator.reduce(stats, reduction="sum").tolist()
-            return total / count if count else float("nan")
-
+        global_mean = self._global_mean
         metrics["pbsd/teacher_length"].append(global_mean(teacher_lengths.float(), has_teacher))
         metrics["pbsd/student_length"].append(global_mean(student_lengths.float()))
         truncated = torch.tensor(truncated, dtype=torch.float32, device=device)
@@ -570,11 +576,12 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
         student_log_ratios = implicit_log_ratios(policy_student, inputs["teacher_logps_student_samples"], lengths_s)
 
         if args.pairing == "matched":
-            labels = inputs["pbsd_labels"]
-            kept = inputs["pbsd_has_teacher"] & (labels != DROPPED_LABEL)
-            margins = pair_margins(teacher_log_ratios, student_log_ratios, labels, args.pbsd_beta)
-            loss_sum = (logistic_preference_loss(margins, args.label_smoothing) * kept).sum()
-            metric_margins, metric_kept = margins, kept
+            labels = inputs["pbsd_labels"].masked_fill(~inputs["pbsd_has_teacher"], DROPPED_LABEL)
+            loss_sum, metric_margins = pbsd_loss(
+                teacher_log_ratios, student_log_ratios, matched_pairs(num_rows, labels.device), labels,
+                args.pbsd_beta, args.label_smoothing, reduction="sum",
+            )
+            metric_kept = labels != DROPPED_LABEL
         else:
             loss_sum, metric_margins, metric_kept = self._all_pairs_loss_sum(
                 mode, inputs["pbsd_row_index"], teacher_log_ratios, student_log_ratios
@@ -603,36 +610,36 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
         student sample), so the value is halved while the gradient keeps both halves.
         """
         table = self._pair_table[mode]
-        beta, smoothing = self.args.pbsd_beta, self.args.label_smoothing
-        groups = table["group"][row_index]
-        # teacher side: this row's teacher sample against every student sample of its prompt
-        labels_t = self._all_pair_labels(table["teacher_reward"][row_index], table["student_reward"])
-        mask_t = self._all_pair_mask(groups, table["has_teacher"][row_index], table["group"]) & (labels_t != 0)
-        margins_t = pair_margins(teacher_log_ratios.unsqueeze(1), table["student_log_ratio"].unsqueeze(0), labels_t, beta)
-        # student side: every teacher sample of its prompt against this row's student sample
-        labels_s = self._all_pair_labels(table["teacher_reward"], table["student_reward"][row_index]).T
-        mask_s = self._all_pair_mask(table["group"], table["has_teacher"], groups).T & (labels_s != 0)
-        margins_s = pair_margins(table["teacher_log_ratio"].unsqueeze(0), student_log_ratios.unsqueeze(1), labels_s, beta)
-        surrogate = (logistic_preference_loss(margins_t, smoothing) * mask_t).sum() + (
-            logistic_preference_loss(margins_s, smoothing) * mask_s
-        ).sum()
+        args = self.args
+
+        def side_loss(teacher_rows, student_rows, teacher_log_ratio, student_log_ratio):
+            pairs = all_pairs(table["group"][teacher_rows], table["group"][student_rows], table["has_teacher"][teacher_rows])
+            labels = pair_labels_of(
+                pairs, table["teacher_reward"][teacher_rows], table["student_reward"][student_rows],
+                args.pair_labels, args.tie_policy,
+            )
+            loss, margins = pbsd_loss(
+                teacher_log_ratio, student_log_ratio, pairs, labels, args.pbsd_beta, args.label_smoothing, "sum"
+            )
+            return loss, margins[labels != DROPPED_LABEL]
+
+        every_row = slice(None)
+        # teacher side: this micro-batch's teacher samples against every student sample of their prompts
+        loss_t, margins = side_loss(row_index, every_row, teacher_log_ratios, table["student_log_ratio"])
+        # student side: every teacher sample of their prompts against this micro-batch's student samples
+        loss_s, _ = side_loss(every_row, row_index, table["teacher_log_ratio"], student_log_ratios)
+        surrogate = loss_t + loss_s
         loss_sum = surrogate - surrogate.detach() / 2
-        return loss_sum, margins_t[mask_t], torch.ones_like(margins_t[mask_t], dtype=torch.bool)
+        return loss_sum, margins, torch.ones_like(margins, dtype=torch.bool)
 
     def _log_loss_metrics(self, mode, margins, kept, teacher_log_ratios, student_log_ratios, has_teacher, student_kl):
         metrics = self._metrics[mode]
-
-        def global_mean(values, mask):
-            stats = torch.stack([(values.detach().float() * mask).sum(), mask.float().sum()])
-            total, count = self.accelerator.reduce(stats, reduction="sum").tolist()
-            return total / count if count else float("nan")
-
-        kept = kept.float()
+        global_mean = self._global_mean
         metrics["pbsd/margin"].append(global_mean(margins, kept))
         metrics["pbsd/preference_accuracy"].append(global_mean((margins > 0).float(), kept))
-        metrics["pbsd/log_ratio_teacher_samples"].append(global_mean(teacher_log_ratios, has_teacher.float()))
-        metrics["pbsd/log_ratio_student_samples"].append(global_mean(student_log_ratios, torch.ones_like(student_log_ratios)))
-        metrics["pbsd/kl_student_teacher"].append(global_mean(student_kl, torch.ones_like(student_kl)))
+        metrics["pbsd/log_ratio_teacher_samples"].append(global_mean(teacher_log_ratios, has_teacher))
+        metrics["pbsd/log_ratio_student_samples"].append(global_mean(student_log_ratios))
+        metrics["pbsd/kl_student_teacher"].append(global_mean(student_kl))
 
     # ---- checkpoints --------------------------------------------------------------------------------------------
     def _save_checkpoint(self, model, trial):

@@ -1,4 +1,3 @@
-# Copyright 2026 The pbsd-trl authors. Licensed under the Apache License, Version 2.0.
 import json
 import os
 import random
@@ -18,11 +17,6 @@ from pbsd_trl.tiny import (
     tiny_model_config,
     warm_start,
 )
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_char_tokenizer()
 
 
 def test_tokenizer_round_trip(tokenizer):

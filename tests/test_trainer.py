@@ -6,24 +6,21 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig
+from testing_utils import save_tiny_model
 from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
 from pbsd_trl import PBSDConfig, PBSDTrainer
 from pbsd_trl.data.math_task import make_math_dataset
 from pbsd_trl.teacher_model import TEACHER_ADAPTER_NAME
-from pbsd_trl.tiny import build_char_tokenizer, build_random_model
+from pbsd_trl.tiny import build_random_model
+
 
 TEMPLATE = "{prompt} Reference solution: {privileged_context}"
 
 
 def contains_answer(completions, answer, **kwargs):
     return [float(a in c[0]["content"]) for c, a in zip(completions, answer, strict=True)]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_char_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +66,7 @@ def test_teacher_scores_with_teacher_prompt_and_weights_student_with_its_own(tmp
                           peft_config=lora() if use_peft else None)
     # move the student away from its initial weights so that teacher (= base) and student differ
     with torch.no_grad():
-        for name, param in trainer.model.named_parameters():
+        for param in trainer.model.parameters():
             if param.requires_grad:
                 param.add_(torch.randn_like(param) * 0.5)
     trainer.model.train()
@@ -142,9 +139,7 @@ def run_script(trainer_cls, config_cls, model_dir, dataset, output_dir):
 
 
 def test_swap_in_for_grpo(tmp_path, tokenizer, dataset):
-    model_dir = str(tmp_path / "model")
-    build_random_model(tokenizer, seed=2).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    model_dir = save_tiny_model(tmp_path / "model", tokenizer, seed=2)
     initial = {n: p.clone() for n, p in build_random_model(tokenizer, seed=2).named_parameters()}
 
     grpo = run_script(GRPOTrainer, GRPOConfig, model_dir, dataset, str(tmp_path / "grpo"))

@@ -9,9 +9,6 @@ top of TRL and PBSD is in `vllm_support.py`, and only there.
 import pytest
 import torch
 from peft import LoraConfig
-
-from pbsd_trl.data.math_task import make_math_dataset
-from pbsd_trl.tiny import load_tokenizer
 from vllm_support import (
     MAX_MODEL_LEN,
     GenerationRecorder,
@@ -21,6 +18,10 @@ from vllm_support import (
     requires_vllm,
     set_engine_env,
 )
+
+from pbsd_trl.data.math_task import make_math_dataset
+from pbsd_trl.tiny import load_tokenizer
+
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, requires_vllm]
 
@@ -54,9 +55,21 @@ def dataset():
 
 def common_args(tmp_path, **kwargs):
     args = dict(
-        output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4, max_completion_length=8,
-        max_steps=STEPS, learning_rate=1e-2, logging_steps=1, report_to=[], bf16=False, use_cpu=True,
-        save_strategy="no", seed=0, use_vllm=True, vllm_mode="colocate", vllm_max_model_length=MAX_MODEL_LEN,
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=8,
+        max_steps=STEPS,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to=[],
+        bf16=False,
+        use_cpu=True,
+        save_strategy="no",
+        seed=0,
+        use_vllm=True,
+        vllm_mode="colocate",
+        vllm_max_model_length=MAX_MODEL_LEN,
     )
     args.update(kwargs)
     return args
@@ -93,8 +106,9 @@ def test_grpo_colocate_control(model_dir, tokenizer, dataset, tmp_path):
     from trl import GRPOConfig, GRPOTrainer
 
     args = GRPOConfig(**common_args(tmp_path))
-    trainer, probe, recorder = build(GRPOTrainer, model_dir, tokenizer, reward_funcs=digit_reward, args=args,
-                                     train_dataset=dataset)
+    trainer, probe, recorder = build(
+        GRPOTrainer, model_dir, tokenizer, reward_funcs=digit_reward, args=args, train_dataset=dataset
+    )
     trainer.train()
     assert trainer.state.global_step == STEPS
     assert len(recorder.calls) == STEPS  # GRPO: one generation call per step
@@ -138,8 +152,14 @@ def test_pbsd_colocate_base_teacher_lora(model_dir, tokenizer, dataset, tmp_path
     # teacher's log-probs stay the base model's.
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
     trainer, probe, recorder = pbsd_trainer(
-        model_dir, tokenizer, dataset, tmp_path, teacher_model_kind="base", teacher_samples_from="live",
-        peft_config=lora, learning_rate=5e-2,
+        model_dir,
+        tokenizer,
+        dataset,
+        tmp_path,
+        teacher_model_kind="base",
+        teacher_samples_from="live",
+        peft_config=lora,
+        learning_rate=5e-2,
     )
     trainer.train()
     check_pbsd_run(trainer, probe, recorder, tokenizer)

@@ -7,8 +7,15 @@ from pbsd_trl import PBSDConfig
 
 
 def make(**kwargs):
-    base = dict(output_dir="/tmp/pbsd-vllm-config-test", per_device_train_batch_size=4, num_generations=4,
-                use_cpu=True, bf16=False, report_to=[], use_vllm=True)
+    base = dict(
+        output_dir="/tmp/pbsd-vllm-config-test",
+        per_device_train_batch_size=4,
+        num_generations=4,
+        use_cpu=True,
+        bf16=False,
+        report_to=[],
+        use_vllm=True,
+    )
     base.update(kwargs)
     return PBSDConfig(**base)
 
@@ -34,7 +41,9 @@ def test_server_mode_needs_as_many_teacher_as_student_samples():
 
 def test_teacher_prompt_budget_must_fit_the_colocated_engine():
     live = dict(teacher_model_kind="live", max_completion_length=64, vllm_max_model_length=512)
-    with pytest.raises(ValueError, match=r"`max_teacher_prompt_length` \(449\) \+ `max_completion_length` \(64\)") as err:
+    with pytest.raises(
+        ValueError, match=r"`max_teacher_prompt_length` \(449\) \+ `max_completion_length` \(64\)"
+    ) as err:
         make(max_teacher_prompt_length=449, **live)
     assert "at most 448" in str(err.value)
     make(max_teacher_prompt_length=448, **live)

@@ -9,9 +9,6 @@ its samples' log-probs are the initial model's, in both steps. Weight sync in se
 
 import pytest
 from transformers import AutoModelForCausalLM
-
-from pbsd_trl.data.math_task import make_math_dataset
-from pbsd_trl.tiny import load_tokenizer
 from vllm_support import (
     MAX_MODEL_LEN,
     GenerationRecorder,
@@ -22,6 +19,10 @@ from vllm_support import (
     server_model_id,
     without_server_weight_sync,
 )
+
+from pbsd_trl.data.math_task import make_math_dataset
+from pbsd_trl.tiny import load_tokenizer
+
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, requires_vllm]
 
@@ -48,10 +49,25 @@ def pbsd_args(tmp_path, base_url, **kwargs):
     from pbsd_trl import PBSDConfig
 
     return PBSDConfig(
-        output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4, max_completion_length=8,
-        max_steps=STEPS, learning_rate=1e-2, logging_steps=1, report_to=[], bf16=False, use_cpu=True,
-        save_strategy="no", seed=0, teacher_prompt_template=TEMPLATE, teacher_model_kind="live",
-        use_vllm=True, vllm_mode="server", vllm_server_base_url=base_url, vllm_server_timeout=60, **kwargs,
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=8,
+        max_steps=STEPS,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to=[],
+        bf16=False,
+        use_cpu=True,
+        save_strategy="no",
+        seed=0,
+        teacher_prompt_template=TEMPLATE,
+        teacher_model_kind="live",
+        use_vllm=True,
+        vllm_mode="server",
+        vllm_server_base_url=base_url,
+        vllm_server_timeout=60,
+        **kwargs,
     )
 
 
@@ -66,8 +82,12 @@ def test_server_weight_sync_needs_cuda(server, model_dir, tmp_path):
 
     base_url, _ = server
     with pytest.raises(NotImplementedError, match="needs a CUDA device"):
-        PBSDTrainer(model_dir, args=pbsd_args(tmp_path, base_url), train_dataset=make_math_dataset("train", n=16, seed=0),
-                    processing_class=load_tokenizer(model_dir))
+        PBSDTrainer(
+            model_dir,
+            args=pbsd_args(tmp_path, base_url),
+            train_dataset=make_math_dataset("train", n=16, seed=0),
+            processing_class=load_tokenizer(model_dir),
+        )
 
 
 def test_pbsd_generates_through_server(server, model_dir, tmp_path):
@@ -77,8 +97,12 @@ def test_pbsd_generates_through_server(server, model_dir, tmp_path):
     tokenizer = load_tokenizer(model_dir)
     initial = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     with without_server_weight_sync():
-        trainer = PBSDTrainer(model_dir, args=pbsd_args(tmp_path, base_url),
-                              train_dataset=make_math_dataset("train", n=16, seed=0), processing_class=tokenizer)
+        trainer = PBSDTrainer(
+            model_dir,
+            args=pbsd_args(tmp_path, base_url),
+            train_dataset=make_math_dataset("train", n=16, seed=0),
+            processing_class=tokenizer,
+        )
         recorder = GenerationRecorder(trainer, reference=initial)
         trainer.train()
     assert trainer.state.global_step == STEPS

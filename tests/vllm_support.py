@@ -50,6 +50,7 @@ import urllib.request
 import pytest
 import torch
 
+
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
 requires_vllm = pytest.mark.skipif(
     not HAVE_VLLM,
@@ -125,15 +126,21 @@ def running_server(model_path: str, max_model_len: int, log_path: str, timeout: 
     env = {**os.environ, **ENGINE_ENV, "VLLM_SERVER_DEV_MODE": "1"}  # trl vllm-serve sets dev mode too
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            server_command(model_path, port, max_model_len), env=env, stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
+            server_command(model_path, port, max_model_len),
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
     base_url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"the vLLM server exited with code {proc.returncode}; log: {log_path}\n{_tail(log_path)}")
+                raise RuntimeError(
+                    f"the vLLM server exited with code {proc.returncode}; log: {log_path}\n{_tail(log_path)}"
+                )
             try:
                 with urllib.request.urlopen(f"{base_url}/health", timeout=5) as response:
                     if response.status == 200:
@@ -141,7 +148,9 @@ def running_server(model_path: str, max_model_len: int, log_path: str, timeout: 
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                raise TimeoutError(f"the vLLM server was not up after {timeout:.0f} s; log: {log_path}\n{_tail(log_path)}")
+                raise TimeoutError(
+                    f"the vLLM server was not up after {timeout:.0f} s; log: {log_path}\n{_tail(log_path)}"
+                )
             time.sleep(2)
         yield base_url, proc
     finally:
@@ -265,7 +274,7 @@ class WeightSyncProbe:
 
     def changes(self) -> list[float]:
         """How far the engine's log-probs moved from one sync to the next."""
-        return [(b - a).abs().max().item() for a, b in zip(self.engine, self.engine[1:])]
+        return [(b - a).abs().max().item() for a, b in zip(self.engine, self.engine[1:], strict=False)]
 
 
 class GenerationRecorder:
@@ -284,11 +293,13 @@ class GenerationRecorder:
         def recording_generate(prompts, *args, **kwargs):
             prompt_ids, completion_ids, logprobs, logprob_token_ids = generate(prompts, *args, **kwargs)
             sampled = [[lp[0] for lp in seq] for seq in logprobs]
-            self.calls.append({
-                "prompt_ids": prompt_ids,
-                "completion_ids": completion_ids,
-                "logps_error": sampled_logps_error(reference_model(), prompt_ids, completion_ids, sampled),
-            })
+            self.calls.append(
+                {
+                    "prompt_ids": prompt_ids,
+                    "completion_ids": completion_ids,
+                    "logps_error": sampled_logps_error(reference_model(), prompt_ids, completion_ids, sampled),
+                }
+            )
             return prompt_ids, completion_ids, logprobs, logprob_token_ids
 
         generation.generate = recording_generate

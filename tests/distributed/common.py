@@ -47,7 +47,7 @@ def make_dataset(n: int = 16):
 def digit_reward(completions, answer, **kwargs):
     """A deterministic, non-constant reward: the fraction of the answer's digits found in the completion."""
     texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
-    return [sum(ch in t for ch in a) / len(a) for t, a in zip(texts, answer)]
+    return [sum(ch in t for ch in a) / len(a) for t, a in zip(texts, answer, strict=True)]
 
 
 class DeterministicPBSDTrainer(PBSDTrainer):
