@@ -135,7 +135,9 @@ class PBSDConfig(GRPOConfig):
             `pbsd/context_truncated_frac` and warned about once. A row whose teacher prompt does not fit even with an
             empty context is an error naming the row. `None` means no limit; teacher prompts longer than the model's
             positions (or `vllm_max_model_length`) are then an error naming the row, at construction for map-style
-            datasets.
+            datasets. In vLLM colocate mode,
+            `max_teacher_prompt_length + max_completion_length` must not exceed `vllm_max_model_length` when both are
+            set.
         teacher_samples_from (`str`, *optional*, defaults to `"teacher"`):
             Whose weights generate the teacher samples. `"teacher"`: the teacher weights (`teacher_model_kind`).
             `"live"`: the current policy weights, prompted with the teacher prompt; the only option with vLLM when the
@@ -339,6 +341,18 @@ class PBSDConfig(GRPOConfig):
                 "vLLM server mode samples `num_generations` completions per run of identical prompts, so "
                 f"`num_teacher_generations` ({self.num_teacher_generations}) must equal `num_generations` "
                 f"({num_student}) there. Use `vllm_mode='colocate'` or set them equal."
+            )
+        if (
+            self.use_vllm
+            and self.teacher_model_kind != "live"
+            and self.teacher_samples_from == "teacher"
+            and self.teacher_pool is None
+        ):
+            raise ValueError(
+                f"The vLLM engine holds the policy's current weights only, so it cannot sample from the "
+                f"'{self.teacher_model_kind}' teacher. Set `teacher_samples_from='live'` (teacher prompts sampled with "
+                "the current weights, teacher log-probs still from the teacher weights), `teacher_model_kind='live'`, "
+                "a `teacher_pool` of base-teacher samples drawn ahead of time, or `use_vllm=False`."
             )
 
         if self.beta != 0.0:

@@ -189,18 +189,8 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
             self._has_reward_funcs = bool(self.reward_funcs)
 
         is_peft = hasattr(self.model, "peft_config")
-        if (
-            self.use_vllm
-            and args.teacher_model_kind != "live"
-            and args.teacher_samples_from == "teacher"
-            and args.teacher_pool is None
-        ):
-            raise ValueError(
-                f"The vLLM engine holds the policy's current weights only, so it cannot sample from the "
-                f"'{args.teacher_model_kind}' teacher. Set `teacher_samples_from='live'` (teacher prompts sampled with "
-                "the current weights, teacher log-probs still from the teacher weights), `teacher_model_kind='live'`, "
-                "a `teacher_pool` of base-teacher samples drawn ahead of time, or `use_vllm=False`."
-            )
+        # (a non-live teacher with vLLM and `teacher_samples_from="teacher"` is refused by PBSDConfig, before an
+        # engine is built)
         if self.use_vllm and args.teacher_samples_from == "live" and args.teacher_model_kind != "live":
             logger.warning(
                 "Teacher samples come from the current weights through vLLM (teacher_samples_from='live'); they are "
