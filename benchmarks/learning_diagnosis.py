@@ -39,16 +39,19 @@ import time
 import warnings
 from pathlib import Path
 
+
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
+
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from learning import machine_description  # noqa: E402
 from learning_tuned import RunCache, build_trainer, eval_splits, model_identity, teacher_samples_per_step  # noqa: E402
+
 
 DIAGNOSIS_VERSION = 1
 # name -> (method, configuration on top of the default job: lr 1e-4, pbsd_beta 0.1, role labels)
@@ -71,9 +74,18 @@ LABELS = {
     "role-lr3e-5": "PBSD role, lr 3e-5",
     "GRPO": "GRPO (reference)",
 }
-HISTORY = ("reward", "pbsd/margin", "pbsd/preference_accuracy", "pbsd/log_ratio_teacher_samples",
-           "pbsd/log_ratio_student_samples", "pbsd/student_reward", "pbsd/teacher_reward", "pbsd/label_flipped_frac",
-           "pbsd/label_dropped_frac", "pbsd/tie_frac")
+HISTORY = (
+    "reward",
+    "pbsd/margin",
+    "pbsd/preference_accuracy",
+    "pbsd/log_ratio_teacher_samples",
+    "pbsd/log_ratio_student_samples",
+    "pbsd/student_reward",
+    "pbsd/teacher_reward",
+    "pbsd/label_flipped_frac",
+    "pbsd/label_dropped_frac",
+    "pbsd/tie_frac",
+)
 PROBE_SETS = ("student_correct", "student_wrong", "teacher")
 
 
@@ -83,8 +95,9 @@ PROBE_SETS = ("student_correct", "student_wrong", "teacher")
 
 
 def _prompt_ids(tokenizer, content: str) -> list[int]:
-    text = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                         tokenize=False)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+    )
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -93,31 +106,53 @@ def _sample(model, tokenizer, prompt_ids: list[int], n: int, max_new_tokens: int
     with torch.random.fork_rng(), torch.no_grad():
         torch.manual_seed(seed)
         ids = torch.tensor([prompt_ids] * n)
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0,
-                             top_k=0, top_p=1.0, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+        )
     samples = []
-    for row in out[:, len(prompt_ids):].tolist():
+    for row in out[:, len(prompt_ids) :].tolist():
         if eos in row:
             row = row[: row.index(eos) + 1]  # the end-of-turn token is a completion token, as in GRPO's mask
         samples.append([t for t in row if t != tokenizer.pad_token_id])
     return samples
 
 
-def build_probe(model, tokenizer, dataset, reward_funcs, template: str, n_student: int, n_teacher: int,
-                max_new_tokens: int, seed: int = 0) -> dict:
+def build_probe(
+    model,
+    tokenizer,
+    dataset,
+    reward_funcs,
+    template: str,
+    n_student: int,
+    n_teacher: int,
+    max_new_tokens: int,
+    seed: int = 0,
+) -> dict:
     """Base-model samples on `dataset`: `{set name: [(prompt ids, completion ids), ...]}` (student prompt ids)."""
     probe = {name: [] for name in PROBE_SETS}
     for i, row in enumerate(dataset):
         question = row["prompt"][-1]["content"]
         student_prompt = _prompt_ids(tokenizer, question)
-        teacher_prompt = _prompt_ids(tokenizer, template.format(prompt=question, privileged_context=row["privileged_context"]))
+        teacher_prompt = _prompt_ids(
+            tokenizer, template.format(prompt=question, privileged_context=row["privileged_context"])
+        )
         student = _sample(model, tokenizer, student_prompt, n_student, max_new_tokens, seed + 2 * i)
         teacher = _sample(model, tokenizer, teacher_prompt, n_teacher, max_new_tokens, seed + 2 * i + 1)
         texts = [tokenizer.decode(s, skip_special_tokens=True) for s in student]
         extra = {k: [row[k]] * len(texts) for k in row if k not in ("prompt",)}
-        rewards = reward_funcs[0](prompts=[row["prompt"]] * len(texts),
-                                  completions=[[{"role": "assistant", "content": t}] for t in texts], **extra)
-        for ids, r in zip(student, rewards):
+        rewards = reward_funcs[0](
+            prompts=[row["prompt"]] * len(texts),
+            completions=[[{"role": "assistant", "content": t}] for t in texts],
+            **extra,
+        )
+        for ids, r in zip(student, rewards, strict=False):
             probe["student_correct" if r and r > 0.5 else "student_wrong"].append((student_prompt, ids))
         probe["teacher"].extend((student_prompt, ids) for ids in teacher)
     return probe
@@ -139,8 +174,11 @@ def probe_logps(model, probe: dict) -> dict:
                 lp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(completion).unsqueeze(-1)).squeeze(-1)
                 seq.append(lp.sum().item())
                 tok.append(lp.mean().item())
-            out[name] = {"seq": statistics.fmean(seq) if seq else float("nan"),
-                         "token": statistics.fmean(tok) if tok else float("nan"), "n": len(seq)}
+            out[name] = {
+                "seq": statistics.fmean(seq) if seq else float("nan"),
+                "token": statistics.fmean(tok) if tok else float("nan"),
+                "n": len(seq),
+            }
     if was_training:
         model.train()
     return out
@@ -152,8 +190,8 @@ def probe_logps(model, probe: dict) -> dict:
 
 
 def run_variant(name: str, args, ctx: dict) -> dict:
-    from transformers import PrinterCallback, TrainerCallback, set_seed
     from tqdm.auto import tqdm
+    from transformers import PrinterCallback, TrainerCallback, set_seed
 
     from pbsd_trl.evaluate import evaluate_avg_at_k
 
@@ -164,8 +202,18 @@ def run_variant(name: str, args, ctx: dict) -> dict:
     record = {"history": {k: [] for k in ("step", *HISTORY)}, "evals": [], "probes": []}
 
     def evaluate(m, step):
-        report = evaluate_avg_at_k(m, tokenizer, ctx["val"], ctx["rewards"], k=8, max_new_tokens=settings["max_completion_length"],
-                                   temperature=1.0, seed=30_000 + args.seed, batch_size=32, progress_bar=False)
+        report = evaluate_avg_at_k(
+            m,
+            tokenizer,
+            ctx["val"],
+            ctx["rewards"],
+            k=8,
+            max_new_tokens=settings["max_completion_length"],
+            temperature=1.0,
+            seed=30_000 + args.seed,
+            batch_size=32,
+            progress_bar=False,
+        )
         record["evals"].append({"step": step, "avg_at_8": report["avg_at_k"], "pass_at_8": report["pass_at_k"]})
 
     def probe(m, step):
@@ -197,8 +245,9 @@ def run_variant(name: str, args, ctx: dict) -> dict:
 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f"diagnosis-{name}-") as tmp:
-        trainer = build_trainer("math", method, config, settings, args.seed, model, tokenizer,
-                                ctx["train"], tmp, [Diagnose()])
+        trainer = build_trainer(
+            "math", method, config, settings, args.seed, model, tokenizer, ctx["train"], tmp, [Diagnose()]
+        )
         trainer.remove_callback(PrinterCallback)
         trainer.train()
     bar.close()
@@ -213,7 +262,9 @@ def run_variant(name: str, args, ctx: dict) -> dict:
 
 
 def _window_mean(history: dict, key: str, lo: int, hi: int) -> float:
-    values = [v for s, v in zip(history["step"], history[key]) if lo <= s <= hi and v is not None and not math.isnan(v)]
+    values = [
+        v for s, v in zip(history["step"], history[key], strict=False) if lo <= s <= hi and v is not None and not math.isnan(v)
+    ]
     return statistics.fmean(values) if values else float("nan")
 
 
@@ -231,11 +282,19 @@ def summarize(record: dict, steps: int) -> dict:
         "reward_first5": _window_mean(h, "reward", 1, 5),
         "reward_early": _window_mean(h, "reward", early_hi - 4, early_hi + 5),
         "reward_last10": _window_mean(h, "reward", steps - 9, steps),
-        "delta_logp": {s: {name: p[name]["seq"] - base[name]["seq"] for name in PROBE_SETS} for s, p in probes.items()},
+        "delta_logp": {
+            s: {name: p[name]["seq"] - base[name]["seq"] for name in PROBE_SETS} for s, p in probes.items()
+        },
         "probe_n": {name: base[name]["n"] for name in PROBE_SETS},
     }
-    for key in ("pbsd/margin", "pbsd/preference_accuracy", "pbsd/log_ratio_teacher_samples",
-                "pbsd/log_ratio_student_samples", "pbsd/label_flipped_frac", "pbsd/label_dropped_frac"):
+    for key in (
+        "pbsd/margin",
+        "pbsd/preference_accuracy",
+        "pbsd/log_ratio_teacher_samples",
+        "pbsd/log_ratio_student_samples",
+        "pbsd/label_flipped_frac",
+        "pbsd/label_dropped_frac",
+    ):
         out[key] = (_window_mean(h, key, 1, 5), _window_mean(h, key, steps - 4, steps))
     return out
 
@@ -281,32 +340,57 @@ def write_report(path: Path, payload: dict, plot_path: Path | None) -> None:
     ]
     for name, s in payload["summaries"].items():
         by_step = ", ".join(f"{st}: {v:.3f}" for st, v in sorted(s["val_avg8"].items(), key=lambda kv: int(kv[0])))
-        lines.append(f"| {LABELS[name]} | {by_step} | {s['val_min']:.3f} ({s['val_min_step']}) | {_f(s['val_drop'], sign=True)} "
-                     f"| {_f(s['reward_first5'])} / {_f(s['reward_early'])} / {_f(s['reward_last10'])} |")
-    lines += ["", "Δ log π of the probe sets (nats per sequence, vs step 0):", "",
-              "| variant | " + " | ".join(f"step {st}: correct / wrong / teacher" for st in payload["probe_steps_shown"]) + " |",
-              "|---|" + "---|" * len(payload["probe_steps_shown"])]
+        lines.append(
+            f"| {LABELS[name]} | {by_step} | {s['val_min']:.3f} ({s['val_min_step']}) | {_f(s['val_drop'], sign=True)} "
+            f"| {_f(s['reward_first5'])} / {_f(s['reward_early'])} / {_f(s['reward_last10'])} |"
+        )
+    lines += [
+        "",
+        "Δ log π of the probe sets (nats per sequence, vs step 0):",
+        "",
+        "| variant | "
+        + " | ".join(f"step {st}: correct / wrong / teacher" for st in payload["probe_steps_shown"])
+        + " |",
+        "|---|" + "---|" * len(payload["probe_steps_shown"]),
+    ]
     for name, s in payload["summaries"].items():
         cells = []
         for st in payload["probe_steps_shown"]:
             d = s["delta_logp"].get(str(st)) or s["delta_logp"].get(st)
             cells.append("–" if d is None else " / ".join(_f(d[k], 1, sign=True) for k in PROBE_SETS))
         lines.append(f"| {LABELS[name]} | {' | '.join(cells)} |")
-    lines += ["", "PBSD's logged metrics, mean over steps 1-5 → mean over the last 5 steps:", "",
-              "| variant | margin | preference accuracy | log-ratio teacher samples | log-ratio student samples "
-              "| label flipped | label dropped |", "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "PBSD's logged metrics, mean over steps 1-5 → mean over the last 5 steps:",
+        "",
+        "| variant | margin | preference accuracy | log-ratio teacher samples | log-ratio student samples "
+        "| label flipped | label dropped |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, s in payload["summaries"].items():
         if VARIANTS[name][0] != "PBSD":
             continue
-        cells = [f"{_f(s[k][0], 2)} → {_f(s[k][1], 2)}" for k in (
-            "pbsd/margin", "pbsd/preference_accuracy", "pbsd/log_ratio_teacher_samples",
-            "pbsd/log_ratio_student_samples", "pbsd/label_flipped_frac", "pbsd/label_dropped_frac")]
+        cells = [
+            f"{_f(s[k][0], 2)} → {_f(s[k][1], 2)}"
+            for k in (
+                "pbsd/margin",
+                "pbsd/preference_accuracy",
+                "pbsd/log_ratio_teacher_samples",
+                "pbsd/log_ratio_student_samples",
+                "pbsd/label_flipped_frac",
+                "pbsd/label_dropped_frac",
+            )
+        ]
         lines.append(f"| {LABELS[name]} | {' | '.join(cells)} |")
     lines.append("")
     if plot_path:
-        lines += [f"![diagnosis]({plot_path.name})", "",
-                  f"`{plot_path.name}`: validation Avg@8, on-policy training reward (5-step mean), and Δ log π of the "
-                  "base student's correct samples and of teacher samples, per variant.", ""]
+        lines += [
+            f"![diagnosis]({plot_path.name})",
+            "",
+            f"`{plot_path.name}`: validation Avg@8, on-policy training reward (5-step mean), and Δ log π of the "
+            "base student's correct samples and of teacher samples, per variant.",
+            "",
+        ]
     if payload.get("findings"):
         lines += ["## Findings", "", payload["findings"], ""]
     path.write_text("\n".join(lines))
@@ -321,18 +405,30 @@ def plot(payload: dict, path: Path) -> Path | None:
     fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
     for name, rec in payload["records"].items():
         evals = sorted((e["step"], e["avg_at_8"]) for e in rec["evals"])
-        axes[0].plot(*zip(*evals), marker="o", ms=3, label=LABELS[name])
+        axes[0].plot(*zip(*evals, strict=False), marker="o", ms=3, label=LABELS[name])
         h = rec["history"]
         r = [v if v is not None else float("nan") for v in h["reward"]]
-        smooth = [statistics.fmean([x for x in r[max(0, i - 4): i + 1] if not math.isnan(x)] or [float("nan")]) for i in range(len(r))]
+        smooth = [
+            statistics.fmean([x for x in r[max(0, i - 4) : i + 1] if not math.isnan(x)] or [float("nan")])
+            for i in range(len(r))
+        ]
         axes[1].plot(h["step"], smooth, label=LABELS[name])
         probes = sorted(rec["probes"], key=lambda p: p["step"])
         base = probes[0]
         for ax, key in ((axes[2], "student_correct"), (axes[3], "teacher")):
-            ax.plot([p["step"] for p in probes], [p[key]["seq"] - base[key]["seq"] for p in probes], marker=".", label=LABELS[name])
-    titles = ("validation Avg@8", "on-policy training reward (5-step mean)", "Δ log π: base student's correct samples",
-              "Δ log π: teacher samples")
-    for ax, title in zip(axes, titles):
+            ax.plot(
+                [p["step"] for p in probes],
+                [p[key]["seq"] - base[key]["seq"] for p in probes],
+                marker=".",
+                label=LABELS[name],
+            )
+    titles = (
+        "validation Avg@8",
+        "on-policy training reward (5-step mean)",
+        "Δ log π: base student's correct samples",
+        "Δ log π: teacher samples",
+    )
+    for ax, title in zip(axes, titles, strict=False):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
@@ -392,37 +488,75 @@ def main(argv=None):
     if args.quick:
         from pbsd_trl.tiny import TEST_MODEL_OVERRIDES
 
-        model_path = get_base_model("math", cache_dir=out_dir / "base_model", steps=20, batch_size=8,
-                                    model_overrides=TEST_MODEL_OVERRIDES, progress_bar=False)
+        model_path = get_base_model(
+            "math",
+            cache_dir=out_dir / "base_model",
+            steps=20,
+            batch_size=8,
+            model_overrides=TEST_MODEL_OVERRIDES,
+            progress_bar=False,
+        )
     else:
         model_path = get_base_model("math")
     spec_task = TASKS["math"]
     val, _ = eval_splits("math", 100, 100)
-    settings = {"prompts_per_step": args.prompts_per_step, "num_generations": args.num_generations,
-                "max_completion_length": spec_task.default_config["max_completion_length"], "train_size": args.train_size}
+    settings = {
+        "prompts_per_step": args.prompts_per_step,
+        "num_generations": args.num_generations,
+        "max_completion_length": spec_task.default_config["max_completion_length"],
+        "train_size": args.train_size,
+    }
     rewards = spec_task.reward_funcs()
     cache = RunCache(out_dir / "learning_diagnosis_runs")
-    specs = {name: {"version": DIAGNOSIS_VERSION, "task": "diagnosis", "variant": VARIANTS[name], "seed": args.seed,
-                    "steps": args.steps, "settings": settings, "model": model_identity(model_path),
-                    "probe": [args.probe_problems, args.probe_student, args.probe_teacher],
-                    "eval": [args.eval_every, args.eval_problems, args.probe_every]} for name in args.variants}
+    specs = {
+        name: {
+            "version": DIAGNOSIS_VERSION,
+            "task": "diagnosis",
+            "variant": VARIANTS[name],
+            "seed": args.seed,
+            "steps": args.steps,
+            "settings": settings,
+            "model": model_identity(model_path),
+            "probe": [args.probe_problems, args.probe_student, args.probe_teacher],
+            "eval": [args.eval_every, args.eval_problems, args.probe_every],
+        }
+        for name in args.variants
+    }
     records = {name: cache.get(spec) for name, spec in specs.items()}
     ctx = None
     if any(r is None for r in records.values()):  # the probe is drawn only when something has to run
         base_model, tokenizer = load_model_and_tokenizer(model_path)
-        probe = build_probe(base_model, tokenizer, val.select(range(args.probe_problems)), rewards,
-                            spec_task.teacher_prompt_template, args.probe_student, args.probe_teacher,
-                            settings["max_completion_length"])
+        probe = build_probe(
+            base_model,
+            tokenizer,
+            val.select(range(args.probe_problems)),
+            rewards,
+            spec_task.teacher_prompt_template,
+            args.probe_student,
+            args.probe_teacher,
+            settings["max_completion_length"],
+        )
         del base_model
-        ctx = {"settings": settings, "load": lambda: load_model_and_tokenizer(model_path), "probe": probe,
-               "val": val.select(range(args.eval_problems)), "rewards": rewards,
-               "train": spec_task.builtin("train", args.train_size, args.seed)}
+        ctx = {
+            "settings": settings,
+            "load": lambda: load_model_and_tokenizer(model_path),
+            "probe": probe,
+            "val": val.select(range(args.eval_problems)),
+            "rewards": rewards,
+            "train": spec_task.builtin("train", args.train_size, args.seed),
+        }
     cli = list(sys.argv[1:] if argv is None else argv)
     start = time.perf_counter()
-    payload = {"command": " ".join(["python benchmarks/learning_diagnosis.py", *([shlex.join(cli)] if cli else [])]),
-               "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine_description(),
-               "config": {k: v for k, v in vars(args).items() if k not in ("output_dir", "findings")},
-               "model_path": model_path, "records": {}, "summaries": {}, "executed": 0}
+    payload = {
+        "command": " ".join(["python benchmarks/learning_diagnosis.py", *([shlex.join(cli)] if cli else [])]),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "machine": machine_description(),
+        "config": {k: v for k, v in vars(args).items() if k not in ("output_dir", "findings")},
+        "model_path": model_path,
+        "records": {},
+        "summaries": {},
+        "executed": 0,
+    }
     for name in args.variants:
         record = records[name]
         if record is None:
@@ -442,8 +576,9 @@ def main(argv=None):
     stem = "learning_diagnosis"
     plot_path = plot(payload, out_dir / f"{stem}.png")
     write_report(out_dir / f"{stem}.md", payload, plot_path)
-    (out_dir / f"{stem}.json").write_text(json.dumps({k: v for k, v in payload.items() if k != "records"}, indent=1,
-                                                     default=str))
+    (out_dir / f"{stem}.json").write_text(
+        json.dumps({k: v for k, v in payload.items() if k != "records"}, indent=1, default=str)
+    )
     print(f"[diagnosis] wrote {out_dir / (stem + '.md')}", flush=True)
     return payload
 

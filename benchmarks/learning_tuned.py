@@ -56,15 +56,18 @@ import time
 import warnings
 from pathlib import Path
 
+
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from learning import machine_description, mean_std, verdict, welch  # noqa: E402
+
 
 PROTOCOL_VERSION = 1  # part of every run key: bump when a change makes stored runs incomparable
 TASK_NAMES = ("math", "tool_use")
@@ -94,7 +97,10 @@ ABLATIONS = {
     "reward labels, ties dropped": {"pair_labels": "reward", "tie_policy": "drop"},
     "length-normalized (β x 40)": {"length_normalize": True, "pbsd_beta_scale": 40.0},
     "reward labels, ties dropped, G_T=2 all": {
-        "pair_labels": "reward", "tie_policy": "drop", "num_teacher_generations": 2, "pairing": "all",
+        "pair_labels": "reward",
+        "tie_policy": "drop",
+        "num_teacher_generations": 2,
+        "pairing": "all",
     },
 }
 DESCRIPTIONS = {
@@ -239,8 +245,18 @@ class Clock:
         return self._now()
 
 
-def make_budget_callback(*, teacher_per_step: int, student_per_step: int, budgets: dict, stop: dict,
-                         eval_every_tokens: float | None, evaluate, clock: Clock, bar=None, history_keys=()):
+def make_budget_callback(
+    *,
+    teacher_per_step: int,
+    student_per_step: int,
+    budgets: dict,
+    stop: dict,
+    eval_every_tokens: float | None,
+    evaluate,
+    clock: Clock,
+    bar=None,
+    history_keys=(),
+):
     """Counts tokens, training time and steps from the trainers' logs; evaluates at budget points and on a token grid.
 
     `budgets`: `{"tokens": .., "time": .., "steps": ..}`: a point is evaluated (and marked with the budget's name) at
@@ -288,11 +304,16 @@ def make_budget_callback(*, teacher_per_step: int, student_per_step: int, budget
                 self.eval_seconds += clock.now() - t0
                 self.eval_wall += time.perf_counter() - w0
                 point = {
-                    "step": state.global_step, "tokens": self.tokens, "student_tokens": self.student_tokens,
-                    "teacher_tokens": self.teacher_tokens, "train_seconds": counters["time"],
+                    "step": state.global_step,
+                    "tokens": self.tokens,
+                    "student_tokens": self.student_tokens,
+                    "teacher_tokens": self.teacher_tokens,
+                    "train_seconds": counters["time"],
                     "wall_seconds": time.perf_counter() - self.start_wall - self.eval_wall,
-                    "avg_at_8": report["avg_at_k"], "pass_at_8": report["pass_at_k"],
-                    "mean_completion_tokens": report["mean_completion_tokens"], "marks": due,
+                    "avg_at_8": report["avg_at_k"],
+                    "pass_at_8": report["pass_at_k"],
+                    "mean_completion_tokens": report["mean_completion_tokens"],
+                    "marks": due,
                 }
                 for b in due:
                     self.marks[b] = len(self.points)
@@ -301,8 +322,12 @@ def make_budget_callback(*, teacher_per_step: int, student_per_step: int, budget
                     self.next_eval += eval_every_tokens
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(tok=f"{self.tokens / 1e3:.0f}k", s=f"{counters['time']:.0f}",
-                                avg8=f"{self.points[-1]['avg_at_8']:.3f}" if self.points else "-", refresh=False)
+                bar.set_postfix(
+                    tok=f"{self.tokens / 1e3:.0f}k",
+                    s=f"{counters['time']:.0f}",
+                    avg8=f"{self.points[-1]['avg_at_8']:.3f}" if self.points else "-",
+                    refresh=False,
+                )
             if all(counters[b] >= v - 1e-9 for b, v in stop.items()):
                 control.should_training_stop = True
             return control
@@ -311,8 +336,15 @@ def make_budget_callback(*, teacher_per_step: int, student_per_step: int, budget
 
 
 HISTORY_KEYS = (
-    "reward", "loss", "pbsd/margin", "pbsd/preference_accuracy", "pbsd/log_ratio_teacher_samples",
-    "pbsd/log_ratio_student_samples", "pbsd/student_reward", "pbsd/teacher_reward", "pbsd/kl_student_teacher",
+    "reward",
+    "loss",
+    "pbsd/margin",
+    "pbsd/preference_accuracy",
+    "pbsd/log_ratio_teacher_samples",
+    "pbsd/log_ratio_student_samples",
+    "pbsd/student_reward",
+    "pbsd/teacher_reward",
+    "pbsd/kl_student_teacher",
 )
 
 
@@ -321,8 +353,18 @@ HISTORY_KEYS = (
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def build_trainer(task: str, method: str, config: dict, settings: dict, seed: int, model, tokenizer, train_dataset,
-                  output_dir: str, callbacks):
+def build_trainer(
+    task: str,
+    method: str,
+    config: dict,
+    settings: dict,
+    seed: int,
+    model,
+    tokenizer,
+    train_dataset,
+    output_dir: str,
+    callbacks,
+):
     """The real TRL / pbsd-trl trainer of `method` with `config` (learning rate and method fields) on `task`."""
     from pbsd_trl.recipes import TASKS
 
@@ -356,21 +398,35 @@ def build_trainer(task: str, method: str, config: dict, settings: dict, seed: in
             from trl import GRPOConfig, GRPOTrainer
 
             args = GRPOConfig(**common, pad_to_multiple_of=16, **fields)
-            return GRPOTrainer(model=model, reward_funcs=spec.reward_funcs(), args=args, train_dataset=train_dataset,
-                               processing_class=tokenizer, callbacks=callbacks)
+            return GRPOTrainer(
+                model=model,
+                reward_funcs=spec.reward_funcs(),
+                args=args,
+                train_dataset=train_dataset,
+                processing_class=tokenizer,
+                callbacks=callbacks,
+            )
         if method in ("OPSD", "SDFT"):
             from trl.experimental.sdft import SDFTConfig, SDFTTrainer
 
             args = SDFTConfig(**common, teacher_prompt_template=spec.teacher_prompt_template, **fields)
-            return SDFTTrainer(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer,
-                               callbacks=callbacks)
+            return SDFTTrainer(
+                model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer, callbacks=callbacks
+            )
         if method == "PBSD":
             from pbsd_trl import PBSDConfig, PBSDTrainer
 
-            args = PBSDConfig(**common, pad_to_multiple_of=16, teacher_prompt_template=spec.teacher_prompt_template,
-                              **fields)
-            return PBSDTrainer(model=model, reward_funcs=spec.reward_funcs(), args=args, train_dataset=train_dataset,
-                               processing_class=tokenizer, callbacks=callbacks)
+            args = PBSDConfig(
+                **common, pad_to_multiple_of=16, teacher_prompt_template=spec.teacher_prompt_template, **fields
+            )
+            return PBSDTrainer(
+                model=model,
+                reward_funcs=spec.reward_funcs(),
+                args=args,
+                train_dataset=train_dataset,
+                processing_class=tokenizer,
+                callbacks=callbacks,
+            )
     raise ValueError(f"Unknown method {method!r}; expected one of {METHODS}.")
 
 
@@ -398,8 +454,14 @@ class TaskContext:
         if args.quick:  # a few warm-start steps of a test-size model: the smoke run must not build the real one
             from pbsd_trl.tiny import TEST_MODEL_OVERRIDES
 
-            self.model_path = get_base_model(task, cache_dir=Path(args.output_dir) / "base_model", steps=20,
-                                             batch_size=8, model_overrides=TEST_MODEL_OVERRIDES, progress_bar=False)
+            self.model_path = get_base_model(
+                task,
+                cache_dir=Path(args.output_dir) / "base_model",
+                steps=20,
+                batch_size=8,
+                model_overrides=TEST_MODEL_OVERRIDES,
+                progress_bar=False,
+            )
         else:
             self.model_path = get_base_model(task)
         self.model_id = model_identity(self.model_path)
@@ -424,30 +486,65 @@ class TaskContext:
 
         dataset = self.val if split == "val" else self.test
         return evaluate_avg_at_k(
-            model, tokenizer, dataset, self.rewards, k=self.settings["k"],
-            max_new_tokens=self.settings["max_completion_length"], temperature=1.0,
-            seed=(20_000 if split == "val" else 10_000) + seed, with_privileged_context=with_privileged_context,
-            teacher_prompt_template=self.spec.teacher_prompt_template, batch_size=32, progress_bar=False,
+            model,
+            tokenizer,
+            dataset,
+            self.rewards,
+            k=self.settings["k"],
+            max_new_tokens=self.settings["max_completion_length"],
+            temperature=1.0,
+            seed=(20_000 if split == "val" else 10_000) + seed,
+            with_privileged_context=with_privileged_context,
+            teacher_prompt_template=self.spec.teacher_prompt_template,
+            batch_size=32,
+            progress_bar=False,
         )
 
 
-def train_spec(ctx: TaskContext, method: str, config: dict, seed: int, split: str, budgets: dict, stop: dict,
-               eval_every_tokens: float | None) -> dict:
+def train_spec(
+    ctx: TaskContext,
+    method: str,
+    config: dict,
+    seed: int,
+    split: str,
+    budgets: dict,
+    stop: dict,
+    eval_every_tokens: float | None,
+) -> dict:
     return {
-        "protocol": PROTOCOL_VERSION, "kind": "train", "task": ctx.task, "method": method, "config": config,
-        "fixed": METHOD_FIXED[method], "seed": seed, "split": split, "budgets": budgets, "stop": stop,
-        "eval_every_tokens": eval_every_tokens, "settings": ctx.settings, "model": ctx.model_id,
+        "protocol": PROTOCOL_VERSION,
+        "kind": "train",
+        "task": ctx.task,
+        "method": method,
+        "config": config,
+        "fixed": METHOD_FIXED[method],
+        "seed": seed,
+        "split": split,
+        "budgets": budgets,
+        "stop": stop,
+        "eval_every_tokens": eval_every_tokens,
+        "settings": ctx.settings,
+        "model": ctx.model_id,
     }
 
 
 def base_spec(ctx: TaskContext, seed: int, split: str, teacher: bool = False) -> dict:
-    return {"protocol": PROTOCOL_VERSION, "kind": "teacher" if teacher else "base", "task": ctx.task, "seed": seed,
-            "split": split, "settings": ctx.settings, "model": ctx.model_id}
+    return {
+        "protocol": PROTOCOL_VERSION,
+        "kind": "teacher" if teacher else "base",
+        "task": ctx.task,
+        "seed": seed,
+        "split": split,
+        "settings": ctx.settings,
+        "model": ctx.model_id,
+    }
 
 
 def execute_base(ctx: TaskContext, spec: dict) -> dict:
     model, tokenizer = ctx.load()
-    report = ctx.evaluate(model, tokenizer, spec["split"], spec["seed"], with_privileged_context=spec["kind"] == "teacher")
+    report = ctx.evaluate(
+        model, tokenizer, spec["split"], spec["seed"], with_privileged_context=spec["kind"] == "teacher"
+    )
     return {"avg_at_8": report["avg_at_k"], "pass_at_8": report["pass_at_k"], "seconds": report["seconds"]}
 
 
@@ -463,13 +560,27 @@ def execute_train(ctx: TaskContext, spec: dict, desc: str) -> dict:
         callback = make_budget_callback(
             teacher_per_step=teacher_samples_per_step(method, config, ctx.settings),
             student_per_step=ctx.settings["prompts_per_step"] * ctx.settings["num_generations"],
-            budgets=spec["budgets"], stop=spec["stop"], eval_every_tokens=spec["eval_every_tokens"],
-            evaluate=lambda m: ctx.evaluate(m, tokenizer, spec["split"], seed), clock=clock, bar=bar,
+            budgets=spec["budgets"],
+            stop=spec["stop"],
+            eval_every_tokens=spec["eval_every_tokens"],
+            evaluate=lambda m: ctx.evaluate(m, tokenizer, spec["split"], seed),
+            clock=clock,
+            bar=bar,
             history_keys=HISTORY_KEYS,
         )
         with tempfile.TemporaryDirectory(prefix=f"learning-{method}-") as tmp:
-            trainer = build_trainer(ctx.task, method, config, ctx.settings, seed, model, tokenizer,
-                                    ctx.train_dataset(seed), tmp, [callback])
+            trainer = build_trainer(
+                ctx.task,
+                method,
+                config,
+                ctx.settings,
+                seed,
+                model,
+                tokenizer,
+                ctx.train_dataset(seed),
+                tmp,
+                [callback],
+            )
             trainer.remove_callback(PrinterCallback)
             t0 = time.perf_counter()
             trainer.train()
@@ -478,10 +589,17 @@ def execute_train(ctx: TaskContext, spec: dict, desc: str) -> dict:
     if missing:
         raise RuntimeError(f"{desc}: training stopped before the budget(s) {missing} were reached")
     return {
-        "steps": trainer.state.global_step, "tokens": callback.tokens, "student_tokens": callback.student_tokens,
-        "teacher_tokens": callback.teacher_tokens, "train_seconds": callback.train_seconds(), "wall_seconds": wall,
-        "eval_seconds": callback.eval_wall, "points": callback.points, "marks": callback.marks,
-        "history": callback.history, "load_average": _loadavg(),
+        "steps": trainer.state.global_step,
+        "tokens": callback.tokens,
+        "student_tokens": callback.student_tokens,
+        "teacher_tokens": callback.teacher_tokens,
+        "train_seconds": callback.train_seconds(),
+        "wall_seconds": wall,
+        "eval_seconds": callback.eval_wall,
+        "points": callback.points,
+        "marks": callback.marks,
+        "history": callback.history,
+        "load_average": _loadavg(),
     }
 
 
@@ -524,8 +642,14 @@ def ablation_specs(ctx, args, headline: dict) -> list[tuple[str, dict]]:
     for name in args.ablations:
         config = ablation_config(headline, ABLATIONS[name])
         for seed in args.seeds:
-            out.append((f"ablation:{name}",
-                        train_spec(ctx, "PBSD", config, seed, "test", budgets, budgets, budgets["tokens"] / args.eval_points)))
+            out.append(
+                (
+                    f"ablation:{name}",
+                    train_spec(
+                        ctx, "PBSD", config, seed, "test", budgets, budgets, budgets["tokens"] / args.eval_points
+                    ),
+                )
+            )
     return out
 
 
@@ -558,23 +682,40 @@ def measured_costs(cache_root: Path) -> dict:
         entry["sps"].append(record["train_seconds"] / record["steps"])
         entry["tps"].append(record["tokens"] / record["steps"])
         if record["points"]:
-            entry["eval"].append(record["eval_seconds"] / len(record["points"]) * 100 / spec["settings"]["eval_problems"])
-    return {key: {"seconds_per_step": statistics.median(v["sps"]), "tokens_per_step": statistics.median(v["tps"]),
-                  "eval_seconds_per_100": statistics.median(v["eval"]) if v["eval"] else None, "runs": len(v["sps"])}
-            for key, v in per.items()}
+            entry["eval"].append(
+                record["eval_seconds"] / len(record["points"]) * 100 / spec["settings"]["eval_problems"]
+            )
+    return {
+        key: {
+            "seconds_per_step": statistics.median(v["sps"]),
+            "tokens_per_step": statistics.median(v["tps"]),
+            "eval_seconds_per_100": statistics.median(v["eval"]) if v["eval"] else None,
+            "runs": len(v["sps"]),
+        }
+        for key, v in per.items()
+    }
 
 
 def estimate_seconds(spec: dict, costs: dict) -> float:
     measured = costs.get((spec["task"], spec["method"]))
     c = measured or DEFAULT_COSTS[spec["method"]]
-    tps = c["tokens_per_step"] * (1.0 if spec["method"] != "PBSD" else
-                                  (8 + (spec["config"].get("num_teacher_generations") or 8)) / 16)
-    steps = max(math.ceil(spec["stop"]["tokens"] / tps), math.ceil(spec["stop"]["time"] / c["seconds_per_step"]),
-                spec["stop"]["steps"])
-    n_evals = len(spec["budgets"]) + (spec["stop"]["tokens"] / spec["eval_every_tokens"] if spec["eval_every_tokens"] else 0)
+    tps = c["tokens_per_step"] * (
+        1.0 if spec["method"] != "PBSD" else (8 + (spec["config"].get("num_teacher_generations") or 8)) / 16
+    )
+    steps = max(
+        math.ceil(spec["stop"]["tokens"] / tps),
+        math.ceil(spec["stop"]["time"] / c["seconds_per_step"]),
+        spec["stop"]["steps"],
+    )
+    n_evals = len(spec["budgets"]) + (
+        spec["stop"]["tokens"] / spec["eval_every_tokens"] if spec["eval_every_tokens"] else 0
+    )
     eval_s = (measured or {}).get("eval_seconds_per_100") or DEFAULT_COSTS["eval_seconds_per_100"]
-    return steps * c["seconds_per_step"] + n_evals * eval_s * spec["settings"]["eval_problems"] / 100 + \
-        DEFAULT_COSTS["run_overhead_seconds"]
+    return (
+        steps * c["seconds_per_step"]
+        + n_evals * eval_s * spec["settings"]["eval_problems"] / 100
+        + DEFAULT_COSTS["run_overhead_seconds"]
+    )
 
 
 class Runner:
@@ -607,16 +748,28 @@ class Runner:
             return None
         self.executed += 1
         self.cache.put(spec, result)
-        print(f"[learning_tuned] {desc}: done in {time.perf_counter() - t0:.0f} s"
-              + (f", {result['steps']} steps" if "steps" in result else "")
-              + f"; elapsed {(time.perf_counter() - self.start) / 60:.1f} min", flush=True)
+        print(
+            f"[learning_tuned] {desc}: done in {time.perf_counter() - t0:.0f} s"
+            + (f", {result['steps']} steps" if "steps" in result else "")
+            + f"; elapsed {(time.perf_counter() - self.start) / 60:.1f} min",
+            flush=True,
+        )
         return result
 
 
 def run_task(ctx: TaskContext, args, runner: Runner, progress) -> dict:
     """The whole protocol on one task; returns what the report needs (missing runs are absent, not invented)."""
-    out = {"task": ctx.task, "model_path": ctx.model_path, "settings": ctx.settings, "base": [], "tuning": {},
-           "selected": {}, "test": {}, "ablations": {}, "headline_pbsd": None}
+    out = {
+        "task": ctx.task,
+        "model_path": ctx.model_path,
+        "settings": ctx.settings,
+        "base": [],
+        "tuning": {},
+        "selected": {},
+        "test": {},
+        "ablations": {},
+        "headline_pbsd": None,
+    }
     for seed in args.seeds:
         rec = runner.get(ctx, base_spec(ctx, seed, "test"), f"{ctx.task} base seed {seed}")
         if rec:
@@ -632,9 +785,16 @@ def run_task(ctx: TaskContext, args, runner: Runner, progress) -> dict:
         if rec:
             tuned[spec["method"]].append((spec, rec))
     for method, records in tuned.items():
-        out["tuning"][method] = [{"config": s["config"], "val": {b: budget_value(r, b) for b in BUDGETS},
-                                  "steps": r["steps"], "tokens": r["tokens"], "train_seconds": r["train_seconds"]}
-                                 for s, r in records]
+        out["tuning"][method] = [
+            {
+                "config": s["config"],
+                "val": {b: budget_value(r, b) for b in BUDGETS},
+                "steps": r["steps"],
+                "tokens": r["tokens"],
+                "train_seconds": r["train_seconds"],
+            }
+            for s, r in records
+        ]
         n_grid = len(tuning_grid(method, args.learning_rates))
         if len(records) < n_grid:
             continue  # selection only over the complete grid: the equal tuning budget
@@ -686,9 +846,14 @@ def plan(args, cache_root: Path) -> str:
             self.task = task
             self.model_id = f"{task}-(base model)"
             self.settings = {
-                "prompts_per_step": args.prompts_per_step, "num_generations": args.num_generations,
-                "max_completion_length": args.max_completion_length or TASKS[task].default_config["max_completion_length"],
-                "train_size": args.train_size, "eval_problems": args.eval_problems, "k": 8, "clock": args.clock,
+                "prompts_per_step": args.prompts_per_step,
+                "num_generations": args.num_generations,
+                "max_completion_length": args.max_completion_length
+                or TASKS[task].default_config["max_completion_length"],
+                "train_size": args.train_size,
+                "eval_problems": args.eval_problems,
+                "k": 8,
+                "clock": args.clock,
             }
 
     costs = measured_costs(cache_root)
@@ -697,19 +862,30 @@ def plan(args, cache_root: Path) -> str:
     for task in args.tasks:
         ctx = _Ctx(task)
         tune = [s for _, s in tuning_specs(ctx, args)]
-        test = [test_spec(ctx, args, m, tuning_grid(m, args.learning_rates)[0], s) for m in args.methods for s in args.seeds]
+        test = [
+            test_spec(ctx, args, m, tuning_grid(m, args.learning_rates)[0], s)
+            for m in args.methods
+            for s in args.seeds
+        ]
         headline = tuning_grid("PBSD", args.learning_rates)[0]
         abl = [s for _, s in ablation_specs(ctx, args, headline)] if "PBSD" in args.methods else []
         t_tune, t_test, t_abl = (sum(estimate_seconds(s, costs) for s in group) / 60 for group in (tune, test, abl))
-        lines += [f"| {task} | tuning (validation, seed {args.seeds[0]}) | {len(tune)} | {t_tune:.0f} |",
-                  f"| {task} | test ({len(args.seeds)} seeds; 1-3 configurations per method) | {len(test)}-{3 * len(test)} "
-                  f"| {t_test:.0f}-{3 * t_test:.0f} |",
-                  f"| {task} | PBSD ablations | {len(abl)} | {t_abl:.0f} |"]
+        lines += [
+            f"| {task} | tuning (validation, seed {args.seeds[0]}) | {len(tune)} | {t_tune:.0f} |",
+            f"| {task} | test ({len(args.seeds)} seeds; 1-3 configurations per method) | {len(test)}-{3 * len(test)} "
+            f"| {t_test:.0f}-{3 * t_test:.0f} |",
+            f"| {task} | PBSD ablations | {len(abl)} | {t_abl:.0f} |",
+        ]
         total_min += t_tune + t_test + t_abl
         total_max += t_tune + 3 * t_test + t_abl
     lines.append(f"| all | | | {total_min:.0f}-{total_max:.0f} |")
-    source = ", ".join(f"{t}/{m}: {c['seconds_per_step']:.2f} s/step, {c['tokens_per_step']:.0f} tok/step "
-                       f"({c['runs']} runs)" for (t, m), c in sorted(costs.items())) or "none stored yet: DEFAULT_COSTS"
+    source = (
+        ", ".join(
+            f"{t}/{m}: {c['seconds_per_step']:.2f} s/step, {c['tokens_per_step']:.0f} tok/step ({c['runs']} runs)"
+            for (t, m), c in sorted(costs.items())
+        )
+        or "none stored yet: DEFAULT_COSTS"
+    )
     sessions = math.ceil(total_max / 170)
     return "\n".join(lines) + (
         f"\n\nPer-step costs used: {source}.\nAt most {sessions} sessions of 170 minutes with `--max_minutes 170` "
@@ -760,26 +936,36 @@ def write_report(path: Path, payload: dict, plots: dict) -> None:
     ]
     if partial:
         lines += ["**PARTIAL REPORT**: " + partial + " Rerun the same command to resume; missing cells say `–`.", ""]
-    lines += ["## Machine", "", *[f"- {k}: {v}" for k, v in payload["machine"].items()], "",
-              "## Protocol", "",
-              f"- Tasks: {', '.join(a['tasks'])}. Splits: validation = held-out rows 0-{a['eval_problems'] - 1}, test = "
-              f"rows 100-{99 + a['eval_problems']} (asserted disjoint); Avg@8 at temperature 1.",
-              f"- Shared settings: {a['prompts_per_step']} prompts x {a['num_generations']} samples per step, constant "
-              f"learning rate, AdamW, full fine-tuning of the built-in tiny base model, {a['train_size']} training "
-              f"problems drawn with the run's seed.",
-              f"- Budgets: tokens {a['budget_tokens']:,} generated completion tokens (PBSD's teacher samples count); "
-              f"time {a['budget_seconds']:.0f} s of training ({a['clock']} clock, evaluations excluded); steps "
-              f"{a['budget_steps']} optimizer steps.",
-              f"- Tuning: {len(a['learning_rates'])} learning rates {list(a['learning_rates'])} x the method's knob, "
-              f"selected on validation with seed {a['seeds'][0]}; test seeds {a['seeds']}; stability: seed "
-              f"{a['seeds'][0]} to {a['stability_factor']}x the token budget.",
-              "- Verdict: `beat`/`lost` when |Δ mean| > std(PBSD) + std(peer) (sample std over seeds), else `tied`; "
-              "Welch's two-sided p-value alongside (3 seeds each: low power).",
-              "", "Grids (every method the same number of configurations):", ""]
+    lines += [
+        "## Machine",
+        "",
+        *[f"- {k}: {v}" for k, v in payload["machine"].items()],
+        "",
+        "## Protocol",
+        "",
+        f"- Tasks: {', '.join(a['tasks'])}. Splits: validation = held-out rows 0-{a['eval_problems'] - 1}, test = "
+        f"rows 100-{99 + a['eval_problems']} (asserted disjoint); Avg@8 at temperature 1.",
+        f"- Shared settings: {a['prompts_per_step']} prompts x {a['num_generations']} samples per step, constant "
+        f"learning rate, AdamW, full fine-tuning of the built-in tiny base model, {a['train_size']} training "
+        f"problems drawn with the run's seed.",
+        f"- Budgets: tokens {a['budget_tokens']:,} generated completion tokens (PBSD's teacher samples count); "
+        f"time {a['budget_seconds']:.0f} s of training ({a['clock']} clock, evaluations excluded); steps "
+        f"{a['budget_steps']} optimizer steps.",
+        f"- Tuning: {len(a['learning_rates'])} learning rates {list(a['learning_rates'])} x the method's knob, "
+        f"selected on validation with seed {a['seeds'][0]}; test seeds {a['seeds']}; stability: seed "
+        f"{a['seeds'][0]} to {a['stability_factor']}x the token budget.",
+        "- Verdict: `beat`/`lost` when |Δ mean| > std(PBSD) + std(peer) (sample std over seeds), else `tied`; "
+        "Welch's two-sided p-value alongside (3 seeds each: low power).",
+        "",
+        "Grids (every method the same number of configurations):",
+        "",
+    ]
     for m in a["methods"]:
         knob, values = KNOBS[m]
-        lines.append(f"- `{m}` ({DESCRIPTIONS[m]}): learning_rate in {list(a['learning_rates'])} x `{knob}` in "
-                     f"{list(values)}; fixed {METHOD_FIXED[m] or '{}'}")
+        lines.append(
+            f"- `{m}` ({DESCRIPTIONS[m]}): learning_rate in {list(a['learning_rates'])} x `{knob}` in "
+            f"{list(values)}; fixed {METHOD_FIXED[m] or '{}'}"
+        )
     lines.append("")
 
     for task_out in payload["tasks"]:
@@ -789,13 +975,18 @@ def write_report(path: Path, payload: dict, plots: dict) -> None:
             bm, bs = mean_std([b["avg_at_8"] for b in task_out["base"]])
             lines.append(f"Untrained base model on test: Avg@8 {_fmt(bm, bs)} (evaluation seeds).")
         if task_out.get("teacher"):
-            lines.append(f"Teacher view (base model + privileged context) on test: Avg@8 "
-                         f"{task_out['teacher']['avg_at_8']:.3f}.")
+            lines.append(
+                f"Teacher view (base model + privileged context) on test: Avg@8 {task_out['teacher']['avg_at_8']:.3f}."
+            )
         lines.append("")
         for budget in BUDGETS:
-            lines += [f"### {t}: {BUDGET_LABELS[budget]}", "",
-                      "| method | selected configuration | val Avg@8 | test Avg@8 (mean ± std) | per seed | tokens | steps "
-                      "| train s |", "|---|---|---|---|---|---|---|---|"]
+            lines += [
+                f"### {t}: {BUDGET_LABELS[budget]}",
+                "",
+                "| method | selected configuration | val Avg@8 | test Avg@8 (mean ± std) | per seed | tokens | steps "
+                "| train s |",
+                "|---|---|---|---|---|---|---|---|",
+            ]
             results = {}
             for m in a["methods"]:
                 config, runs = test_result(task_out, m, budget)
@@ -808,7 +999,8 @@ def write_report(path: Path, payload: dict, plots: dict) -> None:
                 lines.append(
                     f"| {m} | {config_name(config)} | {task_out['selected'][m][budget][1]:.3f} | {_fmt(mv, sv)} "
                     f"(n={len(vals)}) | {', '.join(f'{v:.3f}' for v in vals) or '–'} | {_counter(runs, budget, 'tokens'):,.0f} "
-                    f"| {_counter(runs, budget, 'step'):.0f} | {_counter(runs, budget, 'train_seconds'):.0f} |")
+                    f"| {_counter(runs, budget, 'step'):.0f} | {_counter(runs, budget, 'train_seconds'):.0f} |"
+                )
             lines += ["", "| PBSD vs | Δ mean | std sum | Welch p | verdict |", "|---|---|---|---|---|"]
             for m in a["methods"]:
                 if m == "PBSD":
@@ -821,8 +1013,12 @@ def write_report(path: Path, payload: dict, plots: dict) -> None:
                 _, pv = welch(p, q)
                 lines.append(f"| {m} | {diff:+.3f} | {mean_std(p)[1] + mean_std(q)[1]:.3f} | {pv:.3f} | {word} |")
             lines.append("")
-        lines += [f"### {t}: validation scores of every configuration (seed {a['seeds'][0]})", "",
-                  "| method | configuration | tokens budget | time budget | steps budget | steps run |", "|---|---|---|---|---|---|"]
+        lines += [
+            f"### {t}: validation scores of every configuration (seed {a['seeds'][0]})",
+            "",
+            "| method | configuration | tokens budget | time budget | steps budget | steps run |",
+            "|---|---|---|---|---|---|",
+        ]
         for m, rows in task_out["tuning"].items():
             for row in rows:
                 cells = " | ".join("–" if row["val"][b] is None else f"{row['val'][b]:.3f}" for b in BUDGETS)
@@ -830,10 +1026,13 @@ def write_report(path: Path, payload: dict, plots: dict) -> None:
         lines.append("")
         if task_out["ablations"]:
             head = task_out["headline_pbsd"]
-            lines += [f"### {t}: PBSD ablations (on the {HEADLINE_BUDGET}-budget PBSD configuration "
-                      f"{config_name(head)}; test, mean ± std)", "",
-                      "| variant | " + " | ".join(BUDGET_LABELS[b] for b in BUDGETS) + " | Welch p vs headline (time) |",
-                      "|---|---|---|---|---|"]
+            lines += [
+                f"### {t}: PBSD ablations (on the {HEADLINE_BUDGET}-budget PBSD configuration "
+                f"{config_name(head)}; test, mean ± std)",
+                "",
+                "| variant | " + " | ".join(BUDGET_LABELS[b] for b in BUDGETS) + " | Welch p vs headline (time) |",
+                "|---|---|---|---|---|",
+            ]
             _, head_runs = test_result(task_out, "PBSD", HEADLINE_BUDGET)
             for name, entry in task_out["ablations"].items():
                 cells = [_fmt(*mean_std(test_values(entry["runs"], b))) for b in BUDGETS]
@@ -851,26 +1050,46 @@ def write_report(path: Path, payload: dict, plots: dict) -> None:
                 pts = long[0]["points"]
                 best = max(pts, key=lambda p: p["avg_at_8"])
                 at_budget = budget_value(long[0], "tokens")
-                stab.append(f"| {m} | {config_name(entry['config'])} | {at_budget:.3f} | {best['avg_at_8']:.3f} @ "
-                            f"{best['tokens']:,.0f} tok | {pts[-1]['avg_at_8']:.3f} @ {pts[-1]['tokens']:,.0f} tok | "
-                            f"{pts[-1]['avg_at_8'] - best['avg_at_8']:+.3f} |")
+                stab.append(
+                    f"| {m} | {config_name(entry['config'])} | {at_budget:.3f} | {best['avg_at_8']:.3f} @ "
+                    f"{best['tokens']:,.0f} tok | {pts[-1]['avg_at_8']:.3f} @ {pts[-1]['tokens']:,.0f} tok | "
+                    f"{pts[-1]['avg_at_8'] - best['avg_at_8']:+.3f} |"
+                )
         if stab:
-            lines += [f"### {t}: stability (seed {a['seeds'][0]} to {a['stability_factor']}x the token budget)", "",
-                      "| method | configuration | at token budget | best | end | end − best |", "|---|---|---|---|---|---|",
-                      *stab, ""]
+            lines += [
+                f"### {t}: stability (seed {a['seeds'][0]} to {a['stability_factor']}x the token budget)",
+                "",
+                "| method | configuration | at token budget | best | end | end − best |",
+                "|---|---|---|---|---|---|",
+                *stab,
+                "",
+            ]
         if plots.get(t):
-            lines += [f"![{t} curves]({plots[t].name})", "",
-                      f"`{plots[t].name}`: test Avg@8 (mean ± std over seeds; x at 0: the untrained model) of each method's "
-                      "configuration selected for the budget of the panel, against that budget's counter; dashed: the "
-                      f"budget. Right: the stability run of the {HEADLINE_BUDGET}-selected configurations.", ""]
+            lines += [
+                f"![{t} curves]({plots[t].name})",
+                "",
+                f"`{plots[t].name}`: test Avg@8 (mean ± std over seeds; x at 0: the untrained model) of each method's "
+                "configuration selected for the budget of the panel, against that budget's counter; dashed: the "
+                f"budget. Right: the stability run of the {HEADLINE_BUDGET}-selected configurations.",
+                "",
+            ]
     if (path.parent / "learning_diagnosis.md").is_file():
-        lines += ["## Diagnosis of the early reward dip", "",
-                  "Measured separately by `benchmarks/learning_diagnosis.py` (validation problems only): see "
-                  "[learning_diagnosis.md](learning_diagnosis.md).", ""]
+        lines += [
+            "## Diagnosis of the early reward dip",
+            "",
+            "Measured separately by `benchmarks/learning_diagnosis.py` (validation problems only): see "
+            "[learning_diagnosis.md](learning_diagnosis.md).",
+            "",
+        ]
     if payload["errors"]:
         lines += ["## Errors", "", *[f"- {e}" for e in payload["errors"]], ""]
-    lines += ["## Raw data", "", f"`{a['cache_dir']}/<task>/<key>.json`: one file per run (specification, every "
-              "evaluation point, per-step training metrics).", ""]
+    lines += [
+        "## Raw data",
+        "",
+        f"`{a['cache_dir']}/<task>/<key>.json`: one file per run (specification, every "
+        "evaluation point, per-step training metrics).",
+        "",
+    ]
     path.write_text("\n".join(lines))
 
 
@@ -889,11 +1108,14 @@ def plot(payload: dict, out_dir: Path, stem: str) -> dict:
     for task_out in payload["tasks"]:
         base = {b["seed"]: b["avg_at_8"] for b in task_out["base"]}
         fig, axes = plt.subplots(1, 4, figsize=(19, 4.2))
-        for ax, budget in zip(axes, BUDGETS):
+        for ax, budget in zip(axes, BUDGETS, strict=False):
             for m in a["methods"]:
                 _, runs = test_result(task_out, m, budget)
-                curves = [[(0.0, base.get(r["seed"], math.nan))] + [(p[axis_key[budget]], p["avg_at_8"]) for p in r["points"]]
-                          for r in runs]
+                curves = [
+                    [(0.0, base.get(r["seed"], math.nan))]
+                    + [(p[axis_key[budget]], p["avg_at_8"]) for p in r["points"]]
+                    for r in runs
+                ]
                 n = min((len(c) for c in curves), default=0)
                 if n == 0:
                     continue
@@ -904,7 +1126,9 @@ def plot(payload: dict, out_dir: Path, stem: str) -> dict:
                 ax.fill_between(x, mu - sd, mu + sd, color=COLORS[m], alpha=0.15)
             ax.axvline(budgets_of(argparse.Namespace(**a))[budget], color="k", ls="--", lw=1, alpha=0.5)
             if task_out["base"]:
-                ax.axhline(statistics.fmean(b["avg_at_8"] for b in task_out["base"]), color="gray", ls=":", label="base")
+                ax.axhline(
+                    statistics.fmean(b["avg_at_8"] for b in task_out["base"]), color="gray", ls=":", label="base"
+                )
             ax.set_xlabel(axis_label[budget])
             ax.set_ylabel("test Avg@8")
             ax.set_title(BUDGET_LABELS[budget], fontsize=10)
@@ -915,12 +1139,20 @@ def plot(payload: dict, out_dir: Path, stem: str) -> dict:
             long = [r for r in runs if r["seed"] == a["seeds"][0]]
             if long:
                 pts = long[0]["points"]
-                ax.plot([0.0] + [p["tokens"] for p in pts], [base.get(a["seeds"][0], math.nan)] + [p["avg_at_8"] for p in pts],
-                        marker="o", ms=3, color=COLORS[m], label=m)
+                ax.plot(
+                    [0.0] + [p["tokens"] for p in pts],
+                    [base.get(a["seeds"][0], math.nan)] + [p["avg_at_8"] for p in pts],
+                    marker="o",
+                    ms=3,
+                    color=COLORS[m],
+                    label=m,
+                )
         ax.axvline(a["budget_tokens"], color="k", ls="--", lw=1, alpha=0.5)
         ax.set_xlabel("generated tokens")
-        ax.set_title(f"stability: seed {a['seeds'][0]} to {a['stability_factor']}x tokens ({HEADLINE_BUDGET}-selected)",
-                     fontsize=10)
+        ax.set_title(
+            f"stability: seed {a['seeds'][0]} to {a['stability_factor']}x tokens ({HEADLINE_BUDGET}-selected)",
+            fontsize=10,
+        )
         ax.grid(alpha=0.3)
         axes[0].legend(fontsize=8)
         fig.suptitle(f"{task_out['task']}: tuned methods" + (" [quick]" if a["quick"] else ""), fontsize=10)
@@ -1019,14 +1251,19 @@ def main(argv=None):
     payload["total_seconds"] = time.perf_counter() - runner.start
     payload["partial"] = None
     if runner.skipped_for_time:
-        payload["partial"] = f"`--max_minutes {args.max_minutes}` was reached with {runner.skipped_for_time} runs not started."
+        payload["partial"] = (
+            f"`--max_minutes {args.max_minutes}` was reached with {runner.skipped_for_time} runs not started."
+        )
     elif runner.errors:
         payload["partial"] = f"{len(runner.errors)} runs failed (see Errors)."
     (out_dir / f"{args.name}.json").write_text(json.dumps(_without_history(payload), indent=1, default=str))
     plots = plot(payload, out_dir, args.name)
     write_report(out_dir / f"{args.name}.md", payload, plots)
-    print(f"[learning_tuned] wrote {out_dir / (args.name + '.md')}; {runner.executed} new runs; "
-          f"{(time.perf_counter() - runner.start) / 60:.1f} min", flush=True)
+    print(
+        f"[learning_tuned] wrote {out_dir / (args.name + '.md')}; {runner.executed} new runs; "
+        f"{(time.perf_counter() - runner.start) / 60:.1f} min",
+        flush=True,
+    )
     return payload
 
 

@@ -237,9 +237,15 @@ def pool_args(spec, output_dir):
     from pbsd_trl import PBSDConfig
     from pbsd_trl.data.math_task import MATH_TEACHER_TEMPLATE
 
-    return PBSDConfig(output_dir=output_dir, max_completion_length=spec["max_completion_length"], temperature=1.0,
-                      teacher_prompt_template=MATH_TEACHER_TEMPLATE, use_cpu=DEVICE == "cpu", bf16=DEVICE == "cuda",
-                      report_to=[])
+    return PBSDConfig(
+        output_dir=output_dir,
+        max_completion_length=spec["max_completion_length"],
+        temperature=1.0,
+        teacher_prompt_template=MATH_TEACHER_TEMPLATE,
+        use_cpu=DEVICE == "cpu",
+        bf16=DEVICE == "cuda",
+        report_to=[],
+    )
 
 
 def build_trainer(kind, num_generations, fused, model, tokenizer, dataset, spec, max_steps, output_dir, options=None):
@@ -272,14 +278,29 @@ def build_trainer(kind, num_generations, fused, model, tokenizer, dataset, spec,
     peft_config = lora_config() if options.pop("peft", False) else None
     if kind == "grpo":
         args = GRPOConfig(**common, beta=0.0)
-        return GRPOTrainer(model, [math_accuracy_reward], args=args, train_dataset=dataset, processing_class=tokenizer,
-                           peft_config=peft_config)
+        return GRPOTrainer(
+            model,
+            [math_accuracy_reward],
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+        )
     args = PBSDConfig(
-        **common, num_teacher_generations=num_generations, use_fused_logprob_kernel=fused,
-        teacher_prompt_template=MATH_TEACHER_TEMPLATE, **options,
+        **common,
+        num_teacher_generations=num_generations,
+        use_fused_logprob_kernel=fused,
+        teacher_prompt_template=MATH_TEACHER_TEMPLATE,
+        **options,
     )
-    return PBSDTrainer(model, [math_accuracy_reward], args=args, train_dataset=dataset, processing_class=tokenizer,
-                       peft_config=peft_config)
+    return PBSDTrainer(
+        model,
+        [math_accuracy_reward],
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------- probes
@@ -303,8 +324,12 @@ class StepProbe:
         self._wrap(trainer.accelerator, "backward", lambda s: self._add("backward", s))
         if hasattr(trainer, "_sequence_logps"):
             self._wrap(trainer, "_sequence_logps", self._on_sequence_logps)
-            self._wrap(trainer, "_teacher_sequence_logps", lambda s: self._add("teacher_scoring", s),
-                       flag="in_teacher_scoring")
+            self._wrap(
+                trainer,
+                "_teacher_sequence_logps",
+                lambda s: self._add("teacher_scoring", s),
+                flag="in_teacher_scoring",
+            )
         self.in_teacher_scoring = False
 
     def _wrap(self, obj, name, record, flag=None, on_result=None):
@@ -464,12 +489,26 @@ def build_pool(model, tokenizer, dataset, spec, pool_dir, batch_size=256):
 
     gc.collect()
     start = _now()
-    pool = build_teacher_pool(copy.deepcopy(model), tokenizer, dataset, pool_dir, pool_args(spec, pool_dir + "-args"),
-                              POOL_SAMPLES, batch_size=batch_size, progress=False)
+    pool = build_teacher_pool(
+        copy.deepcopy(model),
+        tokenizer,
+        dataset,
+        pool_dir,
+        pool_args(spec, pool_dir + "-args"),
+        POOL_SAMPLES,
+        batch_size=batch_size,
+        progress=False,
+    )
     seconds = _since(start)
     tokens = sum(len(c) for row in pool["completion_ids"] for c in row)
-    return {"rows": len(pool), "num_samples": POOL_SAMPLES, "batch_size": batch_size, "tokens": tokens,
-            "seconds": seconds, "tokens_per_s": {c: tokens / seconds[c] for c in CLOCKS}}
+    return {
+        "rows": len(pool),
+        "num_samples": POOL_SAMPLES,
+        "batch_size": batch_size,
+        "tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_s": {c: tokens / seconds[c] for c in CLOCKS},
+    }
 
 
 def in_loop_teacher_throughput(summary):
@@ -477,8 +516,11 @@ def in_loop_teacher_throughput(summary):
     measured = [r for r in summary["steps"] if r["measured"]]
     rows = measured[0]["shapes"]["rows"] if measured else float("nan")
     tokens = statistics.median([r["teacher_length"] * rows for r in measured])
-    return {"rows_per_call": rows, "tokens_per_call": tokens,
-            "tokens_per_s": {c: tokens / summary["median_breakdown_s"][c]["gen_teacher"] for c in CLOCKS}}
+    return {
+        "rows_per_call": rows,
+        "tokens_per_call": tokens,
+        "tokens_per_s": {c: tokens / summary["median_breakdown_s"][c]["gen_teacher"] for c in CLOCKS},
+    }
 
 
 def run_config(config_name, spec, tmp_dir):
@@ -498,8 +540,16 @@ def run_config(config_name, spec, tmp_dir):
         if options.pop("pool", False):
             options["teacher_pool"] = pool_dir
         trainer = build_trainer(
-            kind, num_student, fused, copy.deepcopy(base_model), tokenizer, dataset, spec, total_steps,
-            str(Path(tmp_dir) / config_name / name.replace(" ", "_")), options,
+            kind,
+            num_student,
+            fused,
+            copy.deepcopy(base_model),
+            tokenizer,
+            dataset,
+            spec,
+            total_steps,
+            str(Path(tmp_dir) / config_name / name.replace(" ", "_")),
+            options,
         )
         contenders.append(Contender(name, trainer, num_student, num_teacher, fused, total_steps))
     del base_model
@@ -607,15 +657,21 @@ def analysis_lines(result, clock=None):
         reference = "LoRA GRPO G=8" if "LoRA" in name else BASELINE
         rb = by_name[reference]["median_breakdown_s"][clock]
         diff = sorted(((k, b[k] - rb[k]) for k in BUCKETS), key=lambda kv: -kv[1])
-        lines.append(f"- {name} over {reference}, by bucket: "
-                     + ", ".join(f"{BUCKET_TITLES[k]} {v:+.3f}" for k, v in diff) + ".")
+        lines.append(
+            f"- {name} over {reference}, by bucket: "
+            + ", ".join(f"{BUCKET_TITLES[k]} {v:+.3f}" for k, v in diff)
+            + "."
+        )
     return lines
 
 
 def acceptance_lines(result, clock=None):
     clock = clock or PRIMARY
     by_name = {s["name"]: s for s in result["contenders"]}
-    lines = ["| contender | reference | target | " + f"{clock} × ref | wall × ref | verdict |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| contender | reference | target | " + f"{clock} × ref | wall × ref | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
     verdicts = []
     for name, reference, target in ACCEPTANCE:
         if name not in by_name or reference not in by_name:
@@ -623,7 +679,9 @@ def acceptance_lines(result, clock=None):
         ratio = by_name[name]["time_ratio_vs"][reference]
         verdict = "MEETS" if ratio[clock] <= target else "MISSES"
         verdicts.append((name, reference, target, ratio, verdict))
-        lines.append(f"| {name} | {reference} | ≤ {target}× | **{ratio[clock]:.2f}** | {ratio['wall']:.2f} | {verdict} |")
+        lines.append(
+            f"| {name} | {reference} | ≤ {target}× | **{ratio[clock]:.2f}** | {ratio['wall']:.2f} | {verdict} |"
+        )
     return lines, verdicts
 
 
@@ -756,15 +814,25 @@ def write_markdown(path, results, machine, command, quick):
             *analysis_lines(result),
         ]
         table, items = acceptance_lines(result)
-        lines += ["", "Step-time targets (ratios: medians of per-round ratios against the reference):", "", *table,
-                  "", "Teacher-sample pool:", "", *pool_lines(result)]
+        lines += [
+            "",
+            "Step-time targets (ratios: medians of per-round ratios against the reference):",
+            "",
+            *table,
+            "",
+            "Teacher-sample pool:",
+            "",
+            *pool_lines(result),
+        ]
         verdicts[-1] = (*verdicts[-1], items)
     lines += ["", "## Verdict", ""]
     for config, ratio, verdict, same_head, items in verdicts:
         for name, reference, target, r, v in items:
             if name != MATCHED:
-                lines.append(f"- {config}: {name} / {reference} = **{r[PRIMARY]:.2f}×** {PRIMARY} time"
-                             f" ({r['wall']:.2f}× wall): {v} the ≤ {target}× target.")
+                lines.append(
+                    f"- {config}: {name} / {reference} = **{r[PRIMARY]:.2f}×** {PRIMARY} time"
+                    f" ({r['wall']:.2f}× wall): {v} the ≤ {target}× target."
+                )
         lines.append(
             f"- {config}: PBSD 4+4 / GRPO G=8 = **{ratio[PRIMARY]:.2f}×** {PRIMARY} time ({ratio['wall']:.2f}× wall),"
             f" 8 sampled completions per prompt each, PBSD with its default fused kernel and GRPO with TRL's fused"
@@ -816,8 +884,13 @@ def parse_args(argv=None):
         "--name", default=None, help="stem of the result files (default step_cost, on CUDA step_cost_cuda_<gpu name>)"
     )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--base_steps", type=int, default=None, help="warm-start steps of the built-in model"
-                        " (default: its recipe's; fewer when the full build does not fit, reported in the results)")
+    parser.add_argument(
+        "--base_steps",
+        type=int,
+        default=None,
+        help="warm-start steps of the built-in model"
+        " (default: its recipe's; fewer when the full build does not fit, reported in the results)",
+    )
     return parser.parse_args(argv)
 
 

@@ -14,10 +14,16 @@ import zipfile
 
 from .teacher_model import TEACHER_STATE_FILE
 
+
 CHECKPOINT_INFO_FILE = "pbsd_checkpoint.json"
 
 _PEFT_FILES = ("adapter_config.json",)
-_FULL_MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_FULL_MODEL_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 
 class CheckpointError(ValueError):

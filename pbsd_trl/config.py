@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, fields
 
 from trl import GRPOConfig
 
+
 DEFAULT_TEACHER_PROMPT_TEMPLATE = (
     "{prompt}\n\nHere is a reference solution to this problem:\n{privileged_context}\n\n"
     "After understanding the reference solution, solve the problem yourself."
@@ -197,7 +198,9 @@ class PBSDConfig(GRPOConfig):
     )
     tie_policy: str = field(
         default="role",
-        metadata={"help": "With pair_labels='reward', an equal-reward pair is labelled by 'role' or dropped ('drop')."},
+        metadata={
+            "help": "With pair_labels='reward', an equal-reward pair is labelled by 'role' or dropped ('drop')."
+        },
     )
     num_teacher_generations: int | None = field(
         default=None,
@@ -251,7 +254,9 @@ class PBSDConfig(GRPOConfig):
     )
     teacher_pool: str | None = field(
         default=None,
-        metadata={"help": "Folder of a teacher-sample pool (pbsd_trl.scripts.build_teacher_pool) for the base teacher."},
+        metadata={
+            "help": "Folder of a teacher-sample pool (pbsd_trl.scripts.build_teacher_pool) for the base teacher."
+        },
     )
     one_generation_pass: bool = field(
         default=True,
@@ -285,7 +290,9 @@ class PBSDConfig(GRPOConfig):
                     f"({self.vllm_max_model_length}): vLLM would reject the teacher prompts. Lower the budget to at "
                     f"most {self.vllm_max_model_length - self.max_completion_length}."
                 )
-        if self.teacher_pool is not None and (self.teacher_model_kind != "base" or self.teacher_samples_from != "teacher"):
+        if self.teacher_pool is not None and (
+            self.teacher_model_kind != "base" or self.teacher_samples_from != "teacher"
+        ):
             raise ValueError(
                 "`teacher_pool` holds samples of the fixed `base` teacher, drawn ahead of time: it needs "
                 f"`teacher_model_kind='base'` and `teacher_samples_from='teacher'` (got {self.teacher_model_kind!r} "
@@ -332,11 +339,7 @@ class PBSDConfig(GRPOConfig):
                 "and leave `steps_per_generation` unset (it then equals `gradient_accumulation_steps`), or use "
                 "`pairing='matched'`."
             )
-        if (
-            self.use_vllm
-            and self.vllm_mode == "server"
-            and self.num_teacher_generations != num_student
-        ):
+        if self.use_vllm and self.vllm_mode == "server" and self.num_teacher_generations != num_student:
             raise ValueError(
                 "vLLM server mode samples `num_generations` completions per run of identical prompts, so "
                 f"`num_teacher_generations` ({self.num_teacher_generations}) must equal `num_generations` "
@@ -398,9 +401,13 @@ class PBSDConfig(GRPOConfig):
             raise TypeError(f"`teacher_sync_steps` must be an int, got {self.teacher_sync_steps!r}.")
         for name in ("length_normalize", "allow_empty_privileged_context"):
             if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"`{name}` must be a bool, got {getattr(self, name)!r}: a string such as 'false' is truthy.")
+                raise TypeError(
+                    f"`{name}` must be a bool, got {getattr(self, name)!r}: a string such as 'false' is truthy."
+                )
         if self.use_fused_logprob_kernel is not None and not isinstance(self.use_fused_logprob_kernel, bool):
-            raise TypeError(f"`use_fused_logprob_kernel` must be a bool or None, got {self.use_fused_logprob_kernel!r}.")
+            raise TypeError(
+                f"`use_fused_logprob_kernel` must be a bool or None, got {self.use_fused_logprob_kernel!r}."
+            )
         for name in ("privileged_context_column", "teacher_prompt_template"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise TypeError(f"`{name}` must be a non-empty string, got {getattr(self, name)!r}.")
@@ -443,7 +450,9 @@ class PBSDConfig(GRPOConfig):
             raise ValueError(f"`max_teacher_prompt_length` must be positive, got {self.max_teacher_prompt_length}.")
         # GRPO's sampling settings that PBSD's scoring divides or samples by (GRPO does not check them)
         if not self.temperature > 0:
-            raise ValueError(f"`temperature` must be > 0 (log-probs are computed from logits / temperature), got {self.temperature}.")
+            raise ValueError(
+                f"`temperature` must be > 0 (log-probs are computed from logits / temperature), got {self.temperature}."
+            )
         if not 0 < self.top_p <= 1:
             raise ValueError(f"`top_p` must be in (0, 1], got {self.top_p}.")
         if self.learning_rate < 0:

@@ -90,8 +90,13 @@ def add_pbsd_logprob_head(model, temperature: float = 1.0) -> None:
         labels = labels[:, 1:].to(head.weight.device)
         with maybe_gather_lm_head_ctx(head.weight, head.bias):
             logps = fused_logprobs(
-                hidden_states.to(head.weight.device), head.weight, labels, temperature=temperature, bias=head.bias,
-                softcap=softcap, logit_scale=logit_scale,
+                hidden_states.to(head.weight.device),
+                head.weight,
+                labels,
+                temperature=temperature,
+                bias=head.bias,
+                softcap=softcap,
+                logit_scale=logit_scale,
             )
         if kwargs.get("output_router_logits"):
             return logps, router_aux_loss(backbone_outputs.router_logits, text_config, kwargs.get("attention_mask"))
@@ -120,7 +125,12 @@ def pad_token_lists(
     """Pad token lists (possibly empty) on `side` (`"left"` for prompts, `"right"` for completions): ids and mask."""
     tensors = [torch.tensor(ids, dtype=torch.long) for ids in sequences]
     ids = pad(tensors, padding_value=pad_token_id, padding_side=side, pad_to_multiple_of=pad_to_multiple_of)
-    mask = pad([torch.ones_like(t) for t in tensors], padding_value=0, padding_side=side, pad_to_multiple_of=pad_to_multiple_of)
+    mask = pad(
+        [torch.ones_like(t) for t in tensors],
+        padding_value=0,
+        padding_side=side,
+        pad_to_multiple_of=pad_to_multiple_of,
+    )
     return ids.to(device), mask.to(device)
 
 

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+
 logger = logging.getLogger(__name__)
 
 POOL_STAMP_FILE = "pbsd_pool.json"
@@ -73,7 +74,7 @@ def _canonical_name(name: str) -> str:
     # A PEFT wrapper, a DDP/DeepSpeed wrapper and LoRA's `base_layer` do not change the weights' meaning
     for prefix in ("module.", "base_model.model."):
         if name.startswith(prefix):
-            name = name[len(prefix):]
+            name = name[len(prefix) :]
     return name.replace(".base_layer.", ".")
 
 
@@ -163,7 +164,9 @@ def stamp_mismatches(found: dict, expected: dict) -> list[str]:
                     problems.append(f"sampling.{key}: pool {a.get(key)!r}, this run {b.get(key)!r}")
         elif found.get(name) != expected.get(name):
             what = {"teacher_weights": " (the teacher weights differ)", "tokenizer": " (the tokenizer differs)"}
-            problems.append(f"{name}{what.get(name, '')}: pool {found.get(name)!r:.80}, this run {expected.get(name)!r:.80}")
+            problems.append(
+                f"{name}{what.get(name, '')}: pool {found.get(name)!r:.80}, this run {expected.get(name)!r:.80}"
+            )
     return problems
 
 
@@ -176,7 +179,10 @@ def tokenize_prompts(tokenizer, prompts: list, chat_template_kwargs: dict | None
         return []
     if is_conversational({"prompt": prompts[0]}):
         out = tokenizer.apply_chat_template(
-            conversation=prompts, add_generation_prompt=True, tokenize=True, return_dict=True,
+            conversation=prompts,
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
             **(chat_template_kwargs or {}),
         )
         return [list(ids) for ids in out["input_ids"]]
@@ -216,8 +222,8 @@ def _left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Te
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for i, s in enumerate(sequences):
         if s:
-            ids[i, width - len(s):] = torch.tensor(s)
-            mask[i, width - len(s):] = 1
+            ids[i, width - len(s) :] = torch.tensor(s)
+            mask[i, width - len(s) :] = 1
     return ids.to(device), mask.to(device)
 
 
@@ -237,8 +243,15 @@ def _autocast(device, bf16: bool):
 
 
 @torch.no_grad()
-def sequence_logps(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], temperature: float,
-                   pad_id: int, device, bf16: bool = False) -> list[float]:
+def sequence_logps(
+    model,
+    prompt_ids: list[list[int]],
+    completion_ids: list[list[int]],
+    temperature: float,
+    pad_id: int,
+    device,
+    bf16: bool = False,
+) -> list[float]:
     """Sum over each completion of `log softmax(logits / temperature)` at its tokens, given its prompt.
 
     The same computation as the trainer's teacher scoring with pbsd-trl's fused kernel (`[left-padded prompt ;
@@ -258,8 +271,15 @@ def sequence_logps(model, prompt_ids: list[list[int]], completion_ids: list[list
 
     with maybe_gather_lm_head_ctx(head.weight, head.bias):
         softcap, logit_scale = head_logit_transform(model)
-        logps = fused_logprobs(hidden[:, :-1].to(head.weight.device), head.weight, labels[:, 1:].to(head.weight.device),
-                               temperature=temperature, bias=head.bias, softcap=softcap, logit_scale=logit_scale)
+        logps = fused_logprobs(
+            hidden[:, :-1].to(head.weight.device),
+            head.weight,
+            labels[:, 1:].to(head.weight.device),
+            temperature=temperature,
+            bias=head.bias,
+            softcap=softcap,
+            logit_scale=logit_scale,
+        )
     return logps.sum(-1).tolist()
 
 
@@ -293,10 +313,11 @@ class HFSampler:
         rows = [ids for ids in prompt_ids for _ in range(num_samples)]
         input_ids, attention_mask = _left_pad(rows, self.tokenizer.pad_token_id, self.device)
         with _autocast(self.device, self.bf16):
-            out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                      generation_config=self.generation_config)
-        completions = out[:, input_ids.size(1):].tolist()
-        return [completions[i * num_samples:(i + 1) * num_samples] for i in range(len(prompt_ids))]
+            out = self.model.generate(
+                input_ids=input_ids, attention_mask=attention_mask, generation_config=self.generation_config
+            )
+        completions = out[:, input_ids.size(1) :].tolist()
+        return [completions[i * num_samples : (i + 1) * num_samples] for i in range(len(prompt_ids))]
 
 
 class VLLMSampler:
@@ -314,13 +335,25 @@ class VLLMSampler:
         except ImportError as err:
             raise ImportError("backend='vllm' needs vLLM: `pip install vllm` (or use backend='hf').") from err
         if args.generation_kwargs:
-            raise ValueError(f"backend='vllm' does not translate `generation_kwargs` {args.generation_kwargs}; use 'hf'.")
-        self.llm = LLM(model=model_name_or_path, gpu_memory_utilization=gpu_memory_utilization, seed=seed,
-                       max_model_len=args.vllm_max_model_length)
+            raise ValueError(
+                f"backend='vllm' does not translate `generation_kwargs` {args.generation_kwargs}; use 'hf'."
+            )
+        self.llm = LLM(
+            model=model_name_or_path,
+            gpu_memory_utilization=gpu_memory_utilization,
+            seed=seed,
+            max_model_len=args.vllm_max_model_length,
+        )
         self._params = lambda n: SamplingParams(
-            n=n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k or -1,
-            min_p=args.min_p or 0.0, repetition_penalty=args.repetition_penalty,
-            max_tokens=args.max_completion_length, stop_token_ids=list(eos_ids), ignore_eos=False,
+            n=n,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k or -1,
+            min_p=args.min_p or 0.0,
+            repetition_penalty=args.repetition_penalty,
+            max_tokens=args.max_completion_length,
+            stop_token_ids=list(eos_ids),
+            ignore_eos=False,
         )
 
     def sample(self, prompt_ids: list[list[int]], num_samples: int) -> list[list[list[int]]]:
@@ -466,15 +499,25 @@ def build_teacher_pool(
         if problems:
             raise TeacherPoolError(
                 f"{output_dir} holds a teacher pool drawn with other settings; refusing to mix samples: "
-                + "; ".join(problems) + ". Use another output_dir, or delete this one."
+                + "; ".join(problems)
+                + ". Use another output_dir, or delete this one."
             )
     state.wait_for_everyone()
     if state.is_main_process:
-        _write_json_atomic(os.path.join(output_dir, POOL_STAMP_FILE), {
-            **stamp, "num_samples": num_samples, "complete": False, "backend": backend, "seed": seed,
-            "dtype": str(next(model.parameters()).dtype), "bf16": bool(args.bf16),
-            "rows": None, "created": (found or {}).get("created", time.strftime("%Y-%m-%dT%H:%M:%S")),
-        })
+        _write_json_atomic(
+            os.path.join(output_dir, POOL_STAMP_FILE),
+            {
+                **stamp,
+                "num_samples": num_samples,
+                "complete": False,
+                "backend": backend,
+                "seed": seed,
+                "dtype": str(next(model.parameters()).dtype),
+                "bf16": bool(args.bf16),
+                "rows": None,
+                "created": (found or {}).get("created", time.strftime("%Y-%m-%dT%H:%M:%S")),
+            },
+        )
 
     # Distinct (prompt, context) rows not yet drawn, split over processes
     column = args.privileged_context_column
@@ -496,13 +539,19 @@ def build_teacher_pool(
     order = sorted(range(len(mine)), key=lambda i: -len(prompt_ids[i]))
 
     if backend == "vllm":
-        sampler = VLLMSampler(model_name_or_path or model.config._name_or_path, args, eos_ids,
-                              vllm_gpu_memory_utilization, seed)
+        sampler = VLLMSampler(
+            model_name_or_path or model.config._name_or_path, args, eos_ids, vllm_gpu_memory_utilization, seed
+        )
     else:
         sampler = HFSampler(model, tokenizer, args, eos_ids, device, bf16=bool(args.bf16))
     prompts_per_batch = max(1, batch_size // num_samples)
-    bar = tqdm(total=len(mine) * num_samples, unit="sample", desc=f"teacher pool ({sampler.name})",
-               disable=not (progress and state.is_main_process), dynamic_ncols=True)
+    bar = tqdm(
+        total=len(mine) * num_samples,
+        unit="sample",
+        desc=f"teacher pool ({sampler.name})",
+        disable=not (progress and state.is_main_process),
+        dynamic_ncols=True,
+    )
     generated, started = 0, time.perf_counter()
     for b, start in enumerate(range(0, len(order), prompts_per_batch)):
         if stop_after_batches is not None and b >= stop_after_batches:
@@ -518,11 +567,24 @@ def build_teacher_pool(
             drawn = [cut_after_eos(ids, eos_ids) for ids in drawn]
             flat_prompts += [prompt_ids[i]] * num_samples
             flat_completions += drawn
-            records.append({"key": mine[i][0], "row": mine[i][1], "completion_ids": drawn,
-                            "teacher_prompt_length": len(prompt_ids[i])})
+            records.append(
+                {
+                    "key": mine[i][0],
+                    "row": mine[i][1],
+                    "completion_ids": drawn,
+                    "teacher_prompt_length": len(prompt_ids[i]),
+                }
+            )
         with base_weights():
-            logps = sequence_logps(model, flat_prompts, flat_completions, args.temperature, tokenizer.pad_token_id,
-                                   device, bf16=bool(args.bf16))
+            logps = sequence_logps(
+                model,
+                flat_prompts,
+                flat_completions,
+                args.temperature,
+                tokenizer.pad_token_id,
+                device,
+                bf16=bool(args.bf16),
+            )
         for j, record in enumerate(records):
             record["teacher_logps"] = logps[j * num_samples : (j + 1) * num_samples]
         _write_part(output_dir, state.process_index, records)
@@ -600,7 +662,8 @@ class TeacherPool:
     def check_covers(self, dataset, column: str, name: str = "train_dataset") -> None:
         """Every row of `dataset` must have samples: fail at construction, naming the first row without."""
         missing = [
-            i for i, (prompt, context) in enumerate(zip(dataset["prompt"], dataset[column], strict=True))
+            i
+            for i, (prompt, context) in enumerate(zip(dataset["prompt"], dataset[column], strict=True))
             if row_key(prompt, context) not in self._index
         ]
         if missing:
@@ -616,7 +679,9 @@ class TeacherPool:
     def take(self, key: str, visit: int, position: int) -> tuple[list[int], float]:
         """The sample the `position`-th teacher row of a group takes on the group's `visit`-th visit."""
         if key not in self._index:
-            raise TeacherPoolError(f"The teacher pool at {self.path} has no samples for a training prompt (key {key}).")
+            raise TeacherPoolError(
+                f"The teacher pool at {self.path} has no samples for a training prompt (key {key})."
+            )
         i = self._index[key]
         j = (visit * self.stride + position) % self.num_samples
         return list(self._completions[i][j]), float(self._logps[i][j])
@@ -678,7 +743,9 @@ def use_default_pool(trainer, dataset, pool_root: str | None = None, say=print) 
     elif trainer.use_vllm:
         why_not = "vLLM serves the student's samples (pass a --teacher_pool built beforehand)"
     elif trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
-        why_not = "the weights are sharded (build one with pbsd_trl.scripts.build_teacher_pool and pass --teacher_pool)"
+        why_not = (
+            "the weights are sharded (build one with pbsd_trl.scripts.build_teacher_pool and pass --teacher_pool)"
+        )
     if why_not is not None:
         say(f"[pbsd] Teacher samples: drawn in every step ({why_not}).")
         return None

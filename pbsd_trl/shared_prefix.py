@@ -80,17 +80,28 @@ def shared_prefix_token_logps(
             prefix = backbone(input_ids=u_ids, attention_mask=u_mask, use_cache=True)
             cache = prefix.past_key_values
             if not isinstance(cache, DynamicCache):
-                raise TypeError(f"Shared-prefix scoring needs a DynamicCache, the model returned {type(cache).__name__}.")
+                raise TypeError(
+                    f"Shared-prefix scoring needs a DynamicCache, the model returned {type(cache).__name__}."
+                )
             cache.reorder_cache(owner)
             hidden = backbone(
-                input_ids=c_ids, attention_mask=torch.cat([u_mask[owner], c_mask], dim=1), past_key_values=cache,
+                input_ids=c_ids,
+                attention_mask=torch.cat([u_mask[owner], c_mask], dim=1),
+                past_key_values=cache,
                 use_cache=True,
             ).last_hidden_state
         # the first completion token is predicted from the prompt's last position
         hidden = torch.cat([prefix.last_hidden_state[owner, -1:], hidden[:, :-1]], dim=1)
         labels = c_ids.masked_fill(c_mask == 0, -100)
         with maybe_gather_lm_head_ctx(head.weight, head.bias):  # ZeRO-3: the head's weight is partitioned
-            logps = fused_logprobs(hidden.to(head.weight.device), head.weight, labels.to(head.weight.device),
-                                   temperature=temperature, bias=head.bias, softcap=softcap, logit_scale=logit_scale)
+            logps = fused_logprobs(
+                hidden.to(head.weight.device),
+                head.weight,
+                labels.to(head.weight.device),
+                temperature=temperature,
+                bias=head.bias,
+                softcap=softcap,
+                logit_scale=logit_scale,
+            )
         out[target] = logps.float().to(out.device)
     return out

@@ -10,6 +10,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+
 logger = logging.getLogger(__name__)
 
 
@@ -267,7 +268,9 @@ class TeacherPromptBuilder:
         if self.allow_empty:
             return
         first = [self.decode(self.encode(c)[:1]) for c in contexts]
-        one = self.count_tokens([compose_teacher_prompt(p, c, self.template) for p, c in zip(prompts, first, strict=True)])
+        one = self.count_tokens(
+            [compose_teacher_prompt(p, c, self.template) for p, c in zip(prompts, first, strict=True)]
+        )
         for length, label, b in zip(one, labels, bare, strict=True):
             if length > self.max_length:
                 raise ValueError(

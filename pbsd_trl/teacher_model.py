@@ -21,6 +21,7 @@ from transformers import TrainerCallback
 from trl.models.utils import prepare_deepspeed, prepare_fsdp
 from trl.trainer.utils import create_model_from_path, disable_dropout_in_model, use_adapter
 
+
 logger = logging.getLogger(__name__)
 
 TEACHER_ADAPTER_NAME = "pbsd_teacher"
@@ -204,7 +205,9 @@ class TeacherWeights:
         self.check_state_dict(state, source)
         for i in range(len(self._teacher_params)):
             if not torch.isfinite(state[f"teacher.{i}"]).all():
-                raise ValueError(f"{source}: EMA teacher tensor {i} holds NaN or inf; resume from an earlier checkpoint.")
+                raise ValueError(
+                    f"{source}: EMA teacher tensor {i} holds NaN or inf; resume from an earlier checkpoint."
+                )
         zero3 = any(hasattr(p, "ds_id") for p in self._teacher_params)
         with _gathered(self._teacher_params, modifier_rank=0):
             if not zero3 or _is_rank_zero():

@@ -40,7 +40,9 @@ from .shared_prefix import shared_prefix_token_logps, supports_shared_prefix
 from .teacher import ROW_INDEX_COLUMN, TeacherPromptBuilder, check_privileged_context, check_prompt
 from .teacher_model import TEACHER_ADAPTER_NAME, TEACHER_STATE_FILE, TeacherEMACallback, TeacherWeights
 
+
 logger = logging.getLogger(__name__)
+
 
 def _lora_row_scalings(model, adapter_names):
     """Per-row LoRA scalings (0 for `"__base__"` rows) on every layer, for a batch that mixes the active adapter and
@@ -54,14 +56,23 @@ def _lora_row_scalings(model, adapter_names):
         return None
     (adapter,) = used
     layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
-    if not layers or any(
-        type(m) is not LoraLinear or m.lora_variant.get(adapter) is not None or m.merged or list(m.active_adapters) != [adapter]
-        for m in layers
-        if adapter in getattr(m, "lora_A", {})
-    ) or any(not isinstance(m, LoraLinear) for m in layers):
+    if (
+        not layers
+        or any(
+            type(m) is not LoraLinear
+            or m.lora_variant.get(adapter) is not None
+            or m.merged
+            or list(m.active_adapters) != [adapter]
+            for m in layers
+            if adapter in getattr(m, "lora_A", {})
+        )
+        or any(not isinstance(m, LoraLinear) for m in layers)
+    ):
         return None
     device = next(model.parameters()).device
-    mask = torch.tensor([name != "__base__" for name in adapter_names], dtype=torch.float32, device=device).view(-1, 1, 1)
+    mask = torch.tensor([name != "__base__" for name in adapter_names], dtype=torch.float32, device=device).view(
+        -1, 1, 1
+    )
     restore = []
     for layer in layers:
         if adapter in layer.scaling:
@@ -265,8 +276,11 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
                 raise ValueError(
                     f"{name} has no {'privileged-context' if needed == column else 'prompt'} column '{needed}' "
                     f"(columns: {columns}). PBSD's teacher is prompted with the prompt and the privileged context: "
-                    + ("add the column, or set `privileged_context_column` to the column that holds it."
-                       if needed == column else "add it (GRPO samples from it).")
+                    + (
+                        "add the column, or set `privileged_context_column` to the column that holds it."
+                        if needed == column
+                        else "add it (GRPO samples from it)."
+                    )
                 )
         if isinstance(dataset, Dataset):
             rows = dataset.select_columns(["prompt", column] if check_prompts else [column])
@@ -314,7 +328,9 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
                 f"prompt and its completion need at most {total} tokens. Set it to at most {limit}."
             )
         if limit < 1:
-            raise ValueError(f"`max_completion_length` ({completion}) leaves no room for a prompt in {total} positions.")
+            raise ValueError(
+                f"`max_completion_length` ({completion}) leaves no room for a prompt in {total} positions."
+            )
         return limit, what
 
     def _check_teacher_prompts(self, dataset, name: str) -> None:
@@ -341,7 +357,9 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
     def _set_signature_columns_if_needed(self):
         # With `remove_unused_columns=True`, keep the privileged context and the reward functions' columns' carrier
         super()._set_signature_columns_if_needed()
-        extra = [c for c in (self.args.privileged_context_column, ROW_INDEX_COLUMN) if c not in self._signature_columns]
+        extra = [
+            c for c in (self.args.privileged_context_column, ROW_INDEX_COLUMN) if c not in self._signature_columns
+        ]
         self._signature_columns = [*self._signature_columns, *extra]
 
     def _base_model(self, model):
@@ -470,10 +488,14 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
 
         args = self.args
         if args.teacher_model_kind != "base" or args.teacher_samples_from != "teacher":
-            raise ValueError("A teacher pool serves `teacher_model_kind='base'` with `teacher_samples_from='teacher'`.")
+            raise ValueError(
+                "A teacher pool serves `teacher_model_kind='base'` with `teacher_samples_from='teacher'`."
+            )
         pool = TeacherPool(path, stride=args.num_teacher_generations)
-        pool.check(pool_stamp(self.teacher_weights_model(), self._tokenizer, args, self.eos_token_ids),
-                   args.num_teacher_generations)
+        pool.check(
+            pool_stamp(self.teacher_weights_model(), self._tokenizer, args, self.eos_token_ids),
+            args.num_teacher_generations,
+        )
         train_dataset = self.train_dataset if train_dataset is None else train_dataset
         eval_dataset = self.eval_dataset if eval_dataset is None else eval_dataset
         column = args.privileged_context_column
@@ -483,11 +505,16 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
             if self.use_vllm:  # vLLM cannot sample the base teacher online: every row must come from the pool
                 pool.check_covers(dataset, column, name)
             elif name == "train_dataset":
-                missing = sum(not pool.has(row_key(p, c)) for p, c in zip(dataset["prompt"], dataset[column], strict=True))
+                missing = sum(
+                    not pool.has(row_key(p, c)) for p, c in zip(dataset["prompt"], dataset[column], strict=True)
+                )
                 if missing:
                     logger.warning(
                         "The teacher pool at %s has no samples for %d of the %d rows of train_dataset: batches holding "
-                        "such a row sample the teacher online.", path, missing, len(dataset),
+                        "such a row sample the teacher online.",
+                        path,
+                        missing,
+                        len(dataset),
                     )
         args.teacher_pool = path
         self._teacher_pool = pool
@@ -524,7 +551,9 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
             from transformers.utils.chat_parsing_utils import parse_response
 
             prompt_ids = self._tokenize_prompts(prompts)[0]
-            return [[parse_response(tokenizer, ids, prefix=p)] for ids, p in zip(completion_ids, prompt_ids, strict=True)]
+            return [
+                [parse_response(tokenizer, ids, prefix=p)] for ids, p in zip(completion_ids, prompt_ids, strict=True)
+            ]
         contents = self.processing_class.batch_decode(completion_ids, skip_special_tokens=True)
         return [[{"role": "assistant", "content": content}] for content in contents]
 
@@ -541,10 +570,14 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         plan = self._one_pass
         if plan is None or images is not None:
-            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
+            return super()._generate_single_turn(
+                prompt_ids, images, multimodal_fields, num_generations, has_tool_images
+            )
         if "teacher_result" in plan:  # the teacher's `_generate`: its samples were drawn with the student's
             if list(map(list, prompt_ids)) != plan["teacher_ids"]:
-                raise RuntimeError("One-pass generation: the teacher prompts differ from those sampled with the student.")
+                raise RuntimeError(
+                    "One-pass generation: the teacher prompts differ from those sampled with the student."
+                )
             self._one_pass = None
             return plan.pop("teacher_result")
         num_student = len(prompt_ids)
@@ -650,8 +683,8 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
             with self._teacher_rows_state(teacher_rows):
                 try:
                     with self._teacher_generation_metrics(mode), self._teacher_sampling_weights():
-                        rollout_prompt_ids, sampled_ids, tool_mask_rows, teacher_completions, _, extra, *_ = self._generate(
-                            [teacher_prompts[i] for i in teacher_rows]
+                        rollout_prompt_ids, sampled_ids, tool_mask_rows, teacher_completions, _, extra, *_ = (
+                            self._generate([teacher_prompts[i] for i in teacher_rows])
                         )
                 finally:
                     self._one_pass = None
@@ -669,8 +702,12 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
             teacher_completion_lists[i] = ids
         pad_id, multiple = self._tokenizer.pad_token_id, self.pad_to_multiple_of
         # A rollout_func tokenizes its own prompts (every row has a teacher rollout then)
-        teacher_prompt_lists = rollout_prompt_ids if self.rollout_func is not None else self._tokenize_prompts(teacher_prompts)[0]
-        teacher_prompt_ids, teacher_prompt_mask = pad_token_lists(teacher_prompt_lists, pad_id, "left", device, multiple)
+        teacher_prompt_lists = (
+            rollout_prompt_ids if self.rollout_func is not None else self._tokenize_prompts(teacher_prompts)[0]
+        )
+        teacher_prompt_ids, teacher_prompt_mask = pad_token_lists(
+            teacher_prompt_lists, pad_id, "left", device, multiple
+        )
         teacher_completion_ids, teacher_completion_mask = pad_token_lists(
             teacher_completion_lists, pad_id, "right", device, multiple
         )
@@ -680,9 +717,13 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
             )
         if self.mask_truncated_completions:
             ends = [*self.eos_token_ids, pad_id]
-            clipped = torch.tensor([bool(ids) and ids[-1] not in ends for ids in teacher_completion_lists], device=device)
+            clipped = torch.tensor(
+                [bool(ids) and ids[-1] not in ends for ids in teacher_completion_lists], device=device
+            )
             teacher_completion_mask = teacher_completion_mask * (~clipped).unsqueeze(1).int()
-        student_scored, teacher_scored = self._score_masks({**output, "teacher_completion_mask": teacher_completion_mask})
+        student_scored, teacher_scored = self._score_masks(
+            {**output, "teacher_completion_mask": teacher_completion_mask}
+        )
 
         # Teacher log-probs of both sample sets, from the teacher prompt and weights (no gradient)
         batch_size = args.per_device_train_batch_size if mode == "train" else args.per_device_eval_batch_size
@@ -725,9 +766,20 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
 
         if args.pairing == "all":
             num_pairs = self._build_pair_table(
-                mode, output, row_index, has_teacher, teacher_rewards_rows, student_rewards,
-                teacher_prompt_ids, teacher_prompt_mask, teacher_completion_ids, teacher_completion_mask,
-                teacher_logps_teacher, teacher_logps_student, batch_size, group_size,
+                mode,
+                output,
+                row_index,
+                has_teacher,
+                teacher_rewards_rows,
+                student_rewards,
+                teacher_prompt_ids,
+                teacher_prompt_mask,
+                teacher_completion_ids,
+                teacher_completion_mask,
+                teacher_logps_teacher,
+                teacher_logps_student,
+                batch_size,
+                group_size,
             )
         else:
             kept = has_teacher & (labels != DROPPED_LABEL)
@@ -746,7 +798,14 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
             pbsd_num_pairs=num_pairs.float(),
         )
         self._log_generation_metrics(
-            mode, has_teacher, labels, teacher_rewards_rows, student_rewards, teacher_lengths, student_lengths, truncated
+            mode,
+            has_teacher,
+            labels,
+            teacher_rewards_rows,
+            student_rewards,
+            teacher_lengths,
+            student_lengths,
+            truncated,
         )
         completions_for_table = [None] * num_rows
         for i, completion in zip(teacher_rows, teacher_completions, strict=True):
@@ -775,8 +834,13 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
         scored = torch.cat([right_pad_to(scored, width, 0) for _, _, scored in completion_sets])
         rows = prompt_ids.size(0)
         per_token = shared_prefix_token_logps(
-            model, prompt_ids.repeat(len(completion_sets), 1), prompt_mask.repeat(len(completion_sets), 1), ids, mask,
-            temperature=self.temperature, max_rows=None if batch_size is None else 2 * batch_size,
+            model,
+            prompt_ids.repeat(len(completion_sets), 1),
+            prompt_mask.repeat(len(completion_sets), 1),
+            ids,
+            mask,
+            temperature=self.temperature,
+            max_rows=None if batch_size is None else 2 * batch_size,
             autocast=self.accelerator.autocast(),
         )
         sums = (per_token * scored).sum(-1)  # tool results are attended to but not scored
@@ -787,15 +851,21 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
     ):
         """Sum of per-token log-probs of each completion given its prompt, `(B,)` float32, over `score_mask` (default:
         the completion mask; tool results are attended to but not scored)."""
-        per_token = self._completion_token_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask, batch_size)
+        per_token = self._completion_token_logps(
+            model, prompt_ids, prompt_mask, completion_ids, completion_mask, batch_size
+        )
         return (per_token * (completion_mask if score_mask is None else score_mask)).sum(-1)
 
-    def _completion_token_logps(self, model, prompt_ids, prompt_mask, completion_ids, completion_mask, batch_size=None):
+    def _completion_token_logps(
+        self, model, prompt_ids, prompt_mask, completion_ids, completion_mask, batch_size=None
+    ):
         """Per-token log-probs `(B, C)` of the completion tokens (0 on padding), at the sampling temperature."""
         if completion_ids.size(1) == 0:
             return completion_ids.new_zeros(completion_ids.shape, dtype=torch.float32)
         if not self.args.use_fused_logprob_kernel:
-            input_ids, attention_mask, _ = concat_prompt_completion(prompt_ids, prompt_mask, completion_ids, completion_mask)
+            input_ids, attention_mask, _ = concat_prompt_completion(
+                prompt_ids, prompt_mask, completion_ids, completion_mask
+            )
             logps, _, _ = self._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, completion_ids.size(1), batch_size=batch_size
             )
@@ -813,9 +883,21 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
         return torch.cat(chunks).float()
 
     def _build_pair_table(
-        self, mode, output, row_index, has_teacher, teacher_rewards, student_rewards,
-        teacher_prompt_ids, teacher_prompt_mask, teacher_completion_ids, teacher_completion_mask,
-        teacher_logps_teacher, teacher_logps_student, batch_size, group_size,
+        self,
+        mode,
+        output,
+        row_index,
+        has_teacher,
+        teacher_rewards,
+        student_rewards,
+        teacher_prompt_ids,
+        teacher_prompt_mask,
+        teacher_completion_ids,
+        teacher_completion_mask,
+        teacher_logps_teacher,
+        teacher_logps_student,
+        batch_size,
+        group_size,
     ) -> torch.Tensor:
         """Global table of detached per-row values for `pairing="all"`; returns the global number of kept pairs.
 
@@ -824,14 +906,26 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
         here and the loss, so partner log-ratios scored now, without gradient, are the partners' values at loss time:
         each process differentiates its own samples against them, which gives the exact gradient of the global loss.
         """
-        student_scored, teacher_scored = self._score_masks({**output, "teacher_completion_mask": teacher_completion_mask})
+        student_scored, teacher_scored = self._score_masks(
+            {**output, "teacher_completion_mask": teacher_completion_mask}
+        )
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
             student_on_teacher = self._sequence_logps(
-                self.model, output["prompt_ids"], output["prompt_mask"], teacher_completion_ids, teacher_completion_mask, batch_size,
+                self.model,
+                output["prompt_ids"],
+                output["prompt_mask"],
+                teacher_completion_ids,
+                teacher_completion_mask,
+                batch_size,
                 score_mask=teacher_scored,
             )
             student_on_student = self._sequence_logps(
-                self.model, output["prompt_ids"], output["prompt_mask"], output["completion_ids"], output["completion_mask"], batch_size,
+                self.model,
+                output["prompt_ids"],
+                output["prompt_mask"],
+                output["completion_ids"],
+                output["completion_mask"],
+                batch_size,
                 score_mask=student_scored,
             )
         lengths_t = teacher_scored.sum(1) if self.args.length_normalize else None
@@ -896,7 +990,9 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
         # attended to but not scored (GRPO's `tool_mask`)
         width = max(student_ids.size(1), teacher_ids.size(1))
         pad_id = self._tokenizer.pad_token_id
-        completion_ids = torch.cat([right_pad_to(student_ids, width, pad_id), right_pad_to(teacher_ids, width, pad_id)])
+        completion_ids = torch.cat(
+            [right_pad_to(student_ids, width, pad_id), right_pad_to(teacher_ids, width, pad_id)]
+        )
         completion_mask = torch.cat([right_pad_to(student_mask, width, 0), right_pad_to(teacher_mask, width, 0)])
         student_mask, teacher_mask = self._score_masks(inputs)
         score_mask = torch.cat([right_pad_to(student_mask, width, 0), right_pad_to(teacher_mask, width, 0)])
@@ -916,8 +1012,13 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
         if args.pairing == "matched":
             labels = inputs["pbsd_labels"].masked_fill(~inputs["pbsd_has_teacher"], DROPPED_LABEL)
             loss_sum, metric_margins = pbsd_loss(
-                teacher_log_ratios, student_log_ratios, matched_pairs(num_rows, labels.device), labels,
-                args.pbsd_beta, args.label_smoothing, reduction="sum",
+                teacher_log_ratios,
+                student_log_ratios,
+                matched_pairs(num_rows, labels.device),
+                labels,
+                args.pbsd_beta,
+                args.label_smoothing,
+                reduction="sum",
             )
             metric_kept = labels != DROPPED_LABEL
         else:
@@ -936,7 +1037,12 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
         loss = self._add_grpo_regularizers(mode, loss, entropies, score_mask, entropy_mask, num_rows, aux_loss)
 
         self._log_loss_metrics(
-            mode, metric_margins, metric_kept, teacher_log_ratios, student_log_ratios, inputs["pbsd_has_teacher"],
+            mode,
+            metric_margins,
+            metric_kept,
+            teacher_log_ratios,
+            student_log_ratios,
+            inputs["pbsd_has_teacher"],
             policy_student - inputs["teacher_logps_student_samples"],
         )
         return loss
@@ -951,10 +1057,15 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
         args = self.args
 
         def side_loss(teacher_rows, student_rows, teacher_log_ratio, student_log_ratio):
-            pairs = all_pairs(table["group"][teacher_rows], table["group"][student_rows], table["has_teacher"][teacher_rows])
+            pairs = all_pairs(
+                table["group"][teacher_rows], table["group"][student_rows], table["has_teacher"][teacher_rows]
+            )
             labels = pair_labels_of(
-                pairs, table["teacher_reward"][teacher_rows], table["student_reward"][student_rows],
-                args.pair_labels, args.tie_policy,
+                pairs,
+                table["teacher_reward"][teacher_rows],
+                table["student_reward"][student_rows],
+                args.pair_labels,
+                args.tie_policy,
             )
             loss, margins = pbsd_loss(
                 teacher_log_ratio, student_log_ratio, pairs, labels, args.pbsd_beta, args.label_smoothing, "sum"
@@ -1014,7 +1125,9 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
         if self.args.should_save:
             from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            folder = os.path.join(
+                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
             if state is not None:
                 torch.save(state, os.path.join(folder, TEACHER_STATE_FILE))
             write_checkpoint_info(folder, self._checkpoint_info())

@@ -13,8 +13,12 @@ LEARNING_METHODS = ("base", "GRPO", "OPSD", "SDFT", "PBSD-role", "PBSD-reward")
 
 
 def run_quick(script, *args, timeout):
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", *map(str, args)],
-                   check=True, cwd=ROOT, timeout=timeout)
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), "--quick", *map(str, args)],
+        check=True,
+        cwd=ROOT,
+        timeout=timeout,
+    )
 
 
 @pytest.mark.slow
@@ -101,7 +105,9 @@ def test_tuned_grids_have_equal_size():
         knob = lt.KNOBS[m][0]
         grid = lt.tuning_grid(m)
         assert len({(c["learning_rate"], c[knob]) for c in grid}) == len(grid), m  # no duplicate configuration
-    ablation = lt.ablation_config({"learning_rate": 1e-4, "pbsd_beta": 0.1}, lt.ABLATIONS["length-normalized (β x 40)"])
+    ablation = lt.ablation_config(
+        {"learning_rate": 1e-4, "pbsd_beta": 0.1}, lt.ABLATIONS["length-normalized (β x 40)"]
+    )
     assert ablation == {"learning_rate": 1e-4, "pbsd_beta": 4.0, "length_normalize": True}
 
 
@@ -157,16 +163,22 @@ def test_tuned_budget_callback_marks_each_budget_at_its_first_step():
         return {"avg_at_k": state.global_step / 10, "pass_at_k": 1.0, "mean_completion_tokens": 10.0}
 
     callback = lt.make_budget_callback(
-        teacher_per_step=16, student_per_step=64, budgets={"tokens": 2000.0, "time": 5.0, "steps": 4},
-        stop={"tokens": 3000.0, "time": 5.0, "steps": 4}, eval_every_tokens=1500.0, evaluate=evaluate, clock=clock,
+        teacher_per_step=16,
+        student_per_step=64,
+        budgets={"tokens": 2000.0, "time": 5.0, "steps": 4},
+        stop={"tokens": 3000.0, "time": 5.0, "steps": 4},
+        eval_every_tokens=1500.0,
+        evaluate=evaluate,
+        clock=clock,
     )
     state, control = TrainerState(), TrainerControl()
     for step in range(1, 10):
         state.global_step = step
         clock.t += 2.0  # 2 s of training per step
         # 64 student samples of 10 tokens and 16 teacher samples of 20 tokens: 960 tokens per step
-        callback.on_log(None, state, control, logs={"completions/mean_length": 10.0,
-                                                    "pbsd/teacher_completions/mean_length": 20.0})
+        callback.on_log(
+            None, state, control, logs={"completions/mean_length": 10.0, "pbsd/teacher_completions/mean_length": 20.0}
+        )
         if control.should_training_stop:
             break
     assert callback.tokens == 960 * step and callback.teacher_tokens == 320 * step
@@ -186,8 +198,11 @@ def test_tuned_selection_uses_validation_at_each_budget():
         points = [{"avg_at_8": v} for v in values]
         return {"points": points, "marks": {b: i for i, b in enumerate(lt.BUDGETS)}}
 
-    records = [({"config": {"lr": 1}}, record([0.3, 0.5, 0.2])), ({"config": {"lr": 2}}, record([0.4, 0.5, 0.1])),
-               ({"config": {"lr": 3}}, record([0.1, 0.1, 0.6]))]
+    records = [
+        ({"config": {"lr": 1}}, record([0.3, 0.5, 0.2])),
+        ({"config": {"lr": 2}}, record([0.4, 0.5, 0.1])),
+        ({"config": {"lr": 3}}, record([0.1, 0.1, 0.6])),
+    ]
     assert lt.select(records, "tokens") == ({"lr": 2}, 0.4)
     assert lt.select(records, "time") == ({"lr": 1}, 0.5)  # a tie goes to the first in grid order
     assert lt.select(records, "steps") == ({"lr": 3}, 0.6)
@@ -209,13 +224,18 @@ def test_learning_tuned_quick_resumes_from_cache(tmp_path):
     run_quick("learning_tuned.py", "--output_dir", tmp_path, "--tasks", "math", timeout=1200)
     md = (tmp_path / "learning.md").read_text()
     payload = json.loads((tmp_path / "learning.json").read_text())
-    assert md.startswith("# Tuned learning benchmark") and "Command: `python benchmarks/learning_tuned.py --quick" in md
+    assert (
+        md.startswith("# Tuned learning benchmark") and "Command: `python benchmarks/learning_tuned.py --quick" in md
+    )
     assert payload["executed"] > 0 and not payload["errors"] and payload["partial"] is None
     (task,) = payload["tasks"]
     assert set(task["selected"]) == {"GRPO", "OPSD", "SDFT", "PBSD"}
     for method in task["selected"]:
         for budget in ("tokens", "time", "steps"):
-            assert f"### math: {['equal generated tokens', 'equal training time', 'equal optimizer steps'][['tokens', 'time', 'steps'].index(budget)]}" in md
+            assert (
+                f"### math: {['equal generated tokens', 'equal training time', 'equal optimizer steps'][['tokens', 'time', 'steps'].index(budget)]}"
+                in md
+            )
         for entry in task["test"][method]:
             assert [r["seed"] for r in entry["runs"]] == [0, 1]
             assert all(set(r["marks"]) == {"tokens", "time", "steps"} for r in entry["runs"])

@@ -18,6 +18,7 @@ from pbsd_trl.data.math_task import make_math_dataset
 from pbsd_trl.rewards.validation import check_reward_outputs
 from pbsd_trl.tiny import build_char_tokenizer, build_random_model
 
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEMPLATE = "{prompt} Reference solution: {privileged_context}"
 INF, NAN = float("inf"), float("nan")
@@ -93,8 +94,14 @@ def test_bad_setting_names_the_field(tmp_path, field, value, error):
         make_args(tmp_path, **{field: value})
 
 
-@pytest.mark.parametrize("stale", [dict(steps_per_generation=2), dict(num_iterations=2),
-                                   dict(gradient_accumulation_steps=3, steps_per_generation=2)])
+@pytest.mark.parametrize(
+    "stale",
+    [
+        dict(steps_per_generation=2),
+        dict(num_iterations=2),
+        dict(gradient_accumulation_steps=3, steps_per_generation=2),
+    ],
+)
 def test_all_pairing_with_stale_partners_is_refused(tmp_path, stale):
     """An update between scoring the partner table and using it would make the pairwise gradient inexact."""
     with pytest.raises(ValueError, match="pairing='all'.*gradient_accumulation_steps") as err:
@@ -102,9 +109,14 @@ def test_all_pairing_with_stale_partners_is_refused(tmp_path, stale):
     assert "steps_per_generation" in str(err.value) and "num_iterations" in str(err.value)
 
 
-@pytest.mark.parametrize("aligned", [dict(gradient_accumulation_steps=2), dict(gradient_accumulation_steps=4,
-                                     steps_per_generation=2), dict(gradient_accumulation_steps=2, num_iterations=2,
-                                     steps_per_generation=1)])
+@pytest.mark.parametrize(
+    "aligned",
+    [
+        dict(gradient_accumulation_steps=2),
+        dict(gradient_accumulation_steps=4, steps_per_generation=2),
+        dict(gradient_accumulation_steps=2, num_iterations=2, steps_per_generation=1),
+    ],
+)
 def test_all_pairing_with_one_update_per_generation_is_accepted(tmp_path, aligned):
     args = make_args(tmp_path, pairing="all", num_teacher_generations=2, **aligned)
     assert args.gradient_accumulation_steps % (args.steps_per_generation * args.num_iterations) == 0
@@ -113,8 +125,14 @@ def test_all_pairing_with_one_update_per_generation_is_accepted(tmp_path, aligne
 def test_teacher_budget_past_vllm_max_model_length(tmp_path):
     pytest.importorskip("vllm")
     with pytest.raises(ValueError, match="vllm_max_model_length"):
-        make_args(tmp_path, use_vllm=True, vllm_mode="colocate", vllm_max_model_length=64, max_teacher_prompt_length=60,
-                  teacher_samples_from="live")
+        make_args(
+            tmp_path,
+            use_vllm=True,
+            vllm_mode="colocate",
+            vllm_max_model_length=64,
+            max_teacher_prompt_length=60,
+            teacher_samples_from="live",
+        )
 
 
 # ---- rows of map-style datasets, at construction -------------------------------------------------------------------
@@ -127,8 +145,11 @@ def _with(rows, index, **changes):
 @pytest.mark.parametrize(
     "change, error, fragments",
     [
-        (dict(prompt=[{"role": "user", "content": "1+1="}, {"role": "assistant", "content": "2"}]), ValueError,
-         ["Row 3", "must end with a user turn", "'assistant'"]),
+        (
+            dict(prompt=[{"role": "user", "content": "1+1="}, {"role": "assistant", "content": "2"}]),
+            ValueError,
+            ["Row 3", "must end with a user turn", "'assistant'"],
+        ),
         (dict(prompt=""), ValueError, ["Row 3 has an empty prompt"]),
         (dict(prompt="   "), ValueError, ["Row 3 has an empty prompt"]),
         (dict(prompt=[]), ValueError, ["Row 3", "non-empty list of chat messages"]),
@@ -138,12 +159,16 @@ def _with(rows, index, **changes):
 def test_bad_prompt_shape_fails_at_construction(tmp_path, tokenizer, rows, change, error, fragments):
     """Found before the model is even wrapped, not when the row is sampled after updates."""
     # plain-text and conversational rows cannot share an Arrow column: make all prompts of the kind under test
-    kind_rows = rows if isinstance(change["prompt"], list) else [dict(r, prompt=r["prompt"][0]["content"]) for r in rows]
+    kind_rows = (
+        rows if isinstance(change["prompt"], list) else [dict(r, prompt=r["prompt"][0]["content"]) for r in rows]
+    )
     dataset = Dataset.from_list(_with(kind_rows, 3, **change))
     model = build_random_model(tokenizer)
     before = snapshot(model)
     with pytest.raises(error) as err:
-        PBSDTrainer(model, contains_answer, args=make_args(tmp_path), train_dataset=dataset, processing_class=tokenizer)
+        PBSDTrainer(
+            model, contains_answer, args=make_args(tmp_path), train_dataset=dataset, processing_class=tokenizer
+        )
     for fragment in ["train_dataset", *fragments]:
         assert fragment in str(err.value), str(err.value)
     assert unchanged(before, model)
@@ -152,16 +177,26 @@ def test_bad_prompt_shape_fails_at_construction(tmp_path, tokenizer, rows, chang
 def test_missing_prompt_column_fails_at_construction(tmp_path, tokenizer, rows):
     dataset = Dataset.from_list(rows).rename_column("prompt", "question")
     with pytest.raises(ValueError, match="train_dataset has no prompt column 'prompt'"):
-        PBSDTrainer(build_random_model(tokenizer), contains_answer, args=make_args(tmp_path), train_dataset=dataset,
-                    processing_class=tokenizer)
+        PBSDTrainer(
+            build_random_model(tokenizer),
+            contains_answer,
+            args=make_args(tmp_path),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+        )
 
 
 def test_bad_eval_row_names_the_eval_dataset(tmp_path, tokenizer, rows):
     eval_rows = _with(rows, 6, privileged_context="")
     with pytest.raises(ValueError, match=r"eval_dataset\['math'\]: Row 6 has an empty privileged context"):
-        PBSDTrainer(build_random_model(tokenizer), contains_answer, args=make_args(tmp_path),
-                    train_dataset=Dataset.from_list(rows), eval_dataset={"math": Dataset.from_list(eval_rows)},
-                    processing_class=tokenizer)
+        PBSDTrainer(
+            build_random_model(tokenizer),
+            contains_answer,
+            args=make_args(tmp_path),
+            train_dataset=Dataset.from_list(rows),
+            eval_dataset={"math": Dataset.from_list(eval_rows)},
+            processing_class=tokenizer,
+        )
 
 
 def test_budget_smaller_than_the_student_prompt_names_the_row(tmp_path, tokenizer, rows):
@@ -171,8 +206,13 @@ def test_budget_smaller_than_the_student_prompt_names_the_row(tmp_path, tokenize
     model = build_random_model(tokenizer)
     before = snapshot(model)
     with pytest.raises(ValueError) as err:
-        PBSDTrainer(model, contains_answer, args=make_args(tmp_path, max_teacher_prompt_length=40),
-                    train_dataset=dataset, processing_class=tokenizer)
+        PBSDTrainer(
+            model,
+            contains_answer,
+            args=make_args(tmp_path, max_teacher_prompt_length=40),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+        )
     message = str(err.value)
     assert "train_dataset: Row 5" in message and "even with an empty privileged context" in message, message
     assert "max_teacher_prompt_length=40" in message
@@ -181,20 +221,32 @@ def test_budget_smaller_than_the_student_prompt_names_the_row(tmp_path, tokenize
 
 def test_budget_leaving_no_room_for_the_context_names_the_row(tmp_path, tokenizer, rows):
     """The prompt fits but not one token of context: the teacher would know no more than the student."""
+
     def count(prompt):
-        return len(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+        return len(
+            tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)[
+                "input_ids"
+            ]
+        )
 
     budget = max(count([{"role": "user", "content": r["prompt"][0]["content"] + " Reference solution: "}])
                  for r in rows)  # fmt: skip
     with pytest.raises(ValueError, match=r"train_dataset: Row \d+: max_teacher_prompt_length=\d+ leaves no room"):
-        PBSDTrainer(build_random_model(tokenizer), contains_answer,
-                    args=make_args(tmp_path, max_teacher_prompt_length=budget), train_dataset=Dataset.from_list(rows),
-                    processing_class=tokenizer)
+        PBSDTrainer(
+            build_random_model(tokenizer),
+            contains_answer,
+            args=make_args(tmp_path, max_teacher_prompt_length=budget),
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+        )
     # accepted when empty contexts are allowed, and then every teacher prompt fits the budget
-    trainer = PBSDTrainer(build_random_model(tokenizer), contains_answer,
-                          args=make_args(tmp_path, max_teacher_prompt_length=budget,
-                                         allow_empty_privileged_context=True),
-                          train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    trainer = PBSDTrainer(
+        build_random_model(tokenizer),
+        contains_answer,
+        args=make_args(tmp_path, max_teacher_prompt_length=budget, allow_empty_privileged_context=True),
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+    )
     prompts = [r["prompt"] for r in rows]
     teacher_prompts, truncated = trainer.teacher_prompts(prompts, rows)
     assert all(truncated) and max(count(p) for p in teacher_prompts) <= budget
@@ -206,22 +258,33 @@ def test_teacher_prompt_past_the_model_positions_is_reported_at_construction(tmp
     model = build_random_model(tokenizer)
     before = snapshot(model)
     with pytest.raises(ValueError) as err:
-        PBSDTrainer(model, contains_answer, args=make_args(tmp_path), train_dataset=dataset, processing_class=tokenizer)
+        PBSDTrainer(
+            model, contains_answer, args=make_args(tmp_path), train_dataset=dataset, processing_class=tokenizer
+        )
     message = str(err.value)
     assert "train_dataset: Row 4" in message and "max_position_embeddings=1024" in message, message
     assert "max_completion_length=8" in message and "1016" in message  # 1024 - 8 tokens are left for the prompt
     assert "max_teacher_prompt_length" in message
     assert unchanged(before, model)
     # with a budget the context is cut instead, and construction succeeds
-    PBSDTrainer(build_random_model(tokenizer), contains_answer, args=make_args(tmp_path, max_teacher_prompt_length=500),
-                train_dataset=dataset, processing_class=tokenizer)
+    PBSDTrainer(
+        build_random_model(tokenizer),
+        contains_answer,
+        args=make_args(tmp_path, max_teacher_prompt_length=500),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
 
 
 def test_budget_past_the_model_positions_is_refused(tmp_path, tokenizer, rows):
     with pytest.raises(ValueError, match=r"`max_teacher_prompt_length` \(1020\) does not fit.*at most 1016"):
-        PBSDTrainer(build_random_model(tokenizer), contains_answer,
-                    args=make_args(tmp_path, max_teacher_prompt_length=1020), train_dataset=Dataset.from_list(rows),
-                    processing_class=tokenizer)
+        PBSDTrainer(
+            build_random_model(tokenizer),
+            contains_answer,
+            args=make_args(tmp_path, max_teacher_prompt_length=1020),
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+        )
 
 
 def test_tokenizer_without_pad_or_eos_fails_at_construction(tmp_path, rows):
@@ -230,8 +293,13 @@ def test_tokenizer_without_pad_or_eos_fails_at_construction(tmp_path, rows):
     tokenizer.pad_token = None
     tokenizer.eos_token = None
     with pytest.raises(ValueError, match="neither a pad token nor an EOS token"):
-        PBSDTrainer(model, contains_answer, args=make_args(tmp_path), train_dataset=Dataset.from_list(rows),
-                    processing_class=tokenizer)
+        PBSDTrainer(
+            model,
+            contains_answer,
+            args=make_args(tmp_path),
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+        )
 
 
 # ---- rows of streaming datasets, when they arrive ------------------------------------------------------------------
@@ -247,10 +315,16 @@ def _stream(rows):
     [
         (lambda r: dict(r, privileged_context=""), ValueError, "Row 2 has an empty privileged context"),
         # a key missing from one row: `datasets` may fill it with None; either way the row, not the dataset, is named
-        (lambda r: {k: v for k, v in r.items() if k != "privileged_context"}, (KeyError, ValueError),
-         "Row 2 has (no privileged-context column|an empty privileged context \\(column) 'privileged_context'"),
-        (lambda r: {k: v for k, v in r.items() if k != "prompt"}, (KeyError, TypeError),
-         "Row 2(: column 'prompt' must hold| has no 'prompt')"),
+        (
+            lambda r: {k: v for k, v in r.items() if k != "privileged_context"},
+            (KeyError, ValueError),
+            "Row 2 has (no privileged-context column|an empty privileged context \\(column) 'privileged_context'",
+        ),
+        (
+            lambda r: {k: v for k, v in r.items() if k != "prompt"},
+            (KeyError, TypeError),
+            "Row 2(: column 'prompt' must hold| has no 'prompt')",
+        ),
         (lambda r: dict(r, prompt=[{"role": "assistant", "content": "x"}]), ValueError, "Row 2: a conversational"),
         (lambda r: dict(r, privileged_context="7" * 5000), ValueError, "Row 2: its teacher prompt is"),
     ],
@@ -261,8 +335,9 @@ def test_bad_streaming_row_names_its_dataset_index(tmp_path, tokenizer, rows, ba
     stream_rows[2] = bad_row(stream_rows[2])
     model = build_random_model(tokenizer)
     args = make_args(tmp_path, per_device_train_batch_size=12, shuffle_dataset=False)
-    trainer = PBSDTrainer(model, contains_answer, args=args, train_dataset=_stream(stream_rows),
-                          processing_class=tokenizer)
+    trainer = PBSDTrainer(
+        model, contains_answer, args=args, train_dataset=_stream(stream_rows), processing_class=tokenizer
+    )
     before = snapshot(trainer.model)
     with pytest.raises(error, match=fragment):
         trainer.train()
@@ -277,8 +352,9 @@ def test_streaming_rows_train_and_reward_functions_see_the_row_index(tmp_path, t
         return [0.0] * len(completions)
 
     args = make_args(tmp_path, per_device_train_batch_size=8, shuffle_dataset=False)
-    trainer = PBSDTrainer(build_random_model(tokenizer), reward, args=args, train_dataset=_stream(rows),
-                          processing_class=tokenizer)
+    trainer = PBSDTrainer(
+        build_random_model(tokenizer), reward, args=args, train_dataset=_stream(rows), processing_class=tokenizer
+    )
     trainer.train()
     assert trainer.state.global_step == 1
     assert sorted(set(seen)) == [0, 1]  # the first generation batch: dataset rows 0 and 1, 4 samples each
@@ -301,8 +377,9 @@ def checkpoint(tmp_path_factory):
 
     base = tmp_path_factory.mktemp("hostile_checkpoint")
     model_dir = make_model_dir(str(base / "model"), tied=False)
-    trainer = build_trainer(model_dir, str(base / "run"), 8, "ema", peft=False, max_steps=1, save_strategy="steps",
-                            save_steps=1)
+    trainer = build_trainer(
+        model_dir, str(base / "run"), 8, "ema", peft=False, max_steps=1, save_strategy="steps", save_steps=1
+    )
     trainer.train()
     return model_dir, str(base / "run" / "checkpoint-1")
 

@@ -19,6 +19,7 @@ from pbsd_trl.data.math_task import make_math_dataset
 from pbsd_trl.teacher_model import TeacherEMACallback
 from pbsd_trl.tiny import build_char_tokenizer, build_random_model
 
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -38,9 +39,19 @@ def dataset():
 
 def make_args(tmp_path, **kwargs):
     defaults = dict(
-        output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4, max_completion_length=8,
-        max_steps=3, learning_rate=1e-2, logging_steps=1, report_to=[], bf16=False, use_cpu=True,
-        save_strategy="no", seed=0, disable_tqdm=True,
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=8,
+        max_steps=3,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to=[],
+        bf16=False,
+        use_cpu=True,
+        save_strategy="no",
+        seed=0,
+        disable_tqdm=True,
     )
     defaults.update(kwargs)
     return PBSDConfig(**defaults)
@@ -134,7 +145,7 @@ def forward_patch_depth(model) -> int:
     """How many forward wrappers (TRL's fused head, pbsd-trl's head) sit between `model.forward` and the class's."""
     depth, forward = 0, model.__dict__.get("forward")
     while forward is not None and getattr(forward, "__func__", None) is not type(model).forward:
-        cells = dict(zip(forward.__func__.__code__.co_freevars, forward.__func__.__closure__ or ()))
+        cells = dict(zip(forward.__func__.__code__.co_freevars, forward.__func__.__closure__ or (), strict=False))
         forward = cells["original_forward"].cell_contents
         depth += 1
     return depth
@@ -151,17 +162,22 @@ def manual_sequence_logps(model, prompt_ids, prompt_mask, completion_ids, comple
 def test_second_trainer_on_the_same_model_patches_it_afresh(tmp_path, tokenizer, dataset, second_fused):
     model = build_random_model(tokenizer, seed=3)
     first = PBSDTrainer(
-        model, contains_answer, args=make_args(tmp_path / "a", temperature=0.5, teacher_model_kind="ema"),
-        train_dataset=dataset, processing_class=tokenizer,
+        model,
+        contains_answer,
+        args=make_args(tmp_path / "a", temperature=0.5, teacher_model_kind="ema"),
+        train_dataset=dataset,
+        processing_class=tokenizer,
     )
     depth = forward_patch_depth(model)
     assert depth == 2  # TRL's fused head, then pbsd-trl's
     teacher_before = [p.detach().clone() for p in first.teacher.model.parameters()]
 
     second = PBSDTrainer(
-        model, contains_answer,
+        model,
+        contains_answer,
         args=make_args(tmp_path / "b", temperature=1.0, use_fused_logprob_kernel=second_fused),
-        train_dataset=dataset, processing_class=tokenizer,
+        train_dataset=dataset,
+        processing_class=tokenizer,
     )
     assert forward_patch_depth(model) == (2 if second_fused else 1)  # not stacked on the first trainer's heads
 
@@ -170,13 +186,27 @@ def test_second_trainer_on_the_same_model_patches_it_afresh(tmp_path, tokenizer,
     inputs = second._generate_and_score_completions([dict(dataset[i]) for i in range(2) for _ in range(4)])
     with torch.no_grad():
         scored = second._sequence_logps(
-            second.model, inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"], inputs["completion_mask"]
+            second.model,
+            inputs["prompt_ids"],
+            inputs["prompt_mask"],
+            inputs["completion_ids"],
+            inputs["completion_mask"],
         )
         expected = manual_sequence_logps(
-            model, inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"], inputs["completion_mask"], 1.0
+            model,
+            inputs["prompt_ids"],
+            inputs["prompt_mask"],
+            inputs["completion_ids"],
+            inputs["completion_mask"],
+            1.0,
         )
         at_first_temperature = manual_sequence_logps(
-            model, inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"], inputs["completion_mask"], 0.5
+            model,
+            inputs["prompt_ids"],
+            inputs["prompt_mask"],
+            inputs["completion_ids"],
+            inputs["completion_mask"],
+            0.5,
         )
     torch.testing.assert_close(scored.double(), expected, atol=1e-4, rtol=1e-4)
     assert (expected - at_first_temperature).abs().max() > 1e-2  # the temperature matters, so the check has teeth
@@ -239,9 +269,7 @@ def _interrupt_once(trainer, method: str, after_call: bool):
     setattr(trainer, method, wrapper)
 
 
-@pytest.mark.parametrize(
-    "where", ["step_end", "teacher_generation", "teacher_scoring", "teacher_reward"]
-)
+@pytest.mark.parametrize("where", ["step_end", "teacher_generation", "teacher_scoring", "teacher_reward"])
 @pytest.mark.parametrize("setup", ["full_base", "lora_ema"])
 def test_train_after_an_interrupted_train(tmp_path, tokenizer, dataset, where, setup):
     model = build_random_model(tokenizer, seed=5)
@@ -255,8 +283,12 @@ def test_train_after_an_interrupted_train(tmp_path, tokenizer, dataset, where, s
         return contains_answer(completions, answer)
 
     trainer = PBSDTrainer(
-        model, reward, args=make_args(tmp_path, teacher_model_kind=kind), train_dataset=dataset,
-        processing_class=tokenizer, peft_config=peft_config,
+        model,
+        reward,
+        args=make_args(tmp_path, teacher_model_kind=kind),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
     )
     if where == "step_end":
         trainer.add_callback(_InterruptAtStepEnd())
@@ -342,9 +374,26 @@ def test_run_example_restores_signal_handlers_when_training_raises(tmp_path, tok
     monkeypatch.setattr(example, "SignalCheckpointCallback", _FailAtStepEnd)
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     argv = [
-        "--model_name_or_path", str(model_dir), "--max_steps", "2", "--eval_num_problems", "0", "--train_size", "16",
-        "--output_dir", str(tmp_path / "out"), "--plot", "false", "--per_device_train_batch_size", "8",
-        "--num_generations", "4", "--max_completion_length", "8", "--save_strategy", "no",
+        "--model_name_or_path",
+        str(model_dir),
+        "--max_steps",
+        "2",
+        "--eval_num_problems",
+        "0",
+        "--train_size",
+        "16",
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--plot",
+        "false",
+        "--per_device_train_batch_size",
+        "8",
+        "--num_generations",
+        "4",
+        "--max_completion_length",
+        "8",
+        "--save_strategy",
+        "no",
     ]
     with pytest.raises(RuntimeError, match="a failing step"):
         example.main(argv)

@@ -20,6 +20,7 @@ from pbsd_trl.pool import (
 )
 from pbsd_trl.tiny import build_char_tokenizer, build_random_model
 
+
 TEMPLATE = "{prompt} Reference solution: {privileged_context}"
 K = 4
 
@@ -30,9 +31,19 @@ def contains_answer(completions, answer, **kwargs):
 
 def make_args(tmp_path, **kwargs):
     defaults = dict(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_generations=4, max_completion_length=8,
-        max_steps=2, learning_rate=1e-2, logging_steps=1, report_to=[], bf16=False, use_cpu=True,
-        save_strategy="no", teacher_prompt_template=TEMPLATE, seed=0,
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=8,
+        max_steps=2,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to=[],
+        bf16=False,
+        use_cpu=True,
+        save_strategy="no",
+        teacher_prompt_template=TEMPLATE,
+        seed=0,
     )
     defaults.update(kwargs)
     return PBSDConfig(**defaults)
@@ -56,8 +67,16 @@ def model(tokenizer):
 @pytest.fixture(scope="module")
 def pool_dir(tmp_path_factory, model, tokenizer, dataset):
     path = str(tmp_path_factory.mktemp("pool") / "pool")
-    build_teacher_pool(copy.deepcopy(model), tokenizer, dataset, path, make_args(tmp_path_factory.mktemp("a")), K,
-                       batch_size=16, progress=False)
+    build_teacher_pool(
+        copy.deepcopy(model),
+        tokenizer,
+        dataset,
+        path,
+        make_args(tmp_path_factory.mktemp("a")),
+        K,
+        batch_size=16,
+        progress=False,
+    )
     return path
 
 
@@ -73,8 +92,20 @@ def test_build_resume_after_kill_covers_every_row_once(tmp_path, model, tokenize
     path = str(tmp_path / "pool")
     args = make_args(tmp_path)
     # 16 completions per call = 4 rows per batch: "killed" after the first batch
-    assert build_teacher_pool(copy.deepcopy(model), tokenizer, dataset, path, args, K, batch_size=16,
-                              stop_after_batches=1, progress=False) is None
+    assert (
+        build_teacher_pool(
+            copy.deepcopy(model),
+            tokenizer,
+            dataset,
+            path,
+            args,
+            K,
+            batch_size=16,
+            stop_after_batches=1,
+            progress=False,
+        )
+        is None
+    )
     with pytest.raises(TeacherPoolError, match="unfinished"):
         load_teacher_pool(path)
     parts = os.listdir(os.path.join(path, "parts"))
@@ -109,8 +140,9 @@ def test_build_resume_after_kill_covers_every_row_once(tmp_path, model, tokenize
 
 def test_build_refuses_other_settings_in_the_same_folder(tmp_path, pool_dir, model, tokenizer, dataset):
     with pytest.raises(TeacherPoolError, match="sampling.temperature: pool 1.0, this run 0.7"):
-        build_teacher_pool(copy.deepcopy(model), tokenizer, dataset, pool_dir, make_args(tmp_path, temperature=0.7), K,
-                           progress=False)
+        build_teacher_pool(
+            copy.deepcopy(model), tokenizer, dataset, pool_dir, make_args(tmp_path, temperature=0.7), K, progress=False
+        )
     with pytest.raises(TeacherPoolError, match=r"num_samples \(K\): pool 4, this build 2"):
         build_teacher_pool(copy.deepcopy(model), tokenizer, dataset, pool_dir, make_args(tmp_path), 2, progress=False)
 
@@ -118,7 +150,9 @@ def test_build_refuses_other_settings_in_the_same_folder(tmp_path, pool_dir, mod
 def test_trainer_refuses_a_mismatched_pool(tmp_path, pool_dir, model, tokenizer, dataset):
     def trainer(net=model, data=dataset, **kwargs):
         args = make_args(tmp_path, **{"teacher_pool": pool_dir, **kwargs})
-        return PBSDTrainer(copy.deepcopy(net), contains_answer, args=args, train_dataset=data, processing_class=tokenizer)
+        return PBSDTrainer(
+            copy.deepcopy(net), contains_answer, args=args, train_dataset=data, processing_class=tokenizer
+        )
 
     with pytest.raises(TeacherPoolError, match="teacher_weights \\(the teacher weights differ\\)"):
         trainer(net=build_random_model(tokenizer, seed=2))
@@ -138,7 +172,9 @@ def test_rows_missing_from_the_pool_sample_the_teacher_online(tmp_path, pool_dir
     more = make_math_dataset("train", n=14, seed=0)  # rows 12 and 13 are not in the pool
     args = make_args(tmp_path, teacher_pool=pool_dir)
     with caplog.at_level("WARNING"):
-        trainer = PBSDTrainer(copy.deepcopy(model), contains_answer, args=args, train_dataset=more, processing_class=tokenizer)
+        trainer = PBSDTrainer(
+            copy.deepcopy(model), contains_answer, args=args, train_dataset=more, processing_class=tokenizer
+        )
     assert "no samples for 2 of the 14 rows of train_dataset" in caplog.text
     calls = []
     original = trainer._generate_single_turn
@@ -154,8 +190,14 @@ def test_pool_serves_a_lora_student_of_the_same_model(tmp_path, pool_dir, model,
     from peft import LoraConfig
 
     args = make_args(tmp_path, teacher_pool=pool_dir)
-    trainer = PBSDTrainer(copy.deepcopy(model), contains_answer, args=args, train_dataset=dataset, processing_class=tokenizer,
-                          peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    trainer = PBSDTrainer(
+        copy.deepcopy(model),
+        contains_answer,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    )
     assert trainer._teacher_pool is not None
 
 
@@ -173,8 +215,13 @@ def test_pool_step_equals_online_step_given_the_same_samples(tmp_path, pool_dir,
     keys = [row_key(r["prompt"], r["privileged_context"]) for r in rows]
     kwargs = dict(pairing=pairing, num_teacher_generations=num_teacher, pair_labels="reward")
 
-    online = PBSDTrainer(copy.deepcopy(model), contains_answer, args=make_args(tmp_path, **kwargs), train_dataset=dataset,
-                         processing_class=tokenizer)
+    online = PBSDTrainer(
+        copy.deepcopy(model),
+        contains_answer,
+        args=make_args(tmp_path, **kwargs),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
     teacher_rows = [i for i in range(len(rows)) if i % group < num_teacher]
     calls = []
     original = online._generate_single_turn
@@ -186,8 +233,13 @@ def test_pool_step_equals_online_step_given_the_same_samples(tmp_path, pool_dir,
         return [by_key[keys[i]]["completion_ids"][i % group] for i in teacher_rows], None
 
     online._generate_single_turn = generate
-    pooled = PBSDTrainer(copy.deepcopy(model), contains_answer, args=make_args(tmp_path, teacher_pool=pool_dir, **kwargs),
-                         train_dataset=dataset, processing_class=tokenizer)
+    pooled = PBSDTrainer(
+        copy.deepcopy(model),
+        contains_answer,
+        args=make_args(tmp_path, teacher_pool=pool_dir, **kwargs),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
     results = []
     for trainer in (online, pooled):
         trainer.model.train()
@@ -200,7 +252,9 @@ def test_pool_step_equals_online_step_given_the_same_samples(tmp_path, pool_dir,
     (a, loss_a, grads_a), (b, loss_b, grads_b) = results
     assert torch.equal(a["completion_ids"], b["completion_ids"])  # same student samples
     assert torch.equal(a["teacher_completion_ids"], b["teacher_completion_ids"])
-    torch.testing.assert_close(a["teacher_logps_teacher_samples"], b["teacher_logps_teacher_samples"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        a["teacher_logps_teacher_samples"], b["teacher_logps_teacher_samples"], rtol=1e-4, atol=1e-4
+    )
     torch.testing.assert_close(a["teacher_logps_student_samples"], b["teacher_logps_student_samples"])
     torch.testing.assert_close(a["pbsd_labels"], b["pbsd_labels"])
     torch.testing.assert_close(loss_a, loss_b, rtol=1e-4, atol=1e-6)
@@ -213,7 +267,9 @@ def test_pool_step_equals_online_step_given_the_same_samples(tmp_path, pool_dir,
 def test_later_visits_take_unused_samples_first(tmp_path, pool_dir, model, tokenizer, dataset):
     """G_T=2 of K=4 per visit: visits 1 and 2 of a prompt use all four samples, visit 3 starts over."""
     args = make_args(tmp_path, teacher_pool=pool_dir, pairing="all", num_teacher_generations=2)
-    trainer = PBSDTrainer(copy.deepcopy(model), contains_answer, args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer = PBSDTrainer(
+        copy.deepcopy(model), contains_answer, args=args, train_dataset=dataset, processing_class=tokenizer
+    )
     pool, _ = load_teacher_pool(pool_dir)
     row = dict(dataset[3])
     index = pool["key"].index(row_key(row["prompt"], row["privileged_context"]))
@@ -228,11 +284,15 @@ def test_later_visits_take_unused_samples_first(tmp_path, pool_dir, model, token
     assert seen[2] == seen[0]
 
 
-def test_default_pool_covers_the_rows_the_run_visits_and_replaces_teacher_generation(tmp_path, model, tokenizer, dataset):
+def test_default_pool_covers_the_rows_the_run_visits_and_replaces_teacher_generation(
+    tmp_path, model, tokenizer, dataset
+):
     from pbsd_trl.pool import rows_visited, use_default_pool
 
     args = make_args(tmp_path, max_steps=2)  # 2 steps x 2 prompts: 4 of the 12 rows
-    trainer = PBSDTrainer(copy.deepcopy(model), contains_answer, args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer = PBSDTrainer(
+        copy.deepcopy(model), contains_answer, args=args, train_dataset=dataset, processing_class=tokenizer
+    )
     visited = rows_visited(trainer, dataset)
     loader_rows = []
     for batch in trainer.get_train_dataloader():  # what training draws: the same rows as predicted
@@ -256,8 +316,13 @@ def test_default_pool_covers_the_rows_the_run_visits_and_replaces_teacher_genera
 def test_default_pool_is_not_used_for_a_moving_teacher(tmp_path, model, tokenizer, dataset):
     from pbsd_trl.pool import use_default_pool
 
-    trainer = PBSDTrainer(copy.deepcopy(model), contains_answer, args=make_args(tmp_path, teacher_model_kind="live"),
-                          train_dataset=dataset, processing_class=tokenizer)
+    trainer = PBSDTrainer(
+        copy.deepcopy(model),
+        contains_answer,
+        args=make_args(tmp_path, teacher_model_kind="live"),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
     messages = []
     assert use_default_pool(trainer, dataset, say=messages.append) is None
     assert "drawn in every step (teacher_model_kind='live' changes during training)" in messages[0]

@@ -6,12 +6,14 @@ import sys
 
 import pytest
 
+
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests", "distributed"))
 
 from launch import accelerate_launch  # noqa: E402
+
 
 CONFIG = "examples/accelerate_configs/multi_gpu.yaml"
 
@@ -22,8 +24,9 @@ def test_two_process_build_resumes_and_covers_every_row_once(tmp_path):
 
     pool_dir, report = str(tmp_path / "pool"), str(tmp_path / "report.json")
     # First launch: each process writes one batch (2 rows of K=2) and stops, as if killed
-    code, out, _ = accelerate_launch(CONFIG, "run_pool.py", "--pool-dir", pool_dir, "--report", report,
-                                     "--stop-after-batches", "1")
+    code, out, _ = accelerate_launch(
+        CONFIG, "run_pool.py", "--pool-dir", pool_dir, "--report", report, "--stop-after-batches", "1"
+    )
     assert code == 0, out[-3000:]
     assert json.load(open(report)) == {"world": 2, "complete": False, "keys": None}
     parts = sorted(os.listdir(os.path.join(pool_dir, "parts")))

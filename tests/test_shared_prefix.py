@@ -13,7 +13,9 @@ def full_forward_logps(model, prompt_ids, prompt_mask, completion_ids, completio
     ids = torch.cat([prompt_ids, completion_ids], 1)
     mask = torch.cat([prompt_mask, completion_mask], 1)
     with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, prompt_ids.size(1) - 1 : -1].double() / temperature
+        logits = (
+            model(input_ids=ids, attention_mask=mask).logits[:, prompt_ids.size(1) - 1 : -1].double() / temperature
+        )
     logps = logits.log_softmax(-1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
     return (logps * completion_mask).float()
 
@@ -40,8 +42,8 @@ def test_shared_prefix_equals_full_forward(max_rows, peft):
     prompt_ids = torch.full((len(owner), width), pad)
     prompt_mask = torch.zeros((len(owner), width), dtype=torch.long)
     for r, u in enumerate(owner):
-        prompt_ids[r, width - lengths[u]:] = prompts[u]
-        prompt_mask[r, width - lengths[u]:] = 1
+        prompt_ids[r, width - lengths[u] :] = prompts[u]
+        prompt_mask[r, width - lengths[u] :] = 1
     completion_ids = torch.randint(3, vocab, (len(owner), 7))
     completion_mask = torch.ones_like(completion_ids)
     for r, n in enumerate([7, 3, 0, 5, 7, 1, 6, 0, 4]):  # right padding, two empty completions

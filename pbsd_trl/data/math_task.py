@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import random
 import re
-from functools import lru_cache
+from functools import cache
 from typing import Literal
 
 from datasets import Dataset
@@ -178,7 +178,7 @@ def parse_final_answer(text: str) -> str | None:
     return match.group(1) if match else None
 
 
-@lru_cache(maxsize=None)
+@cache
 def eval_problems(difficulty: str | tuple[int, int] = "medium", n: int = EVAL_SIZE) -> tuple[MathProblem, ...]:
     """The fixed held-out problems of a difficulty: `n` distinct problems drawn with [`EVAL_SEED`]."""
     lo, hi = _digits_range(difficulty)
@@ -198,7 +198,7 @@ def eval_problems(difficulty: str | tuple[int, int] = "medium", n: int = EVAL_SI
     return tuple(problems)
 
 
-@lru_cache(maxsize=None)
+@cache
 def held_out_texts() -> frozenset[str]:
     """Problem strings of the held-out sets of every named difficulty; never used for training."""
     return frozenset(problem_text(*p) for d in DIFFICULTIES for p in eval_problems(d))

@@ -392,8 +392,16 @@ def fused_logprob_gap(
     _check_inputs(teacher_hidden, lm_head_weight, labels, "teacher_hidden")
     chunks = _resolve_chunks(student_hidden.device, token_chunk_size, vocab_chunk_size)
     return FusedLogProbGapFunction.apply(
-        student_hidden, teacher_hidden, lm_head_weight, bias, labels, temperature, ignore_index, *chunks,
-        float(logit_scale), softcap or None,
+        student_hidden,
+        teacher_hidden,
+        lm_head_weight,
+        bias,
+        labels,
+        temperature,
+        ignore_index,
+        *chunks,
+        float(logit_scale),
+        softcap or None,
     )
 
 

@@ -27,14 +27,20 @@ class PoolArguments:
     backend: str = field(default="hf", metadata={"help": "'hf' (transformers generate) or 'vllm' (offline vllm.LLM)."})
     task: str = field(default="math", metadata={"help": "Built-in task whose defaults, model and dataset apply."})
     model_name_or_path: str | None = field(default=None, metadata={"help": "Teacher model (default: built-in)."})
-    dtype: str | None = field(default=None, metadata={"help": "Model dtype (e.g. bfloat16); default: the checkpoint's."})
-    dataset_name: str | None = field(default=None, metadata={"help": "Dataset (hub id or local file); default: built-in."})
+    dtype: str | None = field(
+        default=None, metadata={"help": "Model dtype (e.g. bfloat16); default: the checkpoint's."}
+    )
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "Dataset (hub id or local file); default: built-in."}
+    )
     dataset_train_split: str = field(default="train", metadata={"help": "Split of a hub dataset."})
     prompt_column: str = field(default="prompt", metadata={"help": "Column with the problem."})
     solution_column: str | None = field(default=None, metadata={"help": "Column with the privileged context."})
     train_size: int = field(default=2000, metadata={"help": "Rows of the built-in training set."})
     pool_seed: int = field(default=0, metadata={"help": "Sampling seed of the pool."})
-    vllm_gpu_memory_utilization_pool: float = field(default=0.5, metadata={"help": "vLLM memory share (backend vllm)."})
+    vllm_gpu_memory_utilization_pool: float = field(
+        default=0.5, metadata={"help": "vLLM memory share (backend vllm)."}
+    )
 
 
 def main(argv=None):
@@ -47,7 +53,9 @@ def main(argv=None):
     from ..recipes import TASKS, load_model_and_tokenizer, load_prompt_dataset
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    pool_args, rest = HfArgumentParser(PoolArguments).parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    pool_args, rest = HfArgumentParser(PoolArguments).parse_args_into_dataclasses(
+        args=argv, return_remaining_strings=True
+    )
     spec = TASKS[pool_args.task]
     defaults = dict(spec.default_config, teacher_prompt_template=spec.teacher_prompt_template)
     if not torch.cuda.is_available():
@@ -65,24 +73,40 @@ def main(argv=None):
             model_path = get_base_model(pool_args.task, progress_bar=state.is_main_process)
     dtype = getattr(torch, pool_args.dtype) if pool_args.dtype else None
     model, tokenizer = load_model_and_tokenizer(model_path, dtype=dtype)
-    common = dict(prompt_column=pool_args.prompt_column, solution_column=pool_args.solution_column, task=spec,
-                  privileged_context_column=args.privileged_context_column, seed=args.seed)
+    common = dict(
+        prompt_column=pool_args.prompt_column,
+        solution_column=pool_args.solution_column,
+        task=spec,
+        privileged_context_column=args.privileged_context_column,
+        seed=args.seed,
+    )
     if pool_args.dataset_name is None:
-        dataset = load_prompt_dataset(f"builtin:{pool_args.task}", builtin_split="train",
-                                      num_rows=pool_args.train_size, **common)
+        dataset = load_prompt_dataset(
+            f"builtin:{pool_args.task}", builtin_split="train", num_rows=pool_args.train_size, **common
+        )
     else:
         dataset = load_prompt_dataset(pool_args.dataset_name, split=pool_args.dataset_train_split, **common)
 
     start = time.perf_counter()
     pool = build_teacher_pool(
-        model, tokenizer, dataset, pool_args.pool_dir, args, pool_args.num_samples,
-        batch_size=pool_args.batch_size, backend=pool_args.backend, model_name_or_path=model_path,
-        seed=pool_args.pool_seed, vllm_gpu_memory_utilization=pool_args.vllm_gpu_memory_utilization_pool,
+        model,
+        tokenizer,
+        dataset,
+        pool_args.pool_dir,
+        args,
+        pool_args.num_samples,
+        batch_size=pool_args.batch_size,
+        backend=pool_args.backend,
+        model_name_or_path=model_path,
+        seed=pool_args.pool_seed,
+        vllm_gpu_memory_utilization=pool_args.vllm_gpu_memory_utilization_pool,
     )
     if state.is_main_process:
         tokens = sum(len(c) for row in pool["completion_ids"] for c in row)
-        print(f"[pbsd] Teacher pool: {len(pool)} rows x K={pool_args.num_samples} samples ({tokens} completion tokens) "
-              f"in {pool_args.pool_dir}, {time.perf_counter() - start:.0f} s. Train with --teacher_pool {pool_args.pool_dir}")
+        print(
+            f"[pbsd] Teacher pool: {len(pool)} rows x K={pool_args.num_samples} samples ({tokens} completion tokens) "
+            f"in {pool_args.pool_dir}, {time.perf_counter() - start:.0f} s. Train with --teacher_pool {pool_args.pool_dir}"
+        )
     return pool
 
 

@@ -15,6 +15,7 @@ import zlib
 from pbsd_trl import PBSDConfig, PBSDTrainer
 from pbsd_trl.tiny import build_char_tokenizer, build_random_model, load_tokenizer
 
+
 COMPLETION_LENGTH = 6  # tokens, the last one EOS
 _PROMPT_SHAPE = (6, 52, 4)  # (len(prompt text), len(privileged context), len(answer)): the most common shape
 
@@ -99,7 +100,9 @@ def lora_config():
     return LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
 
 
-def build_trainer(model_dir, output_dir, per_device_batch, kind, peft, reward_funcs=None, trainer_cls=None, **overrides):
+def build_trainer(
+    model_dir, output_dir, per_device_batch, kind, peft, reward_funcs=None, trainer_cls=None, **overrides
+):
     args = make_config(output_dir, per_device_batch, kind, **overrides)
     return (trainer_cls or DeterministicPBSDTrainer)(
         model=model_dir,

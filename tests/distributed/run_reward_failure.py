@@ -1,6 +1,6 @@
 """Two processes; the reward function raises on rank 1 only. Each rank writes what it raised to OUT/rank<R>.json.
 
-    accelerate launch --num_processes 2 --config_file CFG tests/distributed/run_reward_failure.py --model-dir DIR --out OUT
+accelerate launch --num_processes 2 --config_file CFG tests/distributed/run_reward_failure.py --model-dir DIR --out OUT
 """
 
 import argparse
@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import time
+
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 

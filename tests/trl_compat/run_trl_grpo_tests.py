@@ -26,6 +26,7 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -38,8 +39,16 @@ def trl_tests(args) -> Path:
     checkout = Path(args.workdir) / f"trl-v{trl.__version__}"
     if not checkout.exists():
         subprocess.run(
-            ["git", "clone", "--depth", "1", "--branch", f"v{trl.__version__}", "https://github.com/huggingface/trl",
-             str(checkout)],
+            [
+                "git",
+                "clone",
+                "--depth",
+                "1",
+                "--branch",
+                f"v{trl.__version__}",
+                "https://github.com/huggingface/trl",
+                str(checkout),
+            ],
             check=True,
         )
     return checkout / "tests"
@@ -62,15 +71,31 @@ def run(suite: Path, trainer: str, hub_cache: Path, pytest_args: list[str]) -> t
     report = suite / f"report-{trainer}.xml"
     env = dict(os.environ)
     env.update(
-        PBSD_TRL_COMPAT_TRAINER=trainer, HF_HUB_CACHE=str(hub_cache), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1", TRL_EXPERIMENTAL_SILENCE="1",
+        PBSD_TRL_COMPAT_TRAINER=trainer,
+        HF_HUB_CACHE=str(hub_cache),
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TRL_EXPERIMENTAL_SILENCE="1",
         PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parents[1]), env.get("PYTHONPATH", "")]),
     )
     start = time.time()
     subprocess.run(
-        [sys.executable, "-m", "pytest", "tests/test_grpo_trainer.py", "-p", "no:cacheprovider", "-q",
-         f"--junitxml={report}", "-o", "addopts=", *pytest_args],
-        cwd=suite, env=env,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "tests/test_grpo_trainer.py",
+            "-p",
+            "no:cacheprovider",
+            "-q",
+            f"--junitxml={report}",
+            "-o",
+            "addopts=",
+            *pytest_args,
+        ],
+        cwd=suite,
+        env=env,
     )
     return outcomes(report), time.time() - start
 
@@ -107,7 +132,7 @@ def main():
     suite = prepare_suite(tests_dir, workdir)
 
     results, durations = {}, {}
-    for trainer in (["grpo", "pbsd"] if args.trainer == "both" else [args.trainer]):
+    for trainer in ["grpo", "pbsd"] if args.trainer == "both" else [args.trainer]:
         results[trainer], durations[trainer] = run(suite, trainer, workdir / "hub", pytest_args)
     lines = []
     for trainer, result in results.items():
@@ -116,7 +141,9 @@ def main():
         skipped = sum(v == "skipped" for v in result.values())
         lines.append(f"{trainer}: {passed} passed, {failed} failed, {skipped} skipped in {durations[trainer]:.0f} s")
     if len(results) == 2:
-        regressions = sorted(n for n, v in results["grpo"].items() if v == "passed" and results["pbsd"].get(n) != "passed")
+        regressions = sorted(
+            n for n, v in results["grpo"].items() if v == "passed" and results["pbsd"].get(n) != "passed"
+        )
         lines.append(f"passing with GRPO, not with PBSD: {len(regressions)}")
         lines += [f"  {name}  ->  {results['pbsd'].get(name, 'missing')}" for name in regressions]
     print("\n".join(lines))
