@@ -263,7 +263,9 @@ def run_variant(name: str, args, ctx: dict) -> dict:
 
 def _window_mean(history: dict, key: str, lo: int, hi: int) -> float:
     values = [
-        v for s, v in zip(history["step"], history[key], strict=False) if lo <= s <= hi and v is not None and not math.isnan(v)
+        v
+        for s, v in zip(history["step"], history[key], strict=False)
+        if lo <= s <= hi and v is not None and not math.isnan(v)
     ]
     return statistics.fmean(values) if values else float("nan")
 
