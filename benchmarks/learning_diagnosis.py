@@ -50,7 +50,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from learning import machine_description  # noqa: E402
-from learning_tuned import RunCache, build_trainer, eval_splits, model_identity, teacher_samples_per_step  # noqa: E402
+from learning_tuned import (  # noqa: E402
+    EXAMPLE_MAX_COMPLETION_LENGTH,
+    RunCache,
+    build_trainer,
+    eval_splits,
+    model_identity,
+    teacher_samples_per_step,
+)
 
 
 DIAGNOSIS_VERSION = 1
@@ -399,7 +406,7 @@ def write_report(path: Path, payload: dict, plot_path: Path | None) -> None:
 
 
 def plot(payload: dict, path: Path) -> Path | None:
-    from bench_logprob_kernel import pyplot
+    from bench_utils import pyplot
 
     plt = pyplot()
     if plt is None:
@@ -481,7 +488,8 @@ def main(argv=None):
     warnings.filterwarnings("ignore")
     from transformers.utils import logging as hf_logging
 
-    from pbsd_trl.recipes import TASKS, load_model_and_tokenizer
+    from pbsd_trl.data.tasks import TASKS
+    from pbsd_trl.models import load_model_and_tokenizer
     from pbsd_trl.tiny import get_base_model
 
     hf_logging.set_verbosity_error()
@@ -505,10 +513,10 @@ def main(argv=None):
     settings = {
         "prompts_per_step": args.prompts_per_step,
         "num_generations": args.num_generations,
-        "max_completion_length": spec_task.default_config["max_completion_length"],
+        "max_completion_length": EXAMPLE_MAX_COMPLETION_LENGTH[spec_task.name],
         "train_size": args.train_size,
     }
-    rewards = spec_task.reward_funcs()
+    rewards = list(spec_task.reward_funcs)
     cache = RunCache(out_dir / "learning_diagnosis_runs")
     specs = {
         name: {
@@ -545,7 +553,7 @@ def main(argv=None):
             "probe": probe,
             "val": val.select(range(args.eval_problems)),
             "rewards": rewards,
-            "train": spec_task.builtin("train", args.train_size, args.seed),
+            "train": spec_task.make_dataset("train", args.train_size, args.seed),
         }
     cli = list(sys.argv[1:] if argv is None else argv)
     start = time.perf_counter()

@@ -66,7 +66,12 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+
 from learning import machine_description, mean_std, verdict, welch  # noqa: E402
+
+
+# Completion budgets of the example scripts (`examples/math.py`, `examples/tool_use.py`)
+EXAMPLE_MAX_COMPLETION_LENGTH = {"math": 56, "tool_use": 64}
 
 
 PROTOCOL_VERSION = 1  # part of every run key: bump when a change makes stored runs incomparable
@@ -165,11 +170,11 @@ def eval_splits(task: str, num_val: int, num_test: int):
     Raises `AssertionError` if a prompt appears in both (the held-out problems are distinct by construction, so this
     guards against a change of the generators).
     """
-    from pbsd_trl.recipes import TASKS
+    from pbsd_trl.data.tasks import TASKS
 
     if not (1 <= num_val <= 100 and 1 <= num_test <= 100):
         raise ValueError(f"Each split holds at most 100 problems; got num_val={num_val}, num_test={num_test}.")
-    full = TASKS[task].builtin("eval", 200, 0)
+    full = TASKS[task].make_dataset("eval", 200, 0)
     val = full.select(range(num_val))
     test = full.select(range(100, 100 + num_test))
     check_disjoint(val, test)
@@ -366,7 +371,7 @@ def build_trainer(
     callbacks,
 ):
     """The real TRL / pbsd-trl trainer of `method` with `config` (learning rate and method fields) on `task`."""
-    from pbsd_trl.recipes import TASKS
+    from pbsd_trl.data.tasks import TASKS
 
     spec = TASKS[task]
     config = dict(config)
@@ -400,7 +405,7 @@ def build_trainer(
             args = GRPOConfig(**common, pad_to_multiple_of=16, **fields)
             return GRPOTrainer(
                 model=model,
-                reward_funcs=spec.reward_funcs(),
+                reward_funcs=list(spec.reward_funcs),
                 args=args,
                 train_dataset=train_dataset,
                 processing_class=tokenizer,
@@ -421,7 +426,7 @@ def build_trainer(
             )
             return PBSDTrainer(
                 model=model,
-                reward_funcs=spec.reward_funcs(),
+                reward_funcs=list(spec.reward_funcs),
                 args=args,
                 train_dataset=train_dataset,
                 processing_class=tokenizer,
@@ -445,7 +450,8 @@ def teacher_samples_per_step(method: str, config: dict, settings: dict) -> int:
 
 class TaskContext:
     def __init__(self, task: str, args):
-        from pbsd_trl.recipes import TASKS, load_model_and_tokenizer
+        from pbsd_trl.data.tasks import TASKS
+        from pbsd_trl.models import load_model_and_tokenizer
         from pbsd_trl.tiny import get_base_model
 
         self.task = task
@@ -467,11 +473,11 @@ class TaskContext:
         self.model_id = model_identity(self.model_path)
         self.load = lambda: load_model_and_tokenizer(self.model_path)
         self.val, self.test = eval_splits(task, args.eval_problems, args.eval_problems)
-        self.rewards = self.spec.reward_funcs()
+        self.rewards = list(self.spec.reward_funcs)
         self.settings = {
             "prompts_per_step": args.prompts_per_step,
             "num_generations": args.num_generations,
-            "max_completion_length": args.max_completion_length or self.spec.default_config["max_completion_length"],
+            "max_completion_length": args.max_completion_length or EXAMPLE_MAX_COMPLETION_LENGTH[self.spec.name],
             "train_size": args.train_size,
             "eval_problems": args.eval_problems,
             "k": 8,
@@ -479,7 +485,7 @@ class TaskContext:
         }
 
     def train_dataset(self, seed: int):
-        return self.spec.builtin("train", self.settings["train_size"], seed)
+        return self.spec.make_dataset("train", self.settings["train_size"], seed)
 
     def evaluate(self, model, tokenizer, split: str, seed: int, with_privileged_context: bool = False) -> dict:
         from pbsd_trl.evaluate import evaluate_avg_at_k
@@ -841,15 +847,14 @@ def plan(args, cache_root: Path) -> str:
 
     class _Ctx:  # enough of a TaskContext to build specifications without loading a model
         def __init__(self, task):
-            from pbsd_trl.recipes import TASKS
+            from pbsd_trl.data.tasks import TASKS
 
             self.task = task
             self.model_id = f"{task}-(base model)"
             self.settings = {
                 "prompts_per_step": args.prompts_per_step,
                 "num_generations": args.num_generations,
-                "max_completion_length": args.max_completion_length
-                or TASKS[task].default_config["max_completion_length"],
+                "max_completion_length": args.max_completion_length or EXAMPLE_MAX_COMPLETION_LENGTH[TASKS[task].name],
                 "train_size": args.train_size,
                 "eval_problems": args.eval_problems,
                 "k": 8,
@@ -1094,7 +1099,7 @@ def write_report(path: Path, payload: dict, plots: dict) -> None:
 
 
 def plot(payload: dict, out_dir: Path, stem: str) -> dict:
-    from bench_logprob_kernel import pyplot
+    from bench_utils import pyplot
 
     plt = pyplot()
     if plt is None:
