@@ -1,17 +1,3 @@
-# Copyright 2026 The PBSD-TRL Authors. All rights reserved.
-#
-# Licensed under the Apache License, Version 2.0 (the "License");
-# you may not use this file except in compliance with the License.
-# You may obtain a copy of the License at
-#
-#     http://www.apache.org/licenses/LICENSE-2.0
-#
-# Unless required by applicable law or agreed to in writing, software
-# distributed under the License is distributed on an "AS IS" BASIS,
-# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
-# See the License for the specific language governing permissions and
-# limitations under the License.
-
 """
 Forward+backward time and extra peak memory of the PBSD log-prob computation, for three contenders doing the same work:
 student log-probs with backward, teacher log-probs forward-only, loss `(student_logps * w).sum() + gap.sum()`.
@@ -19,7 +5,9 @@ student log-probs with backward, teacher log-probs forward-only, loss `(student_
 - `naive`: full `[B, T, V]` logits, `log_softmax` + `gather` (`pbsd_trl.ops.reference_logprob_gap`);
 - `trl`: TRL's `ChunkedLogProbFunction`, called as `add_fused_lm_head` does (compact rows on Triton devices, every
   position scored then masked elsewhere; on CPU its torch fallback runs);
-- `ours`: `pbsd_trl.ops.fused_logprob_gap`.
+- `ours`: `pbsd_trl.ops.fused_logprob_gap`, student and teacher rows in one call;
+- `1path`: what `PBSDTrainer` runs (`use_fused_logprob_kernel=True`): `pbsd_trl.ops.fused_logprobs`, the single-path
+  form of the same autograd function, once for the student (with backward) and once for the teacher (no grad).
 
 Contenders are interleaved within each repetition (rotating the order) and medians are reported, because the host may
 be shared. Extra peak memory is the peak over the live inputs, minus the gradients the run must return:
@@ -32,29 +20,23 @@ Usage:
     python benchmarks/bench_logprob_kernel.py --quick --out-dir /tmp/x
     python benchmarks/bench_logprob_kernel.py --device cuda --dtype bf16
     python benchmarks/bench_logprob_kernel.py --sweep         # tile-size sweep of `ours`
+    python benchmarks/bench_logprob_kernel.py --contenders ours 1path --name logprob_kernel_paths  # 2 paths vs 1
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
-import os
-import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from bench_utils import PeakMemory, machine_description, pyplot, report_header, result_stem
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pbsd_trl.ops import fused_logprob_gap, reference_logprob_gap  # noqa: E402
+from pbsd_trl.ops import fused_logprob_gap, fused_logprobs, reference_logprob_gap
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -122,6 +104,13 @@ def _ours(token_chunk_size=None, vocab_chunk_size=None):
     return fn
 
 
+def _single_path_calls(student_hidden, teacher_hidden, weight, labels):
+    with torch.no_grad():
+        teacher_logps = fused_logprobs(teacher_hidden, weight, labels)
+    student_logps = fused_logprobs(student_hidden, weight, labels)
+    return student_logps, teacher_logps, (student_logps - teacher_logps).sum(-1)
+
+
 # ------------------------------------------------------------------------------------------------------------- harness
 def make_inputs(n_tokens, hidden, vocab, dtype, device, ignore_frac, seed=0):
     gen = torch.Generator().manual_seed(seed)
@@ -140,47 +129,10 @@ def make_inputs(n_tokens, hidden, vocab, dtype, device, ignore_frac, seed=0):
     return student, teacher, weight, labels.to(device), token_weights
 
 
-class _PeakMemory:
-    """Extra peak bytes of one run over what is live just before it."""
-
-    def __init__(self, device):
-        self.device = torch.device(device)
-        self._libc = ctypes.CDLL("libc.so.6") if self.device.type == "cpu" else None
-
-    @staticmethod
-    def _status_kib(field):
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field):
-                    return int(line.split()[1])
-        raise RuntimeError(field)
-
-    def __enter__(self):
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self._base = torch.cuda.memory_allocated()
-        else:
-            # Give freed heap pages back, or the run would reuse them without raising the resident size
-            self._libc.malloc_trim(0)
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset VmHWM to the current resident size
-            self._base = self._status_kib("VmRSS:") * 1024
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated() - self._base
-        else:
-            self.peak = self._status_kib("VmHWM:") * 1024 - self._base
-
-
 def run_once(fn, inputs, device):
     student, teacher, weight, labels, token_weights = inputs
     student.grad = weight.grad = None
-    with _PeakMemory(device) as mem:
+    with PeakMemory(device) as mem:
         if device == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -195,7 +147,7 @@ def run_once(fn, inputs, device):
 
 
 def contenders(device):
-    out = {"naive": _naive_logprob_gap, "trl": _trl_logprob_gap, "ours": _ours()}
+    out = {"naive": _naive_logprob_gap, "trl": _trl_logprob_gap, "ours": _ours(), "1path": _single_path_calls}
     try:
         import trl.trainer.utils  # noqa: F401  (its import would otherwise land inside TRL's first backward)
     except ImportError:
@@ -251,39 +203,8 @@ def sweep(args):
 
 
 # ------------------------------------------------------------------------------------------------------------- reports
-def machine_description(device):
-    desc = {"python": platform.python_version(), "torch": torch.__version__, "torch threads": torch.get_num_threads()}
-    try:
-        import trl
-
-        desc["trl"] = trl.__version__
-    except ImportError:
-        pass
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in lscpu.splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() in ("Model name", "CPU(s)", "L2 cache", "L3 cache"):
-                desc[key.strip()] = value.strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    if device == "cuda":
-        desc["gpu"] = torch.cuda.get_device_name()
-    try:
-        desc["load_average_at_start"] = os.getloadavg()
-    except OSError:
-        pass
-    return desc
-
-
 def _verdict(value, target):
     return "PASS" if value <= target else "MISS"
-
-
-def report_header(title, command, machine):
-    """The opening lines of a benchmark report: title, the command that reproduces it, the machine."""
-    return [f"# {title}", "", f"Reproduce: `{command}`", "", "## Machine", "",
-            *[f"- {k}: {v}" for k, v in machine.items()], ""]
 
 
 def write_markdown(path, results, sweep_result, machine, args, command):
@@ -302,7 +223,8 @@ def write_markdown(path, results, sweep_result, machine, args, command):
         " `(student_logps * w).sum() + gap.sum()`, backward into the student hidden states and the head weight.",
         "- `naive`: full-logits `log_softmax` + `gather`; `trl`: TRL's `ChunkedLogProbFunction` called as"
         " `add_fused_lm_head` calls it (on CPU: torch fallback, every position scored then masked); `ours`:"
-        " `pbsd_trl.ops.fused_logprob_gap` with its default tiles.",
+        " `pbsd_trl.ops.fused_logprob_gap` with its default tiles; `1path`: what `PBSDTrainer` runs,"
+        " `pbsd_trl.ops.fused_logprobs` once for the student (with backward) and once for the teacher (no grad).",
         "- Extra peak memory: peak during forward+backward over what is live before it (inputs), minus the returned"
         " gradients. CPU: resident high-water mark (`VmHWM` after resetting it through `/proc/self/clear_refs`) minus"
         " the resident size right before the run, after `gc.collect()` and `malloc_trim(0)`; this counts every page"
@@ -311,17 +233,18 @@ def write_markdown(path, results, sweep_result, machine, args, command):
         "",
         "## Results",
         "",
-        f"| N | H | V | naive {unit} | trl {unit} | ours {unit} | ours/naive | ours/trl | naive MiB | trl MiB | ours MiB"
-        " | mem ours/naive | mem ours/trl |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| N | H | V | naive {unit} | trl {unit} | ours {unit} | 1path {unit} | ours/naive | ours/trl | ours/1path"
+        " | naive MiB | trl MiB | ours MiB | 1path MiB | mem ours/naive | mem ours/trl | mem ours/1path |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    names = ("naive", "trl", "ours", "1path")
     for r in results:
         t, m = r["median_s"], r["median_extra_bytes"]
         row = [str(r["n_tokens"]), str(r["hidden"]), str(r["vocab"])]
-        row += [f"{t[k] * scale:.{digits}f}" if k in t else "-" for k in ("naive", "trl", "ours")]
-        row += [f"{t['ours'] / t['naive']:.2f}", f"{t['ours'] / t['trl']:.2f}" if "trl" in t else "-"]
-        row += [f"{m[k] / 2**20:.0f}" if k in m else "-" for k in ("naive", "trl", "ours")]
-        row += [f"{m['ours'] / m['naive']:.3f}", f"{m['ours'] / m['trl']:.3f}" if "trl" in m else "-"]
+        row += [f"{t[k] * scale:.{digits}f}" if k in t else "-" for k in names]
+        row += [f"{t['ours'] / t[k]:.2f}" if k in t else "-" for k in ("naive", "trl", "1path")]
+        row += [f"{m[k] / 2**20:.0f}" if k in m else "-" for k in names]
+        row += [f"{m['ours'] / m[k]:.3f}" if k in m else "-" for k in ("naive", "trl", "1path")]
         lines.append("| " + " | ".join(row) + " |")
 
     big = [r for r in results if r["vocab"] == max(x["vocab"] for x in results)]
@@ -342,40 +265,19 @@ def write_markdown(path, results, sweep_result, machine, args, command):
     path.write_text("\n".join(lines) + "\n")
 
 
-def result_stem(name, device):
-    """`name`, or on CUDA `name_cuda_<GPU model>` so that results from different machines sit side by side."""
-    if device != "cuda":
-        return name
-    gpu = "".join(c if c.isalnum() else " " for c in torch.cuda.get_device_name())
-    return f"{name}_cuda_{'_'.join(gpu.split())}"
-
-
-def pyplot():
-    """matplotlib's pyplot on the file-only Agg backend, or None (with a message) without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed; no plot written")
-        return None
-    return plt
-
-
 def write_plot(path, results):
     plt = pyplot()
     if plt is None:
         return
     labels = [f"N={r['n_tokens']}\nH={r['hidden']}\nV={r['vocab']}" for r in results]
-    names = [k for k in ("naive", "trl", "ours") if k in results[0]["median_s"]]
+    names = [k for k in ("naive", "trl", "ours", "1path") if k in results[0]["median_s"]]
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(results) * 2), 4.5))
     width = 0.8 / len(names)
     for i, name in enumerate(names):
         xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(results))]
         axes[0].bar(xs, [r["median_s"][name] for r in results], width, label=name)
         axes[1].bar(xs, [r["median_extra_bytes"][name] / 2**20 for r in results], width, label=name)
-    for ax, title in zip(axes, ("forward+backward time (s, median)", "extra peak memory (MiB, median)")):
+    for ax, title in zip(axes, ("forward+backward time (s, median)", "extra peak memory (MiB, median)"), strict=True):
         ax.set_xticks(range(len(results)))
         ax.set_xticklabels(labels, fontsize=7)
         ax.set_title(title)
@@ -404,12 +306,18 @@ def parse_args(argv=None):
         help="torch intra-op threads; default 1 on CPU: on a shared host, OpenMP barriers of oversubscribed threads"
         " make small ops 10-50x slower and the timings meaningless",
     )
+    parser.add_argument(
+        "--contenders", nargs="+", default=["naive", "trl", "ours", "1path"], choices=["naive", "trl", "ours", "1path"]
+    )
     parser.add_argument("--sweep-shape", type=int, nargs=3, default=[1024, 512, 32768])
     parser.add_argument("--sweep-tokens", type=int, nargs="+", default=[256, 512, 1024, 2048])
     parser.add_argument("--sweep-vocab", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results")
-    parser.add_argument("--name", default=None, help="stem of the result files (default logprob_kernel, on CUDA"
-                        " logprob_kernel_cuda_<gpu name>)")
+    parser.add_argument(
+        "--name",
+        default=None,
+        help="stem of the result files (default logprob_kernel, on CUDA logprob_kernel_cuda_<gpu name>)",
+    )
     args = parser.parse_args(argv)
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
     args.name = args.name or result_stem("logprob_kernel", args.device)
@@ -441,7 +349,7 @@ def main(argv=None):
     else:
         # A sweep run earlier (`--sweep-only`) goes into the report next to the grid
         sweep_result = json.loads(sweep_path.read_text()) if sweep_path.exists() else None
-    fns = contenders(args.device)
+    fns = {name: fn for name, fn in contenders(args.device).items() if name in args.contenders}
     if args.device == "cpu" and "trl" in fns:
         print("TRL contender: torch fallback of ChunkedLogProbFunction (no Triton on CPU)")
     results = []

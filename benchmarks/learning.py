@@ -1,4 +1,3 @@
-# Copyright 2026 The pbsd-trl authors. Licensed under the Apache License, Version 2.0.
 """
 Learning benchmark: base vs GRPO vs OPSD/SDFT vs PBSD at an equal budget of generated completion tokens.
 
@@ -48,15 +47,16 @@ import time
 import warnings
 from pathlib import Path
 
+
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
+from bench_utils import machine_description as _machine_description  # noqa: E402
+from bench_utils import pyplot
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pbsd_trl.rewards import math_accuracy_reward  # noqa: E402
 
-from bench_logprob_kernel import machine_description as _machine_description, pyplot  # noqa: E402
 
 METHODS = ("GRPO", "OPSD", "SDFT", "PBSD-role", "PBSD-reward")
 PBSD_METHODS = ("PBSD-role", "PBSD-reward")
@@ -176,7 +176,9 @@ def make_budget_callback(*, method, per_step, budget, eval_every, stop_at, evalu
                 return control
             self.steps_logged += 1
             student = logs["completions/mean_length"] * per_step
-            teacher = logs.get("pbsd/teacher_completions/mean_length", 0.0) * per_step if method in PBSD_METHODS else 0.0
+            teacher = (
+                logs.get("pbsd/teacher_completions/mean_length", 0.0) * per_step if method in PBSD_METHODS else 0.0
+            )
             if method in PBSD_METHODS and "pbsd/teacher_completions/mean_length" not in logs:
                 raise RuntimeError(f"{method}: no teacher completion lengths logged at step {state.global_step}.")
             self.student_tokens += student
@@ -247,7 +249,6 @@ def common_settings(args, seed: int, output_dir: str) -> dict:
 
 def build_trainer(method: str, args, model, tokenizer, train_dataset, seed: int, output_dir: str, callback):
     from pbsd_trl.data.math_task import MATH_TEACHER_TEMPLATE
-    from pbsd_trl.recipes import _math_rewards
 
     common = common_settings(args, seed, output_dir)
     with warnings.catch_warnings():
@@ -258,8 +259,12 @@ def build_trainer(method: str, args, model, tokenizer, train_dataset, seed: int,
 
             config = GRPOConfig(**common, pad_to_multiple_of=16)
             return GRPOTrainer(
-                model=model, reward_funcs=_math_rewards(), args=config, train_dataset=train_dataset,
-                processing_class=tokenizer, callbacks=[callback],
+                model=model,
+                reward_funcs=[math_accuracy_reward],
+                args=config,
+                train_dataset=train_dataset,
+                processing_class=tokenizer,
+                callbacks=[callback],
             )
         if method in ("OPSD", "SDFT"):
             from trl.experimental.sdft import SDFTConfig, SDFTTrainer
@@ -269,7 +274,10 @@ def build_trainer(method: str, args, model, tokenizer, train_dataset, seed: int,
                 extra.update(distillation_mode="full_logits", distillation_alpha=0.0)
             config = SDFTConfig(**common, **extra)
             return SDFTTrainer(
-                model=model, args=config, train_dataset=train_dataset, processing_class=tokenizer,
+                model=model,
+                args=config,
+                train_dataset=train_dataset,
+                processing_class=tokenizer,
                 callbacks=[callback],
             )
         if method in PBSD_METHODS:
@@ -284,8 +292,12 @@ def build_trainer(method: str, args, model, tokenizer, train_dataset, seed: int,
                 teacher_prompt_template=MATH_TEACHER_TEMPLATE,
             )
             return PBSDTrainer(
-                model=model, reward_funcs=_math_rewards(), args=config, train_dataset=train_dataset,
-                processing_class=tokenizer, callbacks=[callback],
+                model=model,
+                reward_funcs=[math_accuracy_reward],
+                args=config,
+                train_dataset=train_dataset,
+                processing_class=tokenizer,
+                callbacks=[callback],
             )
     raise ValueError(f"Unknown method {method!r}")
 
@@ -298,7 +310,7 @@ def build_trainer(method: str, args, model, tokenizer, train_dataset, seed: int,
 class Context:
     def __init__(self, args):
         from pbsd_trl.data.math_task import make_math_dataset
-        from pbsd_trl.recipes import _math_rewards, load_model_and_tokenizer
+        from pbsd_trl.models import load_model_and_tokenizer
         from pbsd_trl.tiny import get_base_model
 
         self.args = args
@@ -306,14 +318,18 @@ class Context:
             from pbsd_trl.tiny import TEST_MODEL_OVERRIDES
 
             self.model_path = get_base_model(
-                "math", cache_dir=Path(args.output_dir) / "base_model", steps=20, batch_size=8,
-                model_overrides=TEST_MODEL_OVERRIDES, progress_bar=False,
+                "math",
+                cache_dir=Path(args.output_dir) / "base_model",
+                steps=20,
+                batch_size=8,
+                model_overrides=TEST_MODEL_OVERRIDES,
+                progress_bar=False,
             )
         else:
             self.model_path = get_base_model("math")
         self.load = lambda: load_model_and_tokenizer(self.model_path)
         self.eval_dataset = make_math_dataset("eval", n=args.eval_problems)
-        self.rewards = _math_rewards()
+        self.rewards = [math_accuracy_reward]
         self.make_train = lambda seed: make_math_dataset("train", n=args.train_size, seed=seed)
 
     def evaluate(self, model, tokenizer, seed: int, with_privileged_context: bool = False) -> dict:
@@ -321,10 +337,19 @@ class Context:
         from pbsd_trl.evaluate import evaluate_avg_at_k
 
         return evaluate_avg_at_k(
-            model, tokenizer, self.eval_dataset, self.rewards, k=8, num_problems=self.args.eval_problems,
-            max_new_tokens=self.args.max_completion_length, temperature=1.0, seed=10_000 + seed,
-            with_privileged_context=with_privileged_context, teacher_prompt_template=MATH_TEACHER_TEMPLATE,
-            batch_size=32, progress_bar=False,
+            model,
+            tokenizer,
+            self.eval_dataset,
+            self.rewards,
+            k=8,
+            num_problems=self.args.eval_problems,
+            max_new_tokens=self.args.max_completion_length,
+            temperature=1.0,
+            seed=10_000 + seed,
+            with_privileged_context=with_privileged_context,
+            teacher_prompt_template=MATH_TEACHER_TEMPLATE,
+            batch_size=32,
+            progress_bar=False,
         )
 
 
@@ -337,11 +362,17 @@ def run_one(ctx: Context, method: str, seed: int, stop_at: float, position_desc:
     model, tokenizer = ctx.load()
     train_dataset = ctx.make_train(seed)
     eval_every = args.budget_tokens / args.eval_points
-    with tqdm(total=stop_at, desc=position_desc, unit="tok", unit_scale=True, dynamic_ncols=True, mininterval=5) as bar:
+    with tqdm(
+        total=stop_at, desc=position_desc, unit="tok", unit_scale=True, dynamic_ncols=True, mininterval=5
+    ) as bar:
         callback = make_budget_callback(
-            method=method, per_step=args.prompts_per_step * args.num_generations, budget=args.budget_tokens,
-            eval_every=eval_every, stop_at=stop_at,
-            evaluate=lambda m: ctx.evaluate(m, tokenizer, seed), bar=bar,
+            method=method,
+            per_step=args.prompts_per_step * args.num_generations,
+            budget=args.budget_tokens,
+            eval_every=eval_every,
+            stop_at=stop_at,
+            evaluate=lambda m: ctx.evaluate(m, tokenizer, seed),
+            bar=bar,
         )
         with tempfile.TemporaryDirectory(prefix=f"learning-{method}-") as tmp:
             trainer = build_trainer(method, args, model, tokenizer, train_dataset, seed, tmp, callback)
@@ -383,8 +414,13 @@ def summarize(payload: dict) -> dict:
     out = {}
     base = payload["base"]
     out["base"] = {
-        "values": [b["avg_at_8"] for b in base], "pass": [b["pass_at_8"] for b in base], "tokens": [0.0],
-        "steps": [0], "train_seconds": [0.0], "wall_seconds": [b["seconds"] for b in base], "n": len(base),
+        "values": [b["avg_at_8"] for b in base],
+        "pass": [b["pass_at_8"] for b in base],
+        "tokens": [0.0],
+        "steps": [0],
+        "train_seconds": [0.0],
+        "wall_seconds": [b["seconds"] for b in base],
+        "n": len(base),
     }
     for method in payload["methods"]:
         runs = [r for r in payload["runs"] if r["method"] == method and r["final"] is not None]
@@ -476,7 +512,7 @@ def write_markdown(path: Path, payload: dict, summary: dict, plots: dict):
         "",
         "## Verdicts",
         "",
-        "\"Beyond seed spread\" means: the difference of the mean final Avg@8 is larger than the sum of the two "
+        '"Beyond seed spread" means: the difference of the mean final Avg@8 is larger than the sum of the two '
         "standard deviations over seeds (sample std, n-1). Otherwise the verdict is `tied`. Welch's t-test p-value is "
         "given alongside (two-sided, 3 seeds each: low power).",
         "",
@@ -493,8 +529,11 @@ def write_markdown(path: Path, payload: dict, summary: dict, plots: dict):
             word, diff = verdict(summary[pbsd]["values"], summary[base]["values"])
             spread = mean_std(summary[pbsd]["values"])[1] + mean_std(summary[base]["values"])[1]
             _, p = welch(summary[pbsd]["values"], summary[base]["values"])
-            text = {"beat": "PBSD beat it beyond seed spread", "lost": "PBSD lost beyond seed spread",
-                    "tied": "tied (within seed spread)"}[word]
+            text = {
+                "beat": "PBSD beat it beyond seed spread",
+                "lost": "PBSD lost beyond seed spread",
+                "tied": "tied (within seed spread)",
+            }[word]
             lines.append(f"| {pbsd} | {base} | {diff:+.3f} | {spread:.3f} | {p:.3f} | {text} |")
             if base in BASELINES:
                 verdict_lines.append(f"- {pbsd} vs {base}: {text} (Δ {diff:+.3f}).")
@@ -569,7 +608,11 @@ def plot(payload: dict, out_dir: Path) -> dict:
         n_points = a["eval_points"]
         xs, ys = [], []
         for r in runs:
-            pts = [p for p in r["points"] if p["tokens"] <= r["budget_tokens"] + 1e-6] if r["budget_tokens"] else r["points"]
+            pts = (
+                [p for p in r["points"] if p["tokens"] <= r["budget_tokens"] + 1e-6]
+                if r["budget_tokens"]
+                else r["points"]
+            )
             pts = pts[:n_points]
             if len(pts) < n_points:
                 continue
@@ -581,7 +624,15 @@ def plot(payload: dict, out_dir: Path) -> dict:
         y = np.array(ys)
         m = y.mean(axis=0)
         s = y.std(axis=0, ddof=1) if len(ys) > 1 else np.zeros_like(m)
-        ax.plot(x, m, marker="o", ms=3, color=COLORS[method], ls=LINESTYLES.get(method, "-"), label=f"{method} (n={len(ys)})")
+        ax.plot(
+            x,
+            m,
+            marker="o",
+            ms=3,
+            color=COLORS[method],
+            ls=LINESTYLES.get(method, "-"),
+            label=f"{method} (n={len(ys)})",
+        )
         ax.fill_between(x, m - s, m + s, color=COLORS[method], alpha=0.15)
     ax.axhline(base_mean, color=COLORS["base"], linestyle=":", label="base")
     ax.set_xlabel("generated completion tokens (student + teacher samples)")
@@ -603,10 +654,24 @@ def plot(payload: dict, out_dir: Path) -> dict:
             continue
         r = long[0]
         b0 = base_by_seed.get(r["seed"], base_mean)
-        axes[0].plot([0] + [p["tokens"] for p in r["points"]], [b0] + [p["avg_at_8"] for p in r["points"]],
-                     marker="o", ms=3, color=COLORS[method], ls=LINESTYLES.get(method, "-"), label=method)
-        axes[1].plot([0] + [p["step"] for p in r["points"]], [b0] + [p["avg_at_8"] for p in r["points"]],
-                     marker="o", ms=3, color=COLORS[method], ls=LINESTYLES.get(method, "-"), label=method)
+        axes[0].plot(
+            [0] + [p["tokens"] for p in r["points"]],
+            [b0] + [p["avg_at_8"] for p in r["points"]],
+            marker="o",
+            ms=3,
+            color=COLORS[method],
+            ls=LINESTYLES.get(method, "-"),
+            label=method,
+        )
+        axes[1].plot(
+            [0] + [p["step"] for p in r["points"]],
+            [b0] + [p["avg_at_8"] for p in r["points"]],
+            marker="o",
+            ms=3,
+            color=COLORS[method],
+            ls=LINESTYLES.get(method, "-"),
+            label=method,
+        )
     axes[0].axvline(budget, color="k", linestyle="--", linewidth=1, alpha=0.6)
     axes[0].set_xlabel("generated completion tokens")
     axes[1].set_xlabel("optimizer steps")
@@ -616,7 +681,8 @@ def plot(payload: dict, out_dir: Path) -> dict:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(
-        f"Stability: seed {a['seeds'][0]} run to {a['stability_factor']}x the budget" + (" [quick]" if a["quick"] else ""),
+        f"Stability: seed {a['seeds'][0]} run to {a['stability_factor']}x the budget"
+        + (" [quick]" if a["quick"] else ""),
         fontsize=10,
     )
     fig.tight_layout()
@@ -638,7 +704,9 @@ def report(payload: dict, out_dir: Path) -> dict:
     errors = [r for r in payload["runs"] if r.get("error")]
     if errors:
         with open(out_dir / "learning.md", "a") as f:
-            f.write("\n## Errors\n\n" + "\n".join(f"- {r['method']} seed {r['seed']}: {r['error']}" for r in errors) + "\n")
+            f.write(
+                "\n## Errors\n\n" + "\n".join(f"- {r['method']} seed {r['seed']}: {r['error']}" for r in errors) + "\n"
+            )
     return plots
 
 
@@ -649,7 +717,9 @@ def parse_args(argv=None):
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--budget_tokens", type=int, default=140_000, help="Generated completion tokens per run.")
-    p.add_argument("--eval_points", type=int, default=4, help="Evaluations per budget (every budget/eval_points tokens).")
+    p.add_argument(
+        "--eval_points", type=int, default=4, help="Evaluations per budget (every budget/eval_points tokens)."
+    )
     p.add_argument("--eval_problems", type=int, default=100)
     p.add_argument("--stability_factor", type=float, default=2.0, help="First seed runs to this x budget (1: off).")
     p.add_argument("--train_size", type=int, default=2000)
@@ -709,13 +779,16 @@ def main(argv=None):
 
     ctx = Context(args)
     payload["model_path"] = ctx.model_path
-    print(f"[learning] base model {ctx.model_path}; budget {args.budget_tokens:,} tokens; seeds {args.seeds}", flush=True)
+    print(
+        f"[learning] base model {ctx.model_path}; budget {args.budget_tokens:,} tokens; seeds {args.seeds}", flush=True
+    )
 
     model, tokenizer = ctx.load()
     for seed in args.seeds:
         base = ctx.evaluate(model, tokenizer, seed)
-        payload["base"].append({"seed": seed, "avg_at_8": base["avg_at_k"], "pass_at_8": base["pass_at_k"],
-                                "seconds": base["seconds"]})
+        payload["base"].append(
+            {"seed": seed, "avg_at_8": base["avg_at_k"], "pass_at_8": base["pass_at_k"], "seconds": base["seconds"]}
+        )
         print(f"[learning] base seed {seed}: Avg@8 {base['avg_at_k']:.3f} ({base['seconds']:.0f} s)", flush=True)
     teacher = ctx.evaluate(model, tokenizer, args.seeds[0], with_privileged_context=True)
     payload["teacher"] = {"avg_at_8": teacher["avg_at_k"], "pass_at_8": teacher["pass_at_k"]}
@@ -733,8 +806,15 @@ def main(argv=None):
             import traceback
 
             traceback.print_exc()
-            record = {"method": method, "seed": seed, "stop_at_tokens": stop_at, "error": f"{type(err).__name__}: {err}",
-                      "points": [], "final": None, "budget_tokens": None}
+            record = {
+                "method": method,
+                "seed": seed,
+                "stop_at_tokens": stop_at,
+                "error": f"{type(err).__name__}: {err}",
+                "points": [],
+                "final": None,
+                "budget_tokens": None,
+            }
         payload["runs"].append(record)
         if record.get("final"):
             print(
@@ -751,7 +831,10 @@ def main(argv=None):
         payload["load_at_end"] = None
     save()
     plots = report(payload, out_dir)
-    print(f"[learning] wrote {out_dir / 'learning.md'}, {json_path}" + "".join(f", {p}" for p in plots.values()), flush=True)
+    print(
+        f"[learning] wrote {out_dir / 'learning.md'}, {json_path}" + "".join(f", {p}" for p in plots.values()),
+        flush=True,
+    )
     print(f"[learning] total {(time.perf_counter() - start) / 60:.1f} min", flush=True)
     return payload
 

@@ -1,17 +1,3 @@
-# Copyright 2026 The PBSD-TRL Authors. All rights reserved.
-#
-# Licensed under the Apache License, Version 2.0 (the "License");
-# you may not use this file except in compliance with the License.
-# You may obtain a copy of the License at
-#
-#     http://www.apache.org/licenses/LICENSE-2.0
-#
-# Unless required by applicable law or agreed to in writing, software
-# distributed under the License is distributed on an "AS IS" BASIS,
-# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
-# See the License for the specific language governing permissions and
-# limitations under the License.
-
 """
 Seconds per optimizer step and peak memory of GRPO vs PBSD at the same number of sampled completions per prompt.
 
@@ -22,7 +8,12 @@ settings, and stepped round-robin (order rotated every round) so that their rati
 - `PBSD 4+4`: `PBSDTrainer`, G_S=4 student + G_T=4 teacher samples per prompt (8 sampled completions), with
   pbsd-trl's fused log-prob kernel (`use_fused_logprob_kernel=True`, the default on CPU);
 - `PBSD 4+4 TRL head`: the same with `use_fused_logprob_kernel=False` (TRL's fused LM head scores the completions);
-- `PBSD 8+8`: G_S=G_T=8, twice the samples, for reference.
+- `PBSD 8+8`: G_S=G_T=8, twice the samples, for reference;
+- `PBSD 4+4 pool` / `PBSD 8+8 pool`: the same with a teacher-sample pool (`teacher_pool`, K=8 samples per row, built
+  once before the rounds with `pbsd_trl.pool.build_teacher_pool`; its build is timed separately);
+- `PBSD 4+4 live 1-pass`: `teacher_model_kind="live"`, student and teacher samples in one `generate` call;
+- `LoRA GRPO G=8` and `PBSD 4+4 LoRA 1-pass`: LoRA students (r=16 on every linear layer), PBSD with the `base`
+  teacher (adapter disabled) through per-row adapters in one `generate` call.
 
 One step is what `Trainer._inner_training_loop` does per optimizer step with `gradient_accumulation_steps=1`:
 `trainer.training_step` (generation, rewards, teacher scoring, loss forward, backward), gradient clipping, the
@@ -31,7 +22,7 @@ optimizer and scheduler steps and `zero_grad`. Trainer methods are wrapped with 
 `_sequence_logps` outside the loss (teacher scoring), the rest of `_generate_and_score_completions` (tokenization,
 padding, decoding, metrics), `compute_loss` (loss forward), `accelerator.backward`, and the remainder (clipping,
 optimizer). Peak memory is the process's resident high-water mark during the step minus the resident size before it
-(`_PeakMemory` of `bench_logprob_kernel.py`), plus the persistent state each trainer holds (parameters, the
+(`PeakMemory` of `bench_utils.py`), plus the persistent state each trainer holds (parameters, the
 separate teacher copy, optimizer state).
 
 Usage:
@@ -58,12 +49,10 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from bench_utils import PeakMemory, machine_description, pyplot, report_header, result_stem
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench_logprob_kernel import _PeakMemory, machine_description, pyplot, report_header, result_stem  # noqa: E402
+from pbsd_trl.models import load_model_and_tokenizer
+from pbsd_trl.rewards import math_accuracy_reward
 
 
 TARGET_RATIO = 1.3
@@ -74,6 +63,7 @@ PRIMARY = "cpu"
 # `--device cuda` sets these: steps in bf16 on the GPU, timers that wait for its queue, and wall time as the clock
 # (a GPU step's CPU time only counts the host's side of it)
 DEVICE = "cpu"
+BASE_STEPS = None  # warm-start steps of the built-in model (`--base_steps`; None: the built-in default)
 
 
 def _now():
@@ -85,6 +75,7 @@ def _now():
 def _since(start):
     now = _now()
     return {clock: now[clock] - start[clock] for clock in CLOCKS}
+
 
 BUCKETS = (
     "gen_student",
@@ -107,28 +98,55 @@ BUCKET_TITLES = {
     "optimizer_other": "optim+other",
 }
 
-# (name, trainer, student generations G_S, teacher generations G_T, fused kernel)
+# (name, trainer, student generations G_S, teacher generations G_T, fused kernel, options)
 CONTENDERS = (
-    ("GRPO G=8", "grpo", 8, 0, None),
-    ("PBSD 4+4", "pbsd", 4, 4, True),
-    ("PBSD 4+4 TRL head", "pbsd", 4, 4, False),
-    ("PBSD 8+8", "pbsd", 8, 8, True),
+    ("GRPO G=8", "grpo", 8, 0, None, {}),
+    ("PBSD 4+4", "pbsd", 4, 4, True, {}),
+    ("PBSD 4+4 TRL head", "pbsd", 4, 4, False, {}),
+    ("PBSD 8+8", "pbsd", 8, 8, True, {}),
+    ("PBSD 4+4 pool", "pbsd", 4, 4, True, {"pool": True}),
+    ("PBSD 8+8 pool", "pbsd", 8, 8, True, {"pool": True}),
+    ("PBSD 4+4 live 1-pass", "pbsd", 4, 4, True, {"teacher_model_kind": "live"}),
+    ("LoRA GRPO G=8", "grpo", 8, 0, None, {"peft": True}),
+    ("PBSD 4+4 LoRA 1-pass", "pbsd", 4, 4, True, {"peft": True}),
 )
 MATCHED = "PBSD 4+4"
 MATCHED_UNFUSED = "PBSD 4+4 TRL head"
 BASELINE = "GRPO G=8"
+POOL_SAMPLES = 8  # K of the benchmark's pool: serves G_T = 4 and 8
+# (contender, reference, target ratio of cpu time per step)
+ACCEPTANCE = (
+    ("PBSD 4+4", BASELINE, TARGET_RATIO),
+    ("PBSD 4+4 pool", BASELINE, 1.0),
+    ("PBSD 8+8 pool", BASELINE, 1.9),
+    ("PBSD 4+4 live 1-pass", BASELINE, 1.2),
+    ("PBSD 4+4 LoRA 1-pass", "LoRA GRPO G=8", 1.25),
+)
 
 # Full run. `math-tiny`: the built-in warm-started base model (105-token character vocabulary, H=128, 4 layers) with
 # the default math job's settings (8 prompts per step, 56 completion tokens). `vocab-151k`: a random Qwen2 with
 # Qwen's vocabulary size, where the LM head is most of the compute; a random model samples to the length limit.
 CONFIGS = {
     "math-tiny": dict(
-        model="base", prompts=8, max_completion_length=56, rounds=10, warmup=1,
+        model="base",
+        prompts=8,
+        max_completion_length=56,
+        rounds=10,
+        warmup=1,
         description="built-in tiny base model (`get_base_model('math')`), V=105, H=128, 4 layers; 8 prompts/step",
     ),
     "vocab-151k": dict(
-        model="random", vocab_size=151_936, hidden_size=128, num_hidden_layers=2, intermediate_size=512,
-        num_attention_heads=4, num_key_value_heads=4, prompts=4, max_completion_length=32, rounds=4, warmup=1,
+        model="random",
+        vocab_size=151_936,
+        hidden_size=128,
+        num_hidden_layers=2,
+        intermediate_size=512,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        prompts=4,
+        max_completion_length=32,
+        rounds=4,
+        warmup=1,
         description="random Qwen2, V=151,936, H=128, 2 layers (LM head, tied to the embeddings, 19.4M of 20.0M parameters); 4 prompts/step",
     ),
 }
@@ -136,20 +154,47 @@ CONFIGS = {
 CUDA_CONFIGS = {
     "math-tiny": CONFIGS["math-tiny"],
     "qwen2.5-0.5b-shape": dict(
-        model="random", vocab_size=151_936, hidden_size=896, num_hidden_layers=24, intermediate_size=4864,
-        num_attention_heads=14, num_key_value_heads=2, prompts=8, max_completion_length=128, rounds=5, warmup=1,
+        model="random",
+        vocab_size=151_936,
+        hidden_size=896,
+        num_hidden_layers=24,
+        intermediate_size=4864,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        prompts=8,
+        max_completion_length=128,
+        rounds=5,
+        warmup=1,
         description="random Qwen2 of Qwen2.5-0.5B's shape (V=151,936, H=896, 24 layers, 494M parameters); 8 prompts/step",
     ),
 }
 QUICK_CONFIGS = {
     "math-tiny": dict(
-        model="random", vocab_size=None, hidden_size=32, num_hidden_layers=2, intermediate_size=64,
-        num_attention_heads=2, num_key_value_heads=2, prompts=2, max_completion_length=8, rounds=2, warmup=1,
+        model="random",
+        vocab_size=None,
+        hidden_size=32,
+        num_hidden_layers=2,
+        intermediate_size=64,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        prompts=2,
+        max_completion_length=8,
+        rounds=2,
+        warmup=1,
         description="random test-size model (quick mode), character vocabulary; 2 prompts/step",
     ),
     "vocab-4k": dict(
-        model="random", vocab_size=4096, hidden_size=32, num_hidden_layers=1, intermediate_size=64,
-        num_attention_heads=2, num_key_value_heads=2, prompts=2, max_completion_length=8, rounds=2, warmup=1,
+        model="random",
+        vocab_size=4096,
+        hidden_size=32,
+        num_hidden_layers=1,
+        intermediate_size=64,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        prompts=2,
+        max_completion_length=8,
+        rounds=2,
+        warmup=1,
         description="random model, V=4,096 (quick mode); 2 prompts/step",
     ),
 }
@@ -161,23 +206,53 @@ def build_model(spec, seed=0):
     from pbsd_trl.tiny import build_char_tokenizer, build_random_model
 
     if spec["model"] == "base":
-        from pbsd_trl.recipes import load_model_and_tokenizer
         from pbsd_trl.tiny import get_base_model
 
-        return load_model_and_tokenizer(get_base_model("math"), dtype=torch.float32)
+        return load_model_and_tokenizer(get_base_model("math", steps=BASE_STEPS), dtype=torch.float32)
     tokenizer = build_char_tokenizer()
-    fields = {k: spec[k] for k in ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
-                                   "num_key_value_heads")}
+    fields = {
+        k: spec[k]
+        for k in (
+            "hidden_size",
+            "num_hidden_layers",
+            "intermediate_size",
+            "num_attention_heads",
+            "num_key_value_heads",
+        )
+    }
     model = build_random_model(tokenizer, size="base", seed=seed, vocab_size=spec.get("vocab_size"), **fields)
     return model, tokenizer
 
 
-def build_trainer(kind, num_generations, fused, model, tokenizer, dataset, spec, max_steps, output_dir):
+def lora_config():
+    from peft import LoraConfig
+
+    from pbsd_trl.scripts.utils import LORA_TARGET_MODULES
+
+    return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=list(LORA_TARGET_MODULES))
+
+
+def pool_args(spec, output_dir):
+    """The generation and teacher-prompt settings of the PBSD contenders, for the pool build."""
+    from pbsd_trl import PBSDConfig
+    from pbsd_trl.data.math_task import MATH_TEACHER_TEMPLATE
+
+    return PBSDConfig(
+        output_dir=output_dir,
+        max_completion_length=spec["max_completion_length"],
+        temperature=1.0,
+        teacher_prompt_template=MATH_TEACHER_TEMPLATE,
+        use_cpu=DEVICE == "cpu",
+        bf16=DEVICE == "cuda",
+        report_to=[],
+    )
+
+
+def build_trainer(kind, num_generations, fused, model, tokenizer, dataset, spec, max_steps, output_dir, options=None):
     from trl import GRPOConfig, GRPOTrainer
 
     from pbsd_trl import PBSDConfig, PBSDTrainer
     from pbsd_trl.data.math_task import MATH_TEACHER_TEMPLATE
-    from pbsd_trl.recipes import _math_rewards
 
     common = dict(
         output_dir=output_dir,
@@ -199,14 +274,33 @@ def build_trainer(kind, num_generations, fused, model, tokenizer, dataset, spec,
         disable_tqdm=True,
         seed=0,
     )
+    options = dict(options or {})
+    peft_config = lora_config() if options.pop("peft", False) else None
     if kind == "grpo":
         args = GRPOConfig(**common, beta=0.0)
-        return GRPOTrainer(model, _math_rewards(), args=args, train_dataset=dataset, processing_class=tokenizer)
+        return GRPOTrainer(
+            model,
+            [math_accuracy_reward],
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+        )
     args = PBSDConfig(
-        **common, num_teacher_generations=num_generations, use_fused_logprob_kernel=fused,
+        **common,
+        num_teacher_generations=num_generations,
+        use_fused_logprob_kernel=fused,
         teacher_prompt_template=MATH_TEACHER_TEMPLATE,
+        **options,
     )
-    return PBSDTrainer(model, _math_rewards(), args=args, train_dataset=dataset, processing_class=tokenizer)
+    return PBSDTrainer(
+        model,
+        [math_accuracy_reward],
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------- probes
@@ -220,12 +314,23 @@ class StepProbe:
         self.in_loss = False
         self._wrap(trainer, "_generate", self._on_generate)
         self._wrap(trainer, "_calculate_rewards", lambda s: self._add("rewards", s))
-        self._wrap(trainer, "_generate_and_score_completions", lambda s: self._add("gen_and_score", s),
-                   on_result=self._on_output)
+        self._wrap(
+            trainer,
+            "_generate_and_score_completions",
+            lambda s: self._add("gen_and_score", s),
+            on_result=self._on_output,
+        )
         self._wrap(trainer, "compute_loss", lambda s: self._add("loss_forward", s), flag="in_loss")
         self._wrap(trainer.accelerator, "backward", lambda s: self._add("backward", s))
         if hasattr(trainer, "_sequence_logps"):
             self._wrap(trainer, "_sequence_logps", self._on_sequence_logps)
+            self._wrap(
+                trainer,
+                "_teacher_sequence_logps",
+                lambda s: self._add("teacher_scoring", s),
+                flag="in_teacher_scoring",
+            )
+        self.in_teacher_scoring = False
 
     def _wrap(self, obj, name, record, flag=None, on_result=None):
         original = getattr(obj, name)
@@ -257,14 +362,20 @@ class StepProbe:
 
     def _on_output(self, output):
         """Padded widths of the generation batch: what the scoring passes run over."""
-        self.shapes = {"rows": output["prompt_ids"].size(0), "prompt_width": output["prompt_ids"].size(1),
-                       "completion_width": output["completion_ids"].size(1)}
+        self.shapes = {
+            "rows": output["prompt_ids"].size(0),
+            "prompt_width": output["prompt_ids"].size(1),
+            "completion_width": output["completion_ids"].size(1),
+        }
         if "teacher_prompt_ids" in output:
-            self.shapes.update(teacher_prompt_width=output["teacher_prompt_ids"].size(1),
-                               teacher_completion_width=output["teacher_completion_ids"].size(1))
+            self.shapes.update(
+                teacher_prompt_width=output["teacher_prompt_ids"].size(1),
+                teacher_completion_width=output["teacher_completion_ids"].size(1),
+            )
 
     def _on_sequence_logps(self, seconds):
-        if not self.in_loss:
+        # no-grad passes outside the loss; those inside `_teacher_sequence_logps` are counted by its own timer
+        if not self.in_loss and not self.in_teacher_scoring:
             self._add("teacher_scoring", seconds)
 
     def begin(self):
@@ -306,7 +417,7 @@ class Contender:
         trainer = self.trainer
         batch = next(self.batches)
         self.probe.begin()
-        with _PeakMemory(DEVICE) as memory:
+        with PeakMemory(DEVICE) as memory:
             start = _now()
             trainer.training_step(trainer.model, batch, None)
             if trainer.args.max_grad_norm > 0:
@@ -325,7 +436,7 @@ class Contender:
             "breakdown": self.probe.end(elapsed),  # {clock: {bucket: s}}
             "shapes": self.probe.shapes,
             "student_length": metrics["completions/mean_length"][-1],
-            "teacher_length": metrics["pbsd/teacher_completions/mean_length"][-1] if self.num_teacher else None,
+            "teacher_length": metrics["pbsd/teacher_length"][-1] if self.num_teacher else None,
         }
         self.records.append(record)
         return record
@@ -338,8 +449,12 @@ class Contender:
         optimizer = _tensor_bytes(
             v for state in trainer.optimizer.state.values() for v in state.values() if torch.is_tensor(v)
         )
-        return {"parameters": params, "teacher_copy": teacher_copy, "optimizer_state": optimizer,
-                "total": params + teacher_copy + optimizer}
+        return {
+            "parameters": params,
+            "teacher_copy": teacher_copy,
+            "optimizer_state": optimizer,
+            "total": params + teacher_copy + optimizer,
+        }
 
     def summary(self):
         measured = [r for r in self.records if r["measured"]]
@@ -368,6 +483,46 @@ class Contender:
 
 
 # ----------------------------------------------------------------------------------------------------------- harness
+def build_pool(model, tokenizer, dataset, spec, pool_dir, batch_size=256):
+    """Build the contenders' teacher pool once, timed: seconds on both clocks and generated tokens per second."""
+    from pbsd_trl.pool import build_teacher_pool
+
+    gc.collect()
+    start = _now()
+    pool = build_teacher_pool(
+        copy.deepcopy(model),
+        tokenizer,
+        dataset,
+        pool_dir,
+        pool_args(spec, pool_dir + "-args"),
+        POOL_SAMPLES,
+        batch_size=batch_size,
+        progress=False,
+    )
+    seconds = _since(start)
+    tokens = sum(len(c) for row in pool["completion_ids"] for c in row)
+    return {
+        "rows": len(pool),
+        "num_samples": POOL_SAMPLES,
+        "batch_size": batch_size,
+        "tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_s": {c: tokens / seconds[c] for c in CLOCKS},
+    }
+
+
+def in_loop_teacher_throughput(summary):
+    """Teacher tokens per second of a step's in-loop teacher `generate` call (the matched PBSD contender)."""
+    measured = [r for r in summary["steps"] if r["measured"]]
+    rows = measured[0]["shapes"]["rows"] if measured else float("nan")
+    tokens = statistics.median([r["teacher_length"] * rows for r in measured])
+    return {
+        "rows_per_call": rows,
+        "tokens_per_call": tokens,
+        "tokens_per_s": {c: tokens / summary["median_breakdown_s"][c]["gen_teacher"] for c in CLOCKS},
+    }
+
+
 def run_config(config_name, spec, tmp_dir):
     from tqdm.auto import tqdm
 
@@ -377,11 +532,24 @@ def run_config(config_name, spec, tmp_dir):
     total_steps = rounds + warmup
     base_model, tokenizer = build_model(spec)
     dataset = make_math_dataset("train", n=max(64, spec["prompts"] * total_steps), seed=0)
+    pool_dir = str(Path(tmp_dir) / config_name / "teacher_pool")
+    pool_build = build_pool(base_model, tokenizer, dataset, spec, pool_dir)
     contenders = []
-    for name, kind, num_student, num_teacher, fused in CONTENDERS:
+    for name, kind, num_student, num_teacher, fused, options in CONTENDERS:
+        options = dict(options)
+        if options.pop("pool", False):
+            options["teacher_pool"] = pool_dir
         trainer = build_trainer(
-            kind, num_student, fused, copy.deepcopy(base_model), tokenizer, dataset, spec, total_steps,
+            kind,
+            num_student,
+            fused,
+            copy.deepcopy(base_model),
+            tokenizer,
+            dataset,
+            spec,
+            total_steps,
             str(Path(tmp_dir) / config_name / name.replace(" ", "_")),
+            options,
         )
         contenders.append(Contender(name, trainer, num_student, num_teacher, fused, total_steps))
     del base_model
@@ -416,11 +584,19 @@ def run_config(config_name, spec, tmp_dir):
         s["total_peak_ratio"] = total / (base["persistent_bytes"]["total"] + base["median_extra_peak_bytes"])
     fused, unfused = (next(s for s in summaries if s["name"] == n) for n in (MATCHED, MATCHED_UNFUSED))
     per_round = {c: [t[MATCHED][c] / t[MATCHED_UNFUSED][c] for t in round_times] for c in CLOCKS}
+    for s in summaries:
+        s["time_ratio_vs"] = {}
+        for name, reference, _ in ACCEPTANCE:
+            if s["name"] == name:
+                per_round = {c: [t[name][c] / t[reference][c] for t in round_times] for c in CLOCKS}
+                s["time_ratio_vs"][reference] = {c: statistics.median(v) for c, v in per_round.items()}
+    pool_build["in_loop"] = in_loop_teacher_throughput(next(s for s in summaries if s["name"] == MATCHED))
     return {
         "config": config_name,
-        "spec": {k: v for k, v in spec.items()},
+        "spec": dict(spec),
         "rounds": rounds,
         "warmup": warmup,
+        "pool_build": pool_build,
         "contenders": summaries,
         "fused_vs_unfused_time_ratio": {c: statistics.median(v) for c, v in per_round.items()},
         "fused_vs_unfused_extra_peak_ratio": fused["median_extra_peak_bytes"] / unfused["median_extra_peak_bytes"],
@@ -443,7 +619,7 @@ def attribution(result, clock=None):
 
 
 def analysis_lines(result, clock=None):
-    """Where PBSD 4+4's step time goes relative to GRPO G=8, and rough what-if estimates from the measured buckets."""
+    """Where the PBSD contenders' step time goes relative to GRPO G=8, from the measured buckets."""
     clock = clock or PRIMARY
     by_name = {s["name"]: s for s in result["contenders"]}
     grpo, pbsd, unfused = by_name[BASELINE], by_name[MATCHED], by_name[MATCHED_UNFUSED]
@@ -454,50 +630,76 @@ def analysis_lines(result, clock=None):
     shapes = pbsd["median_shapes"]
     pt, ps = shapes["teacher_prompt_width"], shapes["prompt_width"]
     ct, cs = shapes["teacher_completion_width"], shapes["completion_width"]
-    prompt_share = 2 * pt / ((pt + ct) + (pt + cs))
     group = pbsd["num_generations"]
+    full = 2 * group * pt + group * (ct + cs)
+    shared = pt + group * (ct + cs)
     loss_pbsd, loss_grpo = pb["loss_forward"] + pb["backward"], gb["loss_forward"] + gb["backward"]
     lines = [
-        f"- Generation: PBSD's two `generate` calls (student and teacher, {group} samples per prompt each) take"
+        f"- Generation: PBSD 4+4's two `generate` calls (student and teacher, {group} samples per prompt each) take"
         f" {gen_pbsd:.3f} s against {gen_grpo:.3f} s for GRPO's one call over twice the rows"
         f" ({gen_pbsd / gen_grpo:.2f}×). Decoding is sequential in the tokens, so halving the rows does not halve a"
         f" call (student call {pb['gen_student']:.3f} s), and the teacher prompts are {pt:.0f} tokens wide against"
         f" {ps:.0f} for the student (padded), so the teacher call takes {pb['gen_teacher']:.3f} s.",
-        f"- Teacher scoring: {scoring:.3f} s, {scoring / step:.0%} of the PBSD step; GRPO (β=0) has no such pass."
-        f" Two no-grad teacher forwards over {shapes['rows']:.0f} rows each, {pt:.0f}+{ct:.0f} and {pt:.0f}+{cs:.0f}"
-        f" positions wide: {prompt_share:.0%} of the scored positions are the teacher prompt, the same in the {group}"
-        " rows of a prompt group and in both passes.",
+        f"- Teacher scoring: {scoring:.3f} s, {scoring / step:.0%} of the PBSD 4+4 step; GRPO (β=0) has no such pass."
+        f" The teacher prompt ({pt:.0f} positions) is run once per prompt group and its KV cache serves the group's"
+        f" {2 * group} completions of both sets ({ct:.0f} and {cs:.0f} wide): {shared:.0f} positions per group"
+        f" instead of {full:.0f} for `[prompt ; completion]` rows ({shared / full:.0%}).",
         f"- Loss: PBSD's forward+backward over its {2 * shapes['rows']:.0f} samples (one student forward over both sets)"
         f" takes {loss_pbsd:.3f} s against GRPO's {loss_grpo:.3f} s over as many samples (GRPO's scoring head also"
         " computes entropies).",
-        f"- With the same scoring head for both (PBSD 4+4 TRL head / GRPO G=8, both on TRL's fused LM head): "
-        f"{unfused['time_ratio'][clock]:.2f}×.",
+        f"- With the same scoring head for both (PBSD 4+4 TRL head / GRPO G=8, both on TRL's fused LM head; TRL's head"
+        f" also scores the teacher rows in full, without the shared prompt): {unfused['time_ratio'][clock]:.2f}×.",
     ]
-    # What-if estimates, time taken as proportional to the positions a pass covers. Per prompt group the two teacher
-    # passes cover G·(pt+ct) + G·(pt+cs) positions; with the prompt scored once per group, pt + G·(ct+cs); without the
-    # teacher-on-teacher pass, G·(pt+cs); with both changes, pt + G·cs.
-    positions = 2 * pt + ct + cs
-    prefix_saving = scoring * (1 - (pt / group + ct + cs) / positions)
-    sampling_logps_saving = scoring * (pt + ct) / positions
-    both_scoring_saving = scoring * (1 - (pt / group + cs) / positions)
-    merged_gen_saving = max(gen_pbsd - gen_grpo, 0.0)
-    ratio = pbsd["time_ratio"][clock]
-    whatifs = [
-        ("score the teacher prompt once per prompt group and reuse its KV cache for the group's "
-         f"{2 * group} completions (both passes)", prefix_saving),
-        ("take the teacher's log-probs of its own samples from its sampling pass (exact only without top-k/top-p, and"
-         " up to cached-decoding rounding) instead of a rescoring pass", sampling_logps_saving),
-        ("draw student and teacher samples in one `generate` call (only when they share weights:"
-         " `teacher_model_kind='live'` or `teacher_samples_from='live'`), costed as GRPO's call (a lower bound: the"
-         " merged batch still carries the wider teacher prompts)", merged_gen_saving),
-        ("all three", merged_gen_saving + both_scoring_saving),
-    ]
-    lines += ["", f"Rough what-if estimates from these {clock} buckets (time taken as proportional to positions; not"
-              " measured):", ""]
-    lines += ["| change | saves s/step | PBSD/GRPO after |", "|---|---|---|"]
-    for text, saving in whatifs:
-        lines.append(f"| {text} | {saving:.3f} | {ratio * (step - saving) / step:.2f}× |")
+    for name in ("PBSD 4+4 pool", "PBSD 4+4 live 1-pass", "PBSD 4+4 LoRA 1-pass"):
+        if name not in by_name:
+            continue
+        b = by_name[name]["median_breakdown_s"][clock]
+        reference = "LoRA GRPO G=8" if "LoRA" in name else BASELINE
+        rb = by_name[reference]["median_breakdown_s"][clock]
+        diff = sorted(((k, b[k] - rb[k]) for k in BUCKETS), key=lambda kv: -kv[1])
+        lines.append(
+            f"- {name} over {reference}, by bucket: "
+            + ", ".join(f"{BUCKET_TITLES[k]} {v:+.3f}" for k, v in diff)
+            + "."
+        )
     return lines
+
+
+def acceptance_lines(result, clock=None):
+    clock = clock or PRIMARY
+    by_name = {s["name"]: s for s in result["contenders"]}
+    lines = [
+        "| contender | reference | target | " + f"{clock} × ref | wall × ref | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    verdicts = []
+    for name, reference, target in ACCEPTANCE:
+        if name not in by_name or reference not in by_name:
+            continue
+        ratio = by_name[name]["time_ratio_vs"][reference]
+        verdict = "MEETS" if ratio[clock] <= target else "MISSES"
+        verdicts.append((name, reference, target, ratio, verdict))
+        lines.append(
+            f"| {name} | {reference} | ≤ {target}× | **{ratio[clock]:.2f}** | {ratio['wall']:.2f} | {verdict} |"
+        )
+    return lines, verdicts
+
+
+def pool_lines(result, clock=None):
+    clock = clock or PRIMARY
+    build = result["pool_build"]
+    in_loop = build["in_loop"]
+    speedup = build["tokens_per_s"][clock] / in_loop["tokens_per_s"][clock]
+    return [
+        f"- Build (before the rounds, `build_teacher_pool`, HF `generate`, {build['batch_size']} completions per call):"
+        f" {build['rows']} rows × K={build['num_samples']} samples, {build['tokens']} completion tokens in"
+        f" {build['seconds'][clock]:.1f} s {clock} ({build['seconds']['wall']:.1f} s wall), sampling and teacher"
+        f" scoring included: **{build['tokens_per_s'][clock]:.0f} tokens/s** {clock}.",
+        f"- In-loop teacher generation of PBSD 4+4 (one `generate` call of {in_loop['rows_per_call']:.0f} rows per"
+        f" step, {in_loop['tokens_per_call']:.0f} tokens, scoring not included):"
+        f" {in_loop['tokens_per_s'][clock]:.0f} tokens/s {clock}. Pool build / in-loop: **{speedup:.1f}×**"
+        f" ({'meets' if speedup >= 3 else 'misses'} the ≥ 3× target).",
+    ]
 
 
 PRECISION = {"cpu": "fp32 on CPU", "cuda": "bf16 autocast (`bf16=True`) on the GPU, fp32 weights"}
@@ -528,19 +730,29 @@ def write_markdown(path, results, machine, command, quick):
         "- GRPO samples G=8 completions per prompt; PBSD 4+4 samples G_S=4 from the student and G_T=4 from the teacher"
         " (`teacher_model_kind='base'`, a frozen copy, prompted with the reference solution): 8 sampled completions"
         " per prompt each. PBSD 8+8 samples 16, for reference. GRPO scores with TRL's fused LM head (as shipped);"
-        " PBSD with pbsd-trl's fused kernel, or with TRL's head (`TRL head` rows).",
+        " PBSD with pbsd-trl's fused kernel, or with TRL's head (`TRL head` rows). With pbsd-trl's kernel the"
+        " teacher scores each prompt group's completions from one teacher-prompt forward (shared KV cache).",
+        "- `pool` rows: the same PBSD with `teacher_pool` (K=8 base-teacher samples per dataset row with their teacher"
+        " log-probs, drawn before the rounds with `pbsd_trl.pool.build_teacher_pool`; the build is timed separately"
+        " below): no teacher `generate` call and no scoring of the teacher's own samples in the step."
+        " `live 1-pass`: `teacher_model_kind='live'`, student and teacher samples from one `generate` call."
+        " `LoRA` rows: LoRA r=16, α=32 on every linear layer of the student (GRPO and PBSD alike); PBSD with the"
+        " `base` teacher (adapter disabled), its samples drawn in the student's `generate` call with per-row adapters"
+        " (PEFT's `adapter_names`, `__base__` for the teacher rows).",
         "- One step = `training_step` + gradient clipping + optimizer/scheduler step + `zero_grad`, as"
         " `Trainer._inner_training_loop` does with one micro-batch per step. Contenders live in one process and are"
         " stepped round-robin, order rotated every round; the first round(s) are warm-up and not counted.",
         CLOCK_TEXT[DEVICE] + " Ratios are medians of per-round ratios; s/step and buckets are medians over rounds"
         " (so the buckets need not add up exactly to s/step).",
-        "- Buckets: `gen student` / `gen teacher` = first / second `_generate` call of the step (HF `generate`);"
+        "- Buckets: `gen student` / `gen teacher` = first / second `_generate` call of the step (HF `generate`; with"
+        " one generation pass the first holds the merged call and the second only decodes and logs);"
         " `rewards` = `_calculate_rewards` (student and teacher samples); `teacher scoring` = PBSD's no-grad"
-        " `_sequence_logps` passes (teacher log-probs of teacher and student samples); `other prep` = the rest of"
+        " scoring passes (teacher log-probs of teacher and student samples); `other prep` = the rest of"
         " `_generate_and_score_completions` (tokenizing, padding, decoding, metrics); `loss fwd` = `compute_loss`"
         " (PBSD: one student forward over student+teacher samples; GRPO: forward with entropies); `backward` ="
         " `accelerator.backward`; `optim+other` = clipping, optimizer and scheduler steps.",
-        MEMORY_TEXT[DEVICE] + " `persistent` = parameters + PBSD's frozen teacher copy + AdamW state, which live between steps;"
+        MEMORY_TEXT[DEVICE]
+        + " `persistent` = parameters + PBSD's frozen teacher copy + AdamW state, which live between steps;"
         " `total` = persistent + step peak.",
     ]
     if quick:
@@ -557,7 +769,8 @@ def write_markdown(path, results, machine, command, quick):
             "",
             f"| contender | samples/prompt | {PRIMARY} s/step | × GRPO | wall s/step | × GRPO | step peak MiB | × GRPO"
             " | persistent MiB | total MiB | × GRPO | "
-            + " | ".join(BUCKET_TITLES[b] for b in BUCKETS) + " | student len | teacher len |",
+            + " | ".join(BUCKET_TITLES[b] for b in BUCKETS)
+            + " | student len | teacher len |",
             "|" + "---|" * (13 + len(BUCKETS)),
         ]
         for s in result["contenders"]:
@@ -593,14 +806,33 @@ def write_markdown(path, results, machine, command, quick):
             f"- Fused kernel on vs off (PBSD 4+4 / PBSD 4+4 TRL head): time {fused[PRIMARY]:.2f}× {PRIMARY}"
             f" ({fused['wall']:.2f}× wall), step peak memory {result['fused_vs_unfused_extra_peak_ratio']:.2f}×.",
             f"- Extra {PRIMARY} seconds of PBSD 4+4 over GRPO G=8, by bucket: "
-            + ", ".join(f"{BUCKET_TITLES[k]} {v:+.3f}" for k, v in attribution(result)) + ".",
+            + ", ".join(f"{BUCKET_TITLES[k]} {v:+.3f}" for k, v in attribution(result))
+            + ".",
             "",
             "Where the time goes:",
             "",
             *analysis_lines(result),
         ]
+        table, items = acceptance_lines(result)
+        lines += [
+            "",
+            "Step-time targets (ratios: medians of per-round ratios against the reference):",
+            "",
+            *table,
+            "",
+            "Teacher-sample pool:",
+            "",
+            *pool_lines(result),
+        ]
+        verdicts[-1] = (*verdicts[-1], items)
     lines += ["", "## Verdict", ""]
-    for config, ratio, verdict, same_head in verdicts:
+    for config, ratio, verdict, same_head, items in verdicts:
+        for name, reference, target, r, v in items:
+            if name != MATCHED:
+                lines.append(
+                    f"- {config}: {name} / {reference} = **{r[PRIMARY]:.2f}×** {PRIMARY} time"
+                    f" ({r['wall']:.2f}× wall): {v} the ≤ {target}× target."
+                )
         lines.append(
             f"- {config}: PBSD 4+4 / GRPO G=8 = **{ratio[PRIMARY]:.2f}×** {PRIMARY} time ({ratio['wall']:.2f}× wall),"
             f" 8 sampled completions per prompt each, PBSD with its default fused kernel and GRPO with TRL's fused"
@@ -616,16 +848,22 @@ def write_plot(path, results):
         return
     fig, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 4.8), squeeze=False)
     colors = plt.get_cmap("tab10").colors
-    for ax, result in zip(axes[0], results):
+    for ax, result in zip(axes[0], results, strict=True):
         names = [s["name"] for s in result["contenders"]]
         bottom = [0.0] * len(names)
         for i, bucket in enumerate(BUCKETS):
             values = [max(s["median_breakdown_s"][PRIMARY][bucket], 0.0) for s in result["contenders"]]
             ax.bar(names, values, bottom=bottom, label=BUCKET_TITLES[bucket], color=colors[i % len(colors)])
-            bottom = [b + v for b, v in zip(bottom, values)]
+            bottom = [b + v for b, v in zip(bottom, values, strict=True)]
         for j, s in enumerate(result["contenders"]):
-            ax.text(j, bottom[j], f"{s['median_s'][PRIMARY]:.2f}s\n{s['time_ratio'][PRIMARY]:.2f}× GRPO",
-                    ha="center", va="bottom", fontsize=8)
+            ax.text(
+                j,
+                bottom[j],
+                f"{s['median_s'][PRIMARY]:.2f}s\n{s['time_ratio'][PRIMARY]:.2f}× GRPO",
+                ha="center",
+                va="bottom",
+                fontsize=8,
+            )
         ax.set_title(f"{result['config']}: {PRIMARY} seconds per step (median), by bucket")
         ax.set_ylim(0, max(bottom) * 1.2)
         ax.tick_params(axis="x", labelsize=8, rotation=15)
@@ -642,15 +880,24 @@ def parse_args(argv=None):
     parser.add_argument("--configs", nargs="+", default=None, help="subset of the configurations to run")
     parser.add_argument("--rounds", type=int, default=None, help="measured rounds per configuration (override)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: shared host)")
-    parser.add_argument("--name", default=None, help="stem of the result files (default step_cost, on CUDA"
-                        " step_cost_cuda_<gpu name>)")
+    parser.add_argument(
+        "--name", default=None, help="stem of the result files (default step_cost, on CUDA step_cost_cuda_<gpu name>)"
+    )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument(
+        "--base_steps",
+        type=int,
+        default=None,
+        help="warm-start steps of the built-in model"
+        " (default: its recipe's; fewer when the full build does not fit, reported in the results)",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv=None):
-    global DEVICE, PRIMARY
+    global DEVICE, PRIMARY, BASE_STEPS
     args = parse_args(argv)
+    BASE_STEPS = args.base_steps
     command = "python benchmarks/step_cost.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     DEVICE = args.device
     if DEVICE == "cuda":
@@ -670,6 +917,8 @@ def main(argv=None):
     import trl
 
     machine.update(transformers=transformers.__version__, trl=trl.__version__)
+    if BASE_STEPS is not None:
+        machine["built_in_model_warm_start_steps"] = BASE_STEPS
     started = time.perf_counter()
     results = []
     with tempfile.TemporaryDirectory() as tmp_dir:
@@ -683,8 +932,13 @@ def main(argv=None):
         pass
     machine["wall_seconds"] = round(time.perf_counter() - started, 1)
     stem = args.output_dir / args.name
-    payload = {"command": command, "machine": machine, "quick": args.quick, "target_ratio": TARGET_RATIO,
-               "results": results}
+    payload = {
+        "command": command,
+        "machine": machine,
+        "quick": args.quick,
+        "target_ratio": TARGET_RATIO,
+        "results": results,
+    }
     stem.with_suffix(".json").write_text(json.dumps(payload, indent=1, default=str))
     write_markdown(stem.with_suffix(".md"), results, machine, command, args.quick)
     if not args.quick:

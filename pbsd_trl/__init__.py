@@ -5,4 +5,5 @@ __version__ = "0.1.0"
 from .config import PBSDConfig
 from .trainer import PBSDTrainer
 
+
 __all__ = ["PBSDConfig", "PBSDTrainer", "__version__"]

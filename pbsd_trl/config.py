@@ -1,10 +1,13 @@
 """`PBSDConfig`: GRPO's configuration plus the fields of Preference-Based Self-Distillation."""
 
+import math
+import numbers
 import string
 import warnings
 from dataclasses import dataclass, field, fields
 
 from trl import GRPOConfig
+
 
 DEFAULT_TEACHER_PROMPT_TEMPLATE = (
     "{prompt}\n\nHere is a reference solution to this problem:\n{privileged_context}\n\n"
@@ -18,6 +21,27 @@ _CHOICES = {
     "teacher_model_kind": ("base", "live", "ema"),
     "teacher_samples_from": ("teacher", "live"),
 }
+
+# Largest accepted `pbsd_beta`: the margin is β times a difference of sequence log-ratios (sums over tokens); far
+# beyond 1 the logistic loss saturates at once and β·σ(-m) gradients overflow float32 (1e30 gave grad-norm inf).
+_MAX_PBSD_BETA = 1e3
+
+# Float fields that must be finite: PBSD's own and those of GRPO/transformers that reach every update.
+_FINITE_FIELDS = (
+    "pbsd_beta",
+    "label_smoothing",
+    "teacher_update_rate",
+    "temperature",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "learning_rate",
+    "weight_decay",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+    "reward_weights",
+)
 
 # GRPO fields that only shape GRPO's policy-gradient loss or advantages. PBSD's loss never reads them, so a value
 # other than GRPO's default would be silently ignored: say so instead.
@@ -62,7 +86,8 @@ class PBSDConfig(GRPOConfig):
 
         pbsd_beta (`float`, *optional*, defaults to `0.1`):
             Preference temperature β of the implicit reward `β·log(π_θ/π_T)` and of the reward-regularized
-            objective `E[r] - β·KL(π‖π_T)`. Larger values make the loss saturate sooner. Not GRPO's `beta`.
+            objective `E[r] - β·KL(π‖π_T)`. Larger values make the loss saturate sooner. Not GRPO's `beta`. Must be
+            finite, in `(0, 1000]`.
         pair_labels (`str`, *optional*, defaults to `"role"`):
             How each (teacher sample, student sample) pair is ordered. `"role"` (paper): the teacher sample is always
             preferred. `"reward"`: the sample with the higher reward (weighted sum of `reward_funcs`) is preferred;
@@ -77,7 +102,9 @@ class PBSDConfig(GRPOConfig):
         pairing (`str`, *optional*, defaults to `"matched"`):
             `"matched"`: the i-th teacher sample of a prompt is paired with the i-th student sample. `"all"`: every
             teacher sample of a prompt is paired with every student sample of that prompt (G_T × G_S pairs,
-            averaged); needs one extra no-grad scoring pass to supply the partner terms.
+            averaged); needs one extra no-grad scoring pass to supply the partner terms, which are exact only while no
+            update happens between generation and loss: `gradient_accumulation_steps` must be a multiple of
+            `steps_per_generation × num_iterations` (the default `steps_per_generation` is).
         length_normalize (`bool`, *optional*, defaults to `False`):
             Divide each sequence log-ratio by its completion length (SimPO/IPO-style) instead of using the sum.
         label_smoothing (`float`, *optional*, defaults to `0.0`):
@@ -106,12 +133,33 @@ class PBSDConfig(GRPOConfig):
         max_teacher_prompt_length (`int` or `None`, *optional*, defaults to `None`):
             Token budget for a teacher prompt (e.g. to fit `vllm_max_model_length`). When a teacher prompt is longer,
             the privileged context is cut from its end until it fits, never the student prompt; each cut is counted in
-            `pbsd/context_truncated_frac` and warned about once. `None` means no limit.
+            `pbsd/context_truncated_frac` and warned about once. A row whose teacher prompt does not fit even with an
+            empty context is an error naming the row. `None` means no limit; teacher prompts longer than the model's
+            positions (or `vllm_max_model_length`) are then an error naming the row, at construction for map-style
+            datasets. In vLLM colocate mode,
+            `max_teacher_prompt_length + max_completion_length` must not exceed `vllm_max_model_length` when both are
+            set.
         teacher_samples_from (`str`, *optional*, defaults to `"teacher"`):
             Whose weights generate the teacher samples. `"teacher"`: the teacher weights (`teacher_model_kind`).
             `"live"`: the current policy weights, prompted with the teacher prompt; the only option with vLLM when the
             teacher is not `"live"`, since the vLLM engine holds the policy weights only. Teacher log-probs are always
             computed with the teacher weights.
+        teacher_pool (`str` or `None`, *optional*, defaults to `None`):
+            Folder of a teacher-sample pool built with `python -m pbsd_trl.scripts.build_teacher_pool` (see
+            `pbsd_trl.pool`): K teacher samples per training row, drawn ahead of time from the `base` teacher with
+            their teacher log-probs. Training steps then take `num_teacher_generations` samples per prompt from it
+            (unused ones first on later visits) instead of generating and rescoring them; everything else is computed
+            as without it. Needs `teacher_model_kind="base"` and `teacher_samples_from="teacher"`; a pool drawn from
+            other weights, another tokenizer, teacher prompt or sampling settings is refused at construction, naming
+            the difference. Student samples can then come from vLLM while the teacher stays the exact `base` teacher.
+            Evaluation rows missing from the pool get online teacher samples.
+        one_generation_pass (`bool`, *optional*, defaults to `True`):
+            Draw the student and the teacher samples of a step in one `generate` call when they can share it: with
+            the current weights (`teacher_model_kind="live"` or `teacher_samples_from="live"`), and for a PEFT
+            student with the `base` or `ema` teacher (per-row adapters: the teacher rows with the adapter disabled, or
+            with the EMA adapter). Only with
+            transformers' `generate` (not vLLM, not continuous batching). The samples have the same distribution as
+            with two calls (they are not the same draws: the random numbers are consumed in another order).
 
         > Parameters that control the kernels
 
@@ -150,7 +198,9 @@ class PBSDConfig(GRPOConfig):
     )
     tie_policy: str = field(
         default="role",
-        metadata={"help": "With pair_labels='reward', an equal-reward pair is labelled by 'role' or dropped ('drop')."},
+        metadata={
+            "help": "With pair_labels='reward', an equal-reward pair is labelled by 'role' or dropped ('drop')."
+        },
     )
     num_teacher_generations: int | None = field(
         default=None,
@@ -202,6 +252,16 @@ class PBSDConfig(GRPOConfig):
         default="teacher",
         metadata={"help": "Weights that sample the teacher completions: 'teacher' or 'live' (vLLM fallback)."},
     )
+    teacher_pool: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder of a teacher-sample pool (pbsd_trl.scripts.build_teacher_pool) for the base teacher."
+        },
+    )
+    one_generation_pass: bool = field(
+        default=True,
+        metadata={"help": "Draw student and teacher samples in one generate call when they can share weights."},
+    )
 
     # Kernels
     use_fused_logprob_kernel: bool | None = field(
@@ -220,16 +280,24 @@ class PBSDConfig(GRPOConfig):
             if value not in choices:
                 raise ValueError(f"`{name}` must be one of {list(choices)}, got {value!r}.")
 
-        if self.pbsd_beta <= 0:
-            raise ValueError(f"`pbsd_beta` must be > 0, got {self.pbsd_beta}.")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"`label_smoothing` must be in [0, 0.5), got {self.label_smoothing}.")
-        if not 0.0 < self.teacher_update_rate <= 1.0:
-            raise ValueError(f"`teacher_update_rate` must be in (0, 1], got {self.teacher_update_rate}.")
-        if self.teacher_sync_steps < 1:
-            raise ValueError(f"`teacher_sync_steps` must be >= 1, got {self.teacher_sync_steps}.")
-        if self.max_teacher_prompt_length is not None and self.max_teacher_prompt_length < 1:
-            raise ValueError(f"`max_teacher_prompt_length` must be positive, got {self.max_teacher_prompt_length}.")
+        self._check_types_and_ranges()
+        if self.max_teacher_prompt_length is not None:
+            room = self.max_teacher_prompt_length + (self.max_completion_length or 0)
+            if self.use_vllm and self.vllm_max_model_length is not None and room > self.vllm_max_model_length:
+                raise ValueError(
+                    f"`max_teacher_prompt_length` ({self.max_teacher_prompt_length}) + `max_completion_length` "
+                    f"({self.max_completion_length}) = {room} tokens exceeds `vllm_max_model_length` "
+                    f"({self.vllm_max_model_length}): vLLM would reject the teacher prompts. Lower the budget to at "
+                    f"most {self.vllm_max_model_length - self.max_completion_length}."
+                )
+        if self.teacher_pool is not None and (
+            self.teacher_model_kind != "base" or self.teacher_samples_from != "teacher"
+        ):
+            raise ValueError(
+                "`teacher_pool` holds samples of the fixed `base` teacher, drawn ahead of time: it needs "
+                f"`teacher_model_kind='base'` and `teacher_samples_from='teacher'` (got {self.teacher_model_kind!r} "
+                f"and {self.teacher_samples_from!r}). A live or EMA teacher changes during training."
+            )
 
         try:
             placeholders = template_placeholders(self.teacher_prompt_template)
@@ -259,15 +327,35 @@ class PBSDConfig(GRPOConfig):
                 f"`num_teacher_generations` ({self.num_teacher_generations}) must equal `num_generations` "
                 f"({num_student}). Set `pairing='all'` to use fewer teacher samples."
             )
-        if (
-            self.use_vllm
-            and self.vllm_mode == "server"
-            and self.num_teacher_generations != num_student
-        ):
+        generate_every = self.steps_per_generation * self.num_iterations
+        if self.pairing == "all" and self.gradient_accumulation_steps % generate_every != 0:
+            # The partner table is scored once per generation batch; a weight update before the batch is used up
+            # would leave the partners' terms stale, and the gradient would not be the stated one.
+            raise ValueError(
+                "`pairing='all'` scores each sample's partners once per generation batch, so that batch must be used "
+                "up within one optimizer step: `gradient_accumulation_steps` "
+                f"({self.gradient_accumulation_steps}) must be a multiple of `steps_per_generation` × "
+                f"`num_iterations` ({self.steps_per_generation} × {self.num_iterations}). Set `num_iterations=1` "
+                "and leave `steps_per_generation` unset (it then equals `gradient_accumulation_steps`), or use "
+                "`pairing='matched'`."
+            )
+        if self.use_vllm and self.vllm_mode == "server" and self.num_teacher_generations != num_student:
             raise ValueError(
                 "vLLM server mode samples `num_generations` completions per run of identical prompts, so "
                 f"`num_teacher_generations` ({self.num_teacher_generations}) must equal `num_generations` "
                 f"({num_student}) there. Use `vllm_mode='colocate'` or set them equal."
+            )
+        if (
+            self.use_vllm
+            and self.teacher_model_kind != "live"
+            and self.teacher_samples_from == "teacher"
+            and self.teacher_pool is None
+        ):
+            raise ValueError(
+                f"The vLLM engine holds the policy's current weights only, so it cannot sample from the "
+                f"'{self.teacher_model_kind}' teacher. Set `teacher_samples_from='live'` (teacher prompts sampled with "
+                "the current weights, teacher log-probs still from the teacher weights), `teacher_model_kind='live'`, "
+                "a `teacher_pool` of base-teacher samples drawn ahead of time, or `use_vllm=False`."
             )
 
         if self.beta != 0.0:
@@ -302,3 +390,70 @@ class PBSDConfig(GRPOConfig):
                 UserWarning,
                 stacklevel=2,
             )
+
+    def _check_types_and_ranges(self) -> None:
+        """Refuse settings that would silently corrupt training: NaN/inf numbers, out-of-range rates, wrong types."""
+        for name in ("num_teacher_generations", "max_teacher_prompt_length"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise TypeError(f"`{name}` must be an int or None, got {value!r} ({type(value).__name__}).")
+        if isinstance(self.teacher_sync_steps, bool) or not isinstance(self.teacher_sync_steps, int):
+            raise TypeError(f"`teacher_sync_steps` must be an int, got {self.teacher_sync_steps!r}.")
+        for name in ("length_normalize", "allow_empty_privileged_context"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(
+                    f"`{name}` must be a bool, got {getattr(self, name)!r}: a string such as 'false' is truthy."
+                )
+        if self.use_fused_logprob_kernel is not None and not isinstance(self.use_fused_logprob_kernel, bool):
+            raise TypeError(
+                f"`use_fused_logprob_kernel` must be a bool or None, got {self.use_fused_logprob_kernel!r}."
+            )
+        for name in ("privileged_context_column", "teacher_prompt_template"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise TypeError(f"`{name}` must be a non-empty string, got {getattr(self, name)!r}.")
+        if self.privileged_context_column == "prompt":
+            raise ValueError(
+                "`privileged_context_column` is 'prompt', the student's prompt column: the teacher would see nothing "
+                "the student does not. Point it at the column holding the privileged context."
+            )
+
+        # NaN is never a meaningful setting: one in any float field (GRPO's included) reaches the weights.
+        for f in fields(self):
+            value = getattr(self, f.name)
+            values = value if isinstance(value, (list, tuple)) else [value]
+            if any(isinstance(v, float) and math.isnan(v) for v in values):
+                raise ValueError(f"`{f.name}` is NaN ({value!r}); give it a finite value.")
+        for name in _FINITE_FIELDS:
+            value = getattr(self, name)
+            values = value if isinstance(value, (list, tuple)) else [value]
+            for v in values:
+                if v is None:
+                    continue
+                if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                    raise TypeError(f"`{name}` must be a real number, got {value!r} ({type(v).__name__}).")
+                if not math.isfinite(v):
+                    raise ValueError(f"`{name}` must be finite, got {value!r}.")
+
+        if not 0 < self.pbsd_beta <= _MAX_PBSD_BETA:
+            raise ValueError(
+                f"`pbsd_beta` must be in (0, {_MAX_PBSD_BETA:g}], got {self.pbsd_beta}. Sequence log-ratios are sums "
+                "over tokens (often tens of nats), so beyond this the loss saturates on the first step and its "
+                "gradient overflows; typical values are 0.01-1."
+            )
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"`label_smoothing` must be in [0, 0.5), got {self.label_smoothing}.")
+        if not 0.0 < self.teacher_update_rate <= 1.0:
+            raise ValueError(f"`teacher_update_rate` must be in (0, 1], got {self.teacher_update_rate}.")
+        if self.teacher_sync_steps < 1:
+            raise ValueError(f"`teacher_sync_steps` must be >= 1, got {self.teacher_sync_steps}.")
+        if self.max_teacher_prompt_length is not None and self.max_teacher_prompt_length < 1:
+            raise ValueError(f"`max_teacher_prompt_length` must be positive, got {self.max_teacher_prompt_length}.")
+        # GRPO's sampling settings that PBSD's scoring divides or samples by (GRPO does not check them)
+        if not self.temperature > 0:
+            raise ValueError(
+                f"`temperature` must be > 0 (log-probs are computed from logits / temperature), got {self.temperature}."
+            )
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"`top_p` must be in (0, 1], got {self.top_p}.")
+        if self.learning_rate < 0:
+            raise ValueError(f"`learning_rate` must be >= 0, got {self.learning_rate}.")

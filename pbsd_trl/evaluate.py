@@ -1,48 +1,42 @@
-# Copyright 2026 The pbsd-trl authors. Licensed under the Apache License, Version 2.0.
-"""Avg@k evaluation of a causal LM with any GRPO-style reward function, as a function and a CLI.
+"""
+Avg@k evaluation of a causal LM with any GRPO-style reward function.
 
-For each problem, ``k`` completions are sampled (temperature 1.0 by default) and scored by the reward function(s):
+For each problem, `k` completions are sampled (temperature 1.0 by default) and scored by the reward function(s):
 
-- ``avg_at_k``: the mean reward over all ``n × k`` samples (for 0/1 rewards: the mean accuracy, the paper's Avg@k);
-- ``pass_at_k``: the mean over problems of the best sample's reward (for 0/1 rewards: the fraction of problems solved
-  by at least one of the ``k`` samples);
-- ``greedy_accuracy`` (optional): the mean reward of one greedy completion per problem;
-- ``per_problem``: each problem's mean reward over its ``k`` samples.
+- `avg_at_k`: the mean reward over all `n × k` samples (for 0/1 rewards: the mean accuracy, the paper's Avg@k);
+- `pass_at_k`: the mean over problems of the best sample's reward (for 0/1 rewards: the fraction of problems solved
+  by at least one of the `k` samples);
+- `greedy_accuracy` (optional): the mean reward of one greedy completion per problem;
+- `per_problem`: each problem's mean reward over its `k` samples.
 
-With ``with_privileged_context=True`` the model is prompted like PBSD's teacher (the prompt with the privileged
-context folded in by ``teacher_prompt_template``, see :func:`pbsd_trl.teacher.compose_teacher_prompt`), while the
-reward still judges the answer to the student's question, exactly as during training.
+With `with_privileged_context=True` the model is prompted like PBSD's teacher (the prompt with the privileged context
+folded in by `teacher_prompt_template`, see [`~pbsd_trl.teacher.compose_teacher_prompt`]), while the reward still
+judges the answer to the student's question, exactly as during training.
 
-Generation is batched: ``batch_size`` problems × ``k`` samples per HF ``generate`` call (``num_return_sequences=k``,
-left padding, the tokenizer's chat template for conversational prompts, as GRPO tokenizes them). ``use_vllm=True``
-samples with ``vllm.LLM`` instead (needs vLLM and a model path; not exercised by this project's CPU tests).
-
-CLI::
-
-    python -m pbsd_trl.evaluate --model_name_or_path DIR --dataset_name builtin:math --k 8 --reward math \\
-        --output report.json [--with_privileged_context] [--greedy] [--use_vllm]
-
-``--dataset_name`` is ``builtin:math`` / ``builtin:tool_use`` (the 200 held-out problems of the built-in tasks), a
-local ``.json``/``.jsonl``/``.parquet``/``.csv`` file, or a Hub dataset id (with ``--dataset_split``); the column
-flags of :func:`pbsd_trl.recipes.load_prompt_dataset` map other schemas.
+Generation is batched: `batch_size` problems × `k` samples per HF `generate` call (`num_return_sequences=k`, left
+padding, the tokenizer's chat template for conversational prompts, as GRPO tokenizes them). `use_vllm=True` samples
+with `vllm.LLM` instead (needs vLLM and a model path; not exercised by this project's CPU tests). The command line
+is `python -m pbsd_trl.scripts.evaluate`.
 """
 
-from __future__ import annotations
-
-import argparse
-import json
 import logging
 import math
-import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM
+
+from .config import DEFAULT_TEACHER_PROMPT_TEMPLATE
+from .rewards import combine_rewards
+from .teacher import check_privileged_context, compose_teacher_prompt
+
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["evaluate_avg_at_k", "evaluate_student_and_teacher", "main", "score_completions"]
+__all__ = ["evaluate_avg_at_k", "evaluate_student_and_teacher", "score_completions"]
 
 _RESERVED_COLUMNS = {"prompt", "completion", "completion_ids"}
 
@@ -55,15 +49,6 @@ def _is_conversational(prompt: Any) -> bool:
     return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], dict) and "role" in prompt[0]
 
 
-def _reward_name(func: Callable) -> str:
-    try:
-        from .rewards import get_reward_func_name
-
-        return get_reward_func_name(func)
-    except Exception:  # pragma: no cover - defensive
-        return getattr(func, "__name__", type(func).__name__)
-
-
 def score_completions(
     reward_funcs: Callable | Sequence[Callable],
     prompts: list,
@@ -74,50 +59,26 @@ def score_completions(
 ) -> list[float]:
     """Scores completions with GRPO-style reward functions, one value per completion.
 
-    The reward functions are called as GRPO calls them: keyword arguments ``prompts``, ``completions``,
-    ``completion_ids``, every other dataset column as a per-completion list, ``trainer_state=None`` and no-op
-    ``log_extra``/``log_metric``. The result is the weighted sum over functions; a ``None`` from a function counts as
-    0 for that function (as GRPO's ``nansum``), and a completion where every function returned ``None`` scores NaN.
-    Async reward functions are run to completion.
+    The reward functions are called as GRPO calls them (see [`~pbsd_trl.rewards.combine_rewards`]): keyword arguments
+    `prompts`, `completions`, `completion_ids`, every other dataset column as a per-completion list,
+    `trainer_state=None` and no-op `log_extra`/`log_metric`. The result is the weighted sum over functions; a `None`
+    from a function counts as 0 for that function (as GRPO's `nansum`), and a completion where every function returned
+    `None` scores NaN. Async reward functions are run to completion.
     """
-    import asyncio
-    import inspect
-
     funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
     if not funcs:
         raise ValueError("At least one reward function is needed to evaluate.")
-    weights = [1.0] * len(funcs) if reward_weights is None else [float(w) for w in reward_weights]
-    if len(weights) != len(funcs):
-        raise ValueError(f"{len(weights)} reward weights for {len(funcs)} reward functions.")
-    n = len(completions)
-    totals = [0.0] * n
-    seen = [False] * n
-    for func, weight in zip(funcs, weights):
-        kwargs = {key: value for key, value in columns.items() if key not in _RESERVED_COLUMNS}
-        out = func(
-            prompts=prompts,
-            completions=completions,
-            completion_ids=completion_ids,
-            trainer_state=None,
-            log_extra=_noop,
-            log_metric=_noop,
-            **kwargs,
-        )
-        if inspect.isawaitable(out):
-
-            async def _wait(awaitable=out):
-                return await awaitable
-
-            out = asyncio.run(_wait())
-        out = list(out)
-        if len(out) != n:
-            raise ValueError(f"Reward function {_reward_name(func)} returned {len(out)} values for {n} completions.")
-        for i, value in enumerate(out):
-            if value is None or (isinstance(value, float) and math.isnan(value)):
-                continue
-            totals[i] += weight * float(value)
-            seen[i] = True
-    return [t if s else float("nan") for t, s in zip(totals, seen)]
+    kwargs = {key: value for key, value in columns.items() if key not in _RESERVED_COLUMNS}
+    values = combine_rewards(funcs, reward_weights)(
+        prompts=prompts,
+        completions=completions,
+        completion_ids=completion_ids,
+        trainer_state=None,
+        log_extra=_noop,
+        log_metric=_noop,
+        **kwargs,
+    )
+    return [float("nan") if value is None else value for value in values]
 
 
 def _prompt_texts(tokenizer, prompts: list, chat_template_kwargs: dict | None = None) -> list[str]:
@@ -196,7 +157,7 @@ def _hf_generate(
     do_sample: bool,
     pad_to_multiple_of: int | None,
 ) -> list[list[list[int]]]:
-    """Completion ids, ``[prompt][sample][token]``."""
+    """Completion ids, `[prompt][sample][token]`."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = _eos_ids(model, tokenizer)
     device = next(model.parameters()).device
@@ -222,8 +183,15 @@ def _hf_generate(
 
 
 def _vllm_generate(
-    llm, prompt_texts: list[str], num_samples: int, max_new_tokens: int, temperature: float, top_p: float,
-    top_k: int | None, do_sample: bool, seed: int,
+    llm,
+    prompt_texts: list[str],
+    num_samples: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    top_k: int | None,
+    do_sample: bool,
+    seed: int,
 ) -> list[list[list[int]]]:  # pragma: no cover - needs vLLM and a GPU
     from vllm import SamplingParams
 
@@ -273,44 +241,40 @@ def evaluate_avg_at_k(
     progress_bar: bool = True,
     description: str | None = None,
 ) -> dict[str, Any]:
-    """Samples ``k`` completions per problem and reports Avg@k, pass@k and per-problem accuracies.
+    """Samples `k` completions per problem and reports Avg@k, pass@k and per-problem accuracies.
 
     Args:
-        model: A causal LM (``transformers`` model, PEFT model, or an accelerate-wrapped one: it is only called through
-            ``generate``). Ignored when ``use_vllm`` (then ``llm`` or a model path is needed).
-        tokenizer: Its tokenizer; left padding is used for generation whatever its ``padding_side``.
-        dataset: A ``datasets.Dataset`` or a list of row dicts with a ``prompt`` column (string or list of messages)
-            and the columns the reward functions read (e.g. ``answer``, ``golden_answer``).
-        reward_funcs: One or more reward functions with GRPO's signature (see :mod:`pbsd_trl.rewards`).
+        model: A causal LM (`transformers` model, PEFT model, or an accelerate-wrapped one: it is only called through
+            `generate`). Ignored when `use_vllm` (then `llm` or a model path is needed).
+        tokenizer: Its tokenizer; left padding is used for generation whatever its `padding_side`.
+        dataset: A `datasets.Dataset` or a list of row dicts with a `prompt` column (string or list of messages)
+            and the columns the reward functions read (e.g. `answer`, `golden_answer`).
+        reward_funcs: One or more reward functions with GRPO's signature (see `pbsd_trl.rewards`).
         k: Samples per problem.
-        reward_weights: Weights of the reward functions (default 1 each), as GRPO's ``reward_weights``.
-        batch_size: Problems per ``generate`` call (``batch_size × k`` sequences).
+        reward_weights: Weights of the reward functions (default 1 each), as GRPO's `reward_weights`.
+        batch_size: Problems per `generate` call (`batch_size × k` sequences).
         max_new_tokens: Completion length limit.
-        temperature, top_p, top_k: Sampling parameters (``top_k=None``: no top-k filtering).
-        greedy: Also report ``greedy_accuracy`` (one greedy completion per problem).
-        with_privileged_context: Prompt the model as PBSD's teacher: ``teacher_prompt_template`` applied to the
-            prompt and the ``privileged_context_column`` (for conversational prompts, to the last user turn).
-        teacher_prompt_template: Needed with ``with_privileged_context``; default :class:`PBSDConfig`'s.
+        temperature, top_p, top_k: Sampling parameters (`top_k=None`: no top-k filtering).
+        greedy: Also report `greedy_accuracy` (one greedy completion per problem).
+        with_privileged_context: Prompt the model as PBSD's teacher: `teacher_prompt_template` applied to the
+            prompt and the `privileged_context_column` (for conversational prompts, to the last user turn).
+        teacher_prompt_template: Needed with `with_privileged_context`; default [`PBSDConfig`]'s.
         privileged_context_column: Column of the privileged context.
         prompt_column: Column of the prompts.
-        num_problems: Evaluate only the first ``num_problems`` rows.
+        num_problems: Evaluate only the first `num_problems` rows.
         seed: Seed of the sampling (the global RNG state is restored afterwards).
         pad_to_multiple_of: Pad prompt batches to a multiple of this (stable shapes are faster on CPU).
-        use_vllm: Sample with ``vllm.LLM`` (``llm``, or built from ``model`` when it is a path string).
-        llm: An existing ``vllm.LLM``.
+        use_vllm: Sample with `vllm.LLM` (`llm`, or built from `model` when it is a path string).
+        llm: An existing `vllm.LLM`.
         progress_bar: Show a tqdm progress bar.
-        description: Label of the progress bar and of the report (``"student"``/``"teacher"`` by default).
+        description: Label of the progress bar and of the report (`"student"`/`"teacher"` by default).
 
     Returns:
-        A JSON-serializable dict: ``avg_at_k``, ``pass_at_k``, ``greedy_accuracy`` (or ``None``), ``per_problem``
-        (mean reward of each problem's samples), ``n_problems``, ``k``, ``seconds``, ``prompt`` (``"student"`` or
-        ``"teacher"``), ``mean_completion_tokens``, ``n_unscored`` (samples every reward function declined) and the
+        A JSON-serializable dict: `avg_at_k`, `pass_at_k`, `greedy_accuracy` (or `None`), `per_problem`
+        (mean reward of each problem's samples), `n_problems`, `k`, `seconds`, `prompt` (`"student"` or
+        `"teacher"`), `mean_completion_tokens`, `n_unscored` (samples every reward function declined) and the
         sampling settings.
     """
-    from tqdm.auto import tqdm
-
-    from .teacher import check_privileged_context, compose_teacher_prompt
-
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     rows = [dict(row) for row in dataset] if not isinstance(dataset, list) else [dict(row) for row in dataset]
@@ -323,8 +287,6 @@ def evaluate_avg_at_k(
     student_prompts = [row[prompt_column] for row in rows]
     if with_privileged_context:
         if teacher_prompt_template is None:
-            from .config import DEFAULT_TEACHER_PROMPT_TEMPLATE
-
             teacher_prompt_template = DEFAULT_TEACHER_PROMPT_TEMPLATE
         if privileged_context_column not in rows[0]:
             raise KeyError(
@@ -333,10 +295,11 @@ def evaluate_avg_at_k(
             )
         gen_prompts = [
             compose_teacher_prompt(
-                p, check_privileged_context(row.get(privileged_context_column), privileged_context_column, i, True),
+                p,
+                check_privileged_context(row.get(privileged_context_column), privileged_context_column, i, True),
                 teacher_prompt_template,
             )
-            for i, (p, row) in enumerate(zip(student_prompts, rows))
+            for i, (p, row) in enumerate(zip(student_prompts, rows, strict=True))
         ]
     else:
         gen_prompts = student_prompts
@@ -348,8 +311,6 @@ def evaluate_avg_at_k(
             raise ValueError("use_vllm=True needs `llm` (a vllm.LLM) or `model` as a path/hub id.")
         llm = _load_vllm(model)
     if not use_vllm and isinstance(model, str):
-        from transformers import AutoModelForCausalLM
-
         model = AutoModelForCausalLM.from_pretrained(model)
 
     prompt_ids = _encode_prompts(tokenizer, gen_prompts)
@@ -369,15 +330,30 @@ def evaluate_avg_at_k(
                 idx = order[lo : lo + batch_size]
                 if use_vllm:
                     batch = _vllm_generate(
-                        llm, [prompt_texts[i] for i in idx], num_samples, max_new_tokens, temperature, top_p, top_k,
-                        do_sample, seed + lo,
+                        llm,
+                        [prompt_texts[i] for i in idx],
+                        num_samples,
+                        max_new_tokens,
+                        temperature,
+                        top_p,
+                        top_k,
+                        do_sample,
+                        seed + lo,
                     )
                 else:
                     batch = _hf_generate(
-                        model, tokenizer, [prompt_ids[i] for i in idx], num_samples, max_new_tokens, temperature,
-                        top_p, top_k, do_sample, pad_to_multiple_of,
+                        model,
+                        tokenizer,
+                        [prompt_ids[i] for i in idx],
+                        num_samples,
+                        max_new_tokens,
+                        temperature,
+                        top_p,
+                        top_k,
+                        do_sample,
+                        pad_to_multiple_of,
                     )
-                for i, samples in zip(idx, batch):
+                for i, samples in zip(idx, batch, strict=True):
                     completions[i] = samples
                 bar.update(len(idx))
         return completions
@@ -385,9 +361,12 @@ def evaluate_avg_at_k(
     def score(completion_ids: list[list[list[int]]]) -> list[list[float]]:
         num = len(completion_ids[0])
         texts = [tokenizer.decode(ids, skip_special_tokens=True) for per in completion_ids for ids in per]
-        prompts = [p for p in student_prompts for _ in range(num)]  # rewards judge the answer to the student's question
+        prompts = [
+            p for p in student_prompts for _ in range(num)
+        ]  # rewards judge the answer to the student's question
         completions = [
-            [{"role": "assistant", "content": t}] if _is_conversational(p) else t for p, t in zip(prompts, texts)
+            [{"role": "assistant", "content": t}] if _is_conversational(p) else t
+            for p, t in zip(prompts, texts, strict=True)
         ]
         columns: dict[str, list] = {}
         for key in rows[0]:
@@ -399,12 +378,14 @@ def evaluate_avg_at_k(
         return [values[i * num : (i + 1) * num] for i in range(len(rows))]
 
     rng_devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=rng_devices):
-        torch.manual_seed(seed)
-        sampled = run(k, True, f"{description} avg@{k}")
-        greedy_ids = run(1, False, f"{description} greedy") if greedy else None
-    if was_training:
-        model.train()
+    try:
+        with torch.random.fork_rng(devices=rng_devices):
+            torch.manual_seed(seed)
+            sampled = run(k, True, f"{description} avg@{k}")
+            greedy_ids = run(1, False, f"{description} greedy") if greedy else None
+    finally:  # also when interrupted: a model evaluated in the middle of training goes back to training mode
+        if was_training:
+            model.train()
 
     rewards = score(sampled)
     n_unscored = sum(1 for per in rewards for v in per if math.isnan(v))
@@ -434,118 +415,40 @@ def evaluate_avg_at_k(
         "top_p": top_p,
         "max_new_tokens": max_new_tokens,
         "per_problem": per_problem,
-        "sample_completions": [tokenizer.decode(sampled[i][0], skip_special_tokens=True) for i in range(min(3, len(rows)))],
+        "sample_completions": [
+            tokenizer.decode(sampled[i][0], skip_special_tokens=True) for i in range(min(3, len(rows)))
+        ],
     }
 
 
-def evaluate_student_and_teacher(model, tokenizer, dataset, reward_funcs, k: int = 8, teacher_prompt_template=None, **kwargs):
-    """Runs :func:`evaluate_avg_at_k` twice: with the student prompt and with the teacher prompt. Returns
-    ``{"student": report, "teacher": report}``."""
-    return {
-        "student": evaluate_avg_at_k(model, tokenizer, dataset, reward_funcs, k, **kwargs),
-        "teacher": evaluate_avg_at_k(
-            model, tokenizer, dataset, reward_funcs, k, with_privileged_context=True,
-            teacher_prompt_template=teacher_prompt_template, **kwargs,
-        ),
+def evaluate_student_and_teacher(
+    model, tokenizer, dataset, reward_funcs, k: int = 8, teacher: bool = True, description: str = "", **kwargs
+) -> dict[str, dict[str, Any]]:
+    """
+    [`evaluate_avg_at_k`] with the student prompt and, if `teacher`, with the teacher prompt (privileged context).
+
+    Args:
+        description: Prefix of the progress bars' labels (e.g. `"before training"`).
+        **kwargs: Passed to both calls (e.g. `teacher_prompt_template`, `batch_size`, `max_new_tokens`).
+
+    Returns:
+        `{"student": report}`, plus `"teacher": report` when `teacher`.
+    """
+    prefix = f"{description} " if description else ""
+    reports = {
+        "student": evaluate_avg_at_k(
+            model, tokenizer, dataset, reward_funcs, k, description=f"{prefix}student", **kwargs
+        )
     }
-
-
-# ----------------------------------------------------------------------------------------------------
-# CLI
-# ----------------------------------------------------------------------------------------------------
-
-
-def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m pbsd_trl.evaluate",
-        description="Avg@k / pass@k evaluation of a causal LM with a GRPO-style reward function.",
-    )
-    parser.add_argument("--model_name_or_path", required=True, help="Local directory or hub id of a causal LM.")
-    parser.add_argument(
-        "--dataset_name",
-        default=None,
-        help="builtin:math, builtin:tool_use (held-out split), a local json/jsonl/parquet/csv file, or a hub id. "
-        "Default: builtin:<reward>.",
-    )
-    parser.add_argument("--dataset_config", default=None)
-    parser.add_argument("--dataset_split", default="test", help="Split of a hub dataset (default: test).")
-    parser.add_argument("--prompt_column", default="prompt")
-    parser.add_argument("--solution_column", default="privileged_context", help="Column with the privileged context.")
-    parser.add_argument("--answer_column", default=None, help="Column with the reference answer (math reward).")
-    parser.add_argument("--reward", choices=["math", "tool_use"], default="math")
-    parser.add_argument("--k", type=int, default=8)
-    parser.add_argument("--num_problems", type=int, default=None)
-    parser.add_argument("--batch_size", type=int, default=32, help="Problems per generate call.")
-    parser.add_argument("--max_new_tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top_p", type=float, default=1.0)
-    parser.add_argument("--greedy", action="store_true", help="Also report greedy accuracy.")
-    parser.add_argument("--with_privileged_context", action="store_true", help="Evaluate the teacher prompt.")
-    parser.add_argument(
-        "--teacher_prompt_template", default=None, help="Default: the built-in task's template, else PBSDConfig's."
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--use_vllm", action="store_true", help="Sample with vllm.LLM (needs vLLM; untested on CPU).")
-    parser.add_argument("--output", default=None, help="Write the JSON report here.")
-    parser.add_argument("--no_progress_bar", action="store_true")
-    parser.add_argument("--num_threads", type=int, default=None, help="torch.set_num_threads (1 is best on a busy CPU).")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    from .recipes import TASKS, load_prompt_dataset, load_model_and_tokenizer
-
-    args = _build_parser().parse_args(argv)
-    if args.num_threads is not None:
-        torch.set_num_threads(args.num_threads)
-    task = TASKS[args.reward]
-    dataset_name = args.dataset_name or f"builtin:{args.reward}"
-    dataset = load_prompt_dataset(
-        dataset_name,
-        split=args.dataset_split,
-        builtin_split="eval",
-        config=args.dataset_config,
-        prompt_column=args.prompt_column,
-        solution_column=args.solution_column,
-        answer_column=args.answer_column,
-        task=task,
-        num_rows=args.num_problems,
-    )
-    template = args.teacher_prompt_template
-    if template is None:
-        template = task.teacher_prompt_template if dataset_name.startswith("builtin:") else None
-    if args.use_vllm:
-        from transformers import AutoTokenizer
-
-        model, tokenizer = args.model_name_or_path, AutoTokenizer.from_pretrained(args.model_name_or_path)
-    else:
-        model, tokenizer = load_model_and_tokenizer(args.model_name_or_path)
-    report = evaluate_avg_at_k(
-        model,
-        tokenizer,
-        dataset,
-        task.reward_funcs(),
-        args.k,
-        batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        greedy=args.greedy,
-        with_privileged_context=args.with_privileged_context,
-        teacher_prompt_template=template,
-        seed=args.seed,
-        use_vllm=args.use_vllm,
-        progress_bar=not args.no_progress_bar,
-    )
-    report.update(model=args.model_name_or_path, dataset=dataset_name, reward=args.reward)
-    summary = {key: report[key] for key in ("prompt", "k", "n_problems", "avg_at_k", "pass_at_k", "greedy_accuracy", "seconds")}
-    print(json.dumps(summary, indent=2))
-    if args.output:
-        with open(args.output, "w") as f:
-            json.dump(report, f, indent=2)
-        print(f"Report written to {args.output}")
-    return report
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])
+    if teacher:
+        reports["teacher"] = evaluate_avg_at_k(
+            model,
+            tokenizer,
+            dataset,
+            reward_funcs,
+            k,
+            with_privileged_context=True,
+            description=f"{prefix}teacher",
+            **kwargs,
+        )
+    return reports

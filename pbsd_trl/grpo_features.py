@@ -44,11 +44,17 @@ class GRPOLossFeatures:
         width = completion_ids.size(1)
         if width == 0:
             return completion_ids.new_zeros(completion_ids.shape, dtype=torch.float32), None, None
-        input_ids, attention_mask, labels = concat_prompt_completion(prompt_ids, prompt_mask, completion_ids, completion_mask)
+        input_ids, attention_mask, labels = concat_prompt_completion(
+            prompt_ids, prompt_mask, completion_ids, completion_mask
+        )
         if self._entropy_needed() or not self.args.use_fused_logprob_kernel:
             logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
-                model, input_ids, attention_mask, width,
-                compute_entropy=self._entropy_needed(), compute_aux_loss=self.aux_loss_enabled,
+                model,
+                input_ids,
+                attention_mask,
+                width,
+                compute_entropy=self._entropy_needed(),
+                compute_aux_loss=self.aux_loss_enabled,
             )
             return logps.float() * completion_mask, entropies, aux_loss
         extra = {"output_router_logits": True} if self.aux_loss_enabled else {}
@@ -105,7 +111,9 @@ class GRPOLossFeatures:
     def _update_adaptive_entropy(self, entropies, mask):
         """GRPO's Skywork-OR1 controller: window-global entropy at each optimizer step moves `entropy_coef`."""
         stats = torch.stack([(entropies * mask).sum(), mask.sum()]).detach()
-        self._entropy_window_stats = stats if self._entropy_window_stats is None else self._entropy_window_stats + stats
+        self._entropy_window_stats = (
+            stats if self._entropy_window_stats is None else self._entropy_window_stats + stats
+        )
         if not self.accelerator.sync_gradients:
             return
         window = self.accelerator.reduce(self._entropy_window_stats, reduction="sum")

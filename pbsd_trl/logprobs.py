@@ -5,6 +5,9 @@ through the DDP/DeepSpeed wrapper (its hooks stay armed), but routes the LM head
 kernel: `model(input_ids, attention_mask=…, labels=…, pbsd_logprobs=True)` returns per-token log-probs `(B, S-1)`
 with 0 where the label is -100, without materializing `[tokens, vocab]` logits. Without the flag the forward is
 untouched, so generation and TRL's own `fused_lm_head=True` path keep working.
+
+`reset_forward_patches` undoes both patches on a model handed to a second trainer (a notebook cell run twice), so that
+each trainer patches the model's own forward instead of wrapping the previous trainer's heads.
 """
 
 import functools
@@ -42,6 +45,27 @@ def router_aux_loss(router_logits, text_config, attention_mask=None) -> torch.Te
     return load_balancing_loss_func(router_logits, num_experts, text_config.num_experts_per_tok, attention_mask)
 
 
+_UNPATCHED_FORWARD = "_pbsd_unpatched_forward"
+_CLASS_FORWARD = "class"  # marker: the model had no instance-level forward, i.e. it used its class's
+
+
+def reset_forward_patches(model) -> None:
+    """Call before a trainer patches `model`: remember its unpatched forward, or restore it if a trainer patched it.
+
+    TRL's `add_fused_lm_head` and `add_pbsd_logprob_head` each wrap whatever `model.forward` is, so a second trainer
+    built on the same model object would stack its heads on top of the first one's. The unpatched forward is kept on
+    the model itself (not in a module-level registry) so that nothing outlives the model. A model belongs to the last
+    trainer built on it: an earlier trainer still holding it scores through the new trainer's heads.
+    """
+    original = model.__dict__.get(_UNPATCHED_FORWARD)
+    if original is None:
+        model.__dict__[_UNPATCHED_FORWARD] = model.__dict__.get("forward", _CLASS_FORWARD)
+    elif original is _CLASS_FORWARD:
+        model.__dict__.pop("forward", None)
+    else:
+        model.__dict__["forward"] = original
+
+
 def add_pbsd_logprob_head(model, temperature: float = 1.0) -> None:
     """Patch `model.forward` to accept `pbsd_logprobs=True` (see the module docstring).
 
@@ -66,8 +90,13 @@ def add_pbsd_logprob_head(model, temperature: float = 1.0) -> None:
         labels = labels[:, 1:].to(head.weight.device)
         with maybe_gather_lm_head_ctx(head.weight, head.bias):
             logps = fused_logprobs(
-                hidden_states.to(head.weight.device), head.weight, labels, temperature=temperature, bias=head.bias,
-                softcap=softcap, logit_scale=logit_scale,
+                hidden_states.to(head.weight.device),
+                head.weight,
+                labels,
+                temperature=temperature,
+                bias=head.bias,
+                softcap=softcap,
+                logit_scale=logit_scale,
             )
         if kwargs.get("output_router_logits"):
             return logps, router_aux_loss(backbone_outputs.router_logits, text_config, kwargs.get("attention_mask"))
@@ -96,7 +125,12 @@ def pad_token_lists(
     """Pad token lists (possibly empty) on `side` (`"left"` for prompts, `"right"` for completions): ids and mask."""
     tensors = [torch.tensor(ids, dtype=torch.long) for ids in sequences]
     ids = pad(tensors, padding_value=pad_token_id, padding_side=side, pad_to_multiple_of=pad_to_multiple_of)
-    mask = pad([torch.ones_like(t) for t in tensors], padding_value=0, padding_side=side, pad_to_multiple_of=pad_to_multiple_of)
+    mask = pad(
+        [torch.ones_like(t) for t in tensors],
+        padding_value=0,
+        padding_side=side,
+        pad_to_multiple_of=pad_to_multiple_of,
+    )
     return ids.to(device), mask.to(device)
 
 

@@ -15,6 +15,7 @@ produces them from the model.
 import torch
 import torch.nn.functional as F
 
+
 ROLE_LABEL = 1.0  # the teacher sample is preferred
 FLIPPED_LABEL = -1.0  # the student sample is preferred
 DROPPED_LABEL = 0.0  # the pair does not enter the loss
@@ -85,8 +86,9 @@ def pbsd_loss(
     labels: torch.Tensor,
     beta: float,
     label_smoothing: float = 0.0,
+    reduction: str = "mean",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean PBSD loss over the pairs that are not dropped, and the margin of every pair.
+    """Mean (or sum) PBSD loss over the pairs that are not dropped, and the margin of every pair.
 
     Args:
         teacher_log_ratios: `(N_T,)` log-ratios `log π_θ(y|x) − log π_T(y|x,c)` of the teacher samples.
@@ -96,15 +98,21 @@ def pbsd_loss(
         labels: `(P,)` from [`preference_labels`]: `+1`, `-1` or `0` (dropped).
         beta: the preference temperature β.
         label_smoothing: ε.
+        reduction: `"mean"` over the kept pairs, or `"sum"` (the trainer divides by the pair count of the whole
+            generation batch, which spans micro-batches and processes).
 
     Returns:
-        `(loss, margins)`: the scalar mean loss over kept pairs (a differentiable `0` when none is kept) and the `(P,)`
+        `(loss, margins)`: the scalar loss over kept pairs (a differentiable `0` when none is kept) and the `(P,)`
         margins, whose sign says whether each pair is ordered as labelled.
     """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"Unknown reduction {reduction!r}; expected 'mean' or 'sum'.")
     margins = pair_margins(teacher_log_ratios[pairs[:, 0]], student_log_ratios[pairs[:, 1]], labels, beta)
     kept = (labels != DROPPED_LABEL).to(margins.dtype)
-    losses = logistic_preference_loss(margins, label_smoothing) * kept
-    return losses.sum() / kept.sum().clamp(min=1.0), margins
+    loss = (logistic_preference_loss(margins, label_smoothing) * kept).sum()
+    if reduction == "mean":
+        loss = loss / kept.sum().clamp(min=1.0)
+    return loss, margins
 
 
 def matched_pairs(num_rows: int, device: torch.device | None = None) -> torch.Tensor:
@@ -113,7 +121,26 @@ def matched_pairs(num_rows: int, device: torch.device | None = None) -> torch.Te
     return torch.stack([index, index], dim=1)
 
 
-def all_pairs(teacher_groups: torch.Tensor, student_groups: torch.Tensor) -> torch.Tensor:
-    """Every `(teacher index, student index)` whose samples answer the same prompt (same group id)."""
+def all_pairs(
+    teacher_groups: torch.Tensor, student_groups: torch.Tensor, has_teacher: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Every `(teacher index, student index)` whose samples answer the same prompt (same group id).
+
+    `has_teacher` (bool, like `teacher_groups`) leaves out the teacher rows that carry no sample (with
+    `num_teacher_generations` below the group size, only the first rows of each group have one).
+    """
     same = teacher_groups.unsqueeze(1) == student_groups.unsqueeze(0)
+    if has_teacher is not None:
+        same = same & has_teacher.unsqueeze(1)
     return same.nonzero()
+
+
+def pair_labels_of(
+    pairs: torch.Tensor,
+    teacher_rewards: torch.Tensor,
+    student_rewards: torch.Tensor,
+    pair_labels: str = "role",
+    tie_policy: str = "role",
+) -> torch.Tensor:
+    """[`preference_labels`] of each row of `pairs`, from per-sample rewards (NaN where a sample is unscored)."""
+    return preference_labels(teacher_rewards[pairs[:, 0]], student_rewards[pairs[:, 1]], pair_labels, tie_policy)

@@ -7,8 +7,9 @@ budget is set and exceeded, only the privileged context gives way.
 
 import copy
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +43,62 @@ def compose_teacher_prompt(prompt: str | list[dict], privileged_context: str, te
     return teacher_prompt + [last]
 
 
-def check_privileged_context(value: Any, column: str, row: int, allow_empty: bool) -> str:
+# Bytes allowed for the first token of a context when judging, without tokenizing, that a cut context keeps one
+_FIRST_TOKEN_SLACK = 32
+
+ROW_INDEX_COLUMN = "pbsd_row_index"
+"""Column the trainer adds to iterable (streaming) datasets: each row's position in the stream, so that an error found
+when the row arrives names the dataset row, not its position in the generation batch."""
+
+
+def row_label(row: Any, position: int) -> int | str:
+    """How errors name a row: its dataset index when known (construction checks, streaming data), else its position."""
+    index = row.get(ROW_INDEX_COLUMN) if isinstance(row, Mapping) else None
+    return int(index) if index is not None else f"{position} of the generation batch"
+
+
+def check_prompt(prompt: Any, row: int | str) -> None:
+    """Raise an error naming the row when `prompt` cannot be generated from or given a privileged context.
+
+    GRPO accepts a non-empty plain-text prompt or a list of chat messages; PBSD also needs the last turn of a
+    conversational prompt to be the user's (its text receives the context).
+    """
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise ValueError(
+                f"Row {row} has an empty prompt (column 'prompt' is {prompt!r}): there is nothing to generate from. "
+                "Fill it or drop the row."
+            )
+        return
+    if not isinstance(prompt, list) or not prompt:
+        raise (ValueError if isinstance(prompt, list) else TypeError)(
+            f"Row {row}: column 'prompt' must hold a non-empty string or a non-empty list of chat messages, got "
+            f"{type(prompt).__name__}: {prompt!r:.80}."
+        )
+    for turn, message in enumerate(prompt):
+        if not isinstance(message, Mapping) or not isinstance(message.get("role"), str) or "content" not in message:
+            raise TypeError(
+                f"Row {row}: message {turn} of column 'prompt' must be a dict with a 'role' and a 'content', got "
+                f"{message!r:.80}."
+            )
+        content = message["content"]
+        if not isinstance(content, (str, list)) or (
+            isinstance(content, list) and not all(isinstance(part, Mapping) and "type" in part for part in content)
+        ):
+            raise TypeError(
+                f"Row {row}: message {turn} of column 'prompt' has content {content!r:.80}; expected a string or a "
+                "list of content parts (dicts with a 'type')."
+            )
+    last = prompt[-1]
+    if last["role"] != "user":
+        raise ValueError(
+            f"Row {row}: a conversational prompt must end with a user turn to receive the privileged context; its "
+            f"last turn (message {len(prompt) - 1} of column 'prompt') is the {last['role']!r}'s. Drop the trailing "
+            "turn or the row."
+        )
+
+
+def check_privileged_context(value: Any, column: str, row: int | str, allow_empty: bool) -> str:
     """Return the row's privileged context as a string, or raise an error that names the column and the row."""
     if value is None or (isinstance(value, str) and not value.strip()):
         if allow_empty:
@@ -60,7 +116,7 @@ def check_privileged_context(value: Any, column: str, row: int, allow_empty: boo
 
 
 class TeacherPromptBuilder:
-    """Builds the teacher prompts of a batch of dataset rows.
+    """Builds the teacher prompts of a batch of dataset rows, and refuses rows that cannot make one.
 
     Args:
         template: the teacher prompt template.
@@ -68,8 +124,10 @@ class TeacherPromptBuilder:
         allow_empty: accept `None`/empty contexts (else an error names the row).
         max_length: token budget of a teacher prompt, or `None`.
         count_tokens: maps a list of prompts to their token counts as the trainer tokenizes them (chat template
-            included). Needed only with `max_length`.
+            included). Needed with `max_length` or `position_limit`.
         encode / decode: the tokenizer's text ↔ ids, used to cut the context on token boundaries.
+        position_limit: `(tokens, what)`: the most tokens a teacher prompt may take (the model's positions, or vLLM's
+            `max_model_len`, less the completion length) and how to name that limit in an error; `None` for no check.
     """
 
     def __init__(
@@ -81,9 +139,12 @@ class TeacherPromptBuilder:
         count_tokens: Callable[[list], list[int]] | None = None,
         encode: Callable[[str], list[int]] | None = None,
         decode: Callable[[list[int]], str] | None = None,
+        position_limit: tuple[int, str] | None = None,
     ):
         if max_length is not None and (count_tokens is None or encode is None or decode is None):
             raise ValueError("A teacher prompt budget needs `count_tokens`, `encode` and `decode`.")
+        if position_limit is not None and count_tokens is None:
+            raise ValueError("A position limit needs `count_tokens`.")
         self.template = template
         self.column = column
         self.allow_empty = allow_empty
@@ -91,45 +152,138 @@ class TeacherPromptBuilder:
         self.count_tokens = count_tokens
         self.encode = encode
         self.decode = decode
+        self.position_limit = position_limit
         self._warned_truncation = False
 
-    def contexts(self, rows: Sequence[dict]) -> list[str]:
-        """The privileged contexts of `rows`, checked."""
-        if rows and self.column not in rows[0]:
-            raise KeyError(
-                f"The dataset has no privileged-context column '{self.column}' (columns: {sorted(rows[0])}). Add it, "
-                "or point `privileged_context_column` at the column holding the context."
-            )
-        return [
-            check_privileged_context(row.get(self.column), self.column, i, self.allow_empty)
-            for i, row in enumerate(rows)
-        ]
+    @staticmethod
+    def prompts(rows: Sequence[dict], labels: Sequence | None = None) -> list:
+        """The `prompt` of every row, or a `KeyError` naming the first row without one."""
+        labels = labels or [row_label(row, i) for i, row in enumerate(rows)]
+        for row, label in zip(rows, labels, strict=True):
+            if "prompt" not in row:
+                raise KeyError(f"Row {label} has no 'prompt' (its keys: {sorted(row)}).")
+        return [row["prompt"] for row in rows]
 
-    def __call__(self, prompts: Sequence, rows: Sequence[dict]) -> tuple[list, list[bool]]:
-        """Teacher prompts for `prompts` (one per row) and, per row, whether its context had to be cut."""
-        contexts = self.contexts(rows)
+    def contexts(self, rows: Sequence[dict], labels: Sequence | None = None) -> list[str]:
+        """The privileged contexts of `rows`, checked; errors name the row (dataset index when known) and column."""
+        labels = labels or [row_label(row, i) for i, row in enumerate(rows)]
+        contexts = []
+        for row, label in zip(rows, labels, strict=True):
+            if self.column not in row:
+                raise KeyError(
+                    f"Row {label} has no privileged-context column '{self.column}' (its keys: {sorted(row)}). Add "
+                    "it, or point `privileged_context_column` at the column holding the context."
+                )
+            contexts.append(check_privileged_context(row[self.column], self.column, label, self.allow_empty))
+        return contexts
+
+    def __call__(
+        self, prompts: Sequence, rows: Sequence[dict], indices: Sequence[int] | None = None, fit: bool = True
+    ) -> tuple[list, list[bool]]:
+        """Teacher prompts for `prompts` (one per row) and, per row, whether its context had to be cut.
+
+        `indices` are the rows' dataset indices (default: the index column of streaming rows, else the position).
+        With `fit=False` (construction checks) over-long rows are only checked to be fittable, not cut.
+        """
+        if not rows:
+            return [], []
+        labels = list(indices) if indices is not None else [row_label(row, i) for i, row in enumerate(rows)]
+        for prompt, label in zip(prompts, labels, strict=True):
+            check_prompt(prompt, label)
+        contexts = self.contexts(rows, labels)
         teacher_prompts = [compose_teacher_prompt(p, c, self.template) for p, c in zip(prompts, contexts, strict=True)]
         truncated = [False] * len(teacher_prompts)
-        if self.max_length is None:
+        if self.max_length is None and self.position_limit is None:
             return teacher_prompts, truncated
         lengths = self.count_tokens(teacher_prompts)
-        for i, length in enumerate(lengths):
-            if length > self.max_length:
-                teacher_prompts[i] = self._fit(prompts[i], contexts[i])
+        if self.max_length is not None:
+            over = [i for i, length in enumerate(lengths) if length > self.max_length]
+            self._check_fittable([prompts[i] for i in over], [contexts[i] for i in over], [labels[i] for i in over])
+            for i in over:
                 truncated[i] = True
-        if any(truncated) and not self._warned_truncation:
-            logger.warning(
-                "Some teacher prompts exceed max_teacher_prompt_length=%d tokens: their privileged context was cut to "
-                "fit (the student prompt is never cut). The fraction is logged as pbsd/context_truncated_frac.",
-                self.max_length,
-            )
-            self._warned_truncation = True
+                lengths[i] = self.max_length  # at most, once cut
+                if fit:
+                    teacher_prompts[i] = self._fit(prompts[i], contexts[i])
+            if any(truncated) and fit and not self._warned_truncation:
+                logger.warning(
+                    "Some teacher prompts exceed max_teacher_prompt_length=%d tokens: their privileged context was cut "
+                    "to fit (the student prompt is never cut). The fraction is logged as pbsd/context_truncated_frac.",
+                    self.max_length,
+                )
+                self._warned_truncation = True
+        if self.position_limit is not None:
+            limit, what = self.position_limit
+            for length, label in zip(lengths, labels, strict=True):
+                if length > limit:
+                    raise ValueError(
+                        f"Row {label}: its teacher prompt is {length} tokens, more than the {limit} that fit in {what}. "
+                        f"Set `max_teacher_prompt_length` (at most {limit}) to cut the privileged context to fit, or "
+                        "shorten the row's prompt and context."
+                    )
         return teacher_prompts, truncated
+
+    def surely_fit(self, prompts: Sequence, contexts: Sequence[str]) -> list[bool]:
+        """Per row, whether its teacher prompt certainly fits every limit, judged without tokenizing the row.
+
+        Upper bound: the tokens of the same prompt with every text emptied (chat template and teacher template, exact,
+        once per message layout) plus one token per UTF-8 byte of the texts; no tokenizer in use makes more tokens
+        than bytes of ordinary text. Rows it cannot clear are tokenized; the per-batch check still covers every row.
+        """
+        limits = [limit for limit in (self.max_length, self.position_limit and self.position_limit[0]) if limit]
+        if not limits or self.count_tokens is None:
+            return [False] * len(prompts)
+        limit, overheads, result = min(limits), {}, []
+        for prompt, context in zip(prompts, contexts, strict=True):
+            if isinstance(prompt, str):
+                layout, texts, empty = "plain", [prompt], ""
+            elif all(isinstance(m.get("content"), str) for m in prompt):
+                layout = tuple(m["role"] for m in prompt)
+                texts = [m["content"] for m in prompt]
+                empty = [{"role": m["role"], "content": ""} for m in prompt]
+            else:
+                result.append(False)
+                continue
+            if layout not in overheads:
+                overheads[layout] = self.count_tokens([compose_teacher_prompt(empty, "", self.template)])[0]
+            prompt_size = overheads[layout] + sum(len(t.encode()) for t in texts)
+            fits = prompt_size + len(context.encode()) <= limit
+            # over the budget but surely cut to fit with some context left (32 bytes of slack for its first token);
+            # the budget itself fits the positions (checked at construction)
+            cuttable = self.max_length is not None and prompt_size + _FIRST_TOKEN_SLACK <= self.max_length
+            result.append(fits or cuttable)
+        return result
+
+    def _check_fittable(self, prompts: list, contexts: list[str], labels: list) -> None:
+        """Over-budget rows must fit with their context cut, and keep at least one token of it (unless allowed empty)."""
+        if not prompts:
+            return
+        bare = self.count_tokens([compose_teacher_prompt(p, "", self.template) for p in prompts])
+        for length, label in zip(bare, labels, strict=True):
+            if length > self.max_length:
+                raise ValueError(
+                    f"Row {label}: its teacher prompt takes {length} tokens even with an empty privileged context, "
+                    f"more than max_teacher_prompt_length={self.max_length}; only the context may be cut, never the "
+                    "student prompt. Raise `max_teacher_prompt_length` or shorten or drop the row."
+                )
+        if self.allow_empty:
+            return
+        first = [self.decode(self.encode(c)[:1]) for c in contexts]
+        one = self.count_tokens(
+            [compose_teacher_prompt(p, c, self.template) for p, c in zip(prompts, first, strict=True)]
+        )
+        for length, label, b in zip(one, labels, bare, strict=True):
+            if length > self.max_length:
+                raise ValueError(
+                    f"Row {label}: max_teacher_prompt_length={self.max_length} leaves no room for its privileged "
+                    f"context (the teacher prompt takes {b} tokens without it), so the teacher would know no more "
+                    "than the student. Raise `max_teacher_prompt_length`, shorten the prompt, or set "
+                    "`allow_empty_privileged_context=True` to accept that."
+                )
 
     def _fit(self, prompt, context: str):
         """The longest prefix of `context` (in tokens) whose teacher prompt fits the budget; binary search."""
         ids = self.encode(context)
-        low, high = 0, len(ids)  # invariant: a prefix of `low` tokens fits (0 is kept even if nothing fits)
+        low, high = 0, len(ids)  # invariant: a prefix of `low` tokens fits (checked by `_check_fittable`)
         while low < high:
             mid = (low + high + 1) // 2
             candidate = compose_teacher_prompt(prompt, self.decode(ids[:mid]), self.template)

@@ -21,6 +21,7 @@ from transformers import TrainerCallback
 from trl.models.utils import prepare_deepspeed, prepare_fsdp
 from trl.trainer.utils import create_model_from_path, disable_dropout_in_model, use_adapter
 
+
 logger = logging.getLogger(__name__)
 
 TEACHER_ADAPTER_NAME = "pbsd_teacher"
@@ -150,10 +151,12 @@ class TeacherWeights:
         adapter = None if self.kind == "base" else TEACHER_ADAPTER_NAME
         # set_adapter flips requires_grad on the adapters: remember the student's flags and put them back
         flags = [p.requires_grad for p in model.parameters()]
-        with use_adapter(model, adapter):
-            yield
-        for param, flag in zip(model.parameters(), flags, strict=True):
-            param.requires_grad_(flag)
+        try:
+            with use_adapter(model, adapter):
+                yield
+        finally:  # also when interrupted (Ctrl-C in a notebook): the student's trainable set stays the student's
+            for param, flag in zip(model.parameters(), flags, strict=True):
+                param.requires_grad_(flag)
 
     @torch.no_grad()
     def ema_update(self) -> None:
@@ -175,14 +178,36 @@ class TeacherWeights:
         with _gathered(self._teacher_params):
             return {f"teacher.{i}": t.detach().to("cpu", copy=True) for i, t in enumerate(self._teacher_params)}
 
+    def check_state_dict(self, state, source: str = "the checkpoint") -> None:
+        """Raise an error naming `source` unless `state` holds one tensor of the right shape per EMA teacher tensor."""
+        expected = {f"teacher.{i}" for i in range(len(self._teacher_params))}
+        if not isinstance(state, dict) or set(state) != expected:
+            count = len(state) if isinstance(state, dict) else 0
+            raise ValueError(
+                f"{source} does not hold this model's EMA teacher: {count} tensors for {len(expected)} expected. It "
+                "was written for another model or adapter configuration; resume with the configuration that wrote "
+                "it, or start a new run."
+            )
+        for i, param in enumerate(self._teacher_params):
+            shape = tuple(getattr(param, "ds_shape", param.shape))  # the full shape under ZeRO-3
+            if tuple(state[f"teacher.{i}"].shape) != shape:
+                raise ValueError(
+                    f"{source}: EMA teacher tensor {i} has shape {tuple(state[f'teacher.{i}'].shape)}, this model's "
+                    f"has {shape}. It was written for another model or adapter configuration; resume with the "
+                    "configuration that wrote it, or start a new run."
+                )
+
     @torch.no_grad()
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+    def load_state_dict(self, state: dict[str, torch.Tensor], source: str = "the checkpoint") -> None:
+        """Restore the EMA teacher; `source` (the file) is named in the error when `state` does not fit this model."""
         if self.kind != "ema":
             return
-        if len(state) != len(self._teacher_params):
-            raise ValueError(
-                f"The checkpoint's EMA teacher has {len(state)} tensors, this model's has {len(self._teacher_params)}."
-            )
+        self.check_state_dict(state, source)
+        for i in range(len(self._teacher_params)):
+            if not torch.isfinite(state[f"teacher.{i}"]).all():
+                raise ValueError(
+                    f"{source}: EMA teacher tensor {i} holds NaN or inf; resume from an earlier checkpoint."
+                )
         zero3 = any(hasattr(p, "ds_id") for p in self._teacher_params)
         with _gathered(self._teacher_params, modifier_rank=0):
             if not zero3 or _is_rank_zero():

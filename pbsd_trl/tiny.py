@@ -1,4 +1,3 @@
-# Copyright 2026 The pbsd-trl authors. Licensed under the Apache License, Version 2.0.
 """A tiny offline base model for trying PBSD on a laptop CPU.
 
 Everything is built from code, nothing is downloaded:
@@ -82,7 +81,13 @@ logger = logging.getLogger(__name__)
 
 Task = Literal["math", "tool_use"]
 
-PAD_TOKEN, USER_TOKEN, ASSISTANT_TOKEN, END_TOKEN, UNK_TOKEN = "<|pad|>", "<|user|>", "<|assistant|>", "<|end|>", "<|unk|>"
+PAD_TOKEN, USER_TOKEN, ASSISTANT_TOKEN, END_TOKEN, UNK_TOKEN = (
+    "<|pad|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|end|>",
+    "<|unk|>",
+)
 SPECIAL_TOKENS = (PAD_TOKEN, USER_TOKEN, ASSISTANT_TOKEN, END_TOKEN, UNK_TOKEN)
 CHARACTERS = string.printable  # digits, letters, punctuation and whitespace (including "\n"): 100 characters
 
@@ -271,11 +276,11 @@ def _sft_batch(
     completion_texts = [c + END_TOKEN for c in completions]
     prompt_ids = tokenizer(prompt_texts, add_special_tokens=False)["input_ids"]
     completion_ids = tokenizer(completion_texts, add_special_tokens=False)["input_ids"]
-    length = max(len(p) + len(c) for p, c in zip(prompt_ids, completion_ids))
+    length = max(len(p) + len(c) for p, c in zip(prompt_ids, completion_ids, strict=False))
     length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
     input_ids = torch.full((len(prompts), length), tokenizer.pad_token_id, dtype=torch.long)
     labels = torch.full((len(prompts), length), -100, dtype=torch.long)
-    for i, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
+    for i, (p, c) in enumerate(zip(prompt_ids, completion_ids, strict=False)):
         input_ids[i, : len(p) + len(c)] = torch.tensor(p + c)
         labels[i, len(p) : len(p) + len(c)] = torch.tensor(c)
     return input_ids, labels
@@ -529,7 +534,13 @@ def get_base_model(
     try:
         start = time.perf_counter()
         warm_start(
-            task, steps=steps, seed=seed, output_dir=tmp, progress_bar=progress_bar, num_threads=num_threads, **warm_start_kwargs
+            task,
+            steps=steps,
+            seed=seed,
+            output_dir=tmp,
+            progress_bar=progress_bar,
+            num_threads=num_threads,
+            **warm_start_kwargs,
         )
         _write_manifest(tmp, dict(spec, **_build_info(time.perf_counter() - start, num_threads)))
         if final.exists():
@@ -567,7 +578,12 @@ def _build_info(seconds: float, num_threads: int | None) -> dict[str, Any]:
 
 
 def build_base_model(
-    task: Task, output_dir: str | os.PathLike, *, num_threads: int | None = 1, evaluate: bool = True, progress_bar: bool = True
+    task: Task,
+    output_dir: str | os.PathLike,
+    *,
+    num_threads: int | None = 1,
+    evaluate: bool = True,
+    progress_bar: bool = True,
 ) -> dict[str, Any]:
     """Builds the default recipe's base model of ``task`` into ``output_dir`` (the command that produced the
     shipped copies) and writes its manifest; with ``evaluate``, also measures and records its held-out quality
@@ -642,8 +658,15 @@ def main(argv: list[str] | None = None) -> None:
     verify.add_argument("path")
     args = parser.parse_args(argv)
     if args.command == "build":
-        manifest = build_base_model(args.task, args.output_dir, num_threads=args.num_threads, evaluate=not args.no_evaluate)
-        print(json.dumps({k: manifest[k] for k in ("task", "steps", "build_seconds", "cpu", "quality") if k in manifest}, indent=2))
+        manifest = build_base_model(
+            args.task, args.output_dir, num_threads=args.num_threads, evaluate=not args.no_evaluate
+        )
+        print(
+            json.dumps(
+                {k: manifest[k] for k in ("task", "steps", "build_seconds", "cpu", "quality") if k in manifest},
+                indent=2,
+            )
+        )
     else:
         verify_base_model(args.path)
         print(f"{args.path}: every file matches its checksum.")

@@ -14,30 +14,84 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import add_fused_lm_head
 
 from .agent import AgentRollouts
+from .checkpoint import CheckpointError, check_checkpoint, checkpoint_info, write_checkpoint_info
 from .config import PBSDConfig
 from .grpo_features import GRPOLossFeatures
-from .logprobs import add_pbsd_logprob_head, concat_prompt_completion, pad_token_lists, right_pad_to
+from .logprobs import (
+    add_pbsd_logprob_head,
+    concat_prompt_completion,
+    pad_token_lists,
+    reset_forward_patches,
+    right_pad_to,
+)
 from .loss import (
     DROPPED_LABEL,
     FLIPPED_LABEL,
+    all_pairs,
     implicit_log_ratios,
-    logistic_preference_loss,
-    pair_margins,
+    matched_pairs,
+    pair_labels_of,
+    pbsd_loss,
     preference_labels,
 )
 from .rewards.guard import guard_reward_funcs
-from .teacher import TeacherPromptBuilder
-from .teacher_model import TEACHER_STATE_FILE, TeacherEMACallback, TeacherWeights
+from .rewards.validation import weighted_reward_sum
+from .shared_prefix import shared_prefix_token_logps, supports_shared_prefix
+from .teacher import ROW_INDEX_COLUMN, TeacherPromptBuilder, check_privileged_context, check_prompt
+from .teacher_model import TEACHER_ADAPTER_NAME, TEACHER_STATE_FILE, TeacherEMACallback, TeacherWeights
+
 
 logger = logging.getLogger(__name__)
 
-# Output keys whose first dimension is the batch: they survive GRPO's shuffle/split of the generation batch.
-_TEACHER_KEYS = (
-    "teacher_prompt_ids",
-    "teacher_prompt_mask",
-    "teacher_completion_ids",
-    "teacher_completion_mask",
-)
+
+def _lora_row_scalings(model, adapter_names):
+    """Per-row LoRA scalings (0 for `"__base__"` rows) on every layer, for a batch that mixes the active adapter and
+    the base model; returns what to restore, or None where that does not apply (other adapter types or variants,
+    several adapters in the batch)."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    used = set(adapter_names) - {"__base__"}
+    if len(used) != 1:
+        return None
+    (adapter,) = used
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    if (
+        not layers
+        or any(
+            type(m) is not LoraLinear
+            or m.lora_variant.get(adapter) is not None
+            or m.merged
+            or list(m.active_adapters) != [adapter]
+            for m in layers
+            if adapter in getattr(m, "lora_A", {})
+        )
+        or any(not isinstance(m, LoraLinear) for m in layers)
+    ):
+        return None
+    device = next(model.parameters()).device
+    mask = torch.tensor([name != "__base__" for name in adapter_names], dtype=torch.float32, device=device).view(
+        -1, 1, 1
+    )
+    restore = []
+    for layer in layers:
+        if adapter in layer.scaling:
+            restore.append((layer, adapter, layer.scaling[adapter]))
+            layer.scaling[adapter] = layer.scaling[adapter] * mask
+    return restore
+
+
+# Rows per chunk of the construction-time scans of map-style datasets
+_CHECK_CHUNK = 1024
+
+
+def _with_row_index(dataset):
+    """An iterable dataset with each row's stream position in `ROW_INDEX_COLUMN`, for errors that name the row."""
+    if isinstance(dataset, dict):
+        return {key: _with_row_index(value) for key, value in dataset.items()}
+    if isinstance(dataset, IterableDataset):
+        return dataset.map(lambda row, index: {ROW_INDEX_COLUMN: index}, with_indices=True)
+    return dataset
 
 
 def _no_reward(prompts, completions, **kwargs):
@@ -110,11 +164,16 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
         reward_funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
         if args.pair_labels == "reward" and not reward_funcs:
             raise ValueError("`pair_labels='reward'` orders pairs by reward: pass at least one reward function.")
+        self._check_tokenizer(processing_class)
         for name, dataset in self._named_datasets(train_dataset, eval_dataset):
-            self._check_privileged_column(dataset, name, args)
+            self._check_privileged_column(dataset, name, args, check_prompts=environment_factory is None)
+        train_dataset, eval_dataset = _with_row_index(train_dataset), _with_row_index(eval_dataset)
 
         self._has_reward_funcs = bool(reward_funcs)
-        reward_funcs = guard_reward_funcs(reward_funcs) if reward_funcs else [_no_reward]
+        reward_failures = []
+        reward_funcs = guard_reward_funcs(reward_funcs, reward_failures) if reward_funcs else [_no_reward]
+        if isinstance(model, torch.nn.Module):  # a model object a previous trainer patched (a re-run notebook cell)
+            reset_forward_patches(model.get_base_model() if hasattr(model, "peft_config") else model)
         super().__init__(
             model=model,
             reward_funcs=reward_funcs,
@@ -131,6 +190,7 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
             rollout_func=rollout_func,
             environment_factory=environment_factory,
         )
+        self._reward_failures = reward_failures
         if not self._has_reward_funcs:
             # Drop the placeholder; an environment's own `get_reward`, appended by GRPO after it, stays
             self.reward_funcs = self.reward_funcs[1:]
@@ -140,17 +200,8 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
             self._has_reward_funcs = bool(self.reward_funcs)
 
         is_peft = hasattr(self.model, "peft_config")
-        if (
-            self.use_vllm
-            and args.teacher_model_kind != "live"
-            and args.teacher_samples_from == "teacher"
-        ):
-            raise ValueError(
-                f"The vLLM engine holds the policy's current weights only, so it cannot sample from the "
-                f"'{args.teacher_model_kind}' teacher. Set `teacher_samples_from='live'` (teacher prompts sampled with "
-                "the current weights, teacher log-probs still from the teacher weights), `teacher_model_kind='live'`, "
-                "or `use_vllm=False`."
-            )
+        # (a non-live teacher with vLLM and `teacher_samples_from="teacher"` is refused by PBSDConfig, before an
+        # engine is built)
         if self.use_vllm and args.teacher_samples_from == "live" and args.teacher_model_kind != "live":
             logger.warning(
                 "Teacher samples come from the current weights through vLLM (teacher_samples_from='live'); they are "
@@ -180,6 +231,7 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
             )
 
         tokenizer = self._tokenizer
+        self._check_tokenizer(tokenizer)
         self.teacher_prompts = TeacherPromptBuilder(
             template=args.teacher_prompt_template,
             column=args.privileged_context_column,
@@ -188,10 +240,15 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
             count_tokens=lambda prompts: [len(ids) for ids in self._tokenize_prompts(prompts)[0]],
             encode=lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],
             decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=False),
+            # environments: tokenizing needs the batch's environments, which exist only once generation starts
+            position_limit=self._teacher_position_limit() if self.environment_factories is None else None,
         )
+        for name, dataset in self._named_datasets(self.train_dataset, self.eval_dataset):
+            self._check_teacher_prompts(dataset, name)
         self._last_rewards_per_func = None
         self._pair_table = {}  # mode -> global per-row values that `pairing="all"` pairs against
         self._teacher_tokens_seen = 0
+        self._setup_teacher_generation(args, train_dataset, eval_dataset, is_peft)
 
     # ---- construction checks ------------------------------------------------------------------------------------
     @staticmethod
@@ -205,31 +262,105 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
             yield "eval_dataset", eval_dataset
 
     @staticmethod
-    def _check_privileged_column(dataset, name: str, args: PBSDConfig) -> None:
-        """Fail at construction, not at step 1, when the privileged column is missing or holds non-strings."""
+    def _check_privileged_column(dataset, name: str, args: PBSDConfig, check_prompts: bool = True) -> None:
+        """Fail at construction, not at step 1, on a missing column or a row that cannot make a teacher prompt.
+
+        With `check_prompts=False` (an environment may own the prompt) only the privileged context is checked.
+        """
         column = args.privileged_context_column
         columns = getattr(dataset, "column_names", None)
         if columns is None:  # an iterable dataset of unknown schema: rows are checked as they arrive
             return
-        if column not in columns:
-            raise ValueError(
-                f"{name} has no privileged-context column '{column}' (columns: {columns}). PBSD's teacher is prompted "
-                f"with it: add the column, or set `privileged_context_column` to the column that holds it."
-            )
+        for needed in ("prompt", column) if check_prompts else (column,):
+            if needed not in columns:
+                raise ValueError(
+                    f"{name} has no {'privileged-context' if needed == column else 'prompt'} column '{needed}' "
+                    f"(columns: {columns}). PBSD's teacher is prompted with the prompt and the privileged context: "
+                    + (
+                        "add the column, or set `privileged_context_column` to the column that holds it."
+                        if needed == column
+                        else "add it (GRPO samples from it)."
+                    )
+                )
         if isinstance(dataset, Dataset):
-            from .teacher import check_privileged_context
+            rows = dataset.select_columns(["prompt", column] if check_prompts else [column])
+            for start in range(0, len(rows), _CHECK_CHUNK):
+                chunk = rows[start : start + _CHECK_CHUNK]
+                prompts = chunk["prompt"] if check_prompts else [None] * len(chunk[column])
+                for row, (prompt, value) in enumerate(zip(prompts, chunk[column], strict=True), start=start):
+                    try:
+                        if check_prompts:
+                            check_prompt(prompt, row)
+                        check_privileged_context(value, column, row, args.allow_empty_privileged_context)
+                    except (TypeError, ValueError) as err:
+                        raise type(err)(f"{name}: {err}") from None
 
-            for row, value in enumerate(dataset[column]):
-                try:
-                    check_privileged_context(value, column, row, args.allow_empty_privileged_context)
-                except (TypeError, ValueError) as err:
-                    raise type(err)(f"{name}: {err}") from None
+    @staticmethod
+    def _check_tokenizer(processing_class) -> None:
+        """Padding needs a pad token or, as GRPO's fallback, an EOS token: without both a step would crash deep inside."""
+        tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        if tokenizer is not None and tokenizer.pad_token is None and tokenizer.eos_token is None:
+            raise ValueError(
+                f"The tokenizer ({type(tokenizer).__name__}) has neither a pad token nor an EOS token: batches cannot be "
+                "padded and completions cannot end. Set one, e.g. `tokenizer.pad_token = ...` or "
+                "`tokenizer.add_special_tokens({'eos_token': ...})` (and resize the model's embeddings)."
+            )
+
+    def _teacher_position_limit(self) -> tuple[int, str] | None:
+        """Most tokens a teacher prompt may take: the model's positions (or vLLM's `max_model_len`) less a completion."""
+        args = self.args
+        config = self._base_model(self.model).config
+        positions = getattr(config.get_text_config(), "max_position_embeddings", None)
+        limits = []
+        if positions:
+            limits.append((positions, f"the model's max_position_embeddings={positions}"))
+        if self.use_vllm and args.vllm_max_model_length:
+            limits.append((args.vllm_max_model_length, f"vllm_max_model_length={args.vllm_max_model_length}"))
+        if not limits:
+            return None
+        total, what = min(limits)
+        completion = args.max_completion_length or 0
+        limit = total - completion
+        what = f"{what} with max_completion_length={completion}"
+        if args.max_teacher_prompt_length is not None and args.max_teacher_prompt_length > limit:
+            raise ValueError(
+                f"`max_teacher_prompt_length` ({args.max_teacher_prompt_length}) does not fit in {what}: a teacher "
+                f"prompt and its completion need at most {total} tokens. Set it to at most {limit}."
+            )
+        if limit < 1:
+            raise ValueError(
+                f"`max_completion_length` ({completion}) leaves no room for a prompt in {total} positions."
+            )
+        return limit, what
+
+    def _check_teacher_prompts(self, dataset, name: str) -> None:
+        """Tokenize every teacher prompt of a map-style dataset once, so that one that cannot fit fails now."""
+        if (
+            not isinstance(dataset, Dataset)
+            or self.environment_factories is not None  # the environment's observation joins the prompt later
+            or (self.teacher_prompts.max_length is None and self.teacher_prompts.position_limit is None)
+        ):
+            return
+        builder, column = self.teacher_prompts, self.args.privileged_context_column
+        rows = dataset.select_columns(["prompt", column])
+        for start in range(0, len(rows), _CHECK_CHUNK):
+            chunk = rows.select(range(start, min(start + _CHECK_CHUNK, len(rows)))).to_list()
+            contexts = builder.contexts(chunk, list(range(start, start + len(chunk))))
+            # only rows that might not fit are tokenized (a bound in bytes clears the others)
+            doubtful = [i for i, ok in enumerate(builder.surely_fit([r["prompt"] for r in chunk], contexts)) if not ok]
+            try:
+                builder([chunk[i]["prompt"] for i in doubtful], [chunk[i] for i in doubtful],
+                        indices=[start + i for i in doubtful], fit=False)  # fmt: skip
+            except (TypeError, ValueError) as err:
+                raise type(err)(f"{name}: {err}") from None
 
     def _set_signature_columns_if_needed(self):
         # With `remove_unused_columns=True`, keep the privileged context and the reward functions' columns' carrier
         super()._set_signature_columns_if_needed()
-        if self.args.privileged_context_column not in self._signature_columns:
-            self._signature_columns = [*self._signature_columns, self.args.privileged_context_column]
+        extra = [
+            c for c in (self.args.privileged_context_column, ROW_INDEX_COLUMN) if c not in self._signature_columns
+        ]
+        self._signature_columns = [*self._signature_columns, *extra]
 
     def _base_model(self, model):
         model = self.accelerator.unwrap_model(model)
@@ -241,18 +372,42 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
             # Role-labelled PBSD without reward functions: an empty (rows, 0) table, no collective needed
             rewards = torch.zeros(len(prompts) * self.accelerator.num_processes, 0, device=self.accelerator.device)
         else:
+            self._reward_failures.clear()
             rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+            self._raise_reward_failures()
         self._last_rewards_per_func = rewards
         return rewards
+
+    def _raise_reward_failures(self) -> None:
+        """Raise the first reward-function error of any process on every process, with the same type and message.
+
+        The guarded functions record their errors instead of raising, so every process reaches GRPO's gather; one
+        flag all-reduce then tells every process whether to stop, instead of the healthy ones waiting in the next
+        collective until its timeout.
+        """
+        local = self._reward_failures[0] if self._reward_failures else None
+        self._reward_failures.clear()
+        world = self.accelerator.num_processes
+        if world == 1:
+            if local is not None:
+                raise local
+            return
+        flag = torch.tensor([float(local is not None)], device=self.accelerator.device)
+        if self.accelerator.reduce(flag, reduction="sum").item() == 0:
+            return
+        report = None if local is None else (type(local).__name__, str(local))
+        reports = gather_object([report])
+        rank, (kind, message) = next((r, rep) for r, rep in enumerate(reports) if rep is not None)
+        error_type = ValueError if kind == "ValueError" else RuntimeError
+        raise error_type(f"{message} [on process {rank} of {world}; every process stops]") from local
 
     def _weighted_rewards(self, rewards_per_func: torch.Tensor) -> torch.Tensor | None:
         """Weighted sum over reward functions per row (NaN where every function returned None); None without any."""
         if rewards_per_func.size(1) == 0:
             return None
-        weights = self.reward_weights.to(rewards_per_func.device)
-        total = (rewards_per_func * weights).nansum(dim=1)
-        total[torch.isnan(rewards_per_func).all(dim=1)] = torch.nan
-        return total
+        totals = weighted_reward_sum(rewards_per_func.T.tolist(), self.reward_weights.tolist())
+        values = [torch.nan if total is None else total for total in totals]
+        return torch.tensor(values, dtype=torch.float32, device=rewards_per_func.device)
 
     # ---- teacher sampling ---------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -280,17 +435,19 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
         tokens_seen = self.state.num_input_tokens_seen
         num_tokens = metrics.get("num_tokens")
         num_tokens = list(num_tokens) if num_tokens is not None else None
-        yield
-        for key in [k for k in metrics if k.startswith(("completions/", "tools/"))]:
-            new_values = metrics[key][before.get(key, 0) :]
-            del metrics[key][before.get(key, 0) :]
-            metrics[f"pbsd/teacher_{key}"].extend(new_values)
-        self._teacher_tokens_seen += self.state.num_input_tokens_seen - tokens_seen
-        self.state.num_input_tokens_seen = tokens_seen
-        if num_tokens is None:
-            metrics.pop("num_tokens", None)
-        else:
-            metrics["num_tokens"] = num_tokens
+        try:
+            yield
+        finally:  # also when interrupted: the student's metrics keep no teacher entries
+            for key in [k for k in metrics if k.startswith(("completions/", "tools/"))]:
+                new_values = metrics[key][before.get(key, 0) :]
+                del metrics[key][before.get(key, 0) :]
+                metrics[f"pbsd/teacher_{key}"].extend(new_values)
+            self._teacher_tokens_seen += self.state.num_input_tokens_seen - tokens_seen
+            self.state.num_input_tokens_seen = tokens_seen
+            if num_tokens is None:
+                metrics.pop("num_tokens", None)
+            else:
+                metrics["num_tokens"] = num_tokens
 
     @contextlib.contextmanager
     def _isolated_reward_logs(self):
@@ -302,6 +459,174 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
         finally:
             self._pending_extra_logs, self._pending_metrics = saved
 
+    # ---- teacher samples: pool, one generation pass ------------------------------------------------------------
+    def _setup_teacher_generation(self, args, train_dataset, eval_dataset, is_peft):
+        """Open and check the teacher pool; decide whether student and teacher samples share one `generate` call."""
+        self._teacher_pool = None
+        if args.teacher_pool is not None:
+            self.use_teacher_pool(args.teacher_pool, train_dataset, eval_dataset)
+        # One generate call for both sample sets: same weights, or per-row PEFT adapters (adapter disabled = base)
+        same_weights = args.teacher_model_kind == "live" or args.teacher_samples_from == "live"
+        per_row_adapters = is_peft and args.teacher_model_kind != "live" and args.teacher_samples_from == "teacher"
+        self._one_pass_mode = None
+        if args.one_generation_pass and not self.use_vllm and not self.use_transformers_continuous_batching:
+            self._one_pass_mode = "shared" if same_weights else "adapters" if per_row_adapters else None
+        self._one_pass = None  # the plan of the step being generated
+
+    def teacher_weights_model(self):
+        """The module holding the teacher's weights (the frozen copy, or the PEFT model whose adapter it disables)."""
+        return self.accelerator.unwrap_model(self.teacher.model if self.teacher.uses_separate_model else self.model)
+
+    def use_teacher_pool(self, path: str, train_dataset=None, eval_dataset=None) -> None:
+        """Take the base teacher's samples from the pool at `path` (what `teacher_pool` does at construction).
+
+        Refuses a pool drawn from other teacher weights, tokenizer, teacher prompt or sampling settings, or with fewer
+        than `num_teacher_generations` samples per row. Batches with a row the pool lacks sample the teacher online
+        (with vLLM, which cannot sample the base teacher, every row must be in the pool).
+        """
+        from .pool import TeacherPool, pool_stamp, row_key
+
+        args = self.args
+        if args.teacher_model_kind != "base" or args.teacher_samples_from != "teacher":
+            raise ValueError(
+                "A teacher pool serves `teacher_model_kind='base'` with `teacher_samples_from='teacher'`."
+            )
+        pool = TeacherPool(path, stride=args.num_teacher_generations)
+        pool.check(
+            pool_stamp(self.teacher_weights_model(), self._tokenizer, args, self.eos_token_ids),
+            args.num_teacher_generations,
+        )
+        train_dataset = self.train_dataset if train_dataset is None else train_dataset
+        eval_dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        column = args.privileged_context_column
+        for name, dataset in self._named_datasets(train_dataset, eval_dataset):
+            if not isinstance(dataset, Dataset):
+                continue
+            if self.use_vllm:  # vLLM cannot sample the base teacher online: every row must come from the pool
+                pool.check_covers(dataset, column, name)
+            elif name == "train_dataset":
+                missing = sum(
+                    not pool.has(row_key(p, c)) for p, c in zip(dataset["prompt"], dataset[column], strict=True)
+                )
+                if missing:
+                    logger.warning(
+                        "The teacher pool at %s has no samples for %d of the %d rows of train_dataset: batches holding "
+                        "such a row sample the teacher online.",
+                        path,
+                        missing,
+                        len(dataset),
+                    )
+        args.teacher_pool = path
+        self._teacher_pool = pool
+
+    def _pool_serves(self, inputs) -> bool:
+        if self._teacher_pool is None or self._is_agent:  # a multi-turn teacher rollout is not a stored completion
+            return False
+        from .pool import row_key
+
+        column = self.args.privileged_context_column
+        return all(self._teacher_pool.has(row_key(row["prompt"], row[column])) for row in inputs)
+
+    def _teacher_samples_from_pool(self, inputs, teacher_prompts, teacher_rows, row_index, group_size):
+        """(completion ids, decoded completions, teacher log-probs) of the teacher rows, taken from the pool."""
+        from .pool import row_key
+
+        column = self.args.privileged_context_column
+        keys = [row_key(inputs[i]["prompt"], inputs[i][column]) for i in teacher_rows]
+        global_rows = [int(row_index[i]) for i in teacher_rows]
+        ids, logps = self._teacher_pool.draw(
+            keys, [r % group_size for r in global_rows], [r // group_size for r in global_rows]
+        )
+        completions = self._decode_completions([teacher_prompts[i] for i in teacher_rows], ids)
+        return ids, completions, logps
+
+    def _decode_completions(self, prompts, completion_ids):
+        """Completions as `_generate` decodes them (text, or an assistant message for conversational prompts)."""
+        from trl.data_utils import is_conversational
+
+        if not is_conversational({"prompt": prompts[0]}):
+            return self.processing_class.batch_decode(completion_ids, skip_special_tokens=True)
+        tokenizer = self._tokenizer
+        if getattr(tokenizer, "response_template", None) is not None or getattr(tokenizer, "response_schema", None):
+            from transformers.utils.chat_parsing_utils import parse_response
+
+            prompt_ids = self._tokenize_prompts(prompts)[0]
+            return [
+                [parse_response(tokenizer, ids, prefix=p)] for ids, p in zip(completion_ids, prompt_ids, strict=True)
+            ]
+        contents = self.processing_class.batch_decode(completion_ids, skip_special_tokens=True)
+        return [[{"role": "assistant", "content": content}] for content in contents]
+
+    def _plan_one_pass(self, teacher_prompts):
+        """What the student's `generate` call also samples for the teacher this step (None: a separate call)."""
+        if self._one_pass_mode is None or self._is_agent:  # a tool loop calls generate once per turn
+            return None
+        from trl.data_utils import is_conversational
+
+        if is_conversational({"prompt": teacher_prompts[0]}) and self._is_vlm:
+            return None  # images ride along with the prompts: keep the two calls
+        return {"teacher_ids": self._tokenize_prompts(teacher_prompts)[0]}
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        plan = self._one_pass
+        if plan is None or images is not None:
+            return super()._generate_single_turn(
+                prompt_ids, images, multimodal_fields, num_generations, has_tool_images
+            )
+        if "teacher_result" in plan:  # the teacher's `_generate`: its samples were drawn with the student's
+            if list(map(list, prompt_ids)) != plan["teacher_ids"]:
+                raise RuntimeError(
+                    "One-pass generation: the teacher prompts differ from those sampled with the student."
+                )
+            self._one_pass = None
+            return plan.pop("teacher_result")
+        num_student = len(prompt_ids)
+        adapters = None
+        if self._one_pass_mode == "adapters":
+            active = self.accelerator.unwrap_model(self.model).active_adapter
+            teacher = "__base__" if self.teacher.kind == "base" else TEACHER_ADAPTER_NAME  # PEFT's name for "none"
+            adapters = [active] * num_student + [teacher] * len(plan["teacher_ids"])
+        with self._per_row_adapters(adapters):
+            ids, logprobs = super()._generate_single_turn(
+                list(prompt_ids) + plan["teacher_ids"], images, multimodal_fields, num_generations, has_tool_images
+            )
+        split = lambda values: (None, None) if values is None else (values[:num_student], values[num_student:])  # noqa: E731
+        (student_ids, teacher_ids), (student_logprobs, teacher_logprobs) = split(ids), split(logprobs)
+        plan["teacher_result"] = (teacher_ids, teacher_logprobs)
+        return student_ids, student_logprobs
+
+    @contextlib.contextmanager
+    def _per_row_adapters(self, adapter_names):
+        """A mixed-adapter batch for GRPO's `generate` call: row i computes with adapter `adapter_names[i]`."""
+        if adapter_names is None:
+            yield
+            return
+        model = self.accelerator.unwrap_model(self.model_wrapped)
+        masked = _lora_row_scalings(model, adapter_names)
+        if masked is not None:
+            # Rows with the adapter off get a LoRA scaling of 0: one batched LoRA product per layer instead of PEFT's
+            # per-adapter sub-batches, which index the batch in Python at every layer of every decoding step
+            try:
+                yield
+            finally:
+                for layer, adapter, scaling in masked:
+                    layer.scaling[adapter] = scaling
+            return
+        original = model.__dict__.get("generate")
+        generate = model.generate
+        model.generate = lambda *a, **kw: generate(*a, adapter_names=adapter_names, **kw)
+        # PEFT refuses `adapter_names` in training mode; dropout is disabled for PBSD, so eval() changes nothing else
+        was_training = model.training
+        model.eval()
+        try:
+            yield
+        finally:
+            model.train(was_training)
+            if original is None:
+                del model.generate
+            else:
+                model.generate = original
+
     # ---- generation and scoring ---------------------------------------------------------------------------------
     def _generate_and_score_completions(self, inputs):
         mode = "train" if self.model.training else "eval"
@@ -311,15 +636,8 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
         if self.environment_factories is not None:  # an environment may own the prompt (GRPO's default)
             prompts = [row.get("prompt", [{"role": "user", "content": ""}]) for row in inputs]
         else:
-            prompts = [row["prompt"] for row in inputs]
+            prompts = self.teacher_prompts.prompts(inputs)
         teacher_prompts, truncated = self.teacher_prompts(prompts, inputs)
-
-        output = super()._generate_and_score_completions(inputs)
-        student_rewards_global = self._last_rewards_per_func
-        if self.environment_factories is not None:
-            # The teacher prompt wraps the prompt the student saw, the environment's observation included
-            prompts = self._student_prompts_seen(prompts)
-            teacher_prompts, truncated = self.teacher_prompts(prompts, inputs)
 
         num_rows = len(inputs)
         group_size = self.num_generations if mode == "train" else self.num_generations_eval
@@ -333,15 +651,23 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
                 f"This process holds no row that carries a teacher sample ({num_rows} rows, groups of {group_size}, "
                 f"{teacher_group_size} teacher samples per group): make each process's batch hold whole prompt groups."
             )
+        from_pool = self._pool_serves(inputs)
+        self._one_pass = None if from_pool else self._plan_one_pass([teacher_prompts[i] for i in teacher_rows])
 
-        # Teacher samples through GRPO's own generation path (HF generate, vLLM colocate/server), tool/environment
-        # loop and rollout_func included, on the teacher rows' slice of the per-row rollout state
-        self._reset_teacher_environments(inputs, teacher_rows, prompts)
-        with self._teacher_rows_state(teacher_rows):
-            with self._teacher_generation_metrics(mode), self._teacher_sampling_weights():
-                rollout_prompt_ids, sampled_ids, tool_mask_rows, teacher_completions, _, extra, *_ = self._generate(
-                    [teacher_prompts[i] for i in teacher_rows]
-                )
+        output = super()._generate_and_score_completions(inputs)
+        student_rewards_global = self._last_rewards_per_func
+        if self.environment_factories is not None:
+            # The teacher prompt wraps the prompt the student saw, the environment's observation included
+            prompts = self._student_prompts_seen(prompts)
+            teacher_prompts, truncated = self.teacher_prompts(prompts, inputs)
+
+        pool_logps = None
+        if from_pool:
+            # Teacher samples drawn ahead of time by the base teacher, with their teacher log-probs
+            sampled_ids, teacher_completions, pool_logps = self._teacher_samples_from_pool(
+                inputs, teacher_prompts, teacher_rows, row_index, group_size
+            )
+            rollout_prompt_ids, tool_mask_rows, extra = None, None, {}
             with self._isolated_reward_logs():
                 teacher_rewards_global = self._calculate_rewards(
                     self._teacher_reward_rows(inputs, teacher_rows, extra),
@@ -349,6 +675,26 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
                     teacher_completions,
                     sampled_ids,
                 )
+        else:
+            # Teacher samples through GRPO's own generation path (HF generate, vLLM colocate/server), tool/environment
+            # loop and rollout_func included, on the teacher rows' slice of the per-row rollout state; with one
+            # generation pass they were drawn in the student's call and this call only decodes and logs them
+            self._reset_teacher_environments(inputs, teacher_rows, prompts)
+            with self._teacher_rows_state(teacher_rows):
+                try:
+                    with self._teacher_generation_metrics(mode), self._teacher_sampling_weights():
+                        rollout_prompt_ids, sampled_ids, tool_mask_rows, teacher_completions, _, extra, *_ = (
+                            self._generate([teacher_prompts[i] for i in teacher_rows])
+                        )
+                finally:
+                    self._one_pass = None
+                with self._isolated_reward_logs():
+                    teacher_rewards_global = self._calculate_rewards(
+                        self._teacher_reward_rows(inputs, teacher_rows, extra),
+                        [prompts[i] for i in teacher_rows],  # rewards judge the answer to the student's question
+                        teacher_completions,
+                        sampled_ids,
+                    )
 
         # Per-row teacher tensors; rows without a teacher sample get an empty completion
         teacher_completion_lists = [[] for _ in range(num_rows)]
@@ -356,8 +702,12 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
             teacher_completion_lists[i] = ids
         pad_id, multiple = self._tokenizer.pad_token_id, self.pad_to_multiple_of
         # A rollout_func tokenizes its own prompts (every row has a teacher rollout then)
-        teacher_prompt_lists = rollout_prompt_ids if self.rollout_func is not None else self._tokenize_prompts(teacher_prompts)[0]
-        teacher_prompt_ids, teacher_prompt_mask = pad_token_lists(teacher_prompt_lists, pad_id, "left", device, multiple)
+        teacher_prompt_lists = (
+            rollout_prompt_ids if self.rollout_func is not None else self._tokenize_prompts(teacher_prompts)[0]
+        )
+        teacher_prompt_ids, teacher_prompt_mask = pad_token_lists(
+            teacher_prompt_lists, pad_id, "left", device, multiple
+        )
         teacher_completion_ids, teacher_completion_mask = pad_token_lists(
             teacher_completion_lists, pad_id, "right", device, multiple
         )
@@ -367,23 +717,32 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
             )
         if self.mask_truncated_completions:
             ends = [*self.eos_token_ids, pad_id]
-            clipped = torch.tensor([bool(ids) and ids[-1] not in ends for ids in teacher_completion_lists], device=device)
+            clipped = torch.tensor(
+                [bool(ids) and ids[-1] not in ends for ids in teacher_completion_lists], device=device
+            )
             teacher_completion_mask = teacher_completion_mask * (~clipped).unsqueeze(1).int()
-        student_scored, teacher_scored = self._score_masks({**output, "teacher_completion_mask": teacher_completion_mask})
+        student_scored, teacher_scored = self._score_masks(
+            {**output, "teacher_completion_mask": teacher_completion_mask}
+        )
 
         # Teacher log-probs of both sample sets, from the teacher prompt and weights (no gradient)
         batch_size = args.per_device_train_batch_size if mode == "train" else args.per_device_eval_batch_size
         with torch.no_grad(), disable_gradient_checkpointing(self.model, args.gradient_checkpointing_kwargs):
             with self.teacher.active():
                 scorer = self.teacher.scoring_model(self.model)
-                teacher_logps_teacher = self._sequence_logps(
-                    scorer, teacher_prompt_ids, teacher_prompt_mask, teacher_completion_ids, teacher_completion_mask, batch_size,
-                    score_mask=teacher_scored,
+                sets = [(output["completion_ids"], output["completion_mask"], student_scored)]
+                if pool_logps is None:
+                    sets.append((teacher_completion_ids, teacher_completion_mask, teacher_scored))
+                teacher_logps_student, *rest = self._teacher_sequence_logps(
+                    scorer, teacher_prompt_ids, teacher_prompt_mask, sets, batch_size
                 )
-                teacher_logps_student = self._sequence_logps(
-                    scorer, teacher_prompt_ids, teacher_prompt_mask, output["completion_ids"], output["completion_mask"], batch_size,
-                    score_mask=student_scored,
-                )
+                if pool_logps is None:
+                    teacher_logps_teacher = rest[0]
+                else:
+                    teacher_logps_teacher = torch.zeros(num_rows, device=device)
+                    teacher_logps_teacher[teacher_rows] = torch.tensor(pool_logps, device=device)
+                    # a completion masked out (truncated, with `mask_truncated_completions`) scores 0, as online
+                    teacher_logps_teacher = teacher_logps_teacher * teacher_completion_mask.any(1)
 
         # Rewards per row (weighted over reward functions), local slices of the gathered tables
         student_rewards = self._weighted_rewards(student_rewards_global)
@@ -407,9 +766,20 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
 
         if args.pairing == "all":
             num_pairs = self._build_pair_table(
-                mode, output, row_index, has_teacher, teacher_rewards_rows, student_rewards,
-                teacher_prompt_ids, teacher_prompt_mask, teacher_completion_ids, teacher_completion_mask,
-                teacher_logps_teacher, teacher_logps_student, batch_size, group_size,
+                mode,
+                output,
+                row_index,
+                has_teacher,
+                teacher_rewards_rows,
+                student_rewards,
+                teacher_prompt_ids,
+                teacher_prompt_mask,
+                teacher_completion_ids,
+                teacher_completion_mask,
+                teacher_logps_teacher,
+                teacher_logps_student,
+                batch_size,
+                group_size,
             )
         else:
             kept = has_teacher & (labels != DROPPED_LABEL)
@@ -428,7 +798,14 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
             pbsd_num_pairs=num_pairs.float(),
         )
         self._log_generation_metrics(
-            mode, has_teacher, labels, teacher_rewards_rows, student_rewards, teacher_lengths, student_lengths, truncated
+            mode,
+            has_teacher,
+            labels,
+            teacher_rewards_rows,
+            student_rewards,
+            teacher_lengths,
+            student_lengths,
+            truncated,
         )
         completions_for_table = [None] * num_rows
         for i, completion in zip(teacher_rows, teacher_completions, strict=True):
@@ -436,20 +813,59 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
         self._logs["extra"]["teacher_completion"].extend(gather_object(completions_for_table))
         return output
 
+    def _teacher_sequence_logps(self, scorer, prompt_ids, prompt_mask, completion_sets, batch_size=None):
+        """Teacher log-prob sums of several `(ids, mask, score_mask)` completion sets given the same teacher prompts
+        (no gradient).
+
+        With pbsd-trl's kernel on a supported model, the rows of a prompt group share one teacher-prompt forward
+        whose KV cache serves all their completions, of every set (`pbsd_trl.shared_prefix`); else one
+        `[prompt ; completion]` pass per set.
+        """
+        model = self.accelerator.unwrap_model(scorer)
+        if not (self.args.use_fused_logprob_kernel and supports_shared_prefix(model)):
+            return [
+                self._sequence_logps(scorer, prompt_ids, prompt_mask, ids, mask, batch_size, score_mask=scored)
+                for ids, mask, scored in completion_sets
+            ]
+        width = max(ids.size(1) for ids, _, _ in completion_sets)
+        pad_id = self._tokenizer.pad_token_id
+        ids = torch.cat([right_pad_to(ids, width, pad_id) for ids, _, _ in completion_sets])
+        mask = torch.cat([right_pad_to(mask, width, 0) for _, mask, _ in completion_sets])
+        scored = torch.cat([right_pad_to(scored, width, 0) for _, _, scored in completion_sets])
+        rows = prompt_ids.size(0)
+        per_token = shared_prefix_token_logps(
+            model,
+            prompt_ids.repeat(len(completion_sets), 1),
+            prompt_mask.repeat(len(completion_sets), 1),
+            ids,
+            mask,
+            temperature=self.temperature,
+            max_rows=None if batch_size is None else 2 * batch_size,
+            autocast=self.accelerator.autocast(),
+        )
+        sums = (per_token * scored).sum(-1)  # tool results are attended to but not scored
+        return [sums[i * rows : (i + 1) * rows] for i in range(len(completion_sets))]
+
     def _sequence_logps(
         self, model, prompt_ids, prompt_mask, completion_ids, completion_mask, batch_size=None, score_mask=None
     ):
         """Sum of per-token log-probs of each completion given its prompt, `(B,)` float32, over `score_mask` (default:
         the completion mask; tool results are attended to but not scored)."""
-        per_token = self._completion_token_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask, batch_size)
+        per_token = self._completion_token_logps(
+            model, prompt_ids, prompt_mask, completion_ids, completion_mask, batch_size
+        )
         return (per_token * (completion_mask if score_mask is None else score_mask)).sum(-1)
 
-    def _completion_token_logps(self, model, prompt_ids, prompt_mask, completion_ids, completion_mask, batch_size=None):
+    def _completion_token_logps(
+        self, model, prompt_ids, prompt_mask, completion_ids, completion_mask, batch_size=None
+    ):
         """Per-token log-probs `(B, C)` of the completion tokens (0 on padding), at the sampling temperature."""
         if completion_ids.size(1) == 0:
             return completion_ids.new_zeros(completion_ids.shape, dtype=torch.float32)
         if not self.args.use_fused_logprob_kernel:
-            input_ids, attention_mask, _ = concat_prompt_completion(prompt_ids, prompt_mask, completion_ids, completion_mask)
+            input_ids, attention_mask, _ = concat_prompt_completion(
+                prompt_ids, prompt_mask, completion_ids, completion_mask
+            )
             logps, _, _ = self._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, completion_ids.size(1), batch_size=batch_size
             )
@@ -467,9 +883,21 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
         return torch.cat(chunks).float()
 
     def _build_pair_table(
-        self, mode, output, row_index, has_teacher, teacher_rewards, student_rewards,
-        teacher_prompt_ids, teacher_prompt_mask, teacher_completion_ids, teacher_completion_mask,
-        teacher_logps_teacher, teacher_logps_student, batch_size, group_size,
+        self,
+        mode,
+        output,
+        row_index,
+        has_teacher,
+        teacher_rewards,
+        student_rewards,
+        teacher_prompt_ids,
+        teacher_prompt_mask,
+        teacher_completion_ids,
+        teacher_completion_mask,
+        teacher_logps_teacher,
+        teacher_logps_student,
+        batch_size,
+        group_size,
     ) -> torch.Tensor:
         """Global table of detached per-row values for `pairing="all"`; returns the global number of kept pairs.
 
@@ -478,14 +906,26 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
         here and the loss, so partner log-ratios scored now, without gradient, are the partners' values at loss time:
         each process differentiates its own samples against them, which gives the exact gradient of the global loss.
         """
-        student_scored, teacher_scored = self._score_masks({**output, "teacher_completion_mask": teacher_completion_mask})
+        student_scored, teacher_scored = self._score_masks(
+            {**output, "teacher_completion_mask": teacher_completion_mask}
+        )
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
             student_on_teacher = self._sequence_logps(
-                self.model, output["prompt_ids"], output["prompt_mask"], teacher_completion_ids, teacher_completion_mask, batch_size,
+                self.model,
+                output["prompt_ids"],
+                output["prompt_mask"],
+                teacher_completion_ids,
+                teacher_completion_mask,
+                batch_size,
                 score_mask=teacher_scored,
             )
             student_on_student = self._sequence_logps(
-                self.model, output["prompt_ids"], output["prompt_mask"], output["completion_ids"], output["completion_mask"], batch_size,
+                self.model,
+                output["prompt_ids"],
+                output["prompt_mask"],
+                output["completion_ids"],
+                output["completion_mask"],
+                batch_size,
                 score_mask=student_scored,
             )
         lengths_t = teacher_scored.sum(1) if self.args.length_normalize else None
@@ -500,38 +940,27 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
             "student_reward": gather(student_rewards if student_rewards is not None else nan),
         }
         self._pair_table[mode] = table
-        labels = self._all_pair_labels(table["teacher_reward"], table["student_reward"])
-        valid = self._all_pair_mask(table["group"], table["has_teacher"], table["group"])
-        return (valid & (labels != DROPPED_LABEL)).sum()
-
-    def _all_pair_labels(self, teacher_rewards, student_rewards):
-        """`(N_T, N_S)` labels of every teacher × student pair (rows: teacher samples, columns: student samples)."""
-        if self.args.pair_labels == "role":
-            return torch.ones(teacher_rewards.size(0), student_rewards.size(0), device=teacher_rewards.device)
-        return preference_labels(
-            teacher_rewards.unsqueeze(1).expand(-1, student_rewards.size(0)),
-            student_rewards.unsqueeze(0).expand(teacher_rewards.size(0), -1),
-            self.args.pair_labels,
-            self.args.tie_policy,
+        pairs = all_pairs(table["group"], table["group"], table["has_teacher"])
+        labels = pair_labels_of(
+            pairs, table["teacher_reward"], table["student_reward"], self.args.pair_labels, self.args.tie_policy
         )
+        return (labels != DROPPED_LABEL).sum()
 
-    @staticmethod
-    def _all_pair_mask(teacher_groups, teacher_has_sample, student_groups):
-        return (teacher_groups.unsqueeze(1) == student_groups.unsqueeze(0)) & teacher_has_sample.unsqueeze(1)
+    def _global_mean(self, values, mask=None):
+        """Mean of `values` over `mask` (default: all) and every process, NaN entries left out; NaN when empty."""
+        values = values.detach().float()
+        mask = torch.ones_like(values, dtype=torch.bool) if mask is None else mask.bool()
+        mask = mask & ~torch.isnan(values)
+        stats = torch.stack([values.masked_fill(~mask, 0).sum(), mask.float().sum()])
+        total, count = self.accelerator.reduce(stats, reduction="sum").tolist()
+        return total / count if count else float("nan")
 
     def _log_generation_metrics(
         self, mode, has_teacher, labels, teacher_rewards, student_rewards, teacher_lengths, student_lengths, truncated
     ):
         metrics = self._metrics[mode]
         device = has_teacher.device
-
-        def global_mean(values, mask=None):
-            mask = torch.ones_like(values, dtype=torch.bool) if mask is None else mask
-            mask = mask & ~torch.isnan(values.float())
-            stats = torch.stack([values.float().masked_fill(~mask, 0).sum(), mask.float().sum()])
-            total, count = self.accelerator.reduce(stats, reduction="sum").tolist()
-            return total / count if count else float("nan")
-
+        global_mean = self._global_mean
         metrics["pbsd/teacher_length"].append(global_mean(teacher_lengths.float(), has_teacher))
         metrics["pbsd/student_length"].append(global_mean(student_lengths.float()))
         truncated = torch.tensor(truncated, dtype=torch.float32, device=device)
@@ -561,7 +990,9 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
         # attended to but not scored (GRPO's `tool_mask`)
         width = max(student_ids.size(1), teacher_ids.size(1))
         pad_id = self._tokenizer.pad_token_id
-        completion_ids = torch.cat([right_pad_to(student_ids, width, pad_id), right_pad_to(teacher_ids, width, pad_id)])
+        completion_ids = torch.cat(
+            [right_pad_to(student_ids, width, pad_id), right_pad_to(teacher_ids, width, pad_id)]
+        )
         completion_mask = torch.cat([right_pad_to(student_mask, width, 0), right_pad_to(teacher_mask, width, 0)])
         student_mask, teacher_mask = self._score_masks(inputs)
         score_mask = torch.cat([right_pad_to(student_mask, width, 0), right_pad_to(teacher_mask, width, 0)])
@@ -579,11 +1010,17 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
         student_log_ratios = implicit_log_ratios(policy_student, inputs["teacher_logps_student_samples"], lengths_s)
 
         if args.pairing == "matched":
-            labels = inputs["pbsd_labels"]
-            kept = inputs["pbsd_has_teacher"] & (labels != DROPPED_LABEL)
-            margins = pair_margins(teacher_log_ratios, student_log_ratios, labels, args.pbsd_beta)
-            loss_sum = (logistic_preference_loss(margins, args.label_smoothing) * kept).sum()
-            metric_margins, metric_kept = margins, kept
+            labels = inputs["pbsd_labels"].masked_fill(~inputs["pbsd_has_teacher"], DROPPED_LABEL)
+            loss_sum, metric_margins = pbsd_loss(
+                teacher_log_ratios,
+                student_log_ratios,
+                matched_pairs(num_rows, labels.device),
+                labels,
+                args.pbsd_beta,
+                args.label_smoothing,
+                reduction="sum",
+            )
+            metric_kept = labels != DROPPED_LABEL
         else:
             loss_sum, metric_margins, metric_kept = self._all_pairs_loss_sum(
                 mode, inputs["pbsd_row_index"], teacher_log_ratios, student_log_ratios
@@ -600,7 +1037,12 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
         loss = self._add_grpo_regularizers(mode, loss, entropies, score_mask, entropy_mask, num_rows, aux_loss)
 
         self._log_loss_metrics(
-            mode, metric_margins, metric_kept, teacher_log_ratios, student_log_ratios, inputs["pbsd_has_teacher"],
+            mode,
+            metric_margins,
+            metric_kept,
+            teacher_log_ratios,
+            student_log_ratios,
+            inputs["pbsd_has_teacher"],
             policy_student - inputs["teacher_logps_student_samples"],
         )
         return loss
@@ -612,46 +1054,83 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
         student sample), so the value is halved while the gradient keeps both halves.
         """
         table = self._pair_table[mode]
-        beta, smoothing = self.args.pbsd_beta, self.args.label_smoothing
-        groups = table["group"][row_index]
-        # teacher side: this row's teacher sample against every student sample of its prompt
-        labels_t = self._all_pair_labels(table["teacher_reward"][row_index], table["student_reward"])
-        mask_t = self._all_pair_mask(groups, table["has_teacher"][row_index], table["group"]) & (labels_t != 0)
-        margins_t = pair_margins(teacher_log_ratios.unsqueeze(1), table["student_log_ratio"].unsqueeze(0), labels_t, beta)
-        # student side: every teacher sample of its prompt against this row's student sample
-        labels_s = self._all_pair_labels(table["teacher_reward"], table["student_reward"][row_index]).T
-        mask_s = self._all_pair_mask(table["group"], table["has_teacher"], groups).T & (labels_s != 0)
-        margins_s = pair_margins(table["teacher_log_ratio"].unsqueeze(0), student_log_ratios.unsqueeze(1), labels_s, beta)
-        surrogate = (logistic_preference_loss(margins_t, smoothing) * mask_t).sum() + (
-            logistic_preference_loss(margins_s, smoothing) * mask_s
-        ).sum()
+        args = self.args
+
+        def side_loss(teacher_rows, student_rows, teacher_log_ratio, student_log_ratio):
+            pairs = all_pairs(
+                table["group"][teacher_rows], table["group"][student_rows], table["has_teacher"][teacher_rows]
+            )
+            labels = pair_labels_of(
+                pairs,
+                table["teacher_reward"][teacher_rows],
+                table["student_reward"][student_rows],
+                args.pair_labels,
+                args.tie_policy,
+            )
+            loss, margins = pbsd_loss(
+                teacher_log_ratio, student_log_ratio, pairs, labels, args.pbsd_beta, args.label_smoothing, "sum"
+            )
+            return loss, margins[labels != DROPPED_LABEL]
+
+        every_row = slice(None)
+        # teacher side: this micro-batch's teacher samples against every student sample of their prompts
+        loss_t, margins = side_loss(row_index, every_row, teacher_log_ratios, table["student_log_ratio"])
+        # student side: every teacher sample of their prompts against this micro-batch's student samples
+        loss_s, _ = side_loss(every_row, row_index, table["teacher_log_ratio"], student_log_ratios)
+        surrogate = loss_t + loss_s
         loss_sum = surrogate - surrogate.detach() / 2
-        return loss_sum, margins_t[mask_t], torch.ones_like(margins_t[mask_t], dtype=torch.bool)
+        return loss_sum, margins, torch.ones_like(margins, dtype=torch.bool)
 
     def _log_loss_metrics(self, mode, margins, kept, teacher_log_ratios, student_log_ratios, has_teacher, student_kl):
         metrics = self._metrics[mode]
-
-        def global_mean(values, mask):
-            stats = torch.stack([(values.detach().float() * mask).sum(), mask.float().sum()])
-            total, count = self.accelerator.reduce(stats, reduction="sum").tolist()
-            return total / count if count else float("nan")
-
-        kept = kept.float()
+        global_mean = self._global_mean
         metrics["pbsd/margin"].append(global_mean(margins, kept))
         metrics["pbsd/preference_accuracy"].append(global_mean((margins > 0).float(), kept))
-        metrics["pbsd/log_ratio_teacher_samples"].append(global_mean(teacher_log_ratios, has_teacher.float()))
-        metrics["pbsd/log_ratio_student_samples"].append(global_mean(student_log_ratios, torch.ones_like(student_log_ratios)))
-        metrics["pbsd/kl_student_teacher"].append(global_mean(student_kl, torch.ones_like(student_kl)))
+        metrics["pbsd/log_ratio_teacher_samples"].append(global_mean(teacher_log_ratios, has_teacher))
+        metrics["pbsd/log_ratio_student_samples"].append(global_mean(student_log_ratios))
+        metrics["pbsd/kl_student_teacher"].append(global_mean(student_kl))
 
     # ---- checkpoints --------------------------------------------------------------------------------------------
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        # Check the checkpoint before anything of it is loaded, so that a bad file fails with its name
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            checkpoint = get_last_checkpoint(self.args.output_dir)  # None: transformers raises its own error
+        if isinstance(checkpoint, (str, os.PathLike)):
+            check_checkpoint(checkpoint, self._checkpoint_info())
+            if self.teacher.kind == "ema":  # memory-mapped: the shapes are read, not the tensors
+                path = os.path.join(checkpoint, TEACHER_STATE_FILE)
+                self.teacher.check_state_dict(torch.load(path, map_location="cpu", weights_only=True, mmap=True), path)
+        # A `train()` interrupted mid-step (Ctrl-C in a notebook) leaves that step's partial metrics, completions
+        # table, pair table and buffered generation batch behind: a new run starts without them, as a new trainer
+        # would (the Trainer builds a new `TrainerState` too, so the token counts restart with it).
+        for metrics in self._metrics.values():
+            metrics.clear()
+        for logs in self._logs.values():
+            for values in logs.values() if isinstance(logs, dict) else [logs]:
+                values.clear()
+        self._pair_table.clear()
+        self._teacher_tokens_seen = 0
+        self._step, self._buffered_inputs = 0, None
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _checkpoint_info(self) -> dict:
+        return checkpoint_info(self.teacher.kind, self.teacher.is_peft)
+
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
         state = self.teacher.state_dict()  # collective under ZeRO-3: every process calls it
-        if state is not None and self.args.should_save:
+        if self.args.should_save:
             from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            torch.save(state, os.path.join(folder, TEACHER_STATE_FILE))
+            folder = os.path.join(
+                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
+            if state is not None:
+                torch.save(state, os.path.join(folder, TEACHER_STATE_FILE))
+            write_checkpoint_info(folder, self._checkpoint_info())
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -663,4 +1142,11 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
                 f"{checkpoint} has no {TEACHER_STATE_FILE}: it was not written by a PBSD run with an EMA teacher, so "
                 "the teacher cannot be restored. Resume from a PBSD checkpoint or start a new run."
             )
-        self.teacher.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise CheckpointError(
+                f"{path} cannot be read ({type(err).__name__}: {err}); it is corrupt or truncated. Resume from an "
+                "earlier checkpoint."
+            ) from err
+        self.teacher.load_state_dict(state, source=path)

@@ -19,12 +19,21 @@ from trl.chat_template_utils import qwen2_5_chat_template
 from pbsd_trl import PBSDConfig, PBSDTrainer
 from pbsd_trl.tiny import build_random_model
 
+
 TEMPLATE = "{prompt} Hint: {privileged_context}"
 QUESTION = "What is 3 * 4?"
 HINT = "call multiply."
 TOOL_CALL = '<tool_call>\n{"name": "multiply", "arguments": {"a": 3, "b": 4}}\n</tool_call><|im_end|>'
-SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>", "<tool_response>",
-           "</tool_response>", "<unk>"]
+SPECIAL = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<tool_call>",
+    "</tool_call>",
+    "<tool_response>",
+    "</tool_response>",
+    "<unk>",
+]
 
 
 def multiply(a: int, b: int) -> int:
@@ -49,8 +58,13 @@ def tool_tokenizer():
     backend.decoder = decoders.Fuse()
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL])
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<|endoftext|>", eos_token="<|im_end|>", unk_token="<unk>",
-        chat_template=qwen2_5_chat_template, padding_side="left", clean_up_tokenization_spaces=False,
+        tokenizer_object=backend,
+        pad_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        unk_token="<unk>",
+        chat_template=qwen2_5_chat_template,
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
     )
     # The system text and tool schema the template renders are ~700 characters: one token per fixed piece keeps the
     # prompts short enough for a CPU test
@@ -64,8 +78,9 @@ def tool_tokenizer():
 def episode_ids(tokenizer, user_content):
     """Prompt ids (tools rendered) and the scripted episode after it: tool call, tool result, final answer."""
     prompt = [{"role": "user", "content": user_content}]
-    prompt_ids = tokenizer.apply_chat_template(prompt, tools=[multiply], add_generation_prompt=True, tokenize=True,
-                                               return_dict=True)["input_ids"]
+    prompt_ids = tokenizer.apply_chat_template(
+        prompt, tools=[multiply], add_generation_prompt=True, tokenize=True, return_dict=True
+    )["input_ids"]
     call = {"type": "function", "function": {"name": "multiply", "arguments": {"a": 3, "b": 4}}}
     conversation = prompt + [
         {"role": "assistant", "content": "", "tool_calls": [call]},
@@ -80,9 +95,20 @@ def episode_ids(tokenizer, user_content):
 @pytest.fixture(scope="module")
 def tool_model():
     tokenizer = tool_tokenizer()
-    model = build_random_model(tokenizer, seed=0, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                               num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024)
-    rows = [episode_ids(tokenizer, content) for content in (QUESTION, TEMPLATE.format(prompt=QUESTION, privileged_context=HINT))]
+    model = build_random_model(
+        tokenizer,
+        seed=0,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+    )
+    rows = [
+        episode_ids(tokenizer, content)
+        for content in (QUESTION, TEMPLATE.format(prompt=QUESTION, privileged_context=HINT))
+    ]
     width = max(len(p) + len(e) for p, e in rows)
     ids = torch.full((2, width), tokenizer.pad_token_id)
     labels = torch.full((2, width), -100)
@@ -114,9 +140,20 @@ def dataset(n=8):
 
 def make_args(tmp_path, **kwargs):
     defaults = dict(
-        output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=2, max_completion_length=128,
-        max_steps=2, learning_rate=1e-3, logging_steps=1, report_to=[], bf16=False, use_cpu=True,
-        save_strategy="no", teacher_prompt_template=TEMPLATE, seed=0, max_tool_calling_iterations=2,
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        num_generations=2,
+        max_completion_length=128,
+        max_steps=2,
+        learning_rate=1e-3,
+        logging_steps=1,
+        report_to=[],
+        bf16=False,
+        use_cpu=True,
+        save_strategy="no",
+        teacher_prompt_template=TEMPLATE,
+        seed=0,
+        max_tool_calling_iterations=2,
         temperature=0.5,  # sharper sampling: a malformed call (one wrong character of JSON) is not executed
     )
     defaults.update(kwargs)
@@ -139,8 +176,14 @@ def masked_sequence_logps(model, prompt_ids, prompt_mask, completion_ids, attent
 
 def test_teacher_samples_call_the_tool_through_grpos_loop_and_tool_results_are_not_scored(tmp_path, tool_model):
     model, tokenizer = copy.deepcopy(tool_model[0]), tool_model[1]
-    trainer = PBSDTrainer(model, answered_12, args=make_args(tmp_path, teacher_model_kind="live"),
-                          train_dataset=dataset(), processing_class=tokenizer, tools=[multiply])
+    trainer = PBSDTrainer(
+        model,
+        answered_12,
+        args=make_args(tmp_path, teacher_model_kind="live"),
+        train_dataset=dataset(),
+        processing_class=tokenizer,
+        tools=[multiply],
+    )
     trainer.model.eval()  # deterministic scoring for the comparison below; generation samples either way
     rows = [dict(r) for r in dataset(4)]
     inputs = trainer._generate_and_score_completions(rows)
@@ -164,33 +207,62 @@ def test_teacher_samples_call_the_tool_through_grpos_loop_and_tool_results_are_n
     # for the teacher's samples and for the student's (which also called the tool)
     for key, ids, attention, scored in [
         ("teacher_logps_teacher_samples", "teacher_completion_ids", "teacher_completion_mask", teacher_scored),
-        ("teacher_logps_student_samples", "completion_ids", "completion_mask",
-         inputs["completion_mask"] * inputs["tool_mask"]),
+        (
+            "teacher_logps_student_samples",
+            "completion_ids",
+            "completion_mask",
+            inputs["completion_mask"] * inputs["tool_mask"],
+        ),
     ]:
-        expected = masked_sequence_logps(model, inputs["teacher_prompt_ids"], inputs["teacher_prompt_mask"],
-                                         inputs[ids], inputs[attention], scored)
-        unmasked = masked_sequence_logps(model, inputs["teacher_prompt_ids"], inputs["teacher_prompt_mask"],
-                                         inputs[ids], inputs[attention], inputs[attention])
+        expected = masked_sequence_logps(
+            model, inputs["teacher_prompt_ids"], inputs["teacher_prompt_mask"], inputs[ids], inputs[attention], scored
+        )
+        unmasked = masked_sequence_logps(
+            model,
+            inputs["teacher_prompt_ids"],
+            inputs["teacher_prompt_mask"],
+            inputs[ids],
+            inputs[attention],
+            inputs[attention],
+        )
         torch.testing.assert_close(inputs[key].double(), expected, atol=1e-4, rtol=1e-4)
         assert (expected - unmasked).abs().max() > 1.0  # scoring the tool results would change the numbers
 
     # The loss: the student's log-probs from the student prompt, over the same masks
     loss = trainer.compute_loss(trainer.model, inputs)
-    student_on_teacher = masked_sequence_logps(model, inputs["prompt_ids"], inputs["prompt_mask"],
-                                               inputs["teacher_completion_ids"], inputs["teacher_completion_mask"],
-                                               teacher_scored)
-    student_on_student = masked_sequence_logps(model, inputs["prompt_ids"], inputs["prompt_mask"],
-                                               inputs["completion_ids"], inputs["completion_mask"],
-                                               inputs["completion_mask"] * inputs["tool_mask"])
-    margins = trainer.args.pbsd_beta * ((student_on_teacher - inputs["teacher_logps_teacher_samples"].double())
-                                        - (student_on_student - inputs["teacher_logps_student_samples"].double()))
+    student_on_teacher = masked_sequence_logps(
+        model,
+        inputs["prompt_ids"],
+        inputs["prompt_mask"],
+        inputs["teacher_completion_ids"],
+        inputs["teacher_completion_mask"],
+        teacher_scored,
+    )
+    student_on_student = masked_sequence_logps(
+        model,
+        inputs["prompt_ids"],
+        inputs["prompt_mask"],
+        inputs["completion_ids"],
+        inputs["completion_mask"],
+        inputs["completion_mask"] * inputs["tool_mask"],
+    )
+    margins = trainer.args.pbsd_beta * (
+        (student_on_teacher - inputs["teacher_logps_teacher_samples"].double())
+        - (student_on_student - inputs["teacher_logps_student_samples"].double())
+    )
     torch.testing.assert_close(loss.double(), -torch.nn.functional.logsigmoid(margins).mean(), atol=1e-5, rtol=1e-5)
 
 
 def test_pbsd_with_tools_trains_two_steps_and_logs_teacher_tool_calls(tmp_path, tool_model):
     model, tokenizer = copy.deepcopy(tool_model[0]), tool_model[1]
-    trainer = PBSDTrainer(model, answered_12, args=make_args(tmp_path), train_dataset=dataset(),
-                          processing_class=tokenizer, tools=[multiply])
+    trainer = PBSDTrainer(
+        model,
+        answered_12,
+        args=make_args(tmp_path),
+        train_dataset=dataset(),
+        processing_class=tokenizer,
+        tools=[multiply],
+    )
     trainer.train()
     logs = [log for log in trainer.state.log_history if "pbsd/teacher_tools/call_frequency" in log]
     assert len(logs) == 2
@@ -230,8 +302,13 @@ class MultiplyEnv:
 def test_environment_factory_teacher_episodes_use_their_own_reset_environments(tmp_path, tool_model):
     model, tokenizer = copy.deepcopy(tool_model[0]), tool_model[1]
     # No reward_funcs: the environment's own get_reward is the reward source, read after each episode set
-    trainer = PBSDTrainer(model, args=make_args(tmp_path), train_dataset=dataset(), processing_class=tokenizer,
-                          environment_factory=MultiplyEnv)
+    trainer = PBSDTrainer(
+        model,
+        args=make_args(tmp_path),
+        train_dataset=dataset(),
+        processing_class=tokenizer,
+        environment_factory=MultiplyEnv,
+    )
     assert trainer.reward_func_names == ["MultiplyEnv"]
     trainer.train()
     logs = [log for log in trainer.state.log_history if "pbsd/teacher_reward" in log]
@@ -253,8 +330,13 @@ class RandomObservationEnv(MultiplyEnv):
 
 def test_environment_whose_reset_differs_between_episodes_is_refused(tmp_path, tool_model):
     model, tokenizer = copy.deepcopy(tool_model[0]), tool_model[1]
-    trainer = PBSDTrainer(model, args=make_args(tmp_path), train_dataset=dataset(), processing_class=tokenizer,
-                          environment_factory=RandomObservationEnv)
+    trainer = PBSDTrainer(
+        model,
+        args=make_args(tmp_path),
+        train_dataset=dataset(),
+        processing_class=tokenizer,
+        environment_factory=RandomObservationEnv,
+    )
     with pytest.raises(ValueError, match=r"row 0 returned a different observation from `reset\(\)`"):
         trainer._generate_and_score_completions([dict(r) for r in dataset(4)])
 
@@ -267,8 +349,9 @@ def test_rollout_func_needs_a_teacher_rollout_per_row(tmp_path, tool_model):
 
     args = make_args(tmp_path, pairing="all", num_teacher_generations=1)
     with pytest.raises(ValueError, match="With `rollout_func`, every row needs a teacher rollout"):
-        PBSDTrainer(model, answered_12, args=args, train_dataset=dataset(), processing_class=tokenizer,
-                    rollout_func=rollout)
+        PBSDTrainer(
+            model, answered_12, args=args, train_dataset=dataset(), processing_class=tokenizer, rollout_func=rollout
+        )
 
 
 def test_rollout_func_serves_the_teacher_from_the_teacher_prompt_with_its_env_mask(tmp_path, tool_model):
@@ -287,8 +370,14 @@ def test_rollout_func_serves_the_teacher_from_the_teacher_prompt_with_its_env_ma
             env_mask.append([1] * call + [0] * (len(episode) - call - answer) + [1] * answer)
         return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": None, "env_mask": env_mask}
 
-    trainer = PBSDTrainer(model, answered_12, args=make_args(tmp_path, teacher_model_kind="live"),
-                          train_dataset=dataset(), processing_class=tokenizer, rollout_func=scripted_rollout)
+    trainer = PBSDTrainer(
+        model,
+        answered_12,
+        args=make_args(tmp_path, teacher_model_kind="live"),
+        train_dataset=dataset(),
+        processing_class=tokenizer,
+        rollout_func=scripted_rollout,
+    )
     trainer.model.eval()
     inputs = trainer._generate_and_score_completions([dict(r) for r in dataset(4)])
     student_call, teacher_call = seen
@@ -298,6 +387,12 @@ def test_rollout_func_serves_the_teacher_from_the_teacher_prompt_with_its_env_ma
     assert prompt == expected_prompt  # the rollout's own tokens of the teacher prompt
     assert (inputs["teacher_tool_mask"] == 0).any() and (inputs["tool_mask"] == 0).any()
     teacher_scored = inputs["teacher_completion_mask"] * inputs["teacher_tool_mask"]
-    expected = masked_sequence_logps(model, inputs["teacher_prompt_ids"], inputs["teacher_prompt_mask"],
-                                     inputs["teacher_completion_ids"], inputs["teacher_completion_mask"], teacher_scored)
+    expected = masked_sequence_logps(
+        model,
+        inputs["teacher_prompt_ids"],
+        inputs["teacher_prompt_mask"],
+        inputs["teacher_completion_ids"],
+        inputs["teacher_completion_mask"],
+        teacher_scored,
+    )
     torch.testing.assert_close(inputs["teacher_logps_teacher_samples"].double(), expected, atol=1e-4, rtol=1e-4)

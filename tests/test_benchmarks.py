@@ -13,8 +13,12 @@ LEARNING_METHODS = ("base", "GRPO", "OPSD", "SDFT", "PBSD-role", "PBSD-reward")
 
 
 def run_quick(script, *args, timeout):
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", *map(str, args)],
-                   check=True, cwd=ROOT, timeout=timeout)
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), "--quick", *map(str, args)],
+        check=True,
+        cwd=ROOT,
+        timeout=timeout,
+    )
 
 
 @pytest.mark.slow
@@ -62,3 +66,192 @@ def test_step_cost_quick(tmp_path):
         assert names["PBSD 4+4"]["median_breakdown_s"]["cpu"]["teacher_scoring"] > 0
         assert names["GRPO G=8"]["median_breakdown_s"]["cpu"]["teacher_scoring"] == 0
         assert names["GRPO G=8"]["time_ratio"] == {"wall": 1.0, "cpu": 1.0}
+        # the pool contenders take the teacher's samples from the pool built before the rounds: no teacher generate
+        assert result["pool_build"]["tokens"] > 0 and result["pool_build"]["rows"] > 0
+        assert names["PBSD 4+4 pool"]["median_breakdown_s"]["cpu"]["gen_teacher"] == 0
+        assert names["PBSD 4+4"]["median_breakdown_s"]["cpu"]["gen_teacher"] > 0
+        assert names["PBSD 4+4 LoRA 1-pass"]["time_ratio_vs"]["LoRA GRPO G=8"]["cpu"] > 0
+
+
+# ---- benchmarks/learning_tuned.py: the protocol's pieces, without training ----------------------------------------
+
+
+def _learning_tuned():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import learning_tuned
+
+    return learning_tuned
+
+
+@pytest.mark.parametrize("task", ["math", "tool_use"])
+def test_tuned_splits_are_disjoint_halves(task):
+    lt = _learning_tuned()
+    val, test = lt.eval_splits(task, 100, 100)
+    assert len(val) == len(test) == 100
+    val_prompts = {lt.prompt_text(p) for p in val["prompt"]}
+    test_prompts = {lt.prompt_text(p) for p in test["prompt"]}
+    assert len(val_prompts) == len(test_prompts) == 100 and not val_prompts & test_prompts
+    with pytest.raises(AssertionError, match="share 1 prompts"):
+        lt.check_disjoint(val.select(range(3)), val.select(range(2, 5)))
+    with pytest.raises(ValueError, match="at most 100"):
+        lt.eval_splits(task, 101, 10)
+
+
+def test_tuned_grids_have_equal_size():
+    lt = _learning_tuned()
+    sizes = {m: len(lt.tuning_grid(m)) for m in lt.METHODS}
+    assert set(sizes.values()) == {len(lt.LEARNING_RATES) * 2} and min(sizes.values()) >= 4, sizes
+    for m in lt.METHODS:
+        knob = lt.KNOBS[m][0]
+        grid = lt.tuning_grid(m)
+        assert len({(c["learning_rate"], c[knob]) for c in grid}) == len(grid), m  # no duplicate configuration
+    ablation = lt.ablation_config(
+        {"learning_rate": 1e-4, "pbsd_beta": 0.1}, lt.ABLATIONS["length-normalized (β x 40)"]
+    )
+    assert ablation == {"learning_rate": 1e-4, "pbsd_beta": 4.0, "length_normalize": True}
+
+
+def test_tuned_run_cache_keys_and_resume(tmp_path):
+    lt = _learning_tuned()
+    spec = {"task": "math", "method": "PBSD", "config": {"learning_rate": 1e-4, "pbsd_beta": 0.1}, "seed": 0}
+    reordered = {"seed": 0, "config": {"pbsd_beta": 0.1, "learning_rate": 1e-4}, "method": "PBSD", "task": "math"}
+    assert lt.run_key(spec) == lt.run_key(reordered)
+    assert lt.run_key(spec) != lt.run_key({**spec, "seed": 1})
+    assert lt.run_key(spec) != lt.run_key({**spec, "config": {"learning_rate": 3e-4, "pbsd_beta": 0.1}})
+
+    cache = lt.RunCache(tmp_path)
+    args = lt.parse_args(["--output_dir", str(tmp_path)])
+    runner = lt.Runner(args, cache)
+    calls = []
+
+    def fake_execute(ctx, spec, desc):
+        calls.append(desc)
+        return {"steps": 3, "points": [{"avg_at_8": 0.5}], "marks": {"tokens": 0}}
+
+    original = lt.execute_train
+    lt.execute_train = fake_execute
+    try:
+        train = {**spec, "kind": "train"}
+        first = runner.get(None, train, "run a")
+        again = lt.Runner(args, cache).get(None, train, "run a again")  # a new invocation: served from disk
+    finally:
+        lt.execute_train = original
+    assert calls == ["run a"] and first["steps"] == again["steps"] == 3
+    assert (tmp_path / "math" / f"{lt.run_key(train)}.json").is_file()
+    (tmp_path / "math" / f"{lt.run_key(train)}.json").write_text(json.dumps({"spec": {**train, "seed": 9}}))
+    with pytest.raises(RuntimeError, match="stored specification differs"):
+        cache.get(train)
+
+
+def test_tuned_budget_callback_marks_each_budget_at_its_first_step():
+    lt = _learning_tuned()
+    from transformers import TrainerControl, TrainerState
+
+    class FakeClock:
+        kind = "cpu"
+        t = 0.0
+
+        def now(self):
+            return self.t
+
+    clock = FakeClock()
+    evaluated = []
+
+    def evaluate(model):
+        clock.t += 100.0  # evaluation time must not count as training time
+        evaluated.append(state.global_step)
+        return {"avg_at_k": state.global_step / 10, "pass_at_k": 1.0, "mean_completion_tokens": 10.0}
+
+    callback = lt.make_budget_callback(
+        teacher_per_step=16,
+        student_per_step=64,
+        budgets={"tokens": 2000.0, "time": 5.0, "steps": 4},
+        stop={"tokens": 3000.0, "time": 5.0, "steps": 4},
+        eval_every_tokens=1500.0,
+        evaluate=evaluate,
+        clock=clock,
+    )
+    state, control = TrainerState(), TrainerControl()
+    for step in range(1, 10):
+        state.global_step = step
+        clock.t += 2.0  # 2 s of training per step
+        # 64 student samples of 10 tokens and 16 teacher samples of 20 tokens: 960 tokens per step
+        callback.on_log(
+            None, state, control, logs={"completions/mean_length": 10.0, "pbsd/teacher_completions/mean_length": 20.0}
+        )
+        if control.should_training_stop:
+            break
+    assert callback.tokens == 960 * step and callback.teacher_tokens == 320 * step
+    assert step == 4  # tokens 3000 reached at step 4 (3840), time 5 s at step 3, steps at 4
+    marks = {b: callback.points[i]["step"] for b, i in callback.marks.items()}
+    assert marks == {"tokens": 3, "time": 3, "steps": 4}  # 2880 ≥ 2000 first at step 3; 6 s ≥ 5 s at step 3
+    assert evaluated == [2, 3, 4]  # token grid at 1500 (step 2), budgets at 3, grid 3000 + steps at 4
+    assert callback.points[1]["train_seconds"] == pytest.approx(6.0)
+    with pytest.raises(RuntimeError, match="no teacher completion lengths"):
+        callback.on_log(None, state, control, logs={"completions/mean_length": 10.0})
+
+
+def test_tuned_selection_uses_validation_at_each_budget():
+    lt = _learning_tuned()
+
+    def record(values):
+        points = [{"avg_at_8": v} for v in values]
+        return {"points": points, "marks": {b: i for i, b in enumerate(lt.BUDGETS)}}
+
+    records = [
+        ({"config": {"lr": 1}}, record([0.3, 0.5, 0.2])),
+        ({"config": {"lr": 2}}, record([0.4, 0.5, 0.1])),
+        ({"config": {"lr": 3}}, record([0.1, 0.1, 0.6])),
+    ]
+    assert lt.select(records, "tokens") == ({"lr": 2}, 0.4)
+    assert lt.select(records, "time") == ({"lr": 1}, 0.5)  # a tie goes to the first in grid order
+    assert lt.select(records, "steps") == ({"lr": 3}, 0.6)
+    with pytest.raises(ValueError, match="no finished validation run"):
+        lt.select([], "tokens")
+
+
+def test_tuned_plan_estimates_every_stage(tmp_path):
+    lt = _learning_tuned()
+    text = lt.plan(lt.parse_args(["--output_dir", str(tmp_path)]), tmp_path / "empty-cache")
+    for task in ("math", "tool_use"):
+        assert f"| {task} | tuning (validation, seed 0) | 16 |" in text
+        assert f"| {task} | PBSD ablations | 12 |" in text
+    assert "DEFAULT_COSTS" in text and "sessions of 170 minutes" in text
+
+
+@pytest.mark.slow
+def test_learning_tuned_quick_resumes_from_cache(tmp_path):
+    run_quick("learning_tuned.py", "--output_dir", tmp_path, "--tasks", "math", timeout=1200)
+    md = (tmp_path / "learning.md").read_text()
+    payload = json.loads((tmp_path / "learning.json").read_text())
+    assert (
+        md.startswith("# Tuned learning benchmark") and "Command: `python benchmarks/learning_tuned.py --quick" in md
+    )
+    assert payload["executed"] > 0 and not payload["errors"] and payload["partial"] is None
+    (task,) = payload["tasks"]
+    assert set(task["selected"]) == {"GRPO", "OPSD", "SDFT", "PBSD"}
+    for method in task["selected"]:
+        for budget in ("tokens", "time", "steps"):
+            assert (
+                f"### math: {['equal generated tokens', 'equal training time', 'equal optimizer steps'][['tokens', 'time', 'steps'].index(budget)]}"
+                in md
+            )
+        for entry in task["test"][method]:
+            assert [r["seed"] for r in entry["runs"]] == [0, 1]
+            assert all(set(r["marks"]) == {"tokens", "time", "steps"} for r in entry["runs"])
+    assert task["ablations"] and all(len(e["runs"]) == 2 for e in task["ablations"].values())
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "learning_math.png").stat().st_size > 0
+    # A second invocation finds every run on disk
+    run_quick("learning_tuned.py", "--output_dir", tmp_path, "--tasks", "math", timeout=600)
+    assert json.loads((tmp_path / "learning.json").read_text())["executed"] == 0
+
+
+@pytest.mark.slow
+def test_learning_diagnosis_quick(tmp_path):
+    run_quick("learning_diagnosis.py", "--output_dir", tmp_path, "--variants", "role", "reward-drop", timeout=900)
+    md = (tmp_path / "learning_diagnosis.md").read_text()
+    assert "| PBSD role labels (default job) |" in md and "| PBSD reward labels, ties dropped |" in md
+    payload = json.loads((tmp_path / "learning_diagnosis.json").read_text())
+    for summary in payload["summaries"].values():
+        assert set(summary["delta_logp"]) and "0" in {str(k) for k in summary["delta_logp"]}

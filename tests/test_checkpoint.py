@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests", "distributed"))
 
@@ -49,7 +50,9 @@ def test_resume_without_teacher_state_fails_clearly(tmp_path):
 
     model_dir = make_model_dir(str(tmp_path / "model"))
     out = tmp_path / "run"
-    trainer = build_trainer(model_dir, str(out), 8, "ema", peft=False, max_steps=2, save_strategy="steps", save_steps=2)
+    trainer = build_trainer(
+        model_dir, str(out), 8, "ema", peft=False, max_steps=2, save_strategy="steps", save_steps=2
+    )
     trainer.train()
     os.remove(out / "checkpoint-2" / "pbsd_teacher_state.pt")
     trainer = build_trainer(model_dir, str(out), 8, "ema", peft=False, max_steps=4, save_strategy="no")

@@ -8,15 +8,26 @@ from pbsd_trl import PBSDConfig
 
 
 def make(**kwargs):
-    base = dict(output_dir="/tmp/pbsd-config-test", per_device_train_batch_size=4, num_generations=4, use_cpu=True,
-                bf16=False, report_to=[])
+    base = dict(
+        output_dir="/tmp/pbsd-config-test",
+        per_device_train_batch_size=4,
+        num_generations=4,
+        use_cpu=True,
+        bf16=False,
+        report_to=[],
+    )
     base.update(kwargs)
     return PBSDConfig(**base)
 
 
 def test_defaults_follow_the_paper():
     args = make()
-    assert (args.pair_labels, args.tie_policy, args.pairing, args.teacher_model_kind) == ("role", "role", "matched", "base")
+    assert (args.pair_labels, args.tie_policy, args.pairing, args.teacher_model_kind) == (
+        "role",
+        "role",
+        "matched",
+        "base",
+    )
     assert args.num_teacher_generations == args.num_generations == 4
     assert args.length_normalize is False and args.label_smoothing == 0.0 and args.beta == 0.0
 
@@ -43,8 +54,13 @@ def test_literal_braces_are_allowed_when_escaped():
 
 @pytest.mark.parametrize(
     "field, value",
-    [("pair_labels", "score"), ("tie_policy", "random"), ("pairing", "cross"), ("teacher_model_kind", "frozen"),
-     ("teacher_samples_from", "student")],
+    [
+        ("pair_labels", "score"),
+        ("tie_policy", "random"),
+        ("pairing", "cross"),
+        ("teacher_model_kind", "frozen"),
+        ("teacher_samples_from", "student"),
+    ],
 )
 def test_unknown_choices(field, value):
     with pytest.raises(ValueError, match=f"`{field}` must be one of"):

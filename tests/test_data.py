@@ -1,4 +1,3 @@
-# Copyright 2026 The pbsd-trl authors. Licensed under the Apache License, Version 2.0.
 import json
 import random
 
@@ -16,10 +15,9 @@ from pbsd_trl.data.tool_task import (
     TOOL_TEACHER_TEMPLATE,
     TOOLS,
     make_tool_dataset,
-    parse_tool_calls,
-    tool_call_matches,
     tool_completion,
 )
+from pbsd_trl.rewards import parse_tool_calls, tool_call_reward
 
 
 def _texts(dataset):
@@ -67,7 +65,9 @@ def test_math_dataset_schema_and_determinism():
 
     plain = make_math_dataset("train", n=50, seed=3, conversational=False)
     assert plain["prompt"] == _texts(ds)
-    teacher = MATH_TEACHER_TEMPLATE.format(prompt=plain[0]["prompt"], privileged_context=plain[0]["privileged_context"])
+    teacher = MATH_TEACHER_TEMPLATE.format(
+        prompt=plain[0]["prompt"], privileged_context=plain[0]["privileged_context"]
+    )
     assert teacher.startswith(plain[0]["prompt"]) and teacher.endswith(plain[0]["privileged_context"])
 
 
@@ -124,10 +124,14 @@ def test_tool_splits_determinism_and_disjointness():
     assert make_tool_dataset("eval", n=5, conversational=False)["prompt"] == _texts(eval_ds)[:5]
 
 
+def tool_call_matches(text, golden_answer):
+    return tool_call_reward(completions=[text], golden_answer=[golden_answer]) == [1.0]
+
+
 def test_tool_call_matching():
     gold = [{"Action": "fx", "Action_Input": '{"amt":20,"from":"USD","to":"EUR"}'}]
     assert tool_call_matches('Action: fx\nAction Input: {"amt": 20, "to": "EUR", "from": "USD"}', gold)
     assert not tool_call_matches('Action: fx\nAction Input: {"amt":20,"from":"USD","to":"GBP"}', gold)
     assert not tool_call_matches('Action: stock\nAction Input: {"amt":20,"from":"USD","to":"EUR"}', gold)
     assert not tool_call_matches('Action: fx\nAction Input: {"amt":20,"from":"USD"', gold)
-    assert parse_tool_calls("Action: fx\nAction Input: {bad}") == (["fx"], None)
+    assert parse_tool_calls("Action: fx\nAction Input: {bad}") is None  # malformed: no usable call

@@ -20,6 +20,7 @@ import time
 
 import pytest
 
+
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,6 +28,7 @@ SCRIPTS = os.path.join(ROOT, "tests", "distributed")
 sys.path.insert(0, SCRIPTS)
 
 from launch import LAUNCH_TIMEOUT, accelerate_launch, launch_env  # noqa: E402
+
 
 CONFIGS = ["lora:base", "lora:ema", "full:base", "full:ema", "full:ema:all"]
 BACKENDS = {
@@ -71,7 +73,9 @@ def _assert_close(name, got, want, rtol=RTOL):
     assert len(got) == len(want), f"{name}: {got} vs {want}"
     for step, (g, w) in enumerate(zip(got, want, strict=True), start=1):
         assert g is not None and w is not None, f"{name} step {step}: missing value ({got} vs {want})"
-        assert abs(g - w) <= rtol * max(abs(w), 1e-8), f"{name} step {step}: {g!r} vs one-process {w!r} ({got} vs {want})"
+        assert abs(g - w) <= rtol * max(abs(w), 1e-8), (
+            f"{name} step {step}: {g!r} vs one-process {w!r} ({got} vs {want})"
+        )
 
 
 @pytest.mark.parametrize("backend", list(BACKENDS))

@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 
-from pbsd_trl.evaluate import evaluate_avg_at_k, main, score_completions
+from pbsd_trl.evaluate import evaluate_avg_at_k, evaluate_student_and_teacher, score_completions
 from pbsd_trl.rewards import math_accuracy_reward
-from pbsd_trl.tiny import build_char_tokenizer, build_random_model
+from pbsd_trl.scripts.evaluate import main
+from pbsd_trl.tiny import build_random_model
 
 
 class ScriptedModel(torch.nn.Module):
@@ -33,7 +34,9 @@ class ScriptedModel(torch.nn.Module):
         return matches[0]
 
     def generate(self, input_ids, attention_mask, num_return_sequences, max_new_tokens, do_sample, **kwargs):
-        self.calls.append({"input_ids": input_ids.clone(), "attention_mask": attention_mask.clone(), "do_sample": do_sample})
+        self.calls.append(
+            {"input_ids": input_ids.clone(), "attention_mask": attention_mask.clone(), "do_sample": do_sample}
+        )
         rows = []
         for ids in input_ids:
             text = self.tokenizer.decode(ids, skip_special_tokens=False)
@@ -48,12 +51,10 @@ class ScriptedModel(torch.nn.Module):
 
 
 def rows(*items):
-    return [{"prompt": [{"role": "user", "content": q}], "privileged_context": f"sol of {q}", "answer": a} for q, a in items]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_char_tokenizer()
+    return [
+        {"prompt": [{"role": "user", "content": q}], "privileged_context": f"sol of {q}", "answer": a}
+        for q, a in items
+    ]
 
 
 def test_avg_pass_and_per_problem_are_hand_computable(tokenizer):
@@ -65,7 +66,9 @@ def test_avg_pass_and_per_problem_are_hand_computable(tokenizer):
     }
     model = ScriptedModel(tokenizer, script, greedy={"A=": "#### 9", "BBBBB=": "#### 7", "CC=": "#### 0"})
     data = rows(("BBBBB=", "7"), ("A=", "9"), ("CC=", "5"))
-    report = evaluate_avg_at_k(model, tokenizer, data, math_accuracy_reward, k=4, greedy=True, progress_bar=False, batch_size=2)
+    report = evaluate_avg_at_k(
+        model, tokenizer, data, math_accuracy_reward, k=4, greedy=True, progress_bar=False, batch_size=2
+    )
     assert report["per_problem"] == [0.5, 0.0, 1.0]  # dataset order, not generation order
     assert report["avg_at_k"] == pytest.approx(0.5)
     assert report["pass_at_k"] == pytest.approx(2 / 3)
@@ -83,7 +86,7 @@ def test_avg_pass_and_per_problem_are_hand_computable(tokenizer):
         assert (call["input_ids"][mask == 0] == tokenizer.pad_token_id).all()
     # the chat template was applied (generation prompt at the end)
     text = tokenizer.decode(model.calls[0]["input_ids"][0], skip_special_tokens=False)
-    assert text.rstrip("<|pad|>").endswith("<|assistant|>") or text.endswith("<|assistant|>")
+    assert text.replace("<|pad|>", "").endswith("<|assistant|>")
 
 
 def test_teacher_prompt_uses_template_but_reward_judges_the_student_question(tokenizer):
@@ -97,14 +100,33 @@ def test_teacher_prompt_uses_template_but_reward_judges_the_student_question(tok
 
     data = rows(("Q1=", "3"), ("Q2=", "6"))
     report = evaluate_avg_at_k(
-        model, tokenizer, data, reward, k=2, with_privileged_context=True,
-        teacher_prompt_template="{prompt} REF: {privileged_context}", progress_bar=False,
+        model,
+        tokenizer,
+        data,
+        reward,
+        k=2,
+        with_privileged_context=True,
+        teacher_prompt_template="{prompt} REF: {privileged_context}",
+        progress_bar=False,
     )
     assert report["prompt"] == "teacher"
     assert report["per_problem"] == [0.5, 1.0]
     decoded = [tokenizer.decode(ids, skip_special_tokens=True) for call in model.calls for ids in call["input_ids"]]
     assert sorted(decoded) == ["Q1= REF: sol of Q1=", "Q2= REF: sol of Q2="]
     assert all(p[-1]["content"] in ("Q1=", "Q2=") for p in seen_prompts)
+
+
+def test_student_and_teacher_reports(tokenizer):
+    # the student sees "Q1=" alone and answers wrong; with the privileged context the teacher answers right
+    model = ScriptedModel(tokenizer, {"REF:": ["#### 3", "#### 3"], "|>Q1=<": ["#### 4", "#### 4"]})
+    data = rows(("Q1=", "3"))
+    kwargs = dict(teacher_prompt_template="{prompt} REF: {privileged_context}", progress_bar=False)
+    reports = evaluate_student_and_teacher(model, tokenizer, data, math_accuracy_reward, k=2, **kwargs)
+    assert reports["student"]["prompt"] == "student" and reports["student"]["avg_at_k"] == 0.0
+    assert reports["teacher"]["prompt"] == "teacher" and reports["teacher"]["avg_at_k"] == 1.0
+    assert set(
+        evaluate_student_and_teacher(model, tokenizer, data, math_accuracy_reward, k=2, teacher=False, **kwargs)
+    ) == {"student"}
 
 
 def test_plain_text_prompts_and_completions(tokenizer):
@@ -148,32 +170,59 @@ def test_real_model_sampling_is_seeded_and_restores_rng(tokenizer):
     assert r1["avg_at_k"] == 0.0 and 0 < r1["mean_completion_tokens"] <= 8
 
 
-def test_cli_writes_report(tmp_path, tokenizer):
-    model = build_random_model(tokenizer, size="test", seed=0)
-    model.save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
+def test_cli_writes_report(tmp_path, tiny_model_dir):
     data = tmp_path / "eval.jsonl"
     with open(data, "w") as f:
         for q, s, a in [("1+1=", "1+1+0=2>2;#### 2", "2"), ("2+5=", "2+5+0=7>7;#### 7", "7")]:
             f.write(json.dumps({"question": q, "solution": s, "final": a}) + "\n")
     out = tmp_path / "report.json"
-    report = main([
-        "--model_name_or_path", str(tmp_path / "model"), "--dataset_name", str(data), "--prompt_column", "question",
-        "--solution_column", "solution", "--answer_column", "final", "--k", "2", "--reward", "math",
-        "--max_new_tokens", "8", "--with_privileged_context", "--greedy", "--output", str(out), "--no_progress_bar",
-    ])
+    report = main(
+        [
+            "--model_name_or_path",
+            tiny_model_dir,
+            "--dataset_name",
+            str(data),
+            "--prompt_column",
+            "question",
+            "--solution_column",
+            "solution",
+            "--answer_column",
+            "final",
+            "--k",
+            "2",
+            "--reward",
+            "math",
+            "--max_new_tokens",
+            "8",
+            "--with_privileged_context",
+            "--greedy",
+            "--output",
+            str(out),
+            "--no_progress_bar",
+        ]
+    )
     saved = json.loads(out.read_text())
     assert saved["n_problems"] == 2 and saved["k"] == 2 and saved["prompt"] == "teacher"
     assert set(saved) >= {"avg_at_k", "pass_at_k", "greedy_accuracy", "per_problem", "seconds"}
     assert report["avg_at_k"] == saved["avg_at_k"]
 
 
-def test_cli_builtin_tool_use_dataset(tmp_path, tokenizer):
-    model = build_random_model(tokenizer, size="test", seed=0)
-    model.save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
-    report = main([
-        "--model_name_or_path", str(tmp_path / "model"), "--dataset_name", "builtin:tool_use", "--reward", "tool_use",
-        "--k", "2", "--num_problems", "3", "--max_new_tokens", "4", "--no_progress_bar",
-    ])
+def test_cli_builtin_tool_use_dataset(tiny_model_dir):
+    report = main(
+        [
+            "--model_name_or_path",
+            tiny_model_dir,
+            "--dataset_name",
+            "builtin:tool_use",
+            "--reward",
+            "tool_use",
+            "--k",
+            "2",
+            "--num_problems",
+            "3",
+            "--max_new_tokens",
+            "4",
+            "--no_progress_bar",
+        ]
+    )
     assert report["n_problems"] == 3 and report["avg_at_k"] == 0.0

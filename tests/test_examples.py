@@ -8,37 +8,38 @@ import sys
 from pathlib import Path
 
 import pytest
+from testing_utils import load_example
 
-from pbsd_trl import recipes
+from pbsd_trl.callbacks import SignalCheckpointCallback
+from pbsd_trl.data.loading import DatasetColumnError, load_prompt_dataset
 from pbsd_trl.data.math_task import make_math_dataset
+from pbsd_trl.data.tasks import TASKS
 from pbsd_trl.data.tool_task import make_tool_dataset
-from pbsd_trl.recipes import (
-    TASKS,
-    DatasetColumnError,
-    SignalCheckpointCallback,
-    load_prompt_dataset,
-    plot_training_curves,
-    results_table,
-    run_example,
-)
-from pbsd_trl.tiny import build_char_tokenizer, build_random_model
+from pbsd_trl.models import load_model_and_tokenizer
+from pbsd_trl.report import plot_training_curves, results_table
+from pbsd_trl.scripts.utils import parse_args
+
 
 ROOT = Path(__file__).resolve().parents[1]
+math_example, tool_use_example = load_example("math"), load_example("tool_use")
 
 # Small, fast training settings for the tiny random test model
 FAST = [
-    "--per_device_train_batch_size", "8", "--num_generations", "4", "--max_completion_length", "12",
-    "--logging_steps", "1", "--save_steps", "100", "--eval_k", "2", "--eval_batch_size", "8",
+    "--per_device_train_batch_size",
+    "8",
+    "--num_generations",
+    "4",
+    "--max_completion_length",
+    "12",
+    "--logging_steps",
+    "1",
+    "--save_steps",
+    "100",
+    "--eval_k",
+    "2",
+    "--eval_batch_size",
+    "8",
 ]
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model")
-    tokenizer = build_char_tokenizer()
-    build_random_model(tokenizer, size="test", seed=0).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,10 @@ def math_jsonl(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "math.jsonl"
     with open(path, "w") as f:
         for row in make_math_dataset("train", n=40, conversational=False):
-            f.write(json.dumps({"problem": row["prompt"], "solution": row["privileged_context"], "result": row["answer"]}) + "\n")
+            f.write(
+                json.dumps({"problem": row["prompt"], "solution": row["privileged_context"], "result": row["answer"]})
+                + "\n"
+            )
     return str(path)
 
 
@@ -58,7 +62,9 @@ MATH_COLUMNS = ["--prompt_column", "problem", "--solution_column", "solution", "
 
 
 def test_column_mapping_turns_plain_text_into_a_conversation(math_jsonl):
-    ds = load_prompt_dataset(math_jsonl, task="math", prompt_column="problem", solution_column="solution", answer_column="result")
+    ds = load_prompt_dataset(
+        math_jsonl, task="math", prompt_column="problem", solution_column="solution", answer_column="result"
+    )
     assert set(ds.column_names) == {"prompt", "privileged_context", "answer"}
     row = ds[0]
     assert row["prompt"] == [{"role": "user", "content": row["prompt"][0]["content"]}]
@@ -72,7 +78,9 @@ def test_math_without_answer_column_uses_the_solution(math_jsonl):
 
     row = ds[0]
     answer = row["privileged_context"].split("#### ")[-1]
-    assert math_accuracy_reward(prompts=[row["prompt"]], completions=[f"#### {answer}"], solution=[row["solution"]]) == [1.0]
+    assert math_accuracy_reward(
+        prompts=[row["prompt"]], completions=[f"#### {answer}"], solution=[row["solution"]]
+    ) == [1.0]
 
 
 @pytest.mark.parametrize(
@@ -115,11 +123,19 @@ def test_missing_file_and_unknown_extension(tmp_path):
         load_prompt_dataset(str(odd), task="math")
 
 
-def test_run_example_fails_on_a_missing_column_before_loading_a_model(math_jsonl, tmp_path):
-    argv = ["--model_name_or_path", str(tmp_path / "does-not-exist"), "--dataset_name", math_jsonl,
-            "--prompt_column", "question", "--output_dir", str(tmp_path / "out")]
+def test_example_fails_on_a_missing_column_before_loading_a_model(math_jsonl, tmp_path):
+    argv = [
+        "--model_name_or_path",
+        str(tmp_path / "does-not-exist"),
+        "--dataset_name",
+        math_jsonl,
+        "--prompt_column",
+        "question",
+        "--output_dir",
+        str(tmp_path / "out"),
+    ]
     with pytest.raises(DatasetColumnError, match="'question'") as err:
-        run_example("math", argv)
+        math_example.main(argv)
     assert math_jsonl in str(err.value)
     assert not (tmp_path / "out").exists()
 
@@ -134,7 +150,7 @@ def test_builtin_datasets():
 
 
 def test_defaults_apply_only_where_unset(tmp_path):
-    script, config, model = recipes._parse(TASKS["math"], [])
+    script, config, model = parse_args(TASKS["math"], math_example.DEFAULTS, [])
     assert config.max_steps == 80 and config.learning_rate == 1e-4 and config.max_completion_length == 56
     assert config.pad_to_multiple_of == 16 and config.num_generations == 8 and config.per_device_train_batch_size == 64
     assert config.teacher_prompt_template == TASKS["math"].teacher_prompt_template
@@ -143,12 +159,12 @@ def test_defaults_apply_only_where_unset(tmp_path):
 
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("learning_rate: 3.0e-4\nmax_steps: 7\npbsd_beta: 0.5\nuse_peft: true\n")
-    _, config, model = recipes._parse(TASKS["math"], ["--config", str(recipe), "--max_steps", "9"])
+    _, config, model = parse_args(TASKS["math"], math_example.DEFAULTS, ["--config", str(recipe), "--max_steps", "9"])
     assert config.learning_rate == 3e-4 and config.pbsd_beta == 0.5 and model.use_peft
     assert config.max_steps == 9  # command line beats the config file
     assert config.max_completion_length == 56  # untouched default of the task
 
-    _, config, _ = recipes._parse(TASKS["tool_use"], ["--learning_rate", "2e-5"])
+    _, config, _ = parse_args(TASKS["tool_use"], tool_use_example.DEFAULTS, ["--learning_rate", "2e-5"])
     assert config.learning_rate == 2e-5 and config.max_completion_length == 64
 
 
@@ -156,9 +172,9 @@ def test_defaults_apply_only_where_unset(tmp_path):
 def test_shipped_recipes_parse(recipe):
     import torch
 
-    task = "tool_use" if "tool" in recipe.name else "math"
+    example = tool_use_example if "tool" in recipe.name else math_example
     cpu = [] if torch.cuda.is_available() else ["--bf16", "false", "--use_cpu", "true"]  # GPU recipes, parsed on CPU
-    recipes._parse(TASKS[task], ["--config", str(recipe), *cpu])
+    parse_args(example.TASK, example.DEFAULTS, ["--config", str(recipe), *cpu])
 
 
 # ---- report -----------------------------------------------------------------------------------------------------
@@ -170,8 +186,14 @@ def test_results_table_and_plot(tmp_path):
     table = results_table(before, after, 8)
     assert "| student Avg@8 | 0.250 | 0.500 | +0.250 |" in table
     history = [
-        {"step": s, "pbsd/student_reward": s / 10, "pbsd/teacher_reward": 0.9, "pbsd/preference_accuracy": 0.6,
-         "pbsd/margin": 0.1 * s, "loss": 0.5}
+        {
+            "step": s,
+            "pbsd/student_reward": s / 10,
+            "pbsd/teacher_reward": 0.9,
+            "pbsd/preference_accuracy": 0.6,
+            "pbsd/margin": 0.1 * s,
+            "loss": 0.5,
+        }
         for s in range(1, 6)
     ] + [{"step": 5, "train_runtime": 1.0}]
     png = plot_training_curves(history, tmp_path / "curves.png")
@@ -188,9 +210,22 @@ def test_results_table_and_plot(tmp_path):
 def test_math_script_end_to_end_offline(tiny_model_dir, math_jsonl, tmp_path):
     out = tmp_path / "run"
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    cmd = [sys.executable, str(ROOT / "examples" / "math.py"), "--model_name_or_path", tiny_model_dir,
-           "--dataset_name", math_jsonl, *MATH_COLUMNS, "--max_steps", "2", "--eval_num_problems", "4",
-           "--output_dir", str(out), *FAST]
+    cmd = [
+        sys.executable,
+        str(ROOT / "examples" / "math.py"),
+        "--model_name_or_path",
+        tiny_model_dir,
+        "--dataset_name",
+        math_jsonl,
+        *MATH_COLUMNS,
+        "--max_steps",
+        "2",
+        "--eval_num_problems",
+        "4",
+        "--output_dir",
+        str(out),
+        *FAST,
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
@@ -211,11 +246,30 @@ def test_tool_use_example_runs_in_process(tiny_model_dir, tmp_path):
     path = tmp_path / "tools.jsonl"
     with open(path, "w") as f:
         for row in make_tool_dataset("train", n=20, conversational=False):
-            f.write(json.dumps({"q": row["prompt"], "doc": row["privileged_context"], "calls": row["golden_answer"]}) + "\n")
-    argv = ["--model_name_or_path", tiny_model_dir, "--dataset_name", str(path), "--prompt_column", "q",
-            "--solution_column", "doc", "--answer_column", "calls", "--max_steps", "1", "--eval_num_problems", "3",
-            "--output_dir", str(tmp_path / "out"), *FAST]
-    results = run_example("tool_use", argv)
+            f.write(
+                json.dumps({"q": row["prompt"], "doc": row["privileged_context"], "calls": row["golden_answer"]})
+                + "\n"
+            )
+    argv = [
+        "--model_name_or_path",
+        tiny_model_dir,
+        "--dataset_name",
+        str(path),
+        "--prompt_column",
+        "q",
+        "--solution_column",
+        "doc",
+        "--answer_column",
+        "calls",
+        "--max_steps",
+        "1",
+        "--eval_num_problems",
+        "3",
+        "--output_dir",
+        str(tmp_path / "out"),
+        *FAST,
+    ]
+    results = tool_use_example.main(argv)
     assert results["after"]["student"]["n_problems"] == 3 and results["global_step"] == 1
 
 
@@ -231,19 +285,33 @@ class _SignalAtStep(SignalCheckpointCallback):
 @pytest.mark.slow
 def test_sigterm_saves_a_resumable_checkpoint(tiny_model_dir, math_jsonl, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    argv = ["--model_name_or_path", tiny_model_dir, "--dataset_name", math_jsonl, *MATH_COLUMNS, "--max_steps", "3",
-            "--eval_num_problems", "0", "--output_dir", str(out), "--plot", "false", *FAST]
+    argv = [
+        "--model_name_or_path",
+        tiny_model_dir,
+        "--dataset_name",
+        math_jsonl,
+        *MATH_COLUMNS,
+        "--max_steps",
+        "3",
+        "--eval_num_problems",
+        "0",
+        "--output_dir",
+        str(out),
+        "--plot",
+        "false",
+        *FAST,
+    ]
     previous = signal.getsignal(signal.SIGTERM)
-    monkeypatch.setattr(recipes, "SignalCheckpointCallback", _SignalAtStep)
-    results = run_example("math", argv)
+    monkeypatch.setattr(math_example, "SignalCheckpointCallback", _SignalAtStep)
+    results = math_example.main(argv)
     assert signal.getsignal(signal.SIGTERM) is previous  # handlers restored
     assert results["interrupted"] and results["global_step"] == 1
     checkpoint = out / "checkpoint-1"
     assert (checkpoint / "model.safetensors").is_file() and (checkpoint / "optimizer.pt").is_file()
     assert (checkpoint / "tokenizer.json").is_file()  # the checkpoint is usable as a model directory
 
-    monkeypatch.setattr(recipes, "SignalCheckpointCallback", SignalCheckpointCallback)
-    results = run_example("math", [*argv, "--resume_from_checkpoint", str(checkpoint)])
+    monkeypatch.setattr(math_example, "SignalCheckpointCallback", SignalCheckpointCallback)
+    results = math_example.main([*argv, "--resume_from_checkpoint", str(checkpoint)])
     assert not results["interrupted"] and results["global_step"] == 3
     state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
     assert [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2, 3]  # step 1 comes from the checkpoint
@@ -271,8 +339,8 @@ def test_signal_callback_sets_save_and_stop():
 
 
 def test_tiny_tokenizer_keeps_spaces(tiny_model_dir):
-    # AutoTokenizer alone resolves it to Qwen2Tokenizer, which drops spaces; the recipes load it as saved
-    model, tokenizer = recipes.load_model_and_tokenizer(tiny_model_dir)
+    # AutoTokenizer alone resolves it to Qwen2Tokenizer, which drops spaces; the examples load it as saved
+    model, tokenizer = load_model_and_tokenizer(tiny_model_dir)
     assert tokenizer.decode(tokenizer("a b", add_special_tokens=False)["input_ids"]) == "a b"
     assert tokenizer.padding_side == "left" and tokenizer.chat_template
 
@@ -280,7 +348,12 @@ def test_tiny_tokenizer_keeps_spaces(tiny_model_dir):
 @pytest.mark.parametrize("script", ["math.py", "tool_use.py"])
 def test_scripts_start_as_scripts(script, tmp_path):
     # examples/math.py shadows the standard library's `math` for every script of examples/: both must guard against it
-    proc = subprocess.run([sys.executable, str(ROOT / "examples" / script), "--help"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / script), "--help"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "--pbsd_beta" in proc.stdout and "--prompt_column" in proc.stdout

@@ -16,8 +16,9 @@ from datasets import Dataset
 from pbsd_trl import PBSDConfig, PBSDTrainer
 from pbsd_trl.tiny import build_char_tokenizer, build_random_model
 
+
 LETTERS = "abcdefgh"
-SECRET = {letter: "7" for letter in LETTERS}
+SECRET = dict.fromkeys(LETTERS, "7")
 TEMPLATE = "{prompt} {privileged_context}"
 
 
@@ -38,7 +39,9 @@ def warm_start(model, tokenizer, steps=800, seed=0):
                 prompt = user(TEMPLATE.format(prompt=f"{letter}?", privileged_context=f"{letter}={digit}"))
             else:  # student format: any digit
                 prompt = user(f"{letter}?")
-            prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+            prompt_ids = tokenizer.apply_chat_template(
+                prompt, add_generation_prompt=True, tokenize=True, return_dict=True
+            )["input_ids"]
             completion_ids = tokenizer(digit + end, add_special_tokens=False)["input_ids"]
             batch.append((prompt_ids, completion_ids))
         width = max(len(p) + len(c) for p, c in batch)
@@ -47,9 +50,9 @@ def warm_start(model, tokenizer, steps=800, seed=0):
         mask = torch.zeros((len(batch), width), dtype=torch.long)
         for i, (p, c) in enumerate(batch):
             seq = p + c
-            ids[i, -len(seq):] = torch.tensor(seq)
-            mask[i, -len(seq):] = 1
-            labels[i, -len(c):] = torch.tensor(c)
+            ids[i, -len(seq) :] = torch.tensor(seq)
+            mask[i, -len(seq) :] = 1
+            labels[i, -len(c) :] = torch.tensor(c)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         optimizer.step()
@@ -64,8 +67,12 @@ def answer_logps(model, tokenizer, context: bool):
     digit_ids = tokenizer.convert_tokens_to_ids(list("0123456789"))
     values, hits = [], 0
     for letter, digit in SECRET.items():
-        text = TEMPLATE.format(prompt=f"{letter}?", privileged_context=f"{letter}={digit}") if context else f"{letter}?"
-        prompt_ids = tokenizer.apply_chat_template(user(text), add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        text = (
+            TEMPLATE.format(prompt=f"{letter}?", privileged_context=f"{letter}={digit}") if context else f"{letter}?"
+        )
+        prompt_ids = tokenizer.apply_chat_template(
+            user(text), add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
         logps = model(input_ids=torch.tensor([prompt_ids])).logits[0, -1].log_softmax(-1)
         values.append(logps[tokenizer.convert_tokens_to_ids(digit)].item())
         hits += int(digit_ids[logps[digit_ids].argmax().item()] == tokenizer.convert_tokens_to_ids(digit))
@@ -78,23 +85,42 @@ def test_pbsd_teaches_the_student_what_the_teacher_knows(tmp_path):
     model = build_random_model(tokenizer, seed=0, hidden_size=64, intermediate_size=128, num_hidden_layers=2)
     warm_start(model, tokenizer)
     model.eval()
-    (teacher_before, teacher_hits), (student_before, _) = answer_logps(model, tokenizer, True), answer_logps(model, tokenizer, False)
+    (teacher_before, teacher_hits), (student_before, _) = (
+        answer_logps(model, tokenizer, True),
+        answer_logps(model, tokenizer, False),
+    )
     assert teacher_hits >= 0.75  # the teacher copies the context ...
     assert student_before < -1.8  # ... the student is near chance (log 1/10 = -2.3)
     assert teacher_before > student_before + 0.5
 
-    rows = [{"prompt": user(f"{letter}?"), "privileged_context": f"{letter}={digit}"} for letter, digit in SECRET.items()]
+    rows = [
+        {"prompt": user(f"{letter}?"), "privileged_context": f"{letter}={digit}"} for letter, digit in SECRET.items()
+    ]
     args = PBSDConfig(
-        output_dir=str(tmp_path), per_device_train_batch_size=16, num_generations=4, max_completion_length=3,
-        max_steps=30, learning_rate=3e-3, pbsd_beta=0.5, logging_steps=1, report_to=[], bf16=False, use_cpu=True,
-        save_strategy="no", teacher_prompt_template=TEMPLATE, gradient_checkpointing=False, seed=0,
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=16,
+        num_generations=4,
+        max_completion_length=3,
+        max_steps=30,
+        learning_rate=3e-3,
+        pbsd_beta=0.5,
+        logging_steps=1,
+        report_to=[],
+        bf16=False,
+        use_cpu=True,
+        save_strategy="no",
+        teacher_prompt_template=TEMPLATE,
+        gradient_checkpointing=False,
+        seed=0,
     )
     trainer = PBSDTrainer(model, args=args, train_dataset=Dataset.from_list(rows * 8), processing_class=tokenizer)
     trainer.train()
     model.eval()
     student_after, student_hits = answer_logps(model, tokenizer, False)
-    print(f"student log p(answer): {student_before:.3f} -> {student_after:.3f} (argmax = secret for "
-          f"{student_hits:.0%} of letters); teacher {teacher_before:.3f} ({teacher_hits:.0%})")
+    print(
+        f"student log p(answer): {student_before:.3f} -> {student_after:.3f} (argmax = secret for "
+        f"{student_hits:.0%} of letters); teacher {teacher_before:.3f} ({teacher_hits:.0%})"
+    )
     # the student moves most of the way to the teacher, and the secret becomes its answer
     assert student_after > student_before + 0.5
     assert student_after > (student_before + teacher_before) / 2

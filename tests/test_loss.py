@@ -9,6 +9,7 @@ from pbsd_trl.loss import (
     all_pairs,
     implicit_log_ratios,
     matched_pairs,
+    pair_labels_of,
     pbsd_loss,
     preference_labels,
 )
@@ -24,10 +25,14 @@ def _sigmoid(x):
 
 def reference(policy_t, teacher_t, policy_s, teacher_s, pairs, labels, beta, eps, len_t=None, len_s=None):
     """Loss, margins and d loss / d policy log-probs, from the method note's equations."""
-    lr_t = [(p - q) / (n if n else 1) for p, q, n in zip(policy_t, teacher_t, len_t or [1] * len(policy_t))]
-    lr_s = [(p - q) / (n if n else 1) for p, q, n in zip(policy_s, teacher_s, len_s or [1] * len(policy_s))]
-    kept = [(i, j, y) for (i, j), y in zip(pairs, labels) if y != 0]
-    margins = [beta * y * (lr_t[i] - lr_s[j]) for (i, j), y in zip(pairs, labels)]
+    lr_t = [
+        (p - q) / (n if n else 1) for p, q, n in zip(policy_t, teacher_t, len_t or [1] * len(policy_t), strict=True)
+    ]
+    lr_s = [
+        (p - q) / (n if n else 1) for p, q, n in zip(policy_s, teacher_s, len_s or [1] * len(policy_s), strict=True)
+    ]
+    kept = [(i, j, y) for (i, j), y in zip(pairs, labels, strict=True) if y != 0]
+    margins = [beta * y * (lr_t[i] - lr_s[j]) for (i, j), y in zip(pairs, labels, strict=True)]
     grad_t, grad_s = [0.0] * len(policy_t), [0.0] * len(policy_s)
     total = 0.0
     for i, j, y in kept:
@@ -58,8 +63,16 @@ def _run(pairs, labels, beta=0.5, eps=0.0, length_normalize=False):
     loss, margins = pbsd_loss(lr_t, lr_s, pairs, labels.double(), beta, eps)
     loss.backward()
     ref = reference(
-        POLICY_T, TEACHER_T, POLICY_S, TEACHER_S, pairs.tolist(), labels.tolist(), beta, eps,
-        LEN_T if length_normalize else None, LEN_S if length_normalize else None,
+        POLICY_T,
+        TEACHER_T,
+        POLICY_S,
+        TEACHER_S,
+        pairs.tolist(),
+        labels.tolist(),
+        beta,
+        eps,
+        LEN_T if length_normalize else None,
+        LEN_S if length_normalize else None,
     )
     return (loss.item(), margins.tolist(), policy_t.grad.tolist(), policy_s.grad.tolist()), ref
 
@@ -125,10 +138,16 @@ def test_gradient_matches_method_note_formula():
     beta = 0.25
     chosen = torch.tensor([-2.0], dtype=torch.float64, requires_grad=True)
     rejected = torch.tensor([-1.0], dtype=torch.float64, requires_grad=True)
-    teacher_chosen, teacher_rejected = torch.tensor([-2.5], dtype=torch.float64), torch.tensor([-0.5], dtype=torch.float64)
+    teacher_chosen, teacher_rejected = (
+        torch.tensor([-2.5], dtype=torch.float64),
+        torch.tensor([-0.5], dtype=torch.float64),
+    )
     loss, margins = pbsd_loss(
-        implicit_log_ratios(chosen, teacher_chosen), implicit_log_ratios(rejected, teacher_rejected),
-        matched_pairs(1), torch.ones(1, dtype=torch.float64), beta,
+        implicit_log_ratios(chosen, teacher_chosen),
+        implicit_log_ratios(rejected, teacher_rejected),
+        matched_pairs(1),
+        torch.ones(1, dtype=torch.float64),
+        beta,
     )
     loss.backward()
     m = beta * ((-2.0 + 2.5) - (-1.0 + 0.5))
@@ -146,3 +165,25 @@ def test_loss_saturates_once_pair_is_ordered():
         loss.backward()
         grads.append(abs(chosen.grad.item()))
     assert grads[0] == pytest.approx(0.5) and grads[1] < 1e-4 and grads[2] < 1e-20
+
+
+def test_all_pairs_leaves_out_teacher_rows_without_a_sample_and_sum_reduction():
+    """The trainer's `pairing="all"` path: rows 1 and 3 carry no teacher sample (`num_teacher_generations=1`)."""
+    groups = torch.tensor([0, 0, 1, 1])
+    has_teacher = torch.tensor([True, False, True, False])
+    pairs = all_pairs(groups, groups, has_teacher)
+    assert sorted(map(tuple, pairs.tolist())) == [(0, 0), (0, 1), (2, 2), (2, 3)]
+    teacher_rewards = torch.tensor([1.0, float("nan"), 0.0, float("nan")])
+    student_rewards = torch.tensor([0.0, 1.0, 0.0, 1.0])
+    labels = pair_labels_of(pairs, teacher_rewards, student_rewards, "reward", "drop")
+    expected = {(0, 0): 1.0, (0, 1): 0.0, (2, 2): 0.0, (2, 3): -1.0}
+    assert labels.tolist() == [expected[tuple(p)] for p in pairs.tolist()]
+    (loss, margins, grad_t, grad_s), (ref_loss, ref_margins, ref_grad_t, ref_grad_s) = _run(pairs, labels, beta=0.4)
+    _assert_close((loss, margins, grad_t, grad_s), (ref_loss, ref_margins, ref_grad_t, ref_grad_s))
+    lr_t = torch.tensor(POLICY_T, dtype=torch.float64) - torch.tensor(TEACHER_T, dtype=torch.float64)
+    lr_s = torch.tensor(POLICY_S, dtype=torch.float64) - torch.tensor(TEACHER_S, dtype=torch.float64)
+    total, _ = pbsd_loss(lr_t, lr_s, pairs, labels.double(), 0.4, reduction="sum")
+    kept = sum(1 for y in labels.tolist() if y != 0)
+    assert total.item() == pytest.approx(ref_loss * kept, rel=1e-12)
+    with pytest.raises(ValueError, match="Unknown reduction 'none'"):
+        pbsd_loss(lr_t, lr_s, pairs, labels.double(), 0.4, reduction="none")

@@ -1,17 +1,3 @@
-# Copyright 2026 The PBSD-TRL Authors. All rights reserved.
-#
-# Licensed under the Apache License, Version 2.0 (the "License");
-# you may not use this file except in compliance with the License.
-# You may obtain a copy of the License at
-#
-#     http://www.apache.org/licenses/LICENSE-2.0
-#
-# Unless required by applicable law or agreed to in writing, software
-# distributed under the License is distributed on an "AS IS" BASIS,
-# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
-# See the License for the specific language governing permissions and
-# limitations under the License.
-
 import pytest
 import torch
 
@@ -60,7 +46,7 @@ def test_fp32_matches_float64_reference(tiles, temperature):
     ref_student, ref_teacher, ref_weight = as_float64(student, teacher, weight)
     ref = reference_logprob_gap(ref_student, ref_teacher, ref_weight, labels, temperature=temperature)
 
-    for actual, expected in zip(out, ref):
+    for actual, expected in zip(out, ref, strict=False):
         assert actual.dtype == torch.float32
         torch.testing.assert_close(actual.double(), expected.detach(), atol=1e-4, rtol=0)
     combined_loss(out).backward()
@@ -90,7 +76,7 @@ def test_bias_matches_reference():
     out = fused_logprob_gap(student, teacher, weight, labels, temperature=1.3, bias=bias, **TINY_TILES)
     ref_student, ref_teacher, ref_weight, ref_bias = as_float64(student, teacher, weight, bias)
     ref = reference_logprob_gap(ref_student, ref_teacher, ref_weight, labels, temperature=1.3, bias=ref_bias)
-    for actual, expected in zip(out, ref):
+    for actual, expected in zip(out, ref, strict=False):
         torch.testing.assert_close(actual.double(), expected.detach(), atol=1e-4, rtol=0)
     combined_loss(out).backward()
     combined_loss(ref).backward()
@@ -138,7 +124,7 @@ def test_bf16_inputs():
     out = fused_logprob_gap(student, teacher, weight, labels, temperature=0.9, **TINY_TILES)
     ref_student, ref_teacher, ref_weight = as_float64(student, teacher, weight)
     ref = reference_logprob_gap(ref_student, ref_teacher, ref_weight, labels, temperature=0.9)
-    for actual, expected in zip(out[:2], ref[:2]):
+    for actual, expected in zip(out[:2], ref[:2], strict=False):
         assert actual.dtype == torch.float32
         torch.testing.assert_close(actual.double(), expected.detach(), atol=2e-2, rtol=0)
     combined_loss(out).backward()
@@ -162,7 +148,7 @@ def test_cuda_matches_float64_reference(dtype, atol):
     out = fused_logprob_gap(student, teacher, weight, labels, temperature=0.8)
     ref_student, ref_teacher, ref_weight = as_float64(student, teacher, weight)
     ref = reference_logprob_gap(ref_student, ref_teacher, ref_weight, labels, temperature=0.8)
-    for actual, expected in zip(out[:2], ref[:2]):
+    for actual, expected in zip(out[:2], ref[:2], strict=False):
         assert actual.dtype == torch.float32 and actual.is_cuda
         torch.testing.assert_close(actual.double(), expected.detach(), atol=atol, rtol=0)
     combined_loss(out).backward()
@@ -185,7 +171,7 @@ def test_low_precision_gemm_path(monkeypatch, with_bias):
     ref_student, ref_teacher, ref_weight = as_float64(student, teacher, weight)
     ref_bias = as_float64(bias)[0] if with_bias else None
     ref = reference_logprob_gap(ref_student, ref_teacher, ref_weight, labels, temperature=0.9, bias=ref_bias)
-    for actual, expected in zip(out[:2], ref[:2]):
+    for actual, expected in zip(out[:2], ref[:2], strict=False):
         torch.testing.assert_close(actual.double(), expected.detach(), atol=2e-2, rtol=0)
     combined_loss(out).backward()
     combined_loss(ref).backward()
@@ -219,7 +205,7 @@ def test_tied_embedding_weights():
 
     expected = grads(reference_logprob_gap, torch.float64)
     actual = grads(fused_logprob_gap, torch.float32)
-    for a, e in zip(actual, expected):
+    for a, e in zip(actual, expected, strict=False):
         assert_grads_close(a, e, 1e-4)
 
 
@@ -263,7 +249,7 @@ def test_single_token(tiles):
     out = fused_logprob_gap(student, teacher, weight, labels, **tiles)
     ref_student, ref_teacher, ref_weight = as_float64(student, teacher, weight)
     ref = reference_logprob_gap(ref_student, ref_teacher, ref_weight, labels)
-    for actual, expected in zip(out, ref):
+    for actual, expected in zip(out, ref, strict=False):
         assert actual.shape == expected.shape
         torch.testing.assert_close(actual.double(), expected.detach(), atol=1e-4, rtol=0)
     combined_loss(out).backward()
@@ -289,11 +275,13 @@ def test_softcap_and_scale_match_float64_reference(tiles, softcap, logit_scale):
     transform = {"softcap": softcap, "logit_scale": logit_scale}
     out = fused_logprob_gap(student, teacher, weight, labels, temperature=0.8, bias=bias, **tiles, **transform)
     ref_student, ref_teacher, ref_weight, ref_bias = as_float64(student, teacher, weight, bias)
-    ref = reference_logprob_gap(ref_student, ref_teacher, ref_weight, labels, temperature=0.8, bias=ref_bias, **transform)
+    ref = reference_logprob_gap(
+        ref_student, ref_teacher, ref_weight, labels, temperature=0.8, bias=ref_bias, **transform
+    )
     plain = reference_logprob_gap(ref_student, ref_teacher, ref_weight, labels, temperature=0.8, bias=ref_bias)
     # logits of a few units against a cap of 3-5: the transform changes the log-probs, so the comparison has teeth
     assert (ref[0] - plain[0]).abs().max() > 0.1
-    for actual, expected in zip(out, ref):
+    for actual, expected in zip(out, ref, strict=False):
         torch.testing.assert_close(actual.double(), expected.detach(), atol=1e-4, rtol=0)
     combined_loss(out).backward()
     combined_loss(ref).backward()
@@ -307,8 +295,16 @@ def test_softcap_gradcheck_float64():
 
     def fn(student, weight, bias):
         student_logps, teacher_logps, gap = fused_logprob_gap(
-            student, teacher, weight, labels, temperature=0.8, bias=bias, token_chunk_size=3, vocab_chunk_size=4,
-            softcap=2.0, logit_scale=0.9,
+            student,
+            teacher,
+            weight,
+            labels,
+            temperature=0.8,
+            bias=bias,
+            token_chunk_size=3,
+            vocab_chunk_size=4,
+            softcap=2.0,
+            logit_scale=0.9,
         )
         return student_logps, gap + teacher_logps.sum(-1)
 
@@ -323,7 +319,7 @@ def test_softcap_low_precision_gemm_path(monkeypatch):
     out = fused_logprob_gap(student, teacher, weight, labels, temperature=0.9, softcap=4.0, **TINY_TILES)
     ref_student, ref_teacher, ref_weight = as_float64(student, teacher, weight)
     ref = reference_logprob_gap(ref_student, ref_teacher, ref_weight, labels, temperature=0.9, softcap=4.0)
-    for actual, expected in zip(out[:2], ref[:2]):
+    for actual, expected in zip(out[:2], ref[:2], strict=False):
         torch.testing.assert_close(actual.double(), expected.detach(), atol=2e-2, rtol=0)
     combined_loss(out).backward()
     combined_loss(ref).backward()

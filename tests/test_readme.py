@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from pbsd_trl.tiny import build_char_tokenizer, build_random_model
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -17,21 +16,12 @@ def python_block(after_heading: str) -> str:
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
-@pytest.fixture(scope="module")
-def local_model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-model")
-    tokenizer = build_char_tokenizer()
-    build_random_model(tokenizer, seed=0).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 @pytest.mark.slow
-def test_python_snippet_trains(local_model_dir, tmp_path, monkeypatch):
+def test_python_snippet_trains(tiny_model_dir, tmp_path, monkeypatch):
     code = python_block("## Use it from Python")
     # The snippet as a user reads it, on a local tiny model (loaded through `from_pretrained` from the path) and shorter
     for old, new in [
-        ('"Qwen/Qwen3-0.6B"', repr(str(local_model_dir))),
+        ('"Qwen/Qwen3-0.6B"', repr(tiny_model_dir)),
         ('output_dir="Qwen3-0.6B-PBSD"', f"output_dir={str(tmp_path)!r}"),
         ("max_completion_length=256", "max_completion_length=8"),
         ("max_steps=10", "max_steps=2, report_to=[], save_strategy='no', use_cpu=True, bf16=False"),
@@ -56,5 +46,6 @@ def test_ci_runs_the_readme_test_command():
     assert proc.returncode == 0, proc.stderr
     command = proc.stdout.strip()
     assert "pip install -e" in command and "pytest" in command
+    assert "ruff check ." in command and "ruff format --check ." in command  # lint, TRL's settings (pyproject.toml)
     block = re.search(r"<!-- test-command.*?-->\n```bash\n(.*?)```", README, re.S).group(1).strip()
     assert command == block

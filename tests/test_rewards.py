@@ -1,17 +1,3 @@
-# Copyright 2026 The PBSD-TRL Authors. All rights reserved.
-#
-# Licensed under the Apache License, Version 2.0 (the "License");
-# you may not use this file except in compliance with the License.
-# You may obtain a copy of the License at
-#
-#     http://www.apache.org/licenses/LICENSE-2.0
-#
-# Unless required by applicable law or agreed to in writing, software
-# distributed under the License is distributed on an "AS IS" BASIS,
-# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
-# See the License for the specific language governing permissions and
-# limitations under the License.
-
 import asyncio
 import functools
 import json
@@ -39,8 +25,9 @@ from pbsd_trl.rewards import (
     parse_tool_calls,
     tool_call_reward,
     validate_reward_funcs,
+    weighted_reward_sum,
 )
-from pbsd_trl.rewards.math import _get_worker
+from pbsd_trl.rewards.verifier import get_worker as _get_worker
 
 
 pytest.importorskip("math_verify")
@@ -251,14 +238,14 @@ class TestTimeLimit:
         import subprocess
         import sys
 
-        import pbsd_trl.rewards.math as math_module
+        import pbsd_trl.rewards.verifier as verifier_module
 
-        rewards_dir = os.path.dirname(math_module.__file__)
+        rewards_dir = os.path.dirname(verifier_module.__file__)
         script = (
             "import sys, types\n"
             "for name, path in [('pbsd_trl', sys.argv[1]), ('pbsd_trl.rewards', sys.argv[2])]:\n"
             "    m = types.ModuleType(name); m.__path__ = [path]; sys.modules[name] = m\n"
-            "from pbsd_trl.rewards.math import _get_worker\n"
+            "from pbsd_trl.rewards.verifier import get_worker as _get_worker\n"
             "w = _get_worker(); w.verify('1', '1', True, 60, None)\n"
             "print(w._proc.pid, flush=True)\n"
             f"w.verify({SLOW!r}, '5', True, 600, None)\n"
@@ -518,6 +505,13 @@ class TestNamingAndHelpers:
         assert combine_rewards([maybe])(prompts=["p", "p"], completions=["a", "b"]) == [None, 1.0]
         with pytest.raises(ValueError, match="2 weights for 1 reward functions"):
             combine_rewards([plain_reward], [1.0, 2.0])
+
+
+def test_weighted_reward_sum_leaves_out_none_and_nan():
+    outputs = [[1.0, None, float("nan"), 0.5], [2.0, 3.0, None, float("nan")]]
+    assert weighted_reward_sum(outputs, [0.5, 2.0]) == [4.5, 6.0, None, 0.25]
+    with pytest.raises(ValueError):
+        weighted_reward_sum(outputs, [1.0])  # one weight per function
 
 
 class TestErrors:

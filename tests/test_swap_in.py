@@ -11,6 +11,7 @@ from pbsd_trl.data.math_task import make_math_dataset
 from pbsd_trl.logprobs import concat_prompt_completion, right_pad_to
 from pbsd_trl.tiny import build_char_tokenizer, build_random_model
 
+
 TEMPLATE = "{prompt} Reference solution: {privileged_context}"
 
 
@@ -26,9 +27,19 @@ def dataset():
 
 def make_args(tmp_path, **kwargs):
     defaults = dict(
-        output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4, max_completion_length=8,
-        max_steps=2, learning_rate=1e-2, logging_steps=1, report_to=[], bf16=False, use_cpu=True,
-        save_strategy="no", teacher_prompt_template=TEMPLATE, seed=0,
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=8,
+        max_steps=2,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to=[],
+        bf16=False,
+        use_cpu=True,
+        save_strategy="no",
+        teacher_prompt_template=TEMPLATE,
+        seed=0,
     )
     defaults.update(kwargs)
     return PBSDConfig(**defaults)
@@ -37,10 +48,22 @@ def make_args(tmp_path, **kwargs):
 def tiny_moe(tokenizer, router_aux_loss_coef=0.5, seed=0):
     torch.manual_seed(seed)
     config = Qwen3MoeConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_experts=4, num_experts_per_tok=2,
-        decoder_sparse_step=1, router_aux_loss_coef=router_aux_loss_coef, max_position_embeddings=512,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        num_experts=4,
+        num_experts_per_tok=2,
+        decoder_sparse_step=1,
+        router_aux_loss_coef=router_aux_loss_coef,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
     )
     return Qwen3MoeForCausalLM(config)
 
@@ -72,11 +95,20 @@ def reference_aux_loss(model, inputs, pad_id):
 def test_moe_router_aux_loss_is_in_the_loss_and_its_gradient(tmp_path, tokenizer, dataset, fused):
     model = tiny_moe(tokenizer, router_aux_loss_coef=0.5)
     initial = copy.deepcopy(model)
-    with_aux = PBSDTrainer(model, contains_answer, args=make_args(tmp_path / "a", use_fused_logprob_kernel=fused),
-                           train_dataset=dataset, processing_class=tokenizer)
-    without = PBSDTrainer(copy.deepcopy(initial), contains_answer,
-                          args=make_args(tmp_path / "b", use_fused_logprob_kernel=fused, router_aux_loss_coef=0.0),
-                          train_dataset=dataset, processing_class=tokenizer)
+    with_aux = PBSDTrainer(
+        model,
+        contains_answer,
+        args=make_args(tmp_path / "a", use_fused_logprob_kernel=fused),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+    without = PBSDTrainer(
+        copy.deepcopy(initial),
+        contains_answer,
+        args=make_args(tmp_path / "b", use_fused_logprob_kernel=fused, router_aux_loss_coef=0.0),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
     assert with_aux.aux_loss_enabled and with_aux.router_aux_loss_coef == 0.5  # the architecture's own coefficient
     assert not without.aux_loss_enabled
 
@@ -101,8 +133,13 @@ def test_moe_router_aux_loss_is_in_the_loss_and_its_gradient(tmp_path, tokenizer
 
 
 def test_moe_training_logs_aux_loss(tmp_path, tokenizer, dataset):
-    trainer = PBSDTrainer(tiny_moe(tokenizer), contains_answer, args=make_args(tmp_path), train_dataset=dataset,
-                          processing_class=tokenizer)
+    trainer = PBSDTrainer(
+        tiny_moe(tokenizer),
+        contains_answer,
+        args=make_args(tmp_path),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
     trainer.train()
     logged = [log["aux_loss"] for log in trainer.state.log_history if "aux_loss" in log]
     assert len(logged) == 2 and all(value > 0 for value in logged)
@@ -122,10 +159,20 @@ def token_entropies(model, inputs):
 def test_entropy_bonus_subtracts_coef_times_student_entropy(tmp_path, tokenizer, dataset):
     model = build_random_model(tokenizer, seed=1)
     initial = copy.deepcopy(model)
-    bonus = PBSDTrainer(model, contains_answer, args=make_args(tmp_path / "a", entropy_coef=0.3),
-                        train_dataset=dataset, processing_class=tokenizer)
-    plain = PBSDTrainer(copy.deepcopy(initial), contains_answer, args=make_args(tmp_path / "b"),
-                        train_dataset=dataset, processing_class=tokenizer)
+    bonus = PBSDTrainer(
+        model,
+        contains_answer,
+        args=make_args(tmp_path / "a", entropy_coef=0.3),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+    plain = PBSDTrainer(
+        copy.deepcopy(initial),
+        contains_answer,
+        args=make_args(tmp_path / "b"),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
     bonus.model.train()
     plain.model.train()
     inputs = bonus._generate_and_score_completions(generation_batch(dataset))
@@ -143,9 +190,16 @@ def test_entropy_bonus_subtracts_coef_times_student_entropy(tmp_path, tokenizer,
 
 def test_adaptive_entropy_trains_and_moves_the_coefficient(tmp_path, tokenizer, dataset):
     # Entropy of a random model is far above the target, so the controller lowers the coefficient each step
-    args = make_args(tmp_path, entropy_coef=0.1, use_adaptive_entropy=True, entropy_target=0.01, entropy_coef_delta=0.02)
-    trainer = PBSDTrainer(build_random_model(tokenizer, seed=1), contains_answer, args=args, train_dataset=dataset,
-                          processing_class=tokenizer)
+    args = make_args(
+        tmp_path, entropy_coef=0.1, use_adaptive_entropy=True, entropy_target=0.01, entropy_coef_delta=0.02
+    )
+    trainer = PBSDTrainer(
+        build_random_model(tokenizer, seed=1),
+        contains_answer,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
     trainer.train()
     coefs = [log["entropy_coef"] for log in trainer.state.log_history if "entropy_coef" in log]
     assert coefs == pytest.approx([0.08, 0.06])
@@ -155,10 +209,20 @@ def test_adaptive_entropy_trains_and_moves_the_coefficient(tmp_path, tokenizer, 
 def test_top_entropy_quantile_keeps_the_loss_and_restricts_the_gradient(tmp_path, tokenizer, dataset):
     model = build_random_model(tokenizer, seed=1)
     initial = copy.deepcopy(model)
-    masked = PBSDTrainer(model, contains_answer, args=make_args(tmp_path / "a", top_entropy_quantile=0.0),
-                         train_dataset=dataset, processing_class=tokenizer)
-    full = PBSDTrainer(copy.deepcopy(initial), contains_answer, args=make_args(tmp_path / "b"),
-                       train_dataset=dataset, processing_class=tokenizer)
+    masked = PBSDTrainer(
+        model,
+        contains_answer,
+        args=make_args(tmp_path / "a", top_entropy_quantile=0.0),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+    full = PBSDTrainer(
+        copy.deepcopy(initial),
+        contains_answer,
+        args=make_args(tmp_path / "b"),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
     masked.model.train()
     full.model.train()
     inputs = masked._generate_and_score_completions(generation_batch(dataset))
@@ -178,22 +242,37 @@ def test_gemma2_softcapped_head_is_scored_by_the_default_kernel(tmp_path, tokeni
 
     torch.manual_seed(0)
     config = Gemma2Config(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=16, final_logit_softcapping=2.0, max_position_embeddings=512,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        final_logit_softcapping=2.0,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
     )
     model = Gemma2ForCausalLM(config)
     with torch.no_grad():  # logits of several units, so that a cap of 2 bends them
         model.lm_head.weight.mul_(30)
-    trainer = PBSDTrainer(model, contains_answer, args=make_args(tmp_path), train_dataset=dataset,
-                          processing_class=tokenizer)
+    trainer = PBSDTrainer(
+        model, contains_answer, args=make_args(tmp_path), train_dataset=dataset, processing_class=tokenizer
+    )
     assert trainer.args.use_fused_logprob_kernel  # the default on CPU: pbsd-trl's kernel, no refusal
     inputs = trainer._generate_and_score_completions(generation_batch(dataset))
     ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
     mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
     with torch.no_grad():
-        scored = trainer._sequence_logps(trainer.model, inputs["prompt_ids"], inputs["prompt_mask"],
-                                         inputs["completion_ids"], inputs["completion_mask"])
+        scored = trainer._sequence_logps(
+            trainer.model,
+            inputs["prompt_ids"],
+            inputs["prompt_mask"],
+            inputs["completion_ids"],
+            inputs["completion_mask"],
+        )
         hidden = trainer.model.model(input_ids=ids, attention_mask=mask).last_hidden_state
         raw = trainer.model.lm_head(hidden)[:, inputs["prompt_ids"].size(1) - 1 : -1].double()
     completion = inputs["completion_ids"].unsqueeze(-1)
@@ -213,8 +292,13 @@ def test_gemma2_softcapped_head_is_scored_by_the_default_kernel(tmp_path, tokeni
 
 def test_model_card_names_pbsd_and_cites_it(tmp_path, tokenizer, dataset):
     # GRPO writes the card at every checkpoint (and on push_to_hub) from the trainer's class attributes
-    trainer = PBSDTrainer(build_random_model(tokenizer, seed=1), contains_answer, args=make_args(tmp_path),
-                          train_dataset=dataset, processing_class=tokenizer)
+    trainer = PBSDTrainer(
+        build_random_model(tokenizer, seed=1),
+        contains_answer,
+        args=make_args(tmp_path),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
     trainer.create_model_card(model_name="tiny-pbsd")
     card = (tmp_path / "README.md").read_text()
     assert "PBSD" in card and "2605.05040" in card and "yu2026pbsd" in card

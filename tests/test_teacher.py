@@ -2,8 +2,9 @@
 
 import pytest
 
-from pbsd_trl.teacher import TeacherPromptBuilder, check_privileged_context, compose_teacher_prompt
+from pbsd_trl.teacher import ROW_INDEX_COLUMN, TeacherPromptBuilder, check_privileged_context, compose_teacher_prompt
 from pbsd_trl.tiny import build_char_tokenizer
+
 
 TEMPLATE = "{prompt} Reference solution: {privileged_context}"
 
@@ -58,12 +59,23 @@ def test_long_context_never_truncates_the_student_prompt(conversational):
 
     def count_tokens(prompts):
         if conversational:
-            return [len(tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]) for p in prompts]
+            return [
+                len(
+                    tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)[
+                        "input_ids"
+                    ]
+                )
+                for p in prompts
+            ]
         return [len(tokenizer(p)["input_ids"]) for p in prompts]
 
     builder = TeacherPromptBuilder(
-        TEMPLATE, "privileged_context", max_length=85, count_tokens=count_tokens,
-        encode=lambda t: tokenizer(t, add_special_tokens=False)["input_ids"], decode=tokenizer.decode,
+        TEMPLATE,
+        "privileged_context",
+        max_length=85,
+        count_tokens=count_tokens,
+        encode=lambda t: tokenizer(t, add_special_tokens=False)["input_ids"],
+        decode=tokenizer.decode,
     )
     question = "Q" * 50  # the prompt alone takes most of the budget
     prompt = [{"role": "user", "content": question}] if conversational else question
@@ -72,20 +84,102 @@ def test_long_context_never_truncates_the_student_prompt(conversational):
     assert truncated == [True, False]
     text = teacher_prompts[0][-1]["content"] if conversational else teacher_prompts[0]
     assert text.startswith(question + " Reference solution: ")
-    kept = text[len(question + " Reference solution: "):]
+    kept = text[len(question + " Reference solution: ") :]
     assert 0 < len(kept) < 5000 and set(kept) == {"S"}
     assert count_tokens([teacher_prompts[0]])[0] <= 85  # the longest prefix that fits ...
     longer = compose_teacher_prompt(prompt, "S" * (len(kept) + 1), TEMPLATE)
     assert count_tokens([longer])[0] > 85  # ... and not one token less
 
 
-def test_context_longer_than_any_limit_keeps_the_whole_prompt():
+def _budget_builder(max_length, allow_empty=False):
     tokenizer = build_char_tokenizer()
-    count = lambda prompts: [len(tokenizer(p)["input_ids"]) for p in prompts]  # noqa: E731
-    builder = TeacherPromptBuilder(
-        TEMPLATE, "c", max_length=5, count_tokens=count,
-        encode=lambda t: tokenizer(t, add_special_tokens=False)["input_ids"], decode=tokenizer.decode,
+    return TeacherPromptBuilder(
+        TEMPLATE,
+        "c",
+        allow_empty=allow_empty,
+        max_length=max_length,
+        count_tokens=lambda prompts: [len(tokenizer(p)["input_ids"]) for p in prompts],
+        encode=lambda t: tokenizer(t, add_special_tokens=False)["input_ids"],
+        decode=tokenizer.decode,
     )
-    (teacher_prompt,), truncated = builder(["a long student prompt"], [{"c": "x" * 10_000}])
-    assert truncated == [True]
-    assert teacher_prompt == "a long student prompt Reference solution: "
+
+
+def test_budget_that_cannot_hold_the_student_prompt_names_the_row():
+    """Never cut the student prompt, and never pretend the context was "cut to fit" when the prompt alone is too long."""
+    builder = _budget_builder(max_length=30)
+    rows = [{"c": "x" * 10_000}, {"c": "x" * 10_000, ROW_INDEX_COLUMN: 7}]
+    with pytest.raises(
+        ValueError,
+        match=r"Row 7: its teacher prompt takes 42 tokens even with an empty privileged "
+        r"context, more than max_teacher_prompt_length=30",
+    ):
+        builder(["1", "a long student prompt"], rows)
+
+
+def test_budget_that_leaves_no_context_is_an_empty_context():
+    prompt = "a long student prompt"
+    bare = len(prompt + " Reference solution: ")
+    with pytest.raises(
+        ValueError,
+        match=f"Row 0 of the generation batch: max_teacher_prompt_length={bare} leaves no room for its privileged",
+    ):
+        _budget_builder(max_length=bare)([prompt], [{"c": "x" * 100}])
+    (teacher_prompt,), truncated = _budget_builder(max_length=bare, allow_empty=True)([prompt], [{"c": "x" * 100}])
+    assert truncated == [True] and teacher_prompt == prompt + " Reference solution: "
+    (teacher_prompt,), _ = _budget_builder(max_length=bare + 1)([prompt], [{"c": "x" * 100}])
+    assert teacher_prompt == prompt + " Reference solution: x"
+
+
+def test_key_missing_from_one_row_names_that_row():
+    builder = TeacherPromptBuilder(TEMPLATE, "solution")
+    rows = [{"solution": "s", ROW_INDEX_COLUMN: 40}, {"answer": "2", ROW_INDEX_COLUMN: 41}]
+    with pytest.raises(KeyError, match="Row 41 has no privileged-context column 'solution'"):
+        builder(["1+1=", "1+2="], rows)
+
+
+def test_teacher_prompt_past_the_position_limit_names_the_row_and_numbers():
+    tokenizer = build_char_tokenizer()
+    builder = TeacherPromptBuilder(
+        TEMPLATE,
+        "c",
+        count_tokens=lambda ps: [len(tokenizer(p)["input_ids"]) for p in ps],
+        position_limit=(50, "the model's 64 positions"),
+    )
+    builder(["q"], [{"c": "x" * 20}])  # fits
+    with pytest.raises(
+        ValueError,
+        match="Row 3: its teacher prompt is 122 tokens, more than the 50 that fit in the model's 64 positions",
+    ):
+        builder(["q"], [{"c": "x" * 100}], indices=[3])
+
+
+@pytest.mark.parametrize("conversational", [False, True])
+def test_rows_cleared_without_tokenizing_really_fit(conversational):
+    """`surely_fit` lets construction skip tokenizing rows far below the limits: it must never clear one that is over."""
+    tokenizer = build_char_tokenizer()
+
+    def count_tokens(prompts):
+        if conversational:
+            return [
+                len(
+                    tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)[
+                        "input_ids"
+                    ]
+                )
+                for p in prompts
+            ]
+        return [len(tokenizer(p)["input_ids"]) for p in prompts]
+
+    builder = TeacherPromptBuilder(TEMPLATE, "c", count_tokens=count_tokens, position_limit=(60, "60 positions"))
+    prompts, contexts = [], []
+    for n in range(0, 60, 3):
+        text = "q" * (1 + n // 2)
+        prompts.append(
+            [{"role": "system", "content": "s"}, {"role": "user", "content": text}] if conversational else text
+        )
+        contexts.append("x" * n)
+    cleared = builder.surely_fit(prompts, contexts)
+    exact = count_tokens([compose_teacher_prompt(p, c, TEMPLATE) for p, c in zip(prompts, contexts, strict=False)])
+    assert any(cleared) and not all(cleared)
+    assert all(length <= 60 for length, ok in zip(exact, cleared, strict=False) if ok)
+    assert any(length > 60 for length in exact)

@@ -1,4 +1,3 @@
-# Copyright 2026 The pbsd-trl authors. Licensed under the Apache License, Version 2.0.
 import json
 import os
 import random
@@ -18,11 +17,6 @@ from pbsd_trl.tiny import (
     tiny_model_config,
     warm_start,
 )
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_char_tokenizer()
 
 
 def test_tokenizer_round_trip(tokenizer):
@@ -126,7 +120,9 @@ def test_warm_start_learns(task):
 
 
 def test_get_base_model_builds_once_and_caches(tmp_path, monkeypatch):
-    kwargs = dict(cache_dir=tmp_path, steps=2, progress_bar=False, model_overrides=tiny.TEST_MODEL_OVERRIDES, batch_size=4)
+    kwargs = dict(
+        cache_dir=tmp_path, steps=2, progress_bar=False, model_overrides=tiny.TEST_MODEL_OVERRIDES, batch_size=4
+    )
     path = get_base_model("math", **kwargs)
     assert os.path.basename(path).startswith("math-")
     assert os.listdir(tmp_path) == [os.path.basename(path)]  # no temporary directory left over
@@ -156,7 +152,9 @@ def test_get_base_model_builds_once_and_caches(tmp_path, monkeypatch):
 
 
 def test_get_base_model_force_rebuilds(tmp_path):
-    kwargs = dict(cache_dir=tmp_path, steps=1, progress_bar=False, model_overrides=tiny.TEST_MODEL_OVERRIDES, batch_size=4)
+    kwargs = dict(
+        cache_dir=tmp_path, steps=1, progress_bar=False, model_overrides=tiny.TEST_MODEL_OVERRIDES, batch_size=4
+    )
     path = get_base_model("tool_use", **kwargs)
     first = os.path.getmtime(os.path.join(path, "pbsd_trl_base.json"))
     assert get_base_model("tool_use", force=True, **kwargs) == path
@@ -195,7 +193,9 @@ def test_shipped_base_model_matches_its_checksums_and_loads(task, monkeypatch):
     input_ids, labels = tiny._sft_batch(tokenizer, [r[0] for r in rows], [r[2] for r in rows])
     untrained = build_random_model(tokenizer, size="base")
     with torch.no_grad():
-        assert model(input_ids=input_ids, labels=labels).loss < untrained(input_ids=input_ids, labels=labels).loss - 1.0
+        assert (
+            model(input_ids=input_ids, labels=labels).loss < untrained(input_ids=input_ids, labels=labels).loss - 1.0
+        )
 
 
 def test_base_model_checksum_errors_name_the_file(tmp_path):
@@ -258,7 +258,17 @@ def test_rebuild_with_the_committed_command_has_the_documented_quality(tmp_path)
     import sys
 
     output = tmp_path / "tool_use"
-    command = [sys.executable, "-m", "pbsd_trl.tiny", "build", "tool_use", "--output_dir", str(output), "--num_threads", "1"]
+    command = [
+        sys.executable,
+        "-m",
+        "pbsd_trl.tiny",
+        "build",
+        "tool_use",
+        "--output_dir",
+        str(output),
+        "--num_threads",
+        "1",
+    ]
     subprocess.run(command, check=True, timeout=1800, env=dict(os.environ, TQDM_DISABLE="1"))
     manifest = tiny.verify_base_model(output)
     shipped = tiny.verify_base_model(tiny.SHIPPED_BASE_MODELS_DIR / "tool_use")

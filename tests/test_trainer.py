@@ -6,13 +6,15 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig
+from testing_utils import save_tiny_model
 from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
 from pbsd_trl import PBSDConfig, PBSDTrainer
 from pbsd_trl.data.math_task import make_math_dataset
 from pbsd_trl.teacher_model import TEACHER_ADAPTER_NAME
-from pbsd_trl.tiny import build_char_tokenizer, build_random_model
+from pbsd_trl.tiny import build_random_model
+
 
 TEMPLATE = "{prompt} Reference solution: {privileged_context}"
 
@@ -22,20 +24,25 @@ def contains_answer(completions, answer, **kwargs):
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return build_char_tokenizer()
-
-
-@pytest.fixture(scope="module")
 def dataset():
     return make_math_dataset("train", n=16, seed=0)
 
 
 def make_args(tmp_path, **kwargs):
     defaults = dict(
-        output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4, max_completion_length=8,
-        max_steps=3, learning_rate=1e-2, logging_steps=1, report_to=[], bf16=False, use_cpu=True,
-        save_strategy="no", teacher_prompt_template=TEMPLATE, seed=0,
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=8,
+        max_steps=3,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to=[],
+        bf16=False,
+        use_cpu=True,
+        save_strategy="no",
+        teacher_prompt_template=TEMPLATE,
+        seed=0,
     )
     defaults.update(kwargs)
     return PBSDConfig(**defaults)
@@ -61,15 +68,23 @@ def generation_batch(dataset, num_prompts=2, group=4):
 
 @pytest.mark.parametrize("use_peft", [False, True])
 @pytest.mark.parametrize("fused", [True, False])
-def test_teacher_scores_with_teacher_prompt_and_weights_student_with_its_own(tmp_path, tokenizer, dataset, use_peft, fused):
+def test_teacher_scores_with_teacher_prompt_and_weights_student_with_its_own(
+    tmp_path, tokenizer, dataset, use_peft, fused
+):
     model = build_random_model(tokenizer, seed=1)
     initial = copy.deepcopy(model)
     args = make_args(tmp_path, use_fused_logprob_kernel=fused, gradient_checkpointing=False)
-    trainer = PBSDTrainer(model, contains_answer, args=args, train_dataset=dataset, processing_class=tokenizer,
-                          peft_config=lora() if use_peft else None)
+    trainer = PBSDTrainer(
+        model,
+        contains_answer,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=lora() if use_peft else None,
+    )
     # move the student away from its initial weights so that teacher (= base) and student differ
     with torch.no_grad():
-        for name, param in trainer.model.named_parameters():
+        for param in trainer.model.parameters():
             if param.requires_grad:
                 param.add_(torch.randn_like(param) * 0.5)
     trainer.model.train()
@@ -90,17 +105,31 @@ def test_teacher_scores_with_teacher_prompt_and_weights_student_with_its_own(tmp
     ]:
         assert not inputs[key].requires_grad
         with torch.no_grad():
-            expected = manual_sequence_logps(initial, inputs["teacher_prompt_ids"], inputs["teacher_prompt_mask"], inputs[ids], inputs[mask])
-            with_student_prompt = manual_sequence_logps(initial, inputs["prompt_ids"], inputs["prompt_mask"], inputs[ids], inputs[mask])
+            expected = manual_sequence_logps(
+                initial, inputs["teacher_prompt_ids"], inputs["teacher_prompt_mask"], inputs[ids], inputs[mask]
+            )
+            with_student_prompt = manual_sequence_logps(
+                initial, inputs["prompt_ids"], inputs["prompt_mask"], inputs[ids], inputs[mask]
+            )
         torch.testing.assert_close(inputs[key].double(), expected, atol=1e-4, rtol=1e-4)
         assert (expected - with_student_prompt).abs().max() > 1e-2  # the prompt matters, so the check has teeth
 
     # Student log-probs: student prompt, current weights, with gradient: rebuild the loss by hand
     loss = trainer.compute_loss(trainer.model, inputs)
     student = trainer.model
-    pi_s = manual_sequence_logps(student, inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"], inputs["completion_mask"])
-    pi_t = manual_sequence_logps(student, inputs["prompt_ids"], inputs["prompt_mask"], inputs["teacher_completion_ids"], inputs["teacher_completion_mask"])
-    margins = args.pbsd_beta * ((pi_t - inputs["teacher_logps_teacher_samples"]) - (pi_s - inputs["teacher_logps_student_samples"]))
+    pi_s = manual_sequence_logps(
+        student, inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"], inputs["completion_mask"]
+    )
+    pi_t = manual_sequence_logps(
+        student,
+        inputs["prompt_ids"],
+        inputs["prompt_mask"],
+        inputs["teacher_completion_ids"],
+        inputs["teacher_completion_mask"],
+    )
+    margins = args.pbsd_beta * (
+        (pi_t - inputs["teacher_logps_teacher_samples"]) - (pi_s - inputs["teacher_logps_student_samples"])
+    )
     expected_loss = -torch.nn.functional.logsigmoid(margins).mean()
     torch.testing.assert_close(loss.double(), expected_loss.detach(), atol=1e-5, rtol=1e-5)
 
@@ -120,10 +149,14 @@ def test_fused_kernel_and_trl_head_give_the_same_step(tmp_path, tokenizer, datas
         torch.manual_seed(0)
         model = build_random_model(tokenizer, seed=3)
         # SGD: the update is the gradient itself (Adam amplifies float noise on near-zero gradients)
-        args = make_args(tmp_path / str(fused), use_fused_logprob_kernel=fused, max_steps=1, optim="sgd", learning_rate=1.0)
+        args = make_args(
+            tmp_path / str(fused), use_fused_logprob_kernel=fused, max_steps=1, optim="sgd", learning_rate=1.0
+        )
         trainer = PBSDTrainer(model, contains_answer, args=args, train_dataset=dataset, processing_class=tokenizer)
         trainer.train()
-        results.append((trainer.state.log_history[0]["loss"], [p.detach().clone() for p in trainer.model.parameters()]))
+        results.append(
+            (trainer.state.log_history[0]["loss"], [p.detach().clone() for p in trainer.model.parameters()])
+        )
     (loss_a, params_a), (loss_b, params_b) = results
     assert loss_a == pytest.approx(loss_b, rel=1e-5)
     for a, b in zip(params_a, params_b, strict=True):
@@ -133,8 +166,17 @@ def test_fused_kernel_and_trl_head_give_the_same_step(tmp_path, tokenizer, datas
 def run_script(trainer_cls, config_cls, model_dir, dataset, output_dir):
     """A user's GRPO script, verbatim but for the two class names."""
     training_args = config_cls(
-        output_dir=output_dir, per_device_train_batch_size=8, num_generations=4, max_completion_length=8,
-        max_steps=3, learning_rate=1e-2, logging_steps=1, report_to=[], bf16=False, use_cpu=True, save_strategy="no",
+        output_dir=output_dir,
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=8,
+        max_steps=3,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to=[],
+        bf16=False,
+        use_cpu=True,
+        save_strategy="no",
     )
     trainer = trainer_cls(model=model_dir, reward_funcs=contains_answer, args=training_args, train_dataset=dataset)
     trainer.train()
@@ -142,9 +184,7 @@ def run_script(trainer_cls, config_cls, model_dir, dataset, output_dir):
 
 
 def test_swap_in_for_grpo(tmp_path, tokenizer, dataset):
-    model_dir = str(tmp_path / "model")
-    build_random_model(tokenizer, seed=2).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    model_dir = save_tiny_model(tmp_path / "model", tokenizer, seed=2)
     initial = {n: p.clone() for n, p in build_random_model(tokenizer, seed=2).named_parameters()}
 
     grpo = run_script(GRPOTrainer, GRPOConfig, model_dir, dataset, str(tmp_path / "grpo"))
@@ -156,8 +196,16 @@ def test_swap_in_for_grpo(tmp_path, tokenizer, dataset):
     changed = [n for n, p in pbsd.model.named_parameters() if not torch.equal(p.detach(), initial[n])]
     assert len(changed) == len(initial)
     logged = {k for entry in pbsd.state.log_history for k in entry}
-    for key in ("loss", "pbsd/margin", "pbsd/preference_accuracy", "pbsd/teacher_reward", "pbsd/student_reward",
-                "pbsd/log_ratio_teacher_samples", "pbsd/teacher_length", "rewards/contains_answer/mean"):
+    for key in (
+        "loss",
+        "pbsd/margin",
+        "pbsd/preference_accuracy",
+        "pbsd/teacher_reward",
+        "pbsd/student_reward",
+        "pbsd/log_ratio_teacher_samples",
+        "pbsd/teacher_length",
+        "rewards/contains_answer/mean",
+    ):
         assert key in logged, key
     # Teacher generation stays out of GRPO's completion metrics: they describe the student samples only
     first = pbsd.state.log_history[0]
@@ -178,8 +226,14 @@ def test_teacher_kinds_train(tmp_path, tokenizer, dataset, kind, use_peft):
     model = build_random_model(tokenizer, seed=4)
     initial = copy.deepcopy(model)
     args = make_args(tmp_path, teacher_model_kind=kind, max_steps=2, teacher_update_rate=0.3)
-    trainer = PBSDTrainer(model, contains_answer, args=args, train_dataset=dataset, processing_class=tokenizer,
-                          peft_config=lora() if use_peft else None)
+    trainer = PBSDTrainer(
+        model,
+        contains_answer,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=lora() if use_peft else None,
+    )
     recorder = None
     if kind == "ema":
         initial_teacher = [p.detach().clone() for p in trainer.teacher._teacher_params]
@@ -191,9 +245,11 @@ def test_teacher_kinds_train(tmp_path, tokenizer, dataset, kind, use_peft):
 
     if kind == "base":
         if use_peft:  # the base weights under the adapter never move
-            for (name, param) in trainer.model.get_base_model().named_parameters():
+            for name, param in trainer.model.get_base_model().named_parameters():
                 if "lora_" not in name:
-                    torch.testing.assert_close(param, initial.get_parameter(name.replace(".base_layer", "")), atol=0, rtol=0)
+                    torch.testing.assert_close(
+                        param, initial.get_parameter(name.replace(".base_layer", "")), atol=0, rtol=0
+                    )
         else:
             for a, b in zip(trainer.teacher.model.parameters(), initial.parameters(), strict=True):
                 assert torch.equal(a, b)
@@ -237,13 +293,22 @@ def test_all_pairing_with_fewer_teacher_samples_matches_full_pair_loss_gradient(
     trainer.model.zero_grad()
 
     student = trainer.model
-    pi_s = manual_sequence_logps(student, inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"], inputs["completion_mask"])
-    pi_t = manual_sequence_logps(student, inputs["prompt_ids"], inputs["prompt_mask"], inputs["teacher_completion_ids"], inputs["teacher_completion_mask"])
+    pi_s = manual_sequence_logps(
+        student, inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"], inputs["completion_mask"]
+    )
+    pi_t = manual_sequence_logps(
+        student,
+        inputs["prompt_ids"],
+        inputs["prompt_mask"],
+        inputs["teacher_completion_ids"],
+        inputs["teacher_completion_mask"],
+    )
     lr_t = pi_t - inputs["teacher_logps_teacher_samples"]
     lr_s = pi_s - inputs["teacher_logps_student_samples"]
     losses = [
         -torch.nn.functional.logsigmoid(args.pbsd_beta * (lr_t[i] - lr_s[j]))
-        for i in range(8) for j in range(8)
+        for i in range(8)
+        for j in range(8)
         if inputs["pbsd_has_teacher"][i] and i // 4 == j // 4
     ]
     expected = torch.stack(losses).mean()
@@ -256,35 +321,58 @@ def test_all_pairing_with_fewer_teacher_samples_matches_full_pair_loss_gradient(
 # ---- bad input ---------------------------------------------------------------------------------------------------
 def test_missing_privileged_column_fails_at_construction(tmp_path, tokenizer, dataset):
     with pytest.raises(ValueError, match="train_dataset has no privileged-context column 'privileged_context'"):
-        PBSDTrainer(build_random_model(tokenizer), contains_answer, args=make_args(tmp_path),
-                    train_dataset=dataset.remove_columns("privileged_context"), processing_class=tokenizer)
+        PBSDTrainer(
+            build_random_model(tokenizer),
+            contains_answer,
+            args=make_args(tmp_path),
+            train_dataset=dataset.remove_columns("privileged_context"),
+            processing_class=tokenizer,
+        )
 
 
 @pytest.mark.parametrize(
     "contexts, error, match",
     [
-        (lambda rows: [None if i == 5 else r["privileged_context"] for i, r in enumerate(rows)], ValueError,
-         "train_dataset: Row 5 has an empty privileged context"),
-        (lambda rows: ["" if i == 5 else r["privileged_context"] for i, r in enumerate(rows)], ValueError,
-         "train_dataset: Row 5 has an empty"),
-        (lambda rows: [r["privileged_context"].split(";") for r in rows], TypeError,
-         "train_dataset: Column 'privileged_context' must hold strings, but row 0 holds a list"),
+        (
+            lambda rows: [None if i == 5 else r["privileged_context"] for i, r in enumerate(rows)],
+            ValueError,
+            "train_dataset: Row 5 has an empty privileged context",
+        ),
+        (
+            lambda rows: ["" if i == 5 else r["privileged_context"] for i, r in enumerate(rows)],
+            ValueError,
+            "train_dataset: Row 5 has an empty",
+        ),
+        (
+            lambda rows: [r["privileged_context"].split(";") for r in rows],
+            TypeError,
+            "train_dataset: Column 'privileged_context' must hold strings, but row 0 holds a list",
+        ),
     ],
 )
 def test_bad_context_fails_at_construction(tmp_path, tokenizer, dataset, contexts, error, match):
     bad = dataset.remove_columns("privileged_context").add_column("privileged_context", contexts(dataset.to_list()))
     with pytest.raises(error, match=match):
-        PBSDTrainer(build_random_model(tokenizer), contains_answer, args=make_args(tmp_path), train_dataset=bad,
-                    processing_class=tokenizer)
+        PBSDTrainer(
+            build_random_model(tokenizer),
+            contains_answer,
+            args=make_args(tmp_path),
+            train_dataset=bad,
+            processing_class=tokenizer,
+        )
 
 
 def test_none_context_allowed_when_configured(tmp_path, tokenizer, dataset):
     rows = dataset.to_list()
     for row in rows:
         row["privileged_context"] = None
-    trainer = PBSDTrainer(build_random_model(tokenizer), contains_answer,
-                          args=make_args(tmp_path, allow_empty_privileged_context=True, max_steps=1),
-                          train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    trainer = PBSDTrainer(
+        build_random_model(tokenizer),
+        contains_answer,
+        args=make_args(tmp_path, allow_empty_privileged_context=True, max_steps=1),
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+    )
     trainer.train()
     assert trainer.state.global_step == 1
 
@@ -295,7 +383,9 @@ def test_reward_function_with_wrong_length_is_named_before_any_update(tmp_path, 
 
     model = build_random_model(tokenizer)
     before = [p.detach().clone() for p in model.parameters()]
-    trainer = PBSDTrainer(model, short_reward, args=make_args(tmp_path), train_dataset=dataset, processing_class=tokenizer)
+    trainer = PBSDTrainer(
+        model, short_reward, args=make_args(tmp_path), train_dataset=dataset, processing_class=tokenizer
+    )
     with pytest.raises(ValueError, match="reward function 'short_reward' returned 7 values for 8 completions"):
         trainer.train()
     assert trainer.state.global_step == 0
@@ -306,28 +396,52 @@ def test_raising_reward_function_is_named(tmp_path, tokenizer, dataset):
     def broken_reward(completions, **kwargs):
         raise KeyError("answer")
 
-    trainer = PBSDTrainer(build_random_model(tokenizer), broken_reward, args=make_args(tmp_path),
-                          train_dataset=dataset, processing_class=tokenizer)
+    trainer = PBSDTrainer(
+        build_random_model(tokenizer),
+        broken_reward,
+        args=make_args(tmp_path),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
     with pytest.raises(RuntimeError, match="reward function 'broken_reward' raised KeyError"):
         trainer.train()
 
 
 def test_reward_labels_need_reward_functions(tmp_path, tokenizer, dataset):
     with pytest.raises(ValueError, match="pair_labels='reward'"):
-        PBSDTrainer(build_random_model(tokenizer), None, args=make_args(tmp_path, pair_labels="reward"),
-                    train_dataset=dataset, processing_class=tokenizer)
+        PBSDTrainer(
+            build_random_model(tokenizer),
+            None,
+            args=make_args(tmp_path, pair_labels="reward"),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+        )
 
 
 def test_grpo_config_is_rejected_with_a_hint(tmp_path, tokenizer, dataset):
-    args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4, use_cpu=True, report_to=[])
+    args = GRPOConfig(
+        output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4, use_cpu=True, report_to=[]
+    )
     with pytest.raises(TypeError, match="PBSDConfig"):
-        PBSDTrainer(build_random_model(tokenizer), contains_answer, args=args, train_dataset=dataset, processing_class=tokenizer)
+        PBSDTrainer(
+            build_random_model(tokenizer),
+            contains_answer,
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+        )
 
 
 def test_role_mode_trains_without_reward_functions_and_eval_works(tmp_path, tokenizer, dataset):
     args = make_args(tmp_path, max_steps=2, eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=8)
-    trainer = PBSDTrainer(build_random_model(tokenizer), None, args=args, train_dataset=dataset,
-                          eval_dataset=make_math_dataset("eval", n=4), processing_class=tokenizer)
+    trainer = PBSDTrainer(
+        build_random_model(tokenizer),
+        None,
+        args=args,
+        train_dataset=dataset,
+        eval_dataset=make_math_dataset("eval", n=4),
+        processing_class=tokenizer,
+    )
     trainer.train()
     evals = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
     assert evals and "eval_pbsd/preference_accuracy" in evals[0]
@@ -360,8 +474,9 @@ def test_reward_callables_of_every_kind_score_both_sample_sets(tmp_path, tokeniz
     counting = CountingReward()
     reward_funcs = [constant_reward, functools.partial(constant_reward, value=2.0), counting, async_constant_reward]
     args = make_args(tmp_path, max_steps=2, pair_labels="reward")
-    trainer = PBSDTrainer(build_random_model(tokenizer), reward_funcs, args=args, train_dataset=dataset,
-                          processing_class=tokenizer)
+    trainer = PBSDTrainer(
+        build_random_model(tokenizer), reward_funcs, args=args, train_dataset=dataset, processing_class=tokenizer
+    )
     trainer.train()
     assert trainer.state.global_step == 2
     logs = trainer.state.log_history[0]

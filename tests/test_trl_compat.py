@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 
+
 COMPAT = Path(__file__).parent / "trl_compat"
 sys.path.insert(0, str(COMPAT))
 import stand_ins  # noqa: E402
+
 
 MOE = "trl-internal-testing/tiny-Qwen3MoeForCausalLM"
 GEMMA = "trl-internal-testing/tiny-Gemma2ForCausalLM"
@@ -27,7 +29,9 @@ def test_hub_ids_and_zen():
 
 
 def test_stand_ins_load_offline_by_hub_id(tmp_path):
-    built = stand_ins.write_hub_cache([MOE, GEMMA, "trl-internal-testing/tiny-Qwen2_5_VLForConditionalGeneration"], tmp_path)
+    built = stand_ins.write_hub_cache(
+        [MOE, GEMMA, "trl-internal-testing/tiny-Qwen2_5_VLForConditionalGeneration"], tmp_path
+    )
     assert built == {MOE: True, GEMMA: True, "trl-internal-testing/tiny-Qwen2_5_VLForConditionalGeneration": False}
     code = textwrap.dedent(f"""
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -44,7 +48,7 @@ def test_stand_ins_load_offline_by_hub_id(tmp_path):
     assert out.stdout.strip().endswith("ok"), out.stderr[-2000:]
 
 
-MINI_SUITE = '''
+MINI_SUITE = """
 import pytest
 from datasets import load_dataset
 from trl import GRPOConfig, GRPOTrainer
@@ -70,7 +74,7 @@ def test_train_beta_non_zero(tmp_path):
                       max_completion_length=8, max_steps=1, report_to="none")
     GRPOTrainer(model="trl-internal-testing/tiny-Qwen3MoeForCausalLM", reward_funcs=reward_len, args=args,
                 train_dataset=dataset).train()
-'''
+"""
 
 
 @pytest.mark.slow
@@ -79,8 +83,17 @@ def test_runner_reports_both_trainers_and_the_difference(tmp_path):
     (trl_src / "tests").mkdir(parents=True)
     (trl_src / "tests" / "test_grpo_trainer.py").write_text(MINI_SUITE)
     out = subprocess.run(
-        [sys.executable, str(COMPAT / "run_trl_grpo_tests.py"), "--trl-src", str(trl_src), "--workdir", str(tmp_path / "work")],
-        capture_output=True, text=True, timeout=1200,
+        [
+            sys.executable,
+            str(COMPAT / "run_trl_grpo_tests.py"),
+            "--trl-src",
+            str(trl_src),
+            "--workdir",
+            str(tmp_path / "work"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1200,
     )
     summary = (tmp_path / "work" / "summary.txt").read_text()
     assert "grpo: 2 passed, 0 failed" in summary, out.stdout[-3000:]
@@ -92,7 +105,13 @@ def test_runner_reports_both_trainers_and_the_difference(tmp_path):
 def _junit(path, cases):
     body = "".join(
         f'<testcase classname="tests.test_grpo_trainer.TestGRPOTrainer" name="{name}">'
-        + ('<failure message="ValueError: `beta` must be 0"/>' if outcome == "failed" else "<skipped/>" if outcome == "skipped" else "")
+        + (
+            '<failure message="ValueError: `beta` must be 0"/>'
+            if outcome == "failed"
+            else "<skipped/>"
+            if outcome == "skipped"
+            else ""
+        )
         + "</testcase>"
         for name, outcome in cases.items()
     )
@@ -102,11 +121,16 @@ def _junit(path, cases):
 
 def test_compare_reports_of_separate_and_interrupted_runs(tmp_path):
     # GRPO ran 4 tests; the PBSD run was interrupted after 3: the 4th is "not run", not a regression
-    grpo = _junit(tmp_path / "grpo.xml", {"test_a": "passed", "test_beta": "passed", "test_gpu": "skipped", "test_late": "passed"})
+    grpo = _junit(
+        tmp_path / "grpo.xml",
+        {"test_a": "passed", "test_beta": "passed", "test_gpu": "skipped", "test_late": "passed"},
+    )
     pbsd = _junit(tmp_path / "pbsd.xml", {"test_a": "passed", "test_beta": "failed", "test_gpu": "skipped"})
     out = subprocess.run(
         [sys.executable, str(COMPAT / "run_trl_grpo_tests.py"), "--compare", str(grpo), str(pbsd)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     lines = out.stdout.splitlines()
     assert "grpo: 3 passed, 0 failed, 1 skipped" in lines, out.stdout + out.stderr

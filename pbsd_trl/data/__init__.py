@@ -1,14 +1,13 @@
-# Copyright 2026 The pbsd-trl authors. Licensed under the Apache License, Version 2.0.
 """Built-in synthetic tasks with privileged context, in the column schema of TRL's self-distillation
-trainers (``prompt``, ``privileged_context``):
+trainers (`prompt`, `privileged_context`):
 
-- :mod:`~pbsd_trl.data.math_task`: arithmetic with a step-by-step reference solution (``answer`` column).
-- :mod:`~pbsd_trl.data.tool_task`: ReAct tool use with API documentation and a demonstration
-  (``golden_answer`` column, SDFT's format).
+- `pbsd_trl.data.math_task`: arithmetic with a step-by-step reference solution (`answer` column).
+- `pbsd_trl.data.tool_task`: ReAct tool use with API documentation and a demonstration
+  (`golden_answer` column, SDFT's format).
 """
 
 from .math_task import MATH_TEACHER_TEMPLATE, make_math_dataset, math_solution, parse_final_answer
-from .tool_task import TOOL_TEACHER_TEMPLATE, make_tool_dataset, parse_tool_calls, tool_call_matches, tool_completion
+from .tool_task import TOOL_TEACHER_TEMPLATE, make_tool_dataset, tool_completion
 
 
 __all__ = [
@@ -18,7 +17,5 @@ __all__ = [
     "make_tool_dataset",
     "math_solution",
     "parse_final_answer",
-    "parse_tool_calls",
-    "tool_call_matches",
     "tool_completion",
 ]

@@ -1,32 +1,33 @@
-# Copyright 2026 The pbsd-trl authors. Licensed under the Apache License, Version 2.0.
 """Synthetic arithmetic task with step-by-step reference solutions.
 
-Problems are ``a+b``, ``a-b`` (with ``a >= b``) and ``a*d`` (``d`` in 2..9), written without words,
-e.g. ``"347+589="``. The privileged context is a right-to-left digit scratchpad that ends with the
-final answer in GSM8K style::
+Problems are `a+b`, `a-b` (with `a >= b`) and `a*d` (`d` in 2..9), written without words,
+e.g. `"347+589="`. The privileged context is a right-to-left digit scratchpad that ends with the
+final answer in GSM8K style:
 
-    >>> math_solution(347, "+", 589)
-    '7+9+0=16>6;4+8+1=13>36;3+5+1=9>936;#### 936'
-    >>> math_solution(523, "-", 187)
-    '13-7-0=6>6;12-8-1=3>36;5-1-1=3>336;#### 336'
-    >>> math_solution(347, "*", 6)
-    '7*6+0=42>2;4*6+4=28>82;3*6+2=20>082;2>2082;#### 2082'
+```python
+>>> math_solution(347, "+", 589)
+'7+9+0=16>6;4+8+1=13>36;3+5+1=9>936;#### 936'
+>>> math_solution(523, "-", 187)
+'13-7-0=6>6;12-8-1=3>36;5-1-1=3>336;#### 336'
+>>> math_solution(347, "*", 6)
+'7*6+0=42>2;4*6+4=28>82;3*6+2=20>082;2>2082;#### 2082'
+```
 
-Each step is ``<digit op digit op carry>=<value>><result digits so far>``. A subtraction step that
-borrows writes the borrowed ten in front of the top digit (``13-7-0``); a final carry is written as
-its own step (``2>2082``). The student must produce the same scratchpad from the bare problem, the
-teacher sees it in its prompt (:data:`MATH_TEACHER_TEMPLATE`), which makes the teacher much stronger
+Each step is `<digit op digit op carry>=<value>><result digits so far>`. A subtraction step that
+borrows writes the borrowed ten in front of the top digit (`13-7-0`); a final carry is written as
+its own step (`2>2082`). The student must produce the same scratchpad from the bare problem, the
+teacher sees it in its prompt ([`MATH_TEACHER_TEMPLATE`]), which makes the teacher much stronger
 than the student: the gap that self-distillation closes.
 
-The datasets follow the column schema of TRL's self-distillation trainers (``prompt``,
-``privileged_context``) plus an ``answer`` column for reward functions.
+The datasets follow the column schema of TRL's self-distillation trainers (`prompt`,
+`privileged_context`) plus an `answer` column for reward functions.
 """
 
 from __future__ import annotations
 
 import random
 import re
-from functools import lru_cache
+from functools import cache
 from typing import Literal
 
 from datasets import Dataset
@@ -46,11 +47,11 @@ __all__ = [
 ]
 
 MATH_TEACHER_TEMPLATE = "{prompt} Reference solution: {privileged_context}"
-"""Teacher prompt template: ``{prompt}`` is the student's question (the last user turn's text for
-conversational prompts), ``{privileged_context}`` the reference solution."""
+"""Teacher prompt template: `{prompt}` is the student's question (the last user turn's text for
+conversational prompts), `{privileged_context}` the reference solution."""
 
 DIFFICULTIES: dict[str, tuple[int, int]] = {"easy": (1, 2), "medium": (2, 3), "hard": (3, 4)}
-"""Difficulty name -> inclusive range of the number of digits of the operands (``d`` of ``a*d`` is
+"""Difficulty name -> inclusive range of the number of digits of the operands (`d` of `a*d` is
 always one digit)."""
 
 EVAL_SEED = 1_000_003
@@ -63,7 +64,7 @@ EVAL_SIZE = 200
 OPERATIONS = ("+", "-", "*")
 
 MathProblem = tuple[int, str, int]
-"""A problem ``(a, op, b)``."""
+"""A problem `(a, op, b)`."""
 
 _FINAL_ANSWER_RE = re.compile(r"####\s*(-?\d+)")
 
@@ -86,7 +87,7 @@ def _random_number(rng: random.Random, lo_digits: int, hi_digits: int) -> int:
 
 
 def sample_problem(rng: random.Random, difficulty: str | tuple[int, int] = "medium") -> MathProblem:
-    """Draws one problem ``(a, op, b)``: the operation is uniform, then each operand's number of digits
+    """Draws one problem `(a, op, b)`: the operation is uniform, then each operand's number of digits
     is uniform in the difficulty's range and its value uniform among numbers with that many digits."""
     lo, hi = _digits_range(difficulty)
     op = rng.choice(OPERATIONS)
@@ -100,7 +101,7 @@ def sample_problem(rng: random.Random, difficulty: str | tuple[int, int] = "medi
 
 
 def problem_text(a: int, op: str, b: int) -> str:
-    """The question shown to the student, e.g. ``"347+589="``."""
+    """The question shown to the student, e.g. `"347+589="`."""
     return f"{a}{op}{b}="
 
 
@@ -115,9 +116,9 @@ def _evaluate(a: int, op: str, b: int) -> int:
 
 
 def math_solution(a: int, op: str, b: int) -> str:
-    """Right-to-left digit scratchpad for ``a op b`` ending in ``#### <result>`` (see module docstring).
+    """Right-to-left digit scratchpad for `a op b` ending in `#### <result>` (see module docstring).
 
-    ``op`` is ``"+"``, ``"-"`` (requires ``a >= b >= 0``) or ``"*"`` (requires ``0 <= b <= 9``).
+    `op` is `"+"`, `"-"` (requires `a >= b >= 0`) or `"*"` (requires `0 <= b <= 9`).
     """
     if a < 0 or b < 0:
         raise ValueError("Operands must be non-negative.")
@@ -172,14 +173,14 @@ def math_completion(a: int, op: str, b: int) -> str:
 
 
 def parse_final_answer(text: str) -> str | None:
-    """The number after the first ``####`` in ``text``, or ``None`` when there is none."""
+    """The number after the first `####` in `text`, or `None` when there is none."""
     match = _FINAL_ANSWER_RE.search(text)
     return match.group(1) if match else None
 
 
-@lru_cache(maxsize=None)
+@cache
 def eval_problems(difficulty: str | tuple[int, int] = "medium", n: int = EVAL_SIZE) -> tuple[MathProblem, ...]:
-    """The fixed held-out problems of a difficulty: ``n`` distinct problems drawn with :data:`EVAL_SEED`."""
+    """The fixed held-out problems of a difficulty: `n` distinct problems drawn with [`EVAL_SEED`]."""
     lo, hi = _digits_range(difficulty)
     rng = random.Random(f"{EVAL_SEED}-{lo}-{hi}")
     seen: set[str] = set()
@@ -197,14 +198,14 @@ def eval_problems(difficulty: str | tuple[int, int] = "medium", n: int = EVAL_SI
     return tuple(problems)
 
 
-@lru_cache(maxsize=None)
+@cache
 def held_out_texts() -> frozenset[str]:
     """Problem strings of the held-out sets of every named difficulty; never used for training."""
     return frozenset(problem_text(*p) for d in DIFFICULTIES for p in eval_problems(d))
 
 
 def train_problems(rng: random.Random, n: int, difficulty: str | tuple[int, int] = "medium") -> list[MathProblem]:
-    """``n`` training problems from ``rng``, skipping every held-out problem (duplicates are possible)."""
+    """`n` training problems from `rng`, skipping every held-out problem (duplicates are possible)."""
     excluded = held_out_texts()
     problems: list[MathProblem] = []
     while len(problems) < n:
@@ -224,20 +225,20 @@ def make_math_dataset(
     """Builds the arithmetic dataset.
 
     Args:
-        split: ``"train"``: ``n`` (default 1000) problems drawn with ``seed``, never containing a held-out
-            problem. ``"eval"``: the first ``n`` (default and at most 200) of the fixed held-out problems;
-            ``seed`` is ignored so every run evaluates on the same set.
+        split: `"train"`: `n` (default 1000) problems drawn with `seed`, never containing a held-out
+            problem. `"eval"`: the first `n` (default and at most 200) of the fixed held-out problems;
+            `seed` is ignored so every run evaluates on the same set.
         n: Number of rows.
         seed: Seed of the training problems.
-        difficulty: ``"easy"`` (1-2 digit operands), ``"medium"`` (2-3) or ``"hard"`` (3-4), or a
-            ``(min_digits, max_digits)`` tuple.
-        conversational: If ``True``, ``prompt`` is ``[{"role": "user", "content": "347+589="}]``;
-            otherwise the plain string ``"347+589="``. The base model of :func:`pbsd_trl.tiny.get_base_model`
+        difficulty: `"easy"` (1-2 digit operands), `"medium"` (2-3) or `"hard"` (3-4), or a
+            `(min_digits, max_digits)` tuple.
+        conversational: If `True`, `prompt` is `[{"role": "user", "content": "347+589="}]`;
+            otherwise the plain string `"347+589="`. The base model of [`~pbsd_trl.tiny.get_base_model`]
             is trained on the conversational (chat template) format.
 
     Returns:
-        A :class:`datasets.Dataset` with columns ``prompt``, ``privileged_context`` (the reference
-        solution) and ``answer`` (the result as a string).
+        A [`~datasets.Dataset`] with columns `prompt`, `privileged_context` (the reference
+        solution) and `answer` (the result as a string).
     """
     if split == "train":
         problems = train_problems(random.Random(f"math-train-{seed}"), 1000 if n is None else n, difficulty)

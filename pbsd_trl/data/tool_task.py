@@ -1,27 +1,30 @@
-# Copyright 2026 The pbsd-trl authors. Licensed under the Apache License, Version 2.0.
 """A small synthetic ReAct tool-use task in the format of SDFT's ToolAlpaca data.
 
-Eight made-up APIs (``weather``, ``fx``, ``time``, ``stock``, ``timer``, ``translate``, ``route``,
-``news``). Each example shows the student three tools by name and a one-line description, the answer
-format and a question::
+Eight made-up APIs (`weather`, `fx`, `time`, `stock`, `timer`, `translate`, `route`,
+`news`). Each example shows the student three tools by name and a one-line description, the answer
+format and a question:
 
-    Tools: stock: share price; fx: convert money; news: headlines.
-    Format: Action: <tool>
-    Action Input: <json>
-    Q: 20 dollars in euros?
+```
+Tools: stock: share price; fx: convert money; news: headlines.
+Format: Action: <tool>
+Action Input: <json>
+Q: 20 dollars in euros?
+```
 
-and the expected answer is one call (the ``golden_answer``)::
+and the expected answer is one call (the `golden_answer`):
 
-    Action: fx
-    Action Input: {"amt":20,"from":"USD","to":"EUR"}
+```
+Action: fx
+Action Input: {"amt":20,"from":"USD","to":"EUR"}
+```
 
 The argument names and conventions (ISO currency codes, tickers, minutes, language codes, defaults)
 are not in the student's prompt: they are in the privileged context, which holds the tool's
 documentation and a demonstration response, as SDFT's teacher sees a golden response. Strings are kept
 short (prompts <= 150 characters, completions <= 60) so that a tiny character-level model can learn it.
 
-Columns: ``prompt``, ``privileged_context``, ``golden_answer`` (a list of ``{"Action": name,
-"Action_Input": json string}``, SDFT's format). :func:`tool_call_matches` implements SDFT's check
+Columns: `prompt`, `privileged_context`, `golden_answer` (a list of ``{"Action": name,
+"Action_Input": json string}``, SDFT's format). `pbsd_trl.rewards.tool_call_reward` implements SDFT's check
 (same multiset of actions and same merged input dict).
 """
 
@@ -29,8 +32,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
-from collections import Counter
 from functools import lru_cache
 from typing import Any, Literal
 
@@ -42,9 +43,7 @@ __all__ = [
     "TOOLS",
     "TOOL_TEACHER_TEMPLATE",
     "make_tool_dataset",
-    "parse_tool_calls",
     "sample_tool_example",
-    "tool_call_matches",
     "tool_completion",
 ]
 
@@ -77,11 +76,11 @@ TOOLS: dict[str, dict[str, str]] = {
     "route": {"brief": "directions", "doc": "route(src,dst): city names"},
     "news": {"brief": "headlines", "doc": "news(topic,n): n default 5"},
 }
-"""The made-up APIs: name -> ``brief`` (shown to the student) and ``doc`` (privileged)."""
+"""The made-up APIs: name -> `brief` (shown to the student) and `doc` (privileged)."""
 
 
 def _question(tool: str, rng: random.Random) -> tuple[str, dict[str, Any]]:
-    """A question for ``tool`` and the expected arguments (in the documented order)."""
+    """A question for `tool` and the expected arguments (in the documented order)."""
     if tool == "weather":
         city = rng.choice(_CITIES)
         q, unit = rng.choice(
@@ -131,13 +130,13 @@ def _dump(args: dict[str, Any]) -> str:
 
 
 def tool_completion(golden_answer: list[dict[str, str]]) -> str:
-    """The response the model is trained to produce for ``golden_answer`` (one ReAct step per call)."""
+    """The response the model is trained to produce for `golden_answer` (one ReAct step per call)."""
     return "\n".join(f"Action: {call['Action']}\nAction Input: {call['Action_Input']}" for call in golden_answer)
 
 
 def sample_tool_example(rng: random.Random) -> dict[str, Any]:
-    """Draws one example: a dict with ``question``, ``prompt`` (plain text), ``privileged_context`` and
-    ``golden_answer``."""
+    """Draws one example: a dict with `question`, `prompt` (plain text), `privileged_context` and
+    `golden_answer`."""
     tool = rng.choice(sorted(TOOLS))
     question, args = _question(tool, rng)
     shown = [tool] + rng.sample([t for t in sorted(TOOLS) if t != tool], TOOLS_PER_PROMPT - 1)
@@ -146,7 +145,12 @@ def sample_tool_example(rng: random.Random) -> dict[str, Any]:
     prompt = f"Tools: {tools_line}.\nFormat: Action: <tool>\nAction Input: <json>\nQ: {question}"
     golden_answer = [{"Action": tool, "Action_Input": _dump(args)}]
     privileged_context = f"Doc: {TOOLS[tool]['doc']}\nExample: {tool_completion(golden_answer)}"
-    return {"question": question, "prompt": prompt, "privileged_context": privileged_context, "golden_answer": golden_answer}
+    return {
+        "question": question,
+        "prompt": prompt,
+        "privileged_context": privileged_context,
+        "golden_answer": golden_answer,
+    }
 
 
 @lru_cache(maxsize=1)
@@ -169,7 +173,7 @@ def held_out_prompts() -> frozenset[str]:
 
 
 def train_examples(rng: random.Random, n: int) -> list[dict[str, Any]]:
-    """``n`` training examples from ``rng``, skipping every held-out prompt (duplicates are possible)."""
+    """`n` training examples from `rng`, skipping every held-out prompt (duplicates are possible)."""
     excluded = held_out_prompts()
     examples = []
     while len(examples) < n:
@@ -188,17 +192,17 @@ def make_tool_dataset(
     """Builds the tool-use dataset.
 
     Args:
-        split: ``"train"``: ``n`` (default 1000) examples drawn with ``seed``, never containing a held-out
-            prompt. ``"eval"``: the first ``n`` (default and at most 200) fixed held-out examples (``seed``
+        split: `"train"`: `n` (default 1000) examples drawn with `seed`, never containing a held-out
+            prompt. `"eval"`: the first `n` (default and at most 200) fixed held-out examples (`seed`
             is ignored). Splits are disjoint by prompt string (tool menu + question).
         n: Number of rows.
         seed: Seed of the training examples.
-        conversational: If ``True``, ``prompt`` is a one-turn conversation; otherwise the plain string.
-            The base model of :func:`pbsd_trl.tiny.get_base_model` is trained on the conversational format.
+        conversational: If `True`, `prompt` is a one-turn conversation; otherwise the plain string.
+            The base model of [`~pbsd_trl.tiny.get_base_model`] is trained on the conversational format.
 
     Returns:
-        A :class:`datasets.Dataset` with columns ``prompt``, ``privileged_context`` (documentation of the
-        right tool and a demonstration response) and ``golden_answer`` (list of ``{"Action",
+        A [`~datasets.Dataset`] with columns `prompt`, `privileged_context` (documentation of the
+        right tool and a demonstration response) and `golden_answer` (list of ``{"Action",
         "Action_Input"}``).
     """
     if split == "train":
@@ -212,41 +216,10 @@ def make_tool_dataset(
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     return Dataset.from_dict(
         {
-            "prompt": [[{"role": "user", "content": e["prompt"]}] if conversational else e["prompt"] for e in examples],
+            "prompt": [
+                [{"role": "user", "content": e["prompt"]}] if conversational else e["prompt"] for e in examples
+            ],
             "privileged_context": [e["privileged_context"] for e in examples],
             "golden_answer": [e["golden_answer"] for e in examples],
         }
     )
-
-
-_ACTION_RE = re.compile(r"Action:\s*(\w+)")
-_ACTION_INPUT_RE = re.compile(r"Action Input:\s*(\{.*?\})", re.DOTALL)
-
-
-def parse_tool_calls(text: str) -> tuple[list[str], dict[str, Any] | None]:
-    """Extracts the actions and the merged inputs of a ReAct response, as SDFT's ``eval_tooluse.py``:
-    the action names (regex ``Action:\\s*(\\w+)``) and the union of the JSON objects after each
-    ``Action Input:``; the dict is ``None`` when one of them is not valid JSON."""
-    actions = _ACTION_RE.findall(text)
-    merged: dict[str, Any] = {}
-    for blob in _ACTION_INPUT_RE.findall(text):
-        try:
-            value = json.loads(blob)
-        except json.JSONDecodeError:
-            return actions, None
-        if not isinstance(value, dict):
-            return actions, None
-        merged.update(value)
-    return actions, merged
-
-
-def tool_call_matches(text: str, golden_answer: list[dict[str, str]]) -> bool:
-    """SDFT's correctness check: the multiset of actions equals the gold one and the merged input dict
-    equals the gold merged dict."""
-    actions, merged = parse_tool_calls(text)
-    if merged is None:
-        return False
-    gold_inputs: dict[str, Any] = {}
-    for call in golden_answer:
-        gold_inputs.update(json.loads(call["Action_Input"]))
-    return Counter(actions) == Counter(call["Action"] for call in golden_answer) and merged == gold_inputs

@@ -1,17 +1,3 @@
-# Copyright 2026 The PBSD-TRL Authors. All rights reserved.
-#
-# Licensed under the Apache License, Version 2.0 (the "License");
-# you may not use this file except in compliance with the License.
-# You may obtain a copy of the License at
-#
-#     http://www.apache.org/licenses/LICENSE-2.0
-#
-# Unless required by applicable law or agreed to in writing, software
-# distributed under the License is distributed on an "AS IS" BASIS,
-# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
-# See the License for the specific language governing permissions and
-# limitations under the License.
-
 """
 Fused student/teacher per-token log-probabilities through a shared LM head, and their per-sequence gap.
 
@@ -406,8 +392,16 @@ def fused_logprob_gap(
     _check_inputs(teacher_hidden, lm_head_weight, labels, "teacher_hidden")
     chunks = _resolve_chunks(student_hidden.device, token_chunk_size, vocab_chunk_size)
     return FusedLogProbGapFunction.apply(
-        student_hidden, teacher_hidden, lm_head_weight, bias, labels, temperature, ignore_index, *chunks,
-        float(logit_scale), softcap or None,
+        student_hidden,
+        teacher_hidden,
+        lm_head_weight,
+        bias,
+        labels,
+        temperature,
+        ignore_index,
+        *chunks,
+        float(logit_scale),
+        softcap or None,
     )
 
 

@@ -1,17 +1,3 @@
-# Copyright 2026 The PBSD-TRL Authors. All rights reserved.
-#
-# Licensed under the Apache License, Version 2.0 (the "License");
-# you may not use this file except in compliance with the License.
-# You may obtain a copy of the License at
-#
-#     http://www.apache.org/licenses/LICENSE-2.0
-#
-# Unless required by applicable law or agreed to in writing, software
-# distributed under the License is distributed on an "AS IS" BASIS,
-# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
-# See the License for the specific language governing permissions and
-# limitations under the License.
-
 r"""
 Reward functions for PBSD, following TRL's `GRPOTrainer` reward-function interface exactly.
 
@@ -52,8 +38,10 @@ background event loop. A string instead of a callable is a reward model id that 
 
 - [`completion_text`], [`RewardFunction`] (implement `score(prompt, completion_text, **row)`), [`combine_rewards`].
 - [`math_accuracy_reward`] / [`MathAccuracyReward`]: final-answer equivalence with math-verify under a hard
-  per-completion time limit.
+  per-completion time limit (`verifier.py`: the worker process that enforces it, also off the main thread).
 - [`tool_call_reward`] / [`ToolCallReward`]: ReAct tool-call accuracy (ToolAlpaca/SDFT criterion), optional F1 credit.
+- [`weighted_reward_sum`]: the weighted sum over reward functions (GRPO's `nansum`), used by [`CombinedReward`],
+  the trainer's per-sample rewards and the Avg@k evaluation.
 - [`validate_reward_funcs`], [`get_reward_func_name`], [`check_reward_outputs`], [`call_reward_safely`],
   [`ensure_sync`], [`is_async_reward_func`]: used by the trainer to validate and call reward functions with errors
   that name the function.
@@ -71,6 +59,7 @@ from .validation import (
     get_reward_func_name,
     is_async_reward_func,
     validate_reward_funcs,
+    weighted_reward_sum,
 )
 
 
@@ -94,4 +83,5 @@ __all__ = [
     "parse_tool_calls",
     "tool_call_reward",
     "validate_reward_funcs",
+    "weighted_reward_sum",
 ]

@@ -1,17 +1,3 @@
-# Copyright 2026 The PBSD-TRL Authors. All rights reserved.
-#
-# Licensed under the Apache License, Version 2.0 (the "License");
-# you may not use this file except in compliance with the License.
-# You may obtain a copy of the License at
-#
-#     http://www.apache.org/licenses/LICENSE-2.0
-#
-# Unless required by applicable law or agreed to in writing, software
-# distributed under the License is distributed on an "AS IS" BASIS,
-# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
-# See the License for the specific language governing permissions and
-# limitations under the License.
-
 """
 Building blocks for reward functions: text extraction, a per-completion base class and weighted combination.
 
@@ -24,7 +10,7 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .validation import call_reward_safely, validate_reward_funcs
+from .validation import call_reward_safely, validate_reward_funcs, weighted_reward_sum
 
 
 __all__ = ["CombinedReward", "RewardFunction", "combine_rewards", "completion_text"]
@@ -182,17 +168,14 @@ class CombinedReward:
 
     def __call__(self, prompts: list, completions: list, **kwargs: Any) -> list[float | None]:
         log_metric = kwargs.get("log_metric")
-        totals: list[float | None] = [None] * len(completions)
-        for func, weight, comp_name in zip(self.reward_funcs, self.weights, self.component_names, strict=True):
+        outputs_per_func = []
+        for func, comp_name in zip(self.reward_funcs, self.component_names, strict=True):
             outputs = call_reward_safely(comp_name, func, prompts=prompts, completions=completions, **kwargs)
-            for i, value in enumerate(outputs):
-                if value is not None and not math.isnan(value):
-                    totals[i] = (totals[i] or 0.0) + weight * value
-            if log_metric is not None:
-                valid = [v for v in outputs if v is not None and not math.isnan(v)]
-                if valid:
-                    log_metric(f"{self.__name__}/{comp_name}", sum(valid) / len(valid))
-        return totals
+            outputs_per_func.append(outputs)
+            valid = [v for v in outputs if v is not None and not math.isnan(v)]
+            if log_metric is not None and valid:
+                log_metric(f"{self.__name__}/{comp_name}", sum(valid) / len(valid))
+        return weighted_reward_sum(outputs_per_func, self.weights)
 
     def __repr__(self) -> str:
         parts = ", ".join(f"{w:g}*{n}" for w, n in zip(self.weights, self.component_names, strict=True))

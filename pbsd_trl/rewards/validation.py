@@ -1,17 +1,3 @@
-# Copyright 2026 The PBSD-TRL Authors. All rights reserved.
-#
-# Licensed under the Apache License, Version 2.0 (the "License");
-# you may not use this file except in compliance with the License.
-# You may obtain a copy of the License at
-#
-#     http://www.apache.org/licenses/LICENSE-2.0
-#
-# Unless required by applicable law or agreed to in writing, software
-# distributed under the License is distributed on an "AS IS" BASIS,
-# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
-# See the License for the specific language governing permissions and
-# limitations under the License.
-
 """
 Checks run on reward functions at trainer construction and around each call.
 
@@ -28,6 +14,7 @@ This module is deliberately free of torch/TRL imports: it is also imported by th
 import asyncio
 import functools
 import inspect
+import math
 import numbers
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +28,7 @@ __all__ = [
     "get_reward_func_name",
     "is_async_reward_func",
     "validate_reward_funcs",
+    "weighted_reward_sum",
 ]
 
 
@@ -194,7 +182,7 @@ def check_reward_outputs(name: str, outputs: Any, expected_len: int | None) -> l
 
     Raises:
         `ValueError`: naming the function, if the outputs are not a sequence, have the wrong length, or contain a value
-        that is not a real number or `None`.
+        that is not a real number or `None`, or an infinite one.
     """
     if hasattr(outputs, "tolist") and not isinstance(outputs, (list, tuple)):  # torch.Tensor, np.ndarray
         outputs = outputs.tolist()
@@ -215,7 +203,14 @@ def check_reward_outputs(name: str, outputs: Any, expected_len: int | None) -> l
         if value is None:
             checked.append(None)
         elif isinstance(value, numbers.Real):
-            checked.append(float(value))  # NaN is kept: GRPO treats it like None
+            value = float(value)
+            if math.isinf(value):
+                # an infinite reward turns weighted sums, group statistics and reward-ordered pairs into NaN
+                raise ValueError(
+                    f"reward function '{name}' returned {value} at index {index}; rewards must be finite (return None "
+                    "for a completion that gets no reward)"
+                )
+            checked.append(value)  # NaN is kept: GRPO treats it like None
         else:
             raise ValueError(
                 f"reward function '{name}' returned a non-numeric value {value!r:.50} ({type(value).__name__}) at "
@@ -251,3 +246,21 @@ def call_reward_safely(name: str, func: Callable, **kwargs: Any) -> list[float |
         raise RuntimeError(f"reward function '{name}' raised {type(exc).__name__}: {exc}") from exc
     completions = kwargs.get("completions")
     return check_reward_outputs(name, outputs, len(completions) if completions is not None else None)
+
+
+def weighted_reward_sum(
+    outputs_per_func: Sequence[Sequence[float | None]], weights: Sequence[float]
+) -> list[float | None]:
+    """
+    Weighted sum over reward functions of their outputs, per completion, as GRPO's `nansum(rewards * reward_weights)`.
+
+    A `None` (or NaN) output leaves that function out of that completion's sum; a completion for which every function
+    returned `None` gets `None`. Used wherever this package combines reward functions: [`CombinedReward`], the trainer's
+    per-sample rewards and the Avg@k evaluation.
+    """
+    totals: list[float | None] = [None] * (len(outputs_per_func[0]) if outputs_per_func else 0)
+    for outputs, weight in zip(outputs_per_func, weights, strict=True):
+        for i, value in enumerate(outputs):
+            if value is not None and not math.isnan(value):
+                totals[i] = (totals[i] or 0.0) + float(weight) * value
+    return totals

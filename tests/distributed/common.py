@@ -15,6 +15,7 @@ import zlib
 from pbsd_trl import PBSDConfig, PBSDTrainer
 from pbsd_trl.tiny import build_char_tokenizer, build_random_model, load_tokenizer
 
+
 COMPLETION_LENGTH = 6  # tokens, the last one EOS
 _PROMPT_SHAPE = (6, 52, 4)  # (len(prompt text), len(privileged context), len(answer)): the most common shape
 
@@ -47,7 +48,7 @@ def make_dataset(n: int = 16):
 def digit_reward(completions, answer, **kwargs):
     """A deterministic, non-constant reward: the fraction of the answer's digits found in the completion."""
     texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
-    return [sum(ch in t for ch in a) / len(a) for t, a in zip(texts, answer)]
+    return [sum(ch in t for ch in a) / len(a) for t, a in zip(texts, answer, strict=True)]
 
 
 class DeterministicPBSDTrainer(PBSDTrainer):
@@ -99,7 +100,9 @@ def lora_config():
     return LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
 
 
-def build_trainer(model_dir, output_dir, per_device_batch, kind, peft, reward_funcs=None, trainer_cls=None, **overrides):
+def build_trainer(
+    model_dir, output_dir, per_device_batch, kind, peft, reward_funcs=None, trainer_cls=None, **overrides
+):
     args = make_config(output_dir, per_device_batch, kind, **overrides)
     return (trainer_cls or DeterministicPBSDTrainer)(
         model=model_dir,

@@ -12,6 +12,7 @@ import os
 import sys
 import time
 
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
@@ -68,7 +69,8 @@ def main():
             "teacher_state_sum": _teacher_state_sum(trainer),
             "zero3_partitioned": any(hasattr(p, "ds_id") for p in trainer.model.parameters()),
             # the head weight is released (numel 0) between forwards only when ZeRO-3 really partitions it
-            "lm_head_released": trainer.accelerator.unwrap_model(trainer.model).get_output_embeddings().weight.numel() == 0,
+            "lm_head_released": trainer.accelerator.unwrap_model(trainer.model).get_output_embeddings().weight.numel()
+            == 0,
         }
         if trainer.accelerator.is_main_process:
             print(f"[run_pbsd] {spec} world={world}: {results[spec]}", flush=True)

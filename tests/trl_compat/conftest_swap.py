@@ -10,10 +10,10 @@ import os
 
 import datasets
 import pytest
-
 import stand_ins
-from pbsd_trl import PBSDConfig, PBSDTrainer
 from trl import GRPOConfig
+
+from pbsd_trl import PBSDConfig, PBSDTrainer
 
 
 def _availability_check(name):
@@ -78,7 +78,9 @@ class FP32PBSDConfig(PBSDConfig):
 
 class SwappedTrainer(PBSDTrainer):
     def __init__(self, *args, train_dataset=None, eval_dataset=None, **kwargs):
-        super().__init__(*args, train_dataset=_with_context(train_dataset), eval_dataset=_with_context(eval_dataset), **kwargs)
+        super().__init__(
+            *args, train_dataset=_with_context(train_dataset), eval_dataset=_with_context(eval_dataset), **kwargs
+        )
 
 
 @pytest.fixture(autouse=True)

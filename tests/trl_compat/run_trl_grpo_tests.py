@@ -40,8 +40,16 @@ def trl_tests(args) -> Path:
     checkout = Path(args.workdir) / f"trl-v{trl.__version__}"
     if not checkout.exists():
         subprocess.run(
-            ["git", "clone", "--depth", "1", "--branch", f"v{trl.__version__}", "https://github.com/huggingface/trl",
-             str(checkout)],
+            [
+                "git",
+                "clone",
+                "--depth",
+                "1",
+                "--branch",
+                f"v{trl.__version__}",
+                "https://github.com/huggingface/trl",
+                str(checkout),
+            ],
             check=True,
         )
     return checkout / "tests"
@@ -64,16 +72,32 @@ def run(suite: Path, trainer: str, hub_cache: Path, pytest_args: list[str]) -> t
     report = suite / f"report-{trainer}.xml"
     env = dict(os.environ)
     env.update(
-        PBSD_TRL_COMPAT_TRAINER=trainer, HF_HUB_CACHE=str(hub_cache), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1", TRL_EXPERIMENTAL_SILENCE="1",
+        PBSD_TRL_COMPAT_TRAINER=trainer,
+        HF_HUB_CACHE=str(hub_cache),
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TRL_EXPERIMENTAL_SILENCE="1",
         PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parents[1]), env.get("PYTHONPATH", "")]),
     )
     start = time.time()
     report.unlink(missing_ok=True)
     subprocess.run(
-        [sys.executable, "-m", "pytest", "tests/test_grpo_trainer.py", "-p", "no:cacheprovider", "-q",
-         f"--junitxml={report}", "-o", "addopts=", *pytest_args],
-        cwd=suite, env=env,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "tests/test_grpo_trainer.py",
+            "-p",
+            "no:cacheprovider",
+            "-q",
+            f"--junitxml={report}",
+            "-o",
+            "addopts=",
+            *pytest_args,
+        ],
+        cwd=suite,
+        env=env,
     )
     if not report.exists():
         sys.exit(f"pytest wrote no report for the {trainer} run (the suite failed before collection; see above)")
@@ -117,12 +141,18 @@ def main():
     parser.add_argument("--trl-src", help="local checkout of huggingface/trl at the installed version")
     parser.add_argument("--workdir", default=os.path.expanduser("~/.cache/pbsd_trl/trl_compat"))
     parser.add_argument("--trainer", choices=["both", "grpo", "pbsd"], default="both")
-    parser.add_argument("--compare", nargs=2, metavar=("GRPO_XML", "PBSD_XML"),
-                        help="only compare two junit reports of earlier runs (e.g. the two trainers run in parallel "
-                             "with --trainer grpo / --trainer pbsd and separate --workdir)")
+    parser.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("GRPO_XML", "PBSD_XML"),
+        help="only compare two junit reports of earlier runs (e.g. the two trainers run in parallel "
+        "with --trainer grpo / --trainer pbsd and separate --workdir)",
+    )
     args, pytest_args = parser.parse_known_args()
     if args.compare:
-        print("\n".join(summary({"grpo": outcomes(Path(args.compare[0])), "pbsd": outcomes(Path(args.compare[1]))}, {})))
+        print(
+            "\n".join(summary({"grpo": outcomes(Path(args.compare[0])), "pbsd": outcomes(Path(args.compare[1]))}, {}))
+        )
         return
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -138,7 +168,7 @@ def main():
     suite = prepare_suite(tests_dir, workdir)
 
     results, durations = {}, {}
-    for trainer in (["grpo", "pbsd"] if args.trainer == "both" else [args.trainer]):
+    for trainer in ["grpo", "pbsd"] if args.trainer == "both" else [args.trainer]:
         results[trainer], durations[trainer] = run(suite, trainer, workdir / "hub", pytest_args)
     lines = summary(results, durations)
     print("\n".join(lines))

@@ -25,8 +25,12 @@ from transformers.models.auto.modeling_auto import (
 )
 from trl import chat_template_utils as templates
 
+
 ORG = "trl-internal-testing"
-_HEADS = {"ForCausalLM": MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, "ForSequenceClassification": MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES}
+_HEADS = {
+    "ForCausalLM": MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    "ForSequenceClassification": MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+}
 # (chat template, end-of-turn token) per model-type prefix; longest prefix wins
 _FAMILIES = {
     "qwen2": ("qwen2_5_chat_template", "<|im_end|>"),
@@ -38,9 +42,19 @@ _FAMILIES = {
     "cohere": ("cohere_chat_template", "<|END_OF_TURN_TOKEN|>"),
 }
 _TINY = dict(
-    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-    head_dim=8, max_position_embeddings=2048, num_experts=4, num_local_experts=4, num_experts_per_tok=2,
-    moe_intermediate_size=16, shared_expert_intermediate_size=16, sliding_window=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=2048,
+    num_experts=4,
+    num_local_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=16,
+    shared_expert_intermediate_size=16,
+    sliding_window=64,
 )
 
 
@@ -62,8 +76,14 @@ def char_tokenizer(chat_template: str, eos: str) -> PreTrainedTokenizerFast:
     backend.decoder = decoders.Fuse()
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in markers])
     return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<|pad|>", eos_token=eos, unk_token="<unk>", chat_template=chat_template,
-        padding_side="left", clean_up_tokenization_spaces=False, model_max_length=2048,
+        tokenizer_object=backend,
+        pad_token="<|pad|>",
+        eos_token=eos,
+        unk_token="<unk>",
+        chat_template=chat_template,
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
+        model_max_length=2048,
     )
 
 
@@ -83,8 +103,13 @@ def build_model(repo_id: str, out_dir: Path) -> bool:
     config = AutoConfig.for_model(model_type)
     overrides = {k: v for k, v in _TINY.items() if hasattr(config, k)}
     config = AutoConfig.for_model(
-        model_type, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, bos_token_id=None, num_labels=1, **overrides,
+        model_type,
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        num_labels=1,
+        **overrides,
     )
     model = getattr(transformers, arch)(config)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -130,12 +155,18 @@ def zen(config_name: str) -> DatasetDict:
         elif config_name == "standard_prompt_completion":
             rows.append({"prompt": prompt, "completion": completion})
         elif config_name == "conversational_prompt_completion":
-            rows.append({"prompt": [{"role": "user", "content": prompt}],
-                         "completion": [{"role": "assistant", "content": completion}]})
+            rows.append(
+                {
+                    "prompt": [{"role": "user", "content": prompt}],
+                    "completion": [{"role": "assistant", "content": completion}],
+                }
+            )
         elif config_name == "standard_language_modeling":
             rows.append({"text": line})
         elif config_name == "conversational_language_modeling":
-            rows.append({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]})
+            rows.append(
+                {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]}
+            )
         else:
             raise FileNotFoundError(f"No offline stand-in for trl-internal-testing/zen config {config_name!r}")
     return DatasetDict(train=Dataset.from_list(rows[:-2]), test=Dataset.from_list(rows[-2:]))

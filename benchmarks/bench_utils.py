@@ -1,0 +1,106 @@
+"""What the benchmark scripts share: peak-memory measurement, the machine description, report headers, plots.
+
+The scripts import it as `bench_utils` (Python puts a script's own folder on the import path) and import the package
+only through its public API.
+"""
+
+import ctypes
+import gc
+import os
+import platform
+import subprocess
+
+import torch
+import trl
+
+
+class PeakMemory:
+    """Extra peak bytes of one run over what is live just before it."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self._libc = ctypes.CDLL("libc.so.6") if self.device.type == "cpu" else None
+
+    @staticmethod
+    def _status_kib(field):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field):
+                    return int(line.split()[1])
+        raise RuntimeError(field)
+
+    def __enter__(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+        else:
+            # Give freed heap pages back, or the run would reuse them without raising the resident size
+            self._libc.malloc_trim(0)
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset VmHWM to the current resident size
+            self._base = self._status_kib("VmRSS:") * 1024
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self._base
+        else:
+            self.peak = self._status_kib("VmHWM:") * 1024 - self._base
+
+
+def machine_description(device):
+    desc = {"python": platform.python_version(), "torch": torch.__version__, "torch threads": torch.get_num_threads()}
+    desc["trl"] = trl.__version__
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in lscpu.splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("Model name", "CPU(s)", "L2 cache", "L3 cache"):
+                desc[key.strip()] = value.strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    if device == "cuda":
+        desc["gpu"] = torch.cuda.get_device_name()
+    try:
+        desc["load_average_at_start"] = os.getloadavg()
+    except OSError:
+        pass
+    return desc
+
+
+def report_header(title, command, machine):
+    """The opening lines of a benchmark report: title, the command that reproduces it, the machine."""
+    return [
+        f"# {title}",
+        "",
+        f"Reproduce: `{command}`",
+        "",
+        "## Machine",
+        "",
+        *[f"- {k}: {v}" for k, v in machine.items()],
+        "",
+    ]
+
+
+def result_stem(name, device):
+    """`name`, or on CUDA `name_cuda_<GPU model>` so that results from different machines sit side by side."""
+    if device != "cuda":
+        return name
+    gpu = "".join(c if c.isalnum() else " " for c in torch.cuda.get_device_name())
+    return f"{name}_cuda_{'_'.join(gpu.split())}"
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, or None (with a message) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed; no plot written")
+        return None
+    return plt

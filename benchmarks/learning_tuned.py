@@ -1,0 +1,1276 @@
+# Copyright 2026 The pbsd-trl authors. Licensed under the Apache License, Version 2.0.
+"""
+Tuned learning benchmark: GRPO vs OPSD-style KL vs SDFT vs PBSD on both built-in tasks, each method tuned with the
+same budget of configurations, compared at equal generated tokens, equal training time and equal optimizer steps.
+
+Protocol (issue 15):
+
+1. **Splits.** The 200 fixed held-out problems of a task are split into a validation half (rows 0-99) and a test
+   half (rows 100-199); the two are asserted disjoint (by prompt text) and both are disjoint from every training
+   problem (the task's generators exclude held-out prompts from training data).
+2. **Equal tuning budget.** Every method gets the same number of configurations, `learning_rate x its own main
+   knob` (`GRID` below, written into the report). Each configuration runs once (seed 0) and is scored by Avg@8 on
+   the validation half; per budget, the best one is selected.
+3. **Test.** Each selected configuration runs with `--seeds` (3) and is scored on the test half; the report gives
+   mean ± std, Welch's two-sided p-value and the beyond-seed-spread verdict (|Δ mean| > std_a + std_b) of PBSD vs
+   every peer.
+4. **Three budgets**, all read off the same runs (constant learning rate, evaluations draw from a forked RNG, so a
+   run stopped at a budget is the prefix of a longer one):
+   - `tokens`: generated completion tokens, student samples plus, for PBSD, teacher samples (G_T per prompt);
+   - `time`: training seconds, evaluations excluded, measured as the process's CPU time with one torch thread
+     (`--clock cpu`, the default: equal to wall time on a quiet machine and insensitive to other processes on a
+     shared one; `--clock wall` uses wall time);
+   - `steps`: optimizer steps.
+   A budget's point is the first optimizer step at which the run's counter reaches the budget.
+5. **PBSD ablations** on top of PBSD's configuration selected at the `time` budget (the headline), 3 test seeds
+   each, reported beside the headline and never used for selection.
+6. **Stability**: the first test seed of every selected configuration runs on to `--stability_factor` (3) x the
+   token budget; the report gives its best point and its end.
+7. **Cache**: every finished run is stored as `<output_dir>/learning_runs/<task>/<key>.json`, `key` a hash of the
+   run's full specification (task, method, configuration, seed, split, stopping and evaluation schedule, shared
+   settings, base model). A rerun with the same arguments skips the stored runs, so a killed benchmark loses at most
+   the run in progress; `--max_minutes` stops launching runs after that long and writes a report marked partial.
+   `--plan` prints the runs and their estimated time (from the per-step costs measured by the stored runs, else
+   from the costs in `DEFAULT_COSTS`) and exits.
+
+Usage:
+    python benchmarks/learning_tuned.py --plan                       # the runs and the time estimate
+    python benchmarks/learning_tuned.py                              # full run (resumes from the cache)
+    python benchmarks/learning_tuned.py --max_minutes 170            # one session's worth, then a partial report
+    python benchmarks/learning_tuned.py --quick --output_dir /tmp/x  # smoke run on test-size models (minutes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+from learning import machine_description, mean_std, verdict, welch  # noqa: E402
+
+
+# Completion budgets of the example scripts (`examples/math.py`, `examples/tool_use.py`)
+EXAMPLE_MAX_COMPLETION_LENGTH = {"math": 56, "tool_use": 64}
+
+
+PROTOCOL_VERSION = 1  # part of every run key: bump when a change makes stored runs incomparable
+TASK_NAMES = ("math", "tool_use")
+METHODS = ("GRPO", "OPSD", "SDFT", "PBSD")
+BUDGETS = ("tokens", "time", "steps")
+HEADLINE_BUDGET = "time"
+BUDGET_LABELS = {"tokens": "equal generated tokens", "time": "equal training time", "steps": "equal optimizer steps"}
+
+# Every method: learning rate x its own main knob, the same number of configurations each.
+LEARNING_RATES = (1e-4, 3e-4)
+KNOBS = {
+    "GRPO": ("loss_type", ("dapo", "grpo")),  # TRL's default (token-level) vs the original sequence-level loss
+    "OPSD": ("distillation_alpha", (0.0, 0.5)),  # forward KL (OPSD's scripts) vs JSD (OPSD's first release)
+    "SDFT": ("distillation_alpha", (0.5, 1.0)),  # TRL's SDFT default vs reverse KL
+    "PBSD": ("pbsd_beta", (0.1, 0.3)),
+}
+# Settings every configuration of a method shares (not tuned).
+METHOD_FIXED = {
+    "GRPO": {},
+    "OPSD": {"distillation_mode": "full_logits", "teacher_model_kind": "base"},
+    "SDFT": {"teacher_model_kind": "base"},  # TRL's SDFT loss defaults: topk_logits, top-100, IS clip 2
+    "PBSD": {"teacher_model_kind": "base", "pair_labels": "role"},
+}
+# PBSD ablations, applied on top of the headline PBSD configuration. `pbsd_beta_scale` multiplies its β.
+ABLATIONS = {
+    "G_T=2, pairing=all": {"num_teacher_generations": 2, "pairing": "all"},
+    "reward labels, ties dropped": {"pair_labels": "reward", "tie_policy": "drop"},
+    "length-normalized (β x 40)": {"length_normalize": True, "pbsd_beta_scale": 40.0},
+    "reward labels, ties dropped, G_T=2 all": {
+        "pair_labels": "reward",
+        "tie_policy": "drop",
+        "num_teacher_generations": 2,
+        "pairing": "all",
+    },
+}
+DESCRIPTIONS = {
+    "GRPO": "`trl.GRPOTrainer`, accuracy reward, `beta=0`",
+    "OPSD": "`trl.experimental.sdft.SDFTTrainer` as OPSD-style KL self-distillation: the task's privileged teacher "
+    "prompt, base (frozen initial) teacher, `distillation_mode=full_logits` over the whole vocabulary",
+    "SDFT": "`SDFTTrainer` with SDFT's loss defaults (`topk_logits`, top-100, IS clip 2), base teacher, the task's "
+    "teacher prompt",
+    "PBSD": "`pbsd_trl.PBSDTrainer`, `pair_labels=role` (paper), base teacher, G_S = G_T = 8, matched pairs",
+}
+COLORS = {"base": "gray", "GRPO": "tab:blue", "OPSD": "tab:orange", "SDFT": "tab:purple", "PBSD": "tab:green"}
+# CPU seconds per optimizer step and generated tokens per step measured by `benchmarks/learning.py` (2026-11-22,
+# math, 8x8 samples, one thread); evaluation seconds per 100 problems x 8 samples. Used by `--plan` until stored
+# runs measure them on this machine. tool_use: assumed equal until measured.
+DEFAULT_COSTS = {
+    "GRPO": {"seconds_per_step": 1.30, "tokens_per_step": 2660},
+    "OPSD": {"seconds_per_step": 1.49, "tokens_per_step": 2670},
+    "SDFT": {"seconds_per_step": 1.57, "tokens_per_step": 2660},
+    "PBSD": {"seconds_per_step": 3.81, "tokens_per_step": 5300},
+    "eval_seconds_per_100": 11.0,
+    "run_overhead_seconds": 6.0,
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configurations
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def config_name(config: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in config.items())
+
+
+def tuning_grid(method: str, learning_rates=LEARNING_RATES, knobs=None) -> list[dict]:
+    """The configurations of `method`: every learning rate x every value of its knob, in a fixed order."""
+    knob, values = (knobs or KNOBS)[method]
+    return [{"learning_rate": lr, knob: value} for lr in learning_rates for value in values]
+
+
+def ablation_config(headline: dict, overrides: dict) -> dict:
+    config = dict(headline)
+    overrides = dict(overrides)
+    scale = overrides.pop("pbsd_beta_scale", None)
+    config.update(overrides)
+    if scale is not None:
+        config["pbsd_beta"] = round(headline.get("pbsd_beta", 0.1) * scale, 6)
+    return config
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Splits
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def prompt_text(prompt) -> str:
+    return prompt if isinstance(prompt, str) else prompt[-1]["content"]
+
+
+def eval_splits(task: str, num_val: int, num_test: int):
+    """Validation rows `[0, num_val)` and test rows `[100, 100 + num_test)` of the task's 200 held-out problems.
+
+    Raises `AssertionError` if a prompt appears in both (the held-out problems are distinct by construction, so this
+    guards against a change of the generators).
+    """
+    from pbsd_trl.data.tasks import TASKS
+
+    if not (1 <= num_val <= 100 and 1 <= num_test <= 100):
+        raise ValueError(f"Each split holds at most 100 problems; got num_val={num_val}, num_test={num_test}.")
+    full = TASKS[task].make_dataset("eval", 200, 0)
+    val = full.select(range(num_val))
+    test = full.select(range(100, 100 + num_test))
+    check_disjoint(val, test)
+    return val, test
+
+
+def check_disjoint(val, test) -> None:
+    overlap = {prompt_text(p) for p in val["prompt"]} & {prompt_text(p) for p in test["prompt"]}
+    assert not overlap, f"validation and test splits share {len(overlap)} prompts, e.g. {sorted(overlap)[:3]}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Run keys and cache
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def run_key(spec: dict) -> str:
+    """Stable hash of a run's full specification (dict key order does not matter)."""
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def model_identity(model_path: str) -> str:
+    """`<task>-<sha256 of the weights, 12 hex>`: the same weights get the same run keys wherever they are stored
+    (the shipped copy in the package or a cache build)."""
+    manifest = Path(model_path) / "pbsd_trl_base.json"
+    task = json.loads(manifest.read_text()).get("task", "model") if manifest.is_file() else "model"
+    digest = hashlib.sha256((Path(model_path) / "model.safetensors").read_bytes()).hexdigest()[:12]
+    return f"{task}-{digest}"
+
+
+class RunCache:
+    """One JSON file per finished run, written atomically, so that an interrupted benchmark resumes."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def path(self, spec: dict) -> Path:
+        return self.root / spec["task"] / f"{run_key(spec)}.json"
+
+    def get(self, spec: dict) -> dict | None:
+        path = self.path(spec)
+        if not path.is_file():
+            return None
+        record = json.loads(path.read_text())
+        if record.get("spec") != json.loads(json.dumps(spec, default=str)):
+            raise RuntimeError(f"{path}: stored specification differs from the requested one (hash collision?).")
+        return record
+
+    def put(self, spec: dict, record: dict) -> Path:
+        path = self.path(spec)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({**record, "spec": spec}, indent=1, default=str))
+        os.replace(tmp, path)
+        return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Budget accounting and evaluation schedule
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class Clock:
+    """Training time without evaluations: process CPU time (`cpu`) or wall time (`wall`)."""
+
+    def __init__(self, kind: str = "cpu"):
+        if kind not in ("cpu", "wall"):
+            raise ValueError(f"clock must be 'cpu' or 'wall', got {kind!r}")
+        self.kind = kind
+        self._now = time.process_time if kind == "cpu" else time.perf_counter
+
+    def now(self) -> float:
+        return self._now()
+
+
+def make_budget_callback(
+    *,
+    teacher_per_step: int,
+    student_per_step: int,
+    budgets: dict,
+    stop: dict,
+    eval_every_tokens: float | None,
+    evaluate,
+    clock: Clock,
+    bar=None,
+    history_keys=(),
+):
+    """Counts tokens, training time and steps from the trainers' logs; evaluates at budget points and on a token grid.
+
+    `budgets`: `{"tokens": .., "time": .., "steps": ..}`: a point is evaluated (and marked with the budget's name) at
+    the first step whose counter reaches each. `stop`: training stops once every counter has reached its value.
+    """
+    from transformers import TrainerCallback
+
+    class BudgetCallback(TrainerCallback):
+        def __init__(self):
+            self.tokens = self.student_tokens = self.teacher_tokens = 0.0
+            self.eval_seconds = 0.0  # on `clock`
+            self.eval_wall = 0.0
+            self.start = clock.now()
+            self.start_wall = time.perf_counter()
+            self.points: list[dict] = []
+            self.marks: dict[str, int] = {}
+            self.next_eval = eval_every_tokens if eval_every_tokens else math.inf
+            self.history: dict[str, list] = {k: [] for k in ("step", *history_keys)}
+
+        def train_seconds(self):
+            return clock.now() - self.start - self.eval_seconds
+
+        def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+            logs = logs or {}
+            if "completions/mean_length" not in logs:
+                return control
+            student = logs["completions/mean_length"] * student_per_step
+            teacher = 0.0
+            if teacher_per_step:
+                if "pbsd/teacher_completions/mean_length" not in logs:
+                    raise RuntimeError(f"no teacher completion lengths logged at step {state.global_step}")
+                teacher = logs["pbsd/teacher_completions/mean_length"] * teacher_per_step
+            self.student_tokens += student
+            self.teacher_tokens += teacher
+            self.tokens += student + teacher
+            self.history["step"].append(state.global_step)
+            for key in history_keys:
+                self.history[key].append(logs.get(key))
+            counters = {"tokens": self.tokens, "time": self.train_seconds(), "steps": state.global_step}
+            due = [b for b, v in budgets.items() if b not in self.marks and counters[b] >= v - 1e-9]
+            on_grid = self.tokens >= self.next_eval - 1e-6
+            if due or on_grid:
+                t0, w0 = clock.now(), time.perf_counter()
+                report = evaluate(model)
+                self.eval_seconds += clock.now() - t0
+                self.eval_wall += time.perf_counter() - w0
+                point = {
+                    "step": state.global_step,
+                    "tokens": self.tokens,
+                    "student_tokens": self.student_tokens,
+                    "teacher_tokens": self.teacher_tokens,
+                    "train_seconds": counters["time"],
+                    "wall_seconds": time.perf_counter() - self.start_wall - self.eval_wall,
+                    "avg_at_8": report["avg_at_k"],
+                    "pass_at_8": report["pass_at_k"],
+                    "mean_completion_tokens": report["mean_completion_tokens"],
+                    "marks": due,
+                }
+                for b in due:
+                    self.marks[b] = len(self.points)
+                self.points.append(point)
+                while self.next_eval <= self.tokens + 1e-6:
+                    self.next_eval += eval_every_tokens
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(
+                    tok=f"{self.tokens / 1e3:.0f}k",
+                    s=f"{counters['time']:.0f}",
+                    avg8=f"{self.points[-1]['avg_at_8']:.3f}" if self.points else "-",
+                    refresh=False,
+                )
+            if all(counters[b] >= v - 1e-9 for b, v in stop.items()):
+                control.should_training_stop = True
+            return control
+
+    return BudgetCallback()
+
+
+HISTORY_KEYS = (
+    "reward",
+    "loss",
+    "pbsd/margin",
+    "pbsd/preference_accuracy",
+    "pbsd/log_ratio_teacher_samples",
+    "pbsd/log_ratio_student_samples",
+    "pbsd/student_reward",
+    "pbsd/teacher_reward",
+    "pbsd/kl_student_teacher",
+)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Trainers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def build_trainer(
+    task: str,
+    method: str,
+    config: dict,
+    settings: dict,
+    seed: int,
+    model,
+    tokenizer,
+    train_dataset,
+    output_dir: str,
+    callbacks,
+):
+    """The real TRL / pbsd-trl trainer of `method` with `config` (learning rate and method fields) on `task`."""
+    from pbsd_trl.data.tasks import TASKS
+
+    spec = TASKS[task]
+    config = dict(config)
+    common = dict(
+        output_dir=output_dir,
+        per_device_train_batch_size=settings["prompts_per_step"] * settings["num_generations"],
+        num_generations=settings["num_generations"],
+        gradient_accumulation_steps=1,
+        max_completion_length=settings["max_completion_length"],
+        learning_rate=config.pop("learning_rate"),
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        temperature=1.0,
+        max_steps=100_000,  # runs are stopped by the budget callback
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=seed,
+        use_cpu=not torch.cuda.is_available(),
+        bf16=False,
+        disable_tqdm=True,
+        gradient_checkpointing=False,
+    )
+    fields = {**METHOD_FIXED[method], **config}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=UserWarning)
+        if method == "GRPO":
+            from trl import GRPOConfig, GRPOTrainer
+
+            args = GRPOConfig(**common, pad_to_multiple_of=16, **fields)
+            return GRPOTrainer(
+                model=model,
+                reward_funcs=list(spec.reward_funcs),
+                args=args,
+                train_dataset=train_dataset,
+                processing_class=tokenizer,
+                callbacks=callbacks,
+            )
+        if method in ("OPSD", "SDFT"):
+            from trl.experimental.sdft import SDFTConfig, SDFTTrainer
+
+            args = SDFTConfig(**common, teacher_prompt_template=spec.teacher_prompt_template, **fields)
+            return SDFTTrainer(
+                model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer, callbacks=callbacks
+            )
+        if method == "PBSD":
+            from pbsd_trl import PBSDConfig, PBSDTrainer
+
+            args = PBSDConfig(
+                **common, pad_to_multiple_of=16, teacher_prompt_template=spec.teacher_prompt_template, **fields
+            )
+            return PBSDTrainer(
+                model=model,
+                reward_funcs=list(spec.reward_funcs),
+                args=args,
+                train_dataset=train_dataset,
+                processing_class=tokenizer,
+                callbacks=callbacks,
+            )
+    raise ValueError(f"Unknown method {method!r}; expected one of {METHODS}.")
+
+
+def teacher_samples_per_step(method: str, config: dict, settings: dict) -> int:
+    """Teacher completions generated per step: PBSD's G_T per prompt (G_S when unset), 0 for the other methods."""
+    if method != "PBSD":
+        return 0
+    g_t = config.get("num_teacher_generations") or settings["num_generations"]
+    return settings["prompts_per_step"] * g_t
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Context: models, data, evaluation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class TaskContext:
+    def __init__(self, task: str, args):
+        from pbsd_trl.data.tasks import TASKS
+        from pbsd_trl.models import load_model_and_tokenizer
+        from pbsd_trl.tiny import get_base_model
+
+        self.task = task
+        self.spec = TASKS[task]
+        self.args = args
+        if args.quick:  # a few warm-start steps of a test-size model: the smoke run must not build the real one
+            from pbsd_trl.tiny import TEST_MODEL_OVERRIDES
+
+            self.model_path = get_base_model(
+                task,
+                cache_dir=Path(args.output_dir) / "base_model",
+                steps=20,
+                batch_size=8,
+                model_overrides=TEST_MODEL_OVERRIDES,
+                progress_bar=False,
+            )
+        else:
+            self.model_path = get_base_model(task)
+        self.model_id = model_identity(self.model_path)
+        self.load = lambda: load_model_and_tokenizer(self.model_path)
+        self.val, self.test = eval_splits(task, args.eval_problems, args.eval_problems)
+        self.rewards = list(self.spec.reward_funcs)
+        self.settings = {
+            "prompts_per_step": args.prompts_per_step,
+            "num_generations": args.num_generations,
+            "max_completion_length": args.max_completion_length or EXAMPLE_MAX_COMPLETION_LENGTH[self.spec.name],
+            "train_size": args.train_size,
+            "eval_problems": args.eval_problems,
+            "k": 8,
+            "clock": args.clock,
+        }
+
+    def train_dataset(self, seed: int):
+        return self.spec.make_dataset("train", self.settings["train_size"], seed)
+
+    def evaluate(self, model, tokenizer, split: str, seed: int, with_privileged_context: bool = False) -> dict:
+        from pbsd_trl.evaluate import evaluate_avg_at_k
+
+        dataset = self.val if split == "val" else self.test
+        return evaluate_avg_at_k(
+            model,
+            tokenizer,
+            dataset,
+            self.rewards,
+            k=self.settings["k"],
+            max_new_tokens=self.settings["max_completion_length"],
+            temperature=1.0,
+            seed=(20_000 if split == "val" else 10_000) + seed,
+            with_privileged_context=with_privileged_context,
+            teacher_prompt_template=self.spec.teacher_prompt_template,
+            batch_size=32,
+            progress_bar=False,
+        )
+
+
+def train_spec(
+    ctx: TaskContext,
+    method: str,
+    config: dict,
+    seed: int,
+    split: str,
+    budgets: dict,
+    stop: dict,
+    eval_every_tokens: float | None,
+) -> dict:
+    return {
+        "protocol": PROTOCOL_VERSION,
+        "kind": "train",
+        "task": ctx.task,
+        "method": method,
+        "config": config,
+        "fixed": METHOD_FIXED[method],
+        "seed": seed,
+        "split": split,
+        "budgets": budgets,
+        "stop": stop,
+        "eval_every_tokens": eval_every_tokens,
+        "settings": ctx.settings,
+        "model": ctx.model_id,
+    }
+
+
+def base_spec(ctx: TaskContext, seed: int, split: str, teacher: bool = False) -> dict:
+    return {
+        "protocol": PROTOCOL_VERSION,
+        "kind": "teacher" if teacher else "base",
+        "task": ctx.task,
+        "seed": seed,
+        "split": split,
+        "settings": ctx.settings,
+        "model": ctx.model_id,
+    }
+
+
+def execute_base(ctx: TaskContext, spec: dict) -> dict:
+    model, tokenizer = ctx.load()
+    report = ctx.evaluate(
+        model, tokenizer, spec["split"], spec["seed"], with_privileged_context=spec["kind"] == "teacher"
+    )
+    return {"avg_at_8": report["avg_at_k"], "pass_at_8": report["pass_at_k"], "seconds": report["seconds"]}
+
+
+def execute_train(ctx: TaskContext, spec: dict, desc: str) -> dict:
+    from tqdm.auto import tqdm
+    from transformers import PrinterCallback, set_seed
+
+    method, config, seed = spec["method"], spec["config"], spec["seed"]
+    set_seed(seed)
+    model, tokenizer = ctx.load()
+    clock = Clock(ctx.settings["clock"])
+    with tqdm(desc=desc, unit="step", dynamic_ncols=True, mininterval=5, leave=False) as bar:
+        callback = make_budget_callback(
+            teacher_per_step=teacher_samples_per_step(method, config, ctx.settings),
+            student_per_step=ctx.settings["prompts_per_step"] * ctx.settings["num_generations"],
+            budgets=spec["budgets"],
+            stop=spec["stop"],
+            eval_every_tokens=spec["eval_every_tokens"],
+            evaluate=lambda m: ctx.evaluate(m, tokenizer, spec["split"], seed),
+            clock=clock,
+            bar=bar,
+            history_keys=HISTORY_KEYS,
+        )
+        with tempfile.TemporaryDirectory(prefix=f"learning-{method}-") as tmp:
+            trainer = build_trainer(
+                ctx.task,
+                method,
+                config,
+                ctx.settings,
+                seed,
+                model,
+                tokenizer,
+                ctx.train_dataset(seed),
+                tmp,
+                [callback],
+            )
+            trainer.remove_callback(PrinterCallback)
+            t0 = time.perf_counter()
+            trainer.train()
+            wall = time.perf_counter() - t0
+    missing = [b for b in spec["budgets"] if b not in callback.marks]
+    if missing:
+        raise RuntimeError(f"{desc}: training stopped before the budget(s) {missing} were reached")
+    return {
+        "steps": trainer.state.global_step,
+        "tokens": callback.tokens,
+        "student_tokens": callback.student_tokens,
+        "teacher_tokens": callback.teacher_tokens,
+        "train_seconds": callback.train_seconds(),
+        "wall_seconds": wall,
+        "eval_seconds": callback.eval_wall,
+        "points": callback.points,
+        "marks": callback.marks,
+        "history": callback.history,
+        "load_average": _loadavg(),
+    }
+
+
+def _loadavg():
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plan, estimate, execution
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def budgets_of(args) -> dict:
+    return {"tokens": float(args.budget_tokens), "time": float(args.budget_seconds), "steps": int(args.budget_steps)}
+
+
+def tuning_specs(ctx, args) -> list[tuple[str, dict]]:
+    budgets = budgets_of(args)
+    out = []
+    for method in args.methods:
+        for config in tuning_grid(method, args.learning_rates):
+            out.append(("tune", train_spec(ctx, method, config, args.seeds[0], "val", budgets, budgets, None)))
+    return out
+
+
+def test_spec(ctx, args, method, config, seed) -> dict:
+    budgets = budgets_of(args)
+    stop = dict(budgets)
+    if seed == args.seeds[0]:
+        stop["tokens"] = budgets["tokens"] * args.stability_factor
+    return train_spec(ctx, method, config, seed, "test", budgets, stop, budgets["tokens"] / args.eval_points)
+
+
+def ablation_specs(ctx, args, headline: dict) -> list[tuple[str, dict]]:
+    budgets = budgets_of(args)
+    out = []
+    for name in args.ablations:
+        config = ablation_config(headline, ABLATIONS[name])
+        for seed in args.seeds:
+            out.append(
+                (
+                    f"ablation:{name}",
+                    train_spec(
+                        ctx, "PBSD", config, seed, "test", budgets, budgets, budgets["tokens"] / args.eval_points
+                    ),
+                )
+            )
+    return out
+
+
+def budget_value(record: dict, budget: str) -> float | None:
+    index = record.get("marks", {}).get(budget)
+    return None if index is None else record["points"][index]["avg_at_8"]
+
+
+def select(records: list[tuple[dict, dict]], budget: str) -> tuple[dict, float]:
+    """Configuration with the best validation Avg@8 at `budget` (the first in grid order on a tie)."""
+    best, best_value = None, -math.inf
+    for spec, record in records:
+        value = budget_value(record, budget)
+        if value is not None and value > best_value:
+            best, best_value = spec["config"], value
+    if best is None:
+        raise ValueError(f"no finished validation run reached the {budget} budget")
+    return best, best_value
+
+
+def measured_costs(cache_root: Path) -> dict:
+    """Median CPU seconds per step, tokens per step and eval seconds per 100 problems of the stored runs."""
+    per = {}
+    for path in Path(cache_root).glob("*/*.json"):
+        record = json.loads(path.read_text())
+        spec = record["spec"]
+        if spec.get("kind") != "train" or not record.get("steps"):
+            continue
+        entry = per.setdefault((spec["task"], spec["method"]), {"sps": [], "tps": [], "eval": []})
+        entry["sps"].append(record["train_seconds"] / record["steps"])
+        entry["tps"].append(record["tokens"] / record["steps"])
+        if record["points"]:
+            entry["eval"].append(
+                record["eval_seconds"] / len(record["points"]) * 100 / spec["settings"]["eval_problems"]
+            )
+    return {
+        key: {
+            "seconds_per_step": statistics.median(v["sps"]),
+            "tokens_per_step": statistics.median(v["tps"]),
+            "eval_seconds_per_100": statistics.median(v["eval"]) if v["eval"] else None,
+            "runs": len(v["sps"]),
+        }
+        for key, v in per.items()
+    }
+
+
+def estimate_seconds(spec: dict, costs: dict) -> float:
+    measured = costs.get((spec["task"], spec["method"]))
+    c = measured or DEFAULT_COSTS[spec["method"]]
+    tps = c["tokens_per_step"] * (
+        1.0 if spec["method"] != "PBSD" else (8 + (spec["config"].get("num_teacher_generations") or 8)) / 16
+    )
+    steps = max(
+        math.ceil(spec["stop"]["tokens"] / tps),
+        math.ceil(spec["stop"]["time"] / c["seconds_per_step"]),
+        spec["stop"]["steps"],
+    )
+    n_evals = len(spec["budgets"]) + (
+        spec["stop"]["tokens"] / spec["eval_every_tokens"] if spec["eval_every_tokens"] else 0
+    )
+    eval_s = (measured or {}).get("eval_seconds_per_100") or DEFAULT_COSTS["eval_seconds_per_100"]
+    return (
+        steps * c["seconds_per_step"]
+        + n_evals * eval_s * spec["settings"]["eval_problems"] / 100
+        + DEFAULT_COSTS["run_overhead_seconds"]
+    )
+
+
+class Runner:
+    def __init__(self, args, cache: RunCache):
+        self.args = args
+        self.cache = cache
+        self.start = time.perf_counter()
+        self.executed = 0
+        self.skipped_for_time = 0
+        self.errors: list[str] = []
+
+    def out_of_time(self) -> bool:
+        return self.args.max_minutes is not None and (time.perf_counter() - self.start) / 60 >= self.args.max_minutes
+
+    def get(self, ctx, spec: dict, desc: str) -> dict | None:
+        record = self.cache.get(spec)
+        if record is not None:
+            return record
+        if self.out_of_time():
+            self.skipped_for_time += 1
+            return None
+        t0 = time.perf_counter()
+        try:
+            result = execute_train(ctx, spec, desc) if spec["kind"] == "train" else execute_base(ctx, spec)
+        except Exception as err:  # record, keep going with the other runs; errors are not cached
+            import traceback
+
+            traceback.print_exc()
+            self.errors.append(f"{desc}: {type(err).__name__}: {err}")
+            return None
+        self.executed += 1
+        self.cache.put(spec, result)
+        print(
+            f"[learning_tuned] {desc}: done in {time.perf_counter() - t0:.0f} s"
+            + (f", {result['steps']} steps" if "steps" in result else "")
+            + f"; elapsed {(time.perf_counter() - self.start) / 60:.1f} min",
+            flush=True,
+        )
+        return result
+
+
+def run_task(ctx: TaskContext, args, runner: Runner, progress) -> dict:
+    """The whole protocol on one task; returns what the report needs (missing runs are absent, not invented)."""
+    out = {
+        "task": ctx.task,
+        "model_path": ctx.model_path,
+        "settings": ctx.settings,
+        "base": [],
+        "tuning": {},
+        "selected": {},
+        "test": {},
+        "ablations": {},
+        "headline_pbsd": None,
+    }
+    for seed in args.seeds:
+        rec = runner.get(ctx, base_spec(ctx, seed, "test"), f"{ctx.task} base seed {seed}")
+        if rec:
+            out["base"].append({"seed": seed, **rec})
+    rec = runner.get(ctx, base_spec(ctx, args.seeds[0], "test", teacher=True), f"{ctx.task} teacher view")
+    out["teacher"] = rec
+
+    tuned = {m: [] for m in args.methods}
+    for _, spec in tuning_specs(ctx, args):
+        desc = f"{ctx.task} tune {spec['method']} {config_name(spec['config'])}"
+        rec = runner.get(ctx, spec, desc)
+        progress.update(1)
+        if rec:
+            tuned[spec["method"]].append((spec, rec))
+    for method, records in tuned.items():
+        out["tuning"][method] = [
+            {
+                "config": s["config"],
+                "val": {b: budget_value(r, b) for b in BUDGETS},
+                "steps": r["steps"],
+                "tokens": r["tokens"],
+                "train_seconds": r["train_seconds"],
+            }
+            for s, r in records
+        ]
+        n_grid = len(tuning_grid(method, args.learning_rates))
+        if len(records) < n_grid:
+            continue  # selection only over the complete grid: the equal tuning budget
+        out["selected"][method] = {b: select(records, b) for b in BUDGETS}
+
+    for method, per_budget in out["selected"].items():
+        configs = []
+        for b in BUDGETS:
+            if per_budget[b][0] not in configs:
+                configs.append(per_budget[b][0])
+        for config in configs:
+            runs = []
+            for seed in args.seeds:
+                spec = test_spec(ctx, args, method, config, seed)
+                rec = runner.get(ctx, spec, f"{ctx.task} test {method} {config_name(config)} seed {seed}")
+                progress.update(1)
+                if rec:
+                    runs.append({"seed": seed, **rec})
+            out["test"].setdefault(method, []).append({"config": config, "runs": runs})
+
+    if "PBSD" in out["selected"] and args.ablations:
+        headline = out["selected"]["PBSD"][HEADLINE_BUDGET][0]
+        out["headline_pbsd"] = headline
+        for label, spec in ablation_specs(ctx, args, headline):
+            name = label.split(":", 1)[1]
+            rec = runner.get(ctx, spec, f"{ctx.task} ablation {name} seed {spec['seed']}")
+            progress.update(1)
+            entry = out["ablations"].setdefault(name, {"config": spec["config"], "runs": []})
+            if rec:
+                entry["runs"].append({"seed": spec["seed"], **rec})
+    return out
+
+
+def planned_run_count(args) -> int:
+    per_task = sum(len(tuning_grid(m, args.learning_rates)) for m in args.methods)
+    per_task += len(args.methods) * len(args.seeds)  # at least one selected configuration per method
+    per_task += len(args.ablations) * len(args.seeds) if "PBSD" in args.methods else 0
+    return per_task * len(args.tasks)
+
+
+def plan(args, cache_root: Path) -> str:
+    """Text of the run plan with the time estimate: tuning and ablation runs exactly, test runs for one selected
+    configuration per method (the minimum) and for three (the maximum: a different selection at every budget)."""
+
+    class _Ctx:  # enough of a TaskContext to build specifications without loading a model
+        def __init__(self, task):
+            from pbsd_trl.data.tasks import TASKS
+
+            self.task = task
+            self.model_id = f"{task}-(base model)"
+            self.settings = {
+                "prompts_per_step": args.prompts_per_step,
+                "num_generations": args.num_generations,
+                "max_completion_length": args.max_completion_length or EXAMPLE_MAX_COMPLETION_LENGTH[TASKS[task].name],
+                "train_size": args.train_size,
+                "eval_problems": args.eval_problems,
+                "k": 8,
+                "clock": args.clock,
+            }
+
+    costs = measured_costs(cache_root)
+    lines = ["| task | stage | runs | estimated minutes |", "|---|---|---|---|"]
+    total_min = total_max = 0.0
+    for task in args.tasks:
+        ctx = _Ctx(task)
+        tune = [s for _, s in tuning_specs(ctx, args)]
+        test = [
+            test_spec(ctx, args, m, tuning_grid(m, args.learning_rates)[0], s)
+            for m in args.methods
+            for s in args.seeds
+        ]
+        headline = tuning_grid("PBSD", args.learning_rates)[0]
+        abl = [s for _, s in ablation_specs(ctx, args, headline)] if "PBSD" in args.methods else []
+        t_tune, t_test, t_abl = (sum(estimate_seconds(s, costs) for s in group) / 60 for group in (tune, test, abl))
+        lines += [
+            f"| {task} | tuning (validation, seed {args.seeds[0]}) | {len(tune)} | {t_tune:.0f} |",
+            f"| {task} | test ({len(args.seeds)} seeds; 1-3 configurations per method) | {len(test)}-{3 * len(test)} "
+            f"| {t_test:.0f}-{3 * t_test:.0f} |",
+            f"| {task} | PBSD ablations | {len(abl)} | {t_abl:.0f} |",
+        ]
+        total_min += t_tune + t_test + t_abl
+        total_max += t_tune + 3 * t_test + t_abl
+    lines.append(f"| all | | | {total_min:.0f}-{total_max:.0f} |")
+    source = (
+        ", ".join(
+            f"{t}/{m}: {c['seconds_per_step']:.2f} s/step, {c['tokens_per_step']:.0f} tok/step ({c['runs']} runs)"
+            for (t, m), c in sorted(costs.items())
+        )
+        or "none stored yet: DEFAULT_COSTS"
+    )
+    sessions = math.ceil(total_max / 170)
+    return "\n".join(lines) + (
+        f"\n\nPer-step costs used: {source}.\nAt most {sessions} sessions of 170 minutes with `--max_minutes 170` "
+        "(the cache resumes where a session stopped)."
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _fmt(m, s):
+    return "–" if m is None or math.isnan(m) else f"{m:.3f} ± {s:.3f}"
+
+
+def test_values(runs: list[dict], budget: str) -> list[float]:
+    return [v for v in (budget_value(r, budget) for r in runs) if v is not None]
+
+
+def test_result(task_out: dict, method: str, budget: str) -> tuple[dict | None, list[dict]]:
+    if method not in task_out["selected"]:
+        return None, []
+    config = task_out["selected"][method][budget][0]
+    for entry in task_out["test"].get(method, []):
+        if entry["config"] == config:
+            return config, entry["runs"]
+    return config, []
+
+
+def _counter(runs, budget, key):
+    values = [r["points"][r["marks"][budget]][key] for r in runs if budget in r.get("marks", {})]
+    return statistics.fmean(values) if values else float("nan")
+
+
+def write_report(path: Path, payload: dict, plots: dict) -> None:
+    a = payload["config"]
+    partial = payload["partial"]
+    lines = [
+        "# Tuned learning benchmark: GRPO vs OPSD vs SDFT vs PBSD at equal tokens, time and steps",
+        "",
+        f"Command: `{payload['command']}`",
+        "",
+        f"Started {payload['started']}; this invocation ran {payload['executed']} new runs in "
+        f"{payload['total_seconds'] / 60:.1f} min (stored runs are reused from `{a['cache_dir']}`)."
+        + (" **--quick smoke run on test-size models: the numbers mean nothing.**" if a["quick"] else ""),
+        "",
+    ]
+    if partial:
+        lines += ["**PARTIAL REPORT**: " + partial + " Rerun the same command to resume; missing cells say `–`.", ""]
+    lines += [
+        "## Machine",
+        "",
+        *[f"- {k}: {v}" for k, v in payload["machine"].items()],
+        "",
+        "## Protocol",
+        "",
+        f"- Tasks: {', '.join(a['tasks'])}. Splits: validation = held-out rows 0-{a['eval_problems'] - 1}, test = "
+        f"rows 100-{99 + a['eval_problems']} (asserted disjoint); Avg@8 at temperature 1.",
+        f"- Shared settings: {a['prompts_per_step']} prompts x {a['num_generations']} samples per step, constant "
+        f"learning rate, AdamW, full fine-tuning of the built-in tiny base model, {a['train_size']} training "
+        f"problems drawn with the run's seed.",
+        f"- Budgets: tokens {a['budget_tokens']:,} generated completion tokens (PBSD's teacher samples count); "
+        f"time {a['budget_seconds']:.0f} s of training ({a['clock']} clock, evaluations excluded); steps "
+        f"{a['budget_steps']} optimizer steps.",
+        f"- Tuning: {len(a['learning_rates'])} learning rates {list(a['learning_rates'])} x the method's knob, "
+        f"selected on validation with seed {a['seeds'][0]}; test seeds {a['seeds']}; stability: seed "
+        f"{a['seeds'][0]} to {a['stability_factor']}x the token budget.",
+        "- Verdict: `beat`/`lost` when |Δ mean| > std(PBSD) + std(peer) (sample std over seeds), else `tied`; "
+        "Welch's two-sided p-value alongside (3 seeds each: low power).",
+        "",
+        "Grids (every method the same number of configurations):",
+        "",
+    ]
+    for m in a["methods"]:
+        knob, values = KNOBS[m]
+        lines.append(
+            f"- `{m}` ({DESCRIPTIONS[m]}): learning_rate in {list(a['learning_rates'])} x `{knob}` in "
+            f"{list(values)}; fixed {METHOD_FIXED[m] or '{}'}"
+        )
+    lines.append("")
+
+    for task_out in payload["tasks"]:
+        t = task_out["task"]
+        lines += [f"## Task `{t}`", "", f"Base model `{task_out['model_path']}`."]
+        if task_out["base"]:
+            bm, bs = mean_std([b["avg_at_8"] for b in task_out["base"]])
+            lines.append(f"Untrained base model on test: Avg@8 {_fmt(bm, bs)} (evaluation seeds).")
+        if task_out.get("teacher"):
+            lines.append(
+                f"Teacher view (base model + privileged context) on test: Avg@8 {task_out['teacher']['avg_at_8']:.3f}."
+            )
+        lines.append("")
+        for budget in BUDGETS:
+            lines += [
+                f"### {t}: {BUDGET_LABELS[budget]}",
+                "",
+                "| method | selected configuration | val Avg@8 | test Avg@8 (mean ± std) | per seed | tokens | steps "
+                "| train s |",
+                "|---|---|---|---|---|---|---|---|",
+            ]
+            results = {}
+            for m in a["methods"]:
+                config, runs = test_result(task_out, m, budget)
+                vals = test_values(runs, budget)
+                results[m] = vals
+                if config is None:
+                    lines.append(f"| {m} | – (tuning incomplete) | – | – | – | – | – | – |")
+                    continue
+                mv, sv = mean_std(vals)
+                lines.append(
+                    f"| {m} | {config_name(config)} | {task_out['selected'][m][budget][1]:.3f} | {_fmt(mv, sv)} "
+                    f"(n={len(vals)}) | {', '.join(f'{v:.3f}' for v in vals) or '–'} | {_counter(runs, budget, 'tokens'):,.0f} "
+                    f"| {_counter(runs, budget, 'step'):.0f} | {_counter(runs, budget, 'train_seconds'):.0f} |"
+                )
+            lines += ["", "| PBSD vs | Δ mean | std sum | Welch p | verdict |", "|---|---|---|---|---|"]
+            for m in a["methods"]:
+                if m == "PBSD":
+                    continue
+                p, q = results.get("PBSD", []), results.get(m, [])
+                if len(p) < 2 or len(q) < 2:
+                    lines.append(f"| {m} | – | – | – | pending (fewer than 2 seeds) |")
+                    continue
+                word, diff = verdict(p, q)
+                _, pv = welch(p, q)
+                lines.append(f"| {m} | {diff:+.3f} | {mean_std(p)[1] + mean_std(q)[1]:.3f} | {pv:.3f} | {word} |")
+            lines.append("")
+        lines += [
+            f"### {t}: validation scores of every configuration (seed {a['seeds'][0]})",
+            "",
+            "| method | configuration | tokens budget | time budget | steps budget | steps run |",
+            "|---|---|---|---|---|---|",
+        ]
+        for m, rows in task_out["tuning"].items():
+            for row in rows:
+                cells = " | ".join("–" if row["val"][b] is None else f"{row['val'][b]:.3f}" for b in BUDGETS)
+                lines.append(f"| {m} | {config_name(row['config'])} | {cells} | {row['steps']} |")
+        lines.append("")
+        if task_out["ablations"]:
+            head = task_out["headline_pbsd"]
+            lines += [
+                f"### {t}: PBSD ablations (on the {HEADLINE_BUDGET}-budget PBSD configuration "
+                f"{config_name(head)}; test, mean ± std)",
+                "",
+                "| variant | " + " | ".join(BUDGET_LABELS[b] for b in BUDGETS) + " | Welch p vs headline (time) |",
+                "|---|---|---|---|---|",
+            ]
+            _, head_runs = test_result(task_out, "PBSD", HEADLINE_BUDGET)
+            for name, entry in task_out["ablations"].items():
+                cells = [_fmt(*mean_std(test_values(entry["runs"], b))) for b in BUDGETS]
+                p = test_values(entry["runs"], HEADLINE_BUDGET)
+                q = test_values(head_runs, HEADLINE_BUDGET)
+                pv = f"{welch(p, q)[1]:.3f} ({verdict(p, q)[0]})" if len(p) > 1 and len(q) > 1 else "–"
+                lines.append(f"| {name} | {' | '.join(cells)} | {pv} |")
+            lines.append("")
+        stab = []
+        for m in a["methods"]:
+            for entry in task_out["test"].get(m, []):
+                long = [r for r in entry["runs"] if r["seed"] == a["seeds"][0]]
+                if not long or not long[0]["points"]:
+                    continue
+                pts = long[0]["points"]
+                best = max(pts, key=lambda p: p["avg_at_8"])
+                at_budget = budget_value(long[0], "tokens")
+                stab.append(
+                    f"| {m} | {config_name(entry['config'])} | {at_budget:.3f} | {best['avg_at_8']:.3f} @ "
+                    f"{best['tokens']:,.0f} tok | {pts[-1]['avg_at_8']:.3f} @ {pts[-1]['tokens']:,.0f} tok | "
+                    f"{pts[-1]['avg_at_8'] - best['avg_at_8']:+.3f} |"
+                )
+        if stab:
+            lines += [
+                f"### {t}: stability (seed {a['seeds'][0]} to {a['stability_factor']}x the token budget)",
+                "",
+                "| method | configuration | at token budget | best | end | end − best |",
+                "|---|---|---|---|---|---|",
+                *stab,
+                "",
+            ]
+        if plots.get(t):
+            lines += [
+                f"![{t} curves]({plots[t].name})",
+                "",
+                f"`{plots[t].name}`: test Avg@8 (mean ± std over seeds; x at 0: the untrained model) of each method's "
+                "configuration selected for the budget of the panel, against that budget's counter; dashed: the "
+                f"budget. Right: the stability run of the {HEADLINE_BUDGET}-selected configurations.",
+                "",
+            ]
+    if (path.parent / "learning_diagnosis.md").is_file():
+        lines += [
+            "## Diagnosis of the early reward dip",
+            "",
+            "Measured separately by `benchmarks/learning_diagnosis.py` (validation problems only): see "
+            "[learning_diagnosis.md](learning_diagnosis.md).",
+            "",
+        ]
+    if payload["errors"]:
+        lines += ["## Errors", "", *[f"- {e}" for e in payload["errors"]], ""]
+    lines += [
+        "## Raw data",
+        "",
+        f"`{a['cache_dir']}/<task>/<key>.json`: one file per run (specification, every "
+        "evaluation point, per-step training metrics).",
+        "",
+    ]
+    path.write_text("\n".join(lines))
+
+
+def plot(payload: dict, out_dir: Path, stem: str) -> dict:
+    from bench_utils import pyplot
+
+    plt = pyplot()
+    if plt is None:
+        return {}
+    import numpy as np
+
+    a = payload["config"]
+    paths = {}
+    axis_key = {"tokens": "tokens", "time": "train_seconds", "steps": "step"}
+    axis_label = {"tokens": "generated tokens", "time": f"training seconds ({a['clock']})", "steps": "optimizer steps"}
+    for task_out in payload["tasks"]:
+        base = {b["seed"]: b["avg_at_8"] for b in task_out["base"]}
+        fig, axes = plt.subplots(1, 4, figsize=(19, 4.2))
+        for ax, budget in zip(axes, BUDGETS, strict=False):
+            for m in a["methods"]:
+                _, runs = test_result(task_out, m, budget)
+                curves = [
+                    [(0.0, base.get(r["seed"], math.nan))]
+                    + [(p[axis_key[budget]], p["avg_at_8"]) for p in r["points"]]
+                    for r in runs
+                ]
+                n = min((len(c) for c in curves), default=0)
+                if n == 0:
+                    continue
+                x = np.mean([[p[0] for p in c[:n]] for c in curves], axis=0)
+                y = np.array([[p[1] for p in c[:n]] for c in curves])
+                mu, sd = y.mean(0), (y.std(0, ddof=1) if len(y) > 1 else np.zeros(n))
+                ax.plot(x, mu, marker="o", ms=3, color=COLORS[m], label=f"{m} (n={len(y)})")
+                ax.fill_between(x, mu - sd, mu + sd, color=COLORS[m], alpha=0.15)
+            ax.axvline(budgets_of(argparse.Namespace(**a))[budget], color="k", ls="--", lw=1, alpha=0.5)
+            if task_out["base"]:
+                ax.axhline(
+                    statistics.fmean(b["avg_at_8"] for b in task_out["base"]), color="gray", ls=":", label="base"
+                )
+            ax.set_xlabel(axis_label[budget])
+            ax.set_ylabel("test Avg@8")
+            ax.set_title(BUDGET_LABELS[budget], fontsize=10)
+            ax.grid(alpha=0.3)
+        ax = axes[3]
+        for m in a["methods"]:
+            _, runs = test_result(task_out, m, HEADLINE_BUDGET)
+            long = [r for r in runs if r["seed"] == a["seeds"][0]]
+            if long:
+                pts = long[0]["points"]
+                ax.plot(
+                    [0.0] + [p["tokens"] for p in pts],
+                    [base.get(a["seeds"][0], math.nan)] + [p["avg_at_8"] for p in pts],
+                    marker="o",
+                    ms=3,
+                    color=COLORS[m],
+                    label=m,
+                )
+        ax.axvline(a["budget_tokens"], color="k", ls="--", lw=1, alpha=0.5)
+        ax.set_xlabel("generated tokens")
+        ax.set_title(
+            f"stability: seed {a['seeds'][0]} to {a['stability_factor']}x tokens ({HEADLINE_BUDGET}-selected)",
+            fontsize=10,
+        )
+        ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=8)
+        fig.suptitle(f"{task_out['task']}: tuned methods" + (" [quick]" if a["quick"] else ""), fontsize=10)
+        fig.tight_layout()
+        paths[task_out["task"]] = out_dir / f"{stem}_{task_out['task']}.png"
+        fig.savefig(paths[task_out["task"]], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="Smoke run: test-size models, tiny budgets, 2 seeds.")
+    p.add_argument("--plan", action="store_true", help="Print the runs and their estimated time, then exit.")
+    p.add_argument("--output_dir", default=str(Path(__file__).resolve().parent / "results"))
+    p.add_argument("--name", default="learning", help="Stem of the report files (<name>.md, <name>_<task>.png).")
+    p.add_argument("--cache_dir", default=None, help="Run cache (default <output_dir>/learning_runs).")
+    p.add_argument("--tasks", nargs="+", default=list(TASK_NAMES), choices=TASK_NAMES)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--learning_rates", nargs="+", type=float, default=list(LEARNING_RATES))
+    p.add_argument("--ablations", nargs="*", default=list(ABLATIONS), choices=list(ABLATIONS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--budget_tokens", type=float, default=140_000)
+    p.add_argument("--budget_seconds", type=float, default=120.0)
+    p.add_argument("--budget_steps", type=int, default=50)
+    p.add_argument("--clock", default="cpu", choices=("cpu", "wall"))
+    p.add_argument("--eval_points", type=int, default=4, help="Test evaluations per token budget (the curves).")
+    p.add_argument("--eval_problems", type=int, default=100, help="Problems per split (at most 100).")
+    p.add_argument("--stability_factor", type=float, default=3.0)
+    p.add_argument("--train_size", type=int, default=2000)
+    p.add_argument("--prompts_per_step", type=int, default=8)
+    p.add_argument("--num_generations", type=int, default=8)
+    p.add_argument("--max_completion_length", type=int, default=None, help="Default: the task's (math 56, tool 64).")
+    p.add_argument("--num_threads", type=int, default=1)
+    p.add_argument("--max_minutes", type=float, default=None, help="Launch no new run after this many minutes.")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.seeds = args.seeds[:2]
+        args.learning_rates = args.learning_rates[:1]
+        args.budget_tokens, args.budget_seconds, args.budget_steps = 600.0, 0.5, 2
+        args.eval_points, args.eval_problems, args.stability_factor = 2, 4, 1.5
+        args.prompts_per_step, args.train_size = 1, 32
+        args.max_completion_length = 16
+        args.ablations = args.ablations[:1]
+    if args.cache_dir is None:
+        args.cache_dir = str(Path(args.output_dir) / "learning_runs")
+    return args
+
+
+def _without_history(obj):
+    """The report's JSON without the per-step training logs (those stay in the run cache)."""
+    if isinstance(obj, dict):
+        return {k: _without_history(v) for k, v in obj.items() if k != "history"}
+    if isinstance(obj, list):
+        return [_without_history(v) for v in obj]
+    return obj
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.num_threads)
+    for name in ("transformers", "trl", "pbsd_trl"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    out_dir = Path(args.output_dir)
+    cache = RunCache(Path(args.cache_dir))
+    if args.plan:
+        text = plan(args, Path(args.cache_dir))
+        print(text)
+        return text
+    out_dir.mkdir(parents=True, exist_ok=True)
+    from tqdm.auto import tqdm
+
+    cli = list(sys.argv[1:] if argv is None else argv)
+    payload = {
+        "command": " ".join(["python benchmarks/learning_tuned.py", *([shlex.join(cli)] if cli else [])]),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "machine": machine_description(),
+        "config": {k: v for k, v in vars(args).items() if k not in ("output_dir", "plan")},
+        "tasks": [],
+    }
+    runner = Runner(args, cache)
+    with tqdm(total=planned_run_count(args), desc="runs", unit="run", dynamic_ncols=True) as progress:
+        for task in args.tasks:
+            payload["tasks"].append(run_task(TaskContext(task, args), args, runner, progress))
+    payload["executed"] = runner.executed
+    payload["errors"] = runner.errors
+    payload["total_seconds"] = time.perf_counter() - runner.start
+    payload["partial"] = None
+    if runner.skipped_for_time:
+        payload["partial"] = (
+            f"`--max_minutes {args.max_minutes}` was reached with {runner.skipped_for_time} runs not started."
+        )
+    elif runner.errors:
+        payload["partial"] = f"{len(runner.errors)} runs failed (see Errors)."
+    (out_dir / f"{args.name}.json").write_text(json.dumps(_without_history(payload), indent=1, default=str))
+    plots = plot(payload, out_dir, args.name)
+    write_report(out_dir / f"{args.name}.md", payload, plots)
+    print(
+        f"[learning_tuned] wrote {out_dir / (args.name + '.md')}; {runner.executed} new runs; "
+        f"{(time.perf_counter() - runner.start) / 60:.1f} min",
+        flush=True,
+    )
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""One generation pass for student and teacher samples equals two passes (greedy decoding: the same samples)."""
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig
+from trl import GRPOTrainer
+
+from pbsd_trl import PBSDConfig, PBSDTrainer
+from pbsd_trl.data.math_task import make_math_dataset
+from pbsd_trl.tiny import build_char_tokenizer, build_random_model
+
+
+TEMPLATE = "{prompt} Reference solution: {privileged_context}"
+
+
+def contains_answer(completions, answer, **kwargs):
+    return [float(a in c[0]["content"]) for c, a in zip(completions, answer, strict=True)]
+
+
+def make_args(tmp_path, **kwargs):
+    defaults = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=8,
+        max_steps=2,
+        learning_rate=1e-2,
+        report_to=[],
+        bf16=False,
+        use_cpu=True,
+        save_strategy="no",
+        teacher_prompt_template=TEMPLATE,
+        seed=0,
+        generation_kwargs={"do_sample": False},
+    )
+    defaults.update(kwargs)
+    return PBSDConfig(**defaults)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tok = build_char_tokenizer()
+    return tok, make_math_dataset("train", n=8, seed=0), build_random_model(tok, seed=1)
+
+
+def _step(trainer, rows):
+    trainer.model.train()
+    torch.manual_seed(0)
+    inputs = trainer._generate_and_score_completions(rows)
+    loss = trainer.compute_loss(trainer.model, inputs)
+    return inputs, loss.detach()
+
+
+def _completions(ids, mask):
+    return [tuple(row[m.bool()].tolist()) for row, m in zip(ids, mask, strict=True)]
+
+
+@pytest.mark.parametrize("case", ["live", "samples_from_live", "lora_base", "lora_ema"])
+def test_one_pass_equals_two_passes(tmp_path, setup, monkeypatch, case):
+    tok, dataset, model = setup
+    kwargs, peft = {}, None
+    if case == "live":
+        kwargs = dict(teacher_model_kind="live")
+    elif case == "samples_from_live":
+        kwargs = dict(teacher_samples_from="live")
+    else:
+        kwargs = dict(teacher_model_kind=case.split("_")[1])
+        peft = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    calls = []
+    original = GRPOTrainer._generate_single_turn
+
+    def counting(self, prompt_ids, *args, **kw):
+        calls.append(len(prompt_ids))
+        return original(self, prompt_ids, *args, **kw)
+
+    monkeypatch.setattr(GRPOTrainer, "_generate_single_turn", counting)
+    rows = [dict(dataset[i]) for i in range(2) for _ in range(4)]
+    results = []
+    for one_pass in (True, False):
+        trainer = PBSDTrainer(
+            copy.deepcopy(model),
+            contains_answer,
+            args=make_args(tmp_path, one_generation_pass=one_pass, **kwargs),
+            train_dataset=dataset,
+            processing_class=tok,
+            peft_config=peft,
+        )
+        if peft is not None:  # a trained-looking adapter, so that student (adapter) and base teacher differ
+            gen = torch.Generator().manual_seed(0)
+            with torch.no_grad():
+                for name, p in trainer.model.named_parameters():
+                    if "lora_B" in name:
+                        p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+        calls.clear()
+        inputs, loss = _step(trainer, rows)
+        results.append((inputs, loss, list(calls)))
+    (a, loss_a, calls_a), (b, loss_b, calls_b) = results
+    assert calls_a == [16] and calls_b == [8, 8]  # one generate call over student + teacher rows, against two
+    assert _completions(a["completion_ids"], a["completion_mask"]) == _completions(
+        b["completion_ids"], b["completion_mask"]
+    )
+    teacher_a = _completions(a["teacher_completion_ids"], a["teacher_completion_mask"])
+    assert teacher_a == _completions(b["teacher_completion_ids"], b["teacher_completion_mask"])
+    if case == "lora_base":  # per-row adapters: student rows with the adapter, teacher rows without
+        assert _completions(a["completion_ids"], a["completion_mask"]) != teacher_a
+    torch.testing.assert_close(
+        a["teacher_logps_teacher_samples"], b["teacher_logps_teacher_samples"], rtol=1e-4, atol=1e-4
+    )
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-4, atol=1e-6)
+
+
+def test_one_pass_is_not_used_where_weights_differ(tmp_path, setup):
+    tok, dataset, model = setup
+    trainer = PBSDTrainer(
+        copy.deepcopy(model), contains_answer, args=make_args(tmp_path), train_dataset=dataset, processing_class=tok
+    )
+    assert trainer._one_pass_mode is None  # full-model student, frozen base copy: two different networks
+    trainer = PBSDTrainer(
+        copy.deepcopy(model),
+        contains_answer,
+        args=make_args(tmp_path, teacher_model_kind="ema"),
+        train_dataset=dataset,
+        processing_class=tok,
+    )
+    assert trainer._one_pass_mode is None  # full-model student, a second model as the EMA teacher

@@ -1,0 +1,328 @@
+"""Teacher-sample pool: build, resume, refuse a mismatched pool, and a pool step equal to an online step."""
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+
+from pbsd_trl import PBSDConfig, PBSDTrainer
+from pbsd_trl.data.math_task import make_math_dataset
+from pbsd_trl.pool import (
+    POOL_STAMP_FILE,
+    TeacherPoolError,
+    build_teacher_pool,
+    load_teacher_pool,
+    row_key,
+    teacher_prompt_builder,
+    tokenize_prompts,
+)
+from pbsd_trl.tiny import build_char_tokenizer, build_random_model
+
+
+TEMPLATE = "{prompt} Reference solution: {privileged_context}"
+K = 4
+
+
+def contains_answer(completions, answer, **kwargs):
+    return [float(a in c[0]["content"]) for c, a in zip(completions, answer, strict=True)]
+
+
+def make_args(tmp_path, **kwargs):
+    defaults = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=8,
+        max_steps=2,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to=[],
+        bf16=False,
+        use_cpu=True,
+        save_strategy="no",
+        teacher_prompt_template=TEMPLATE,
+        seed=0,
+    )
+    defaults.update(kwargs)
+    return PBSDConfig(**defaults)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_char_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return make_math_dataset("train", n=12, seed=0)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return build_random_model(tokenizer, seed=1)
+
+
+@pytest.fixture(scope="module")
+def pool_dir(tmp_path_factory, model, tokenizer, dataset):
+    path = str(tmp_path_factory.mktemp("pool") / "pool")
+    build_teacher_pool(
+        copy.deepcopy(model),
+        tokenizer,
+        dataset,
+        path,
+        make_args(tmp_path_factory.mktemp("a")),
+        K,
+        batch_size=16,
+        progress=False,
+    )
+    return path
+
+
+def reference_logp(model, prompt_ids, completion_ids, temperature=1.0):
+    """Plain unpadded forward, float64 log-softmax: the independent reference of a stored teacher log-prob."""
+    ids = torch.tensor([prompt_ids + completion_ids])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1].double() / temperature
+    return logits.log_softmax(-1).gather(-1, torch.tensor(completion_ids).unsqueeze(-1)).sum().item()
+
+
+def test_build_resume_after_kill_covers_every_row_once(tmp_path, model, tokenizer, dataset):
+    path = str(tmp_path / "pool")
+    args = make_args(tmp_path)
+    # 16 completions per call = 4 rows per batch: "killed" after the first batch
+    assert (
+        build_teacher_pool(
+            copy.deepcopy(model),
+            tokenizer,
+            dataset,
+            path,
+            args,
+            K,
+            batch_size=16,
+            stop_after_batches=1,
+            progress=False,
+        )
+        is None
+    )
+    with pytest.raises(TeacherPoolError, match="unfinished"):
+        load_teacher_pool(path)
+    parts = os.listdir(os.path.join(path, "parts"))
+    assert len(parts) == 1
+    first = __import__("pyarrow.parquet", fromlist=["x"]).read_table(os.path.join(path, "parts", parts[0])).to_pylist()
+    assert len(first) == 4
+    # a half-written part of a killed process is ignored
+    open(os.path.join(path, "parts", ".part-x.parquet.tmp"), "w").write("garbage")
+
+    pool = build_teacher_pool(copy.deepcopy(model), tokenizer, dataset, path, args, K, batch_size=16, progress=False)
+    keys = [row_key(p, c) for p, c in zip(dataset["prompt"], dataset["privileged_context"], strict=True)]
+    assert sorted(pool["key"]) == sorted(set(keys))  # every distinct row exactly once
+    assert len(pool) == len(set(pool["key"]))
+    by_key = {row["key"]: row for row in pool}
+    for row in first:  # the samples drawn before the kill are kept, not drawn again
+        assert by_key[row["key"]]["completion_ids"] == row["completion_ids"]
+    assert json.load(open(os.path.join(path, POOL_STAMP_FILE)))["complete"] is True
+
+    # Samples are cut after the first EOS, within the length budget; log-probs match an independent reference
+    prompts = teacher_prompt_builder(tokenizer, args)(dataset["prompt"], [dict(r) for r in dataset])[0]
+    prompt_ids = tokenize_prompts(tokenizer, prompts)
+    eos = tokenizer.eos_token_id
+    for i, key in enumerate(keys):
+        row = by_key[key]
+        assert row["row"] == keys.index(key) and row["teacher_prompt_length"] == len(prompt_ids[i])
+        assert len(row["completion_ids"]) == K
+        for ids, logp in zip(row["completion_ids"], row["teacher_logps"], strict=True):
+            assert 1 <= len(ids) <= args.max_completion_length
+            assert eos not in ids[:-1]
+            assert logp == pytest.approx(reference_logp(model, prompt_ids[i], ids), rel=1e-4, abs=1e-4)
+
+
+def test_build_refuses_other_settings_in_the_same_folder(tmp_path, pool_dir, model, tokenizer, dataset):
+    with pytest.raises(TeacherPoolError, match="sampling.temperature: pool 1.0, this run 0.7"):
+        build_teacher_pool(
+            copy.deepcopy(model), tokenizer, dataset, pool_dir, make_args(tmp_path, temperature=0.7), K, progress=False
+        )
+    with pytest.raises(TeacherPoolError, match=r"num_samples \(K\): pool 4, this build 2"):
+        build_teacher_pool(copy.deepcopy(model), tokenizer, dataset, pool_dir, make_args(tmp_path), 2, progress=False)
+
+
+def test_trainer_refuses_a_mismatched_pool(tmp_path, pool_dir, model, tokenizer, dataset):
+    def trainer(net=model, data=dataset, **kwargs):
+        args = make_args(tmp_path, **{"teacher_pool": pool_dir, **kwargs})
+        return PBSDTrainer(
+            copy.deepcopy(net), contains_answer, args=args, train_dataset=data, processing_class=tokenizer
+        )
+
+    with pytest.raises(TeacherPoolError, match="teacher_weights \\(the teacher weights differ\\)"):
+        trainer(net=build_random_model(tokenizer, seed=2))
+    with pytest.raises(TeacherPoolError, match="teacher_prompt_template"):
+        trainer(teacher_prompt_template="{prompt} Hint: {privileged_context}")
+    with pytest.raises(TeacherPoolError, match="sampling.max_completion_length: pool 8, this run 12"):
+        trainer(max_completion_length=12)
+    with pytest.raises(TeacherPoolError, match="K=4 samples per row, fewer than `num_teacher_generations`=8"):
+        trainer(num_generations=8, per_device_train_batch_size=16)
+    with pytest.raises(TeacherPoolError, match="not a teacher pool"):
+        trainer(teacher_pool=str(tmp_path))
+    with pytest.raises(ValueError, match="`teacher_pool` holds samples of the fixed `base` teacher"):
+        make_args(tmp_path, teacher_pool=pool_dir, teacher_model_kind="live")
+
+
+def test_rows_missing_from_the_pool_sample_the_teacher_online(tmp_path, pool_dir, model, tokenizer, dataset, caplog):
+    more = make_math_dataset("train", n=14, seed=0)  # rows 12 and 13 are not in the pool
+    args = make_args(tmp_path, teacher_pool=pool_dir)
+    with caplog.at_level("WARNING"):
+        trainer = PBSDTrainer(
+            copy.deepcopy(model), contains_answer, args=args, train_dataset=more, processing_class=tokenizer
+        )
+    assert "no samples for 2 of the 14 rows of train_dataset" in caplog.text
+    calls = []
+    original = trainer._generate_single_turn
+    trainer._generate_single_turn = lambda ids, *a, **kw: calls.append(len(ids)) or original(ids, *a, **kw)
+    trainer.model.train()
+    trainer._generate_and_score_completions([dict(more[0])] * 4 + [dict(more[1])] * 4)
+    assert calls == [8]  # student only: the teacher's samples came from the pool
+    trainer._generate_and_score_completions([dict(more[0])] * 4 + [dict(more[13])] * 4)
+    assert calls == [8, 8, 8]  # a row without samples: the teacher is sampled online
+
+
+def test_pool_serves_a_lora_student_of_the_same_model(tmp_path, pool_dir, model, tokenizer, dataset):
+    from peft import LoraConfig
+
+    args = make_args(tmp_path, teacher_pool=pool_dir)
+    trainer = PBSDTrainer(
+        copy.deepcopy(model),
+        contains_answer,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    )
+    assert trainer._teacher_pool is not None
+
+
+def _grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("pairing", ["matched", "all"])
+def test_pool_step_equals_online_step_given_the_same_samples(tmp_path, pool_dir, model, tokenizer, dataset, pairing):
+    """The online trainer's teacher `generate` is replaced by the pool's samples: same loss, same gradients."""
+    pool, _ = load_teacher_pool(pool_dir)
+    by_key = {row["key"]: row for row in pool}
+    group, num_teacher = 4, (4 if pairing == "matched" else 2)
+    rows = [dict(dataset[i]) for i in range(2) for _ in range(group)]
+    keys = [row_key(r["prompt"], r["privileged_context"]) for r in rows]
+    kwargs = dict(pairing=pairing, num_teacher_generations=num_teacher, pair_labels="reward")
+
+    online = PBSDTrainer(
+        copy.deepcopy(model),
+        contains_answer,
+        args=make_args(tmp_path, **kwargs),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+    teacher_rows = [i for i in range(len(rows)) if i % group < num_teacher]
+    calls = []
+    original = online._generate_single_turn
+
+    def generate(prompt_ids, *args, **kw):
+        calls.append(len(prompt_ids))
+        if len(calls) == 1:
+            return original(prompt_ids, *args, **kw)  # the student's samples
+        return [by_key[keys[i]]["completion_ids"][i % group] for i in teacher_rows], None
+
+    online._generate_single_turn = generate
+    pooled = PBSDTrainer(
+        copy.deepcopy(model),
+        contains_answer,
+        args=make_args(tmp_path, teacher_pool=pool_dir, **kwargs),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+    results = []
+    for trainer in (online, pooled):
+        trainer.model.train()
+        torch.manual_seed(0)
+        inputs = trainer._generate_and_score_completions(rows)
+        loss = trainer.compute_loss(trainer.model, inputs)
+        loss.backward()
+        results.append((inputs, loss.detach(), _grads(trainer.model)))
+    assert calls == [len(rows), len(teacher_rows)]  # the pool trainer never called generate for the teacher
+    (a, loss_a, grads_a), (b, loss_b, grads_b) = results
+    assert torch.equal(a["completion_ids"], b["completion_ids"])  # same student samples
+    assert torch.equal(a["teacher_completion_ids"], b["teacher_completion_ids"])
+    torch.testing.assert_close(
+        a["teacher_logps_teacher_samples"], b["teacher_logps_teacher_samples"], rtol=1e-4, atol=1e-4
+    )
+    torch.testing.assert_close(a["teacher_logps_student_samples"], b["teacher_logps_student_samples"])
+    torch.testing.assert_close(a["pbsd_labels"], b["pbsd_labels"])
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-4, atol=1e-6)
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-3, atol=1e-6, msg=name)
+    assert any(g.abs().sum() > 0 for g in grads_a.values())
+
+
+def test_later_visits_take_unused_samples_first(tmp_path, pool_dir, model, tokenizer, dataset):
+    """G_T=2 of K=4 per visit: visits 1 and 2 of a prompt use all four samples, visit 3 starts over."""
+    args = make_args(tmp_path, teacher_pool=pool_dir, pairing="all", num_teacher_generations=2)
+    trainer = PBSDTrainer(
+        copy.deepcopy(model), contains_answer, args=args, train_dataset=dataset, processing_class=tokenizer
+    )
+    pool, _ = load_teacher_pool(pool_dir)
+    row = dict(dataset[3])
+    index = pool["key"].index(row_key(row["prompt"], row["privileged_context"]))
+    samples = [tuple(ids) for ids in pool[index]["completion_ids"]]
+    trainer.model.train()
+    seen = []
+    for _ in range(3):
+        inputs = trainer._generate_and_score_completions([row] * 4)
+        ids, mask = inputs["teacher_completion_ids"], inputs["teacher_completion_mask"]
+        seen.append([tuple(ids[i][mask[i].bool()].tolist()) for i in range(2)])
+    assert seen[0] + seen[1] == samples  # samples 0, 1 then 2, 3
+    assert seen[2] == seen[0]
+
+
+def test_default_pool_covers_the_rows_the_run_visits_and_replaces_teacher_generation(
+    tmp_path, model, tokenizer, dataset
+):
+    from pbsd_trl.pool import rows_visited, use_default_pool
+
+    args = make_args(tmp_path, max_steps=2)  # 2 steps x 2 prompts: 4 of the 12 rows
+    trainer = PBSDTrainer(
+        copy.deepcopy(model), contains_answer, args=args, train_dataset=dataset, processing_class=tokenizer
+    )
+    visited = rows_visited(trainer, dataset)
+    loader_rows = []
+    for batch in trainer.get_train_dataloader():  # what training draws: the same rows as predicted
+        loader_rows += [row_key(r["prompt"], r["privileged_context"]) for r in batch]
+        if len(loader_rows) >= 2 * args.per_device_train_batch_size:
+            break
+    assert {row_key(dataset[i]["prompt"], dataset[i]["privileged_context"]) for i in visited} == set(loader_rows)
+    assert len(visited) == 4
+    messages = []
+    path = use_default_pool(trainer, dataset, say=messages.append)
+    pool, stamp = load_teacher_pool(path)
+    assert len(pool) == 4 and stamp["num_samples"] == 4 and "from a pool of K=4" in messages[0]
+    calls = []
+    original = trainer._generate_single_turn
+    trainer._generate_single_turn = lambda ids, *a, **kw: calls.append(len(ids)) or original(ids, *a, **kw)
+    trainer.train()
+    assert calls == [8, 8]  # two steps, student samples only
+    assert use_default_pool(trainer, dataset, say=messages.append) == path  # already set: kept
+
+
+def test_default_pool_is_not_used_for_a_moving_teacher(tmp_path, model, tokenizer, dataset):
+    from pbsd_trl.pool import use_default_pool
+
+    trainer = PBSDTrainer(
+        copy.deepcopy(model),
+        contains_answer,
+        args=make_args(tmp_path, teacher_model_kind="live"),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+    messages = []
+    assert use_default_pool(trainer, dataset, say=messages.append) is None
+    assert "drawn in every step (teacher_model_kind='live' changes during training)" in messages[0]

@@ -1,0 +1,169 @@
+"""TRL's vLLM colocate path, for real: GRPO (the control) and PBSD train 3 steps each with vLLM's engine in the
+trainer's process, and after every weight sync the engine's log-probs of a fixed sequence equal the trainer model's
+(float32, within 1e-5): the weights that generate are the weights that train, LoRA merges included.
+
+Runs where vLLM is installed (README's test command: vLLM's CPU build in `.venv-vllm`). What the CPU backend needs on
+top of TRL and PBSD is in `vllm_support.py`, and only there.
+"""
+
+import pytest
+import torch
+from peft import LoraConfig
+from vllm_support import (
+    MAX_MODEL_LEN,
+    GenerationRecorder,
+    WeightSyncProbe,
+    cpu_engine_patches,
+    make_model_dir,
+    requires_vllm,
+    set_engine_env,
+)
+
+from pbsd_trl.data.math_task import make_math_dataset
+from pbsd_trl.tiny import load_tokenizer
+
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow, requires_vllm]
+
+TEMPLATE = "{prompt} Reference solution: {privileged_context}"
+PROBE_TEXT = "What is 12 + 7? Reference solution: 12 + 7 = 19, so the answer is \\boxed{19}."
+STEPS = 3
+TOLERANCE = 1e-5  # float32 engine vs float32 trainer; measured ~1e-6
+MIN_CHANGE = 1e-3  # an optimizer step moves the probe's log-probs by far more than TOLERANCE
+
+
+def digit_reward(completions, **kwargs):
+    """Varies across a group of random-model samples, so GRPO's advantages (and its updates) are not all zero."""
+    return [sum(ch.isdigit() for ch in c[0]["content"]) / 8 for c in completions]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    set_engine_env()
+    return make_model_dir(tmp_path_factory.mktemp("vllm-model"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dir):
+    return load_tokenizer(model_dir)
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return make_math_dataset("train", n=16, seed=0)
+
+
+def common_args(tmp_path, **kwargs):
+    args = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=8,
+        max_steps=STEPS,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to=[],
+        bf16=False,
+        use_cpu=True,
+        save_strategy="no",
+        seed=0,
+        use_vllm=True,
+        vllm_mode="colocate",
+        vllm_max_model_length=MAX_MODEL_LEN,
+    )
+    args.update(kwargs)
+    return args
+
+
+def build(trainer_cls, model_dir, tokenizer, **kwargs):
+    """The trainer (its vLLM engine included, built with the CPU adjustments), a weight-sync probe, a recorder."""
+    with cpu_engine_patches():
+        trainer = trainer_cls(model_dir, processing_class=tokenizer, **kwargs)
+    probe = WeightSyncProbe(trainer, tokenizer(PROBE_TEXT)["input_ids"])
+    return trainer, probe, GenerationRecorder(trainer)
+
+
+def check_weight_syncs(trainer, probe):
+    # One sync per optimizer step, before the step's first generation
+    assert len(probe.engine) == STEPS
+    errors, changes = probe.max_errors(), probe.changes()
+    print(f"after each sync, max |vLLM - trainer| log-prob: {errors}; change between syncs: {changes}")
+    assert max(errors) < TOLERANCE, f"vLLM vs trainer log-probs after each sync: {errors}"
+    # ...and the weights did move between syncs, so matching after each one is not trivially true
+    assert min(changes) > MIN_CHANGE, f"probe log-prob change between syncs: {changes}"
+    # The engine holds the weights as the last step left them: generation after the last update uses them
+    final = probe.trainer_logps[-1]
+    assert not torch.allclose(final, probe.engine[0], atol=MIN_CHANGE)
+
+
+def check_sampled_logps(recorder):
+    errors = [call["logps_error"] for call in recorder.calls]
+    print(f"per generation call, max |vLLM - trainer| sampled-token log-prob: {errors}")
+    assert max(errors) < TOLERANCE, f"vLLM's sampled-token log-probs vs the trainer model's, per call: {errors}"
+
+
+def test_grpo_colocate_control(model_dir, tokenizer, dataset, tmp_path):
+    from trl import GRPOConfig, GRPOTrainer
+
+    args = GRPOConfig(**common_args(tmp_path))
+    trainer, probe, recorder = build(
+        GRPOTrainer, model_dir, tokenizer, reward_funcs=digit_reward, args=args, train_dataset=dataset
+    )
+    trainer.train()
+    assert trainer.state.global_step == STEPS
+    assert len(recorder.calls) == STEPS  # GRPO: one generation call per step
+    check_weight_syncs(trainer, probe)
+    check_sampled_logps(recorder)
+
+
+def pbsd_trainer(model_dir, tokenizer, dataset, tmp_path, **kwargs):
+    from pbsd_trl import PBSDConfig, PBSDTrainer
+
+    peft_config = kwargs.pop("peft_config", None)
+    args = PBSDConfig(**common_args(tmp_path, teacher_prompt_template=TEMPLATE, **kwargs))
+    return build(PBSDTrainer, model_dir, tokenizer, args=args, train_dataset=dataset, peft_config=peft_config)
+
+
+def check_pbsd_run(trainer, probe, recorder, tokenizer):
+    assert trainer.state.global_step == STEPS
+    logs = [entry for entry in trainer.state.log_history if "pbsd/margin" in entry]
+    assert len(logs) == STEPS and all(torch.isfinite(torch.tensor(entry["loss"])) for entry in logs)
+    # Both sample sets come from vLLM: per step, the student prompts, then the teacher prompts (with the context)
+    assert len(recorder.calls) == 2 * STEPS
+    for step in range(STEPS):
+        student, teacher = recorder.calls[2 * step], recorder.calls[2 * step + 1]
+        assert not any("Reference solution" in tokenizer.decode(p) for p in student["prompt_ids"])
+        assert all("Reference solution" in tokenizer.decode(p) for p in teacher["prompt_ids"])
+        assert len(teacher["completion_ids"]) == len(student["completion_ids"]) == 8
+    check_weight_syncs(trainer, probe)
+    # Student and teacher samples alike were drawn with the weights being trained
+    check_sampled_logps(recorder)
+
+
+def test_pbsd_colocate_live_teacher(model_dir, tokenizer, dataset, tmp_path):
+    trainer, probe, recorder = pbsd_trainer(model_dir, tokenizer, dataset, tmp_path, teacher_model_kind="live")
+    trainer.train()
+    check_pbsd_run(trainer, probe, recorder, tokenizer)
+
+
+def test_pbsd_colocate_base_teacher_lora(model_dir, tokenizer, dataset, tmp_path):
+    # The paper's setup: a LoRA student whose teacher is the adapter-disabled base model. vLLM holds one set of
+    # weights, the merged student's, so teacher samples come from them (`teacher_samples_from="live"`) while the
+    # teacher's log-probs stay the base model's.
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    trainer, probe, recorder = pbsd_trainer(
+        model_dir,
+        tokenizer,
+        dataset,
+        tmp_path,
+        teacher_model_kind="base",
+        teacher_samples_from="live",
+        peft_config=lora,
+        learning_rate=5e-2,
+    )
+    trainer.train()
+    check_pbsd_run(trainer, probe, recorder, tokenizer)
+    # TRL merged the adapter for each sync and unmerged it after: the engine has the student's merged weights, the
+    # trainer's base weights are untouched (the adapter-disabled model is still the initial model)
+    assert (probe.engine[-1] - probe.base[-1]).abs().max().item() > MIN_CHANGE
+    assert (probe.base[-1] - probe.base[0]).abs().max().item() < TOLERANCE
