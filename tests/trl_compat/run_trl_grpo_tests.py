@@ -28,6 +28,7 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+
 HERE = Path(__file__).resolve().parent
 
 
