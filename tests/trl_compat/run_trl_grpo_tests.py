@@ -108,6 +108,8 @@ def run(suite: Path, trainer: str, hub_cache: Path, pytest_args: list[str]) -> t
 def outcomes(report: Path) -> dict[str, str]:
     results = {}
     for case in ET.parse(report).getroot().iter("testcase"):
+        if case.get("name") is None:  # the test a Ctrl-C interrupted: pytest reports it without a name
+            continue
         name = f"{case.get('classname')}::{case.get('name')}"
         kinds = {child.tag for child in case}
         results[name] = "failed" if kinds & {"failure", "error"} else "skipped" if "skipped" in kinds else "passed"
