@@ -12,11 +12,12 @@ import string
 import pytest
 import torch
 from datasets import Dataset
+from testing_utils import tiny_pbsd_config
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 from trl.chat_template_utils import qwen2_5_chat_template
 
-from pbsd_trl import PBSDConfig, PBSDTrainer
+from pbsd_trl import PBSDTrainer
 from pbsd_trl.tiny import build_random_model
 
 
@@ -139,25 +140,20 @@ def dataset(n=8):
 
 
 def make_args(tmp_path, **kwargs):
-    defaults = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=4,
-        num_generations=2,
-        max_completion_length=128,
-        max_steps=2,
-        learning_rate=1e-3,
-        logging_steps=1,
-        report_to=[],
-        bf16=False,
-        use_cpu=True,
-        save_strategy="no",
-        teacher_prompt_template=TEMPLATE,
-        seed=0,
-        max_tool_calling_iterations=2,
-        temperature=0.5,  # sharper sampling: a malformed call (one wrong character of JSON) is not executed
+    return tiny_pbsd_config(
+        tmp_path,
+        **{
+            "per_device_train_batch_size": 4,
+            "num_generations": 2,
+            "max_completion_length": 128,
+            "max_steps": 2,
+            "learning_rate": 1e-3,
+            "teacher_prompt_template": TEMPLATE,
+            "max_tool_calling_iterations": 2,
+            "temperature": 0.5,  # sharper sampling: a malformed call (one wrong character of JSON) is not executed
+            **kwargs,
+        },
     )
-    defaults.update(kwargs)
-    return PBSDConfig(**defaults)
 
 
 def answered_12(completions, **kwargs):

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LoraConfig
+from testing_utils import tiny_pbsd_config
 from transformers import TrainerCallback
 
-from pbsd_trl import PBSDConfig, PBSDTrainer
+from pbsd_trl import PBSDTrainer
 from pbsd_trl.data.math_task import make_math_dataset
 from pbsd_trl.teacher_model import TeacherEMACallback
 from pbsd_trl.tiny import build_char_tokenizer, build_random_model
@@ -38,23 +39,7 @@ def dataset():
 
 
 def make_args(tmp_path, **kwargs):
-    defaults = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=8,
-        num_generations=4,
-        max_completion_length=8,
-        max_steps=3,
-        learning_rate=1e-2,
-        logging_steps=1,
-        report_to=[],
-        bf16=False,
-        use_cpu=True,
-        save_strategy="no",
-        seed=0,
-        disable_tqdm=True,
-    )
-    defaults.update(kwargs)
-    return PBSDConfig(**defaults)
+    return tiny_pbsd_config(tmp_path, **{"disable_tqdm": True, **kwargs})
 
 
 def lora():
@@ -295,7 +280,7 @@ def test_train_after_an_interrupted_train(tmp_path, tokenizer, dataset, where, s
     elif where == "teacher_generation":
         _interrupt_once(trainer, "_generate", after_call=True)
     elif where == "teacher_scoring":
-        _interrupt_once(trainer, "_sequence_logps", after_call=False)
+        _interrupt_once(trainer, "_teacher_sequence_logps", after_call=False)
     trainable = {n: p.requires_grad for n, p in trainer.model.named_parameters()}
     student_wrapped = trainer.model_wrapped
 
@@ -333,9 +318,9 @@ def test_train_after_an_interrupted_train(tmp_path, tokenizer, dataset, where, s
 def test_math_worker_survives_an_interrupted_request(monkeypatch):
     """Ctrl-C while a verification is in flight: the next request must not read the interrupted one's reply."""
     pytest.importorskip("math_verify")
-    from pbsd_trl.rewards import math as math_rewards
+    from pbsd_trl.rewards.verifier import VerifierWorker
 
-    worker = math_rewards._VerifierWorker()
+    worker = VerifierWorker()
     try:
         assert worker.verify("x + 1", "1 + x", True, 20.0, None) == "equal"
         original = worker._read_line

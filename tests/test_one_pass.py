@@ -5,9 +5,10 @@ import copy
 import pytest
 import torch
 from peft import LoraConfig
+from testing_utils import tiny_pbsd_config
 from trl import GRPOTrainer
 
-from pbsd_trl import PBSDConfig, PBSDTrainer
+from pbsd_trl import PBSDTrainer
 from pbsd_trl.data.math_task import make_math_dataset
 from pbsd_trl.tiny import build_char_tokenizer, build_random_model
 
@@ -20,23 +21,10 @@ def contains_answer(completions, answer, **kwargs):
 
 
 def make_args(tmp_path, **kwargs):
-    defaults = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=8,
-        num_generations=4,
-        max_completion_length=8,
-        max_steps=2,
-        learning_rate=1e-2,
-        report_to=[],
-        bf16=False,
-        use_cpu=True,
-        save_strategy="no",
-        teacher_prompt_template=TEMPLATE,
-        seed=0,
-        generation_kwargs={"do_sample": False},
+    return tiny_pbsd_config(
+        tmp_path,
+        **{"teacher_prompt_template": TEMPLATE, "max_steps": 2, "generation_kwargs": {"do_sample": False}, **kwargs},
     )
-    defaults.update(kwargs)
-    return PBSDConfig(**defaults)
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,9 @@ import os
 
 import pytest
 import torch
+from testing_utils import tiny_pbsd_config
 
-from pbsd_trl import PBSDConfig, PBSDTrainer
+from pbsd_trl import PBSDTrainer
 from pbsd_trl.data.math_task import make_math_dataset
 from pbsd_trl.pool import (
     POOL_STAMP_FILE,
@@ -30,23 +31,7 @@ def contains_answer(completions, answer, **kwargs):
 
 
 def make_args(tmp_path, **kwargs):
-    defaults = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=8,
-        num_generations=4,
-        max_completion_length=8,
-        max_steps=2,
-        learning_rate=1e-2,
-        logging_steps=1,
-        report_to=[],
-        bf16=False,
-        use_cpu=True,
-        save_strategy="no",
-        teacher_prompt_template=TEMPLATE,
-        seed=0,
-    )
-    defaults.update(kwargs)
-    return PBSDConfig(**defaults)
+    return tiny_pbsd_config(tmp_path / "out", **{"teacher_prompt_template": TEMPLATE, "max_steps": 2, **kwargs})
 
 
 @pytest.fixture(scope="module")

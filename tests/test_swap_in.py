@@ -4,9 +4,10 @@ import copy
 
 import pytest
 import torch
+from testing_utils import tiny_pbsd_config
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-from pbsd_trl import PBSDConfig, PBSDTrainer
+from pbsd_trl import PBSDTrainer
 from pbsd_trl.data.math_task import make_math_dataset
 from pbsd_trl.logprobs import concat_prompt_completion, right_pad_to
 from pbsd_trl.tiny import build_char_tokenizer, build_random_model
@@ -26,23 +27,7 @@ def dataset():
 
 
 def make_args(tmp_path, **kwargs):
-    defaults = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=8,
-        num_generations=4,
-        max_completion_length=8,
-        max_steps=2,
-        learning_rate=1e-2,
-        logging_steps=1,
-        report_to=[],
-        bf16=False,
-        use_cpu=True,
-        save_strategy="no",
-        teacher_prompt_template=TEMPLATE,
-        seed=0,
-    )
-    defaults.update(kwargs)
-    return PBSDConfig(**defaults)
+    return tiny_pbsd_config(tmp_path, **{"teacher_prompt_template": TEMPLATE, "max_steps": 2, **kwargs})
 
 
 def tiny_moe(tokenizer, router_aux_loss_coef=0.5, seed=0):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig
-from testing_utils import save_tiny_model
+from testing_utils import save_tiny_model, tiny_pbsd_config
 from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
@@ -29,23 +29,7 @@ def dataset():
 
 
 def make_args(tmp_path, **kwargs):
-    defaults = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=8,
-        num_generations=4,
-        max_completion_length=8,
-        max_steps=3,
-        learning_rate=1e-2,
-        logging_steps=1,
-        report_to=[],
-        bf16=False,
-        use_cpu=True,
-        save_strategy="no",
-        teacher_prompt_template=TEMPLATE,
-        seed=0,
-    )
-    defaults.update(kwargs)
-    return PBSDConfig(**defaults)
+    return tiny_pbsd_config(tmp_path, **{"teacher_prompt_template": TEMPLATE, **kwargs})
 
 
 def lora():

@@ -3,7 +3,29 @@
 import importlib.util
 from pathlib import Path
 
+from pbsd_trl import PBSDConfig
 from pbsd_trl.tiny import build_random_model
+
+
+TINY_RUN_DEFAULTS = dict(
+    per_device_train_batch_size=8,
+    num_generations=4,
+    max_completion_length=8,
+    max_steps=3,
+    learning_rate=1e-2,
+    logging_steps=1,
+    report_to=[],
+    bf16=False,
+    use_cpu=True,
+    save_strategy="no",
+    seed=0,
+)
+"""A few CPU steps of 2 prompts x 4 samples on a tiny model: what most trainer tests run."""
+
+
+def tiny_pbsd_config(output_dir, **overrides) -> PBSDConfig:
+    """`PBSDConfig` of a short CPU test run into `output_dir`: `TINY_RUN_DEFAULTS` updated with `overrides`."""
+    return PBSDConfig(**{"output_dir": str(output_dir), **TINY_RUN_DEFAULTS, **overrides})
 
 
 def save_tiny_model(path, tokenizer, **model_kwargs) -> str:
