@@ -283,7 +283,8 @@ class PBSDConfig(GRPOConfig):
         self._check_types_and_ranges()
         if self.max_teacher_prompt_length is not None:
             room = self.max_teacher_prompt_length + (self.max_completion_length or 0)
-            if self.use_vllm and self.vllm_max_model_length is not None and room > self.vllm_max_model_length:
+            colocated = self.use_vllm and self.vllm_mode == "colocate"  # a server sets its own length
+            if colocated and self.vllm_max_model_length is not None and room > self.vllm_max_model_length:
                 raise ValueError(
                     f"`max_teacher_prompt_length` ({self.max_teacher_prompt_length}) + `max_completion_length` "
                     f"({self.max_completion_length}) = {room} tokens exceeds `vllm_max_model_length` "
