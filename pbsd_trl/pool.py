@@ -324,12 +324,21 @@ class VLLMSampler:
     """K samples per prompt with vLLM's offline engine (`vllm.LLM`) loaded from the teacher's path.
 
     vLLM only draws the samples; their teacher log-probs are still computed by the HF model (the trainer's scoring
-    function), so that the pool's log-probs and the trainer's agree.
+    function), so that the pool's log-probs and the trainer's agree. `dtype` should be the one the HF model scores in:
+    vLLM's default ("auto") runs a float32 checkpoint in 16 bits, which would sample from a rounded teacher.
     """
 
     name = "vllm"
 
-    def __init__(self, model_name_or_path: str, args, eos_ids, gpu_memory_utilization: float = 0.5, seed: int = 0):
+    def __init__(
+        self,
+        model_name_or_path: str,
+        args,
+        eos_ids,
+        gpu_memory_utilization: float = 0.5,
+        seed: int = 0,
+        dtype: str = "auto",
+    ):
         try:
             from vllm import LLM, SamplingParams
         except ImportError as err:
@@ -343,6 +352,7 @@ class VLLMSampler:
             gpu_memory_utilization=gpu_memory_utilization,
             seed=seed,
             max_model_len=args.vllm_max_model_length,
+            dtype=dtype,
         )
         self._params = lambda n: SamplingParams(
             n=n,
@@ -539,8 +549,15 @@ def build_teacher_pool(
     order = sorted(range(len(mine)), key=lambda i: -len(prompt_ids[i]))
 
     if backend == "vllm":
+        # The engine samples in the precision the teacher is scored in below (bf16 autocast, or the model's dtype)
+        scored_dtype = "bfloat16" if args.bf16 else str(next(model.parameters()).dtype).removeprefix("torch.")
         sampler = VLLMSampler(
-            model_name_or_path or model.config._name_or_path, args, eos_ids, vllm_gpu_memory_utilization, seed
+            model_name_or_path or model.config._name_or_path,
+            args,
+            eos_ids,
+            vllm_gpu_memory_utilization,
+            seed,
+            dtype=scored_dtype,
         )
     else:
         sampler = HFSampler(model, tokenizer, args, eos_ids, device, bf16=bool(args.bf16))

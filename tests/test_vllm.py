@@ -12,9 +12,11 @@ from peft import LoraConfig
 from vllm_support import (
     MAX_MODEL_LEN,
     GenerationRecorder,
+    PoolEngineProbe,
     WeightSyncProbe,
     cpu_engine_patches,
     make_model_dir,
+    reference_logps,
     requires_vllm,
     set_engine_env,
 )
@@ -167,3 +169,139 @@ def test_pbsd_colocate_base_teacher_lora(model_dir, tokenizer, dataset, tmp_path
     # trainer's base weights are untouched (the adapter-disabled model is still the initial model)
     assert (probe.engine[-1] - probe.base[-1]).abs().max().item() > MIN_CHANGE
     assert (probe.base[-1] - probe.base[0]).abs().max().item() < TOLERANCE
+
+
+# ---- the exact base teacher through a teacher pool drawn with vLLM offline ---------------------------------------
+POOL_K = 8  # samples per row: more than the G_T=4 a step takes, so the pool's K is its own number
+# A stored teacher log-prob is a sum over <= 8 tokens of the fused kernel's float32 log-softmax (padded batch);
+# the reference is a plain, unpadded float32 forward with a float64 log-softmax. Per token they differ by float32
+# rounding of the logits (~1e-6 for these ~5-nat values); 1e-4 on the sum leaves a 10x margin over 8 tokens.
+POOL_LOGP_TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def vllm_pool(model_dir, tokenizer, dataset, tmp_path_factory):
+    """The base teacher's pool for `dataset`, drawn with `build_teacher_pool(backend="vllm")` with the settings the
+    training run uses; (pool folder, the engine probe of the build, the HF teacher)."""
+    from transformers import AutoModelForCausalLM
+
+    from pbsd_trl import PBSDConfig
+    from pbsd_trl.pool import build_teacher_pool
+
+    root = tmp_path_factory.mktemp("vllm-pool")
+    pool_dir = str(root / "pool")
+    args = PBSDConfig(**pool_run_args(root / "run", pool_dir))
+    teacher = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    probe = PoolEngineProbe(teacher)
+    with probe.watching():
+        build_teacher_pool(
+            teacher,
+            tokenizer,
+            dataset,
+            pool_dir,
+            args,
+            POOL_K,
+            batch_size=64,  # 8 prompts x K per engine call: two calls for the 16 rows
+            backend="vllm",
+            model_name_or_path=model_dir,
+            progress=False,
+        )
+    return pool_dir, probe, teacher
+
+
+def pool_run_args(tmp_path, pool_dir, **kwargs):
+    return common_args(
+        tmp_path, teacher_prompt_template=TEMPLATE, teacher_model_kind="base", teacher_pool=pool_dir, **kwargs
+    )
+
+
+def test_pbsd_colocate_base_teacher_from_vllm_pool(model_dir, tokenizer, dataset, vllm_pool, tmp_path):
+    from pbsd_trl.pool import load_teacher_pool, row_key
+
+    pool_dir, engine_probe, teacher = vllm_pool
+    pool, stamp = load_teacher_pool(pool_dir)
+    # The stamp: a finished vLLM build of K samples per row, drawn with the run's sampling settings, in float32
+    assert stamp["complete"] and stamp["backend"] == "vllm" and stamp["num_samples"] == POOL_K
+    assert stamp["dtype"] == "torch.float32" and stamp["sampling"]["max_completion_length"] == 8
+    assert stamp["sampling"]["temperature"] == 1.0
+    # Every distinct row of the dataset, once, each with K samples of 1..8 tokens cut after the first EOS
+    keys = [row_key(p, c) for p, c in zip(dataset["prompt"], dataset["privileged_context"], strict=True)]
+    assert sorted(pool["key"]) == sorted(set(keys)) and stamp["rows"] == len(pool) == len(set(keys))
+    eos = tokenizer.eos_token_id
+    teacher_prompts = {}
+    for record in pool:
+        assert keys[record["row"]] == record["key"]
+        assert len(record["completion_ids"]) == len(record["teacher_logps"]) == POOL_K
+        for ids in record["completion_ids"]:
+            assert 1 <= len(ids) <= 8 and eos not in ids[:-1]
+        row = dataset[record["row"]]
+        # The teacher prompt: the template around the user message, then the chat template (as the trainer builds it)
+        (message,) = row["prompt"]
+        text = TEMPLATE.format(prompt=message["content"], privileged_context=row["privileged_context"])
+        messages = [{"role": "user", "content": text}]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+        teacher_prompts[record["key"]] = list(ids["input_ids"])
+        assert record["teacher_prompt_length"] == len(teacher_prompts[record["key"]])
+    # The engine that drew the samples holds the HF teacher's float32 weights (prompt log-probs of prompt + sample)
+    print(f"pool engine vs HF teacher, max |log-prob| gap per checked sample: {max(engine_probe.errors):.2e}")
+    assert engine_probe.batches == 2 and len(engine_probe.errors) == len(pool)
+    assert max(engine_probe.errors) < TOLERANCE
+    # Each stored teacher log-prob is the HF teacher's log-prob of that sample given the teacher prompt
+    gaps = []
+    for record in pool:
+        prompt = teacher_prompts[record["key"]]
+        for ids, stored in zip(record["completion_ids"], record["teacher_logps"], strict=True):
+            expected = reference_logps(teacher, prompt + list(ids))[-len(ids) :].sum().item()
+            gaps.append(abs(stored - expected))
+    print(f"stored vs reference teacher log-prob: max gap {max(gaps):.2e} over {len(gaps)} samples")
+    assert max(gaps) < POOL_LOGP_TOLERANCE
+
+    # Training: vLLM (colocated) draws the student's samples, the pool the exact base teacher's
+    trainer, probe, recorder = pbsd_trainer(
+        model_dir, tokenizer, dataset, tmp_path, teacher_model_kind="base", teacher_pool=pool_dir
+    )
+    stored = {r["key"]: list(zip(map(tuple, r["completion_ids"]), r["teacher_logps"], strict=True)) for r in pool}
+    served = []
+    draw = trainer._teacher_pool.draw
+
+    def recording_draw(keys, positions, groups):
+        ids, logps = draw(keys, positions, groups)
+        served.extend(zip(keys, map(tuple, ids), logps, strict=True))
+        return ids, logps
+
+    trainer._teacher_pool.draw = recording_draw
+    trainer.train()
+    assert trainer.state.global_step == STEPS
+    logs = [entry for entry in trainer.state.log_history if "pbsd/margin" in entry]
+    assert len(logs) == STEPS and all(torch.isfinite(torch.tensor(entry["loss"])) for entry in logs)
+    # vLLM generated the student's samples only: one call per step, no teacher prompt among them
+    assert len(recorder.calls) == STEPS
+    for call in recorder.calls:
+        assert not any("Reference solution" in tokenizer.decode(p) for p in call["prompt_ids"])
+        assert len(call["completion_ids"]) == 8
+    # ...and every teacher row of every step came from the pool: G_T=4 per prompt, 2 prompts per step, each sample and
+    # its log-prob as stored for that prompt, the first visit of a prompt taking its first G_T samples
+    assert len(served) == STEPS * 8
+    for key, ids, logp in served:
+        assert (ids, logp) in stored[key]
+    assert {key: [(i, lp) for k, i, lp in served if k == key][:4] for key, _, _ in served} == {
+        key: stored[key][:4] for key, _, _ in served
+    }
+    check_weight_syncs(trainer, probe)
+    check_sampled_logps(recorder)
+
+
+def test_vllm_trainer_refuses_a_pool_it_cannot_use(model_dir, tokenizer, dataset, vllm_pool, tmp_path):
+    from pbsd_trl.pool import TeacherPoolError
+
+    pool_dir = vllm_pool[0]
+    # Drawn with other sampling settings: refused at construction, naming the field
+    with pytest.raises(TeacherPoolError, match=r"sampling\.temperature: pool 1\.0, this run 0\.7"):
+        pbsd_trainer(
+            model_dir, tokenizer, dataset, tmp_path, teacher_model_kind="base", teacher_pool=pool_dir, temperature=0.7
+        )
+    # With vLLM the base teacher cannot be sampled online, so rows the pool lacks are refused too (without vLLM they
+    # would be sampled online, tests/test_pool.py)
+    more = make_math_dataset("train", n=18, seed=0)
+    with pytest.raises(TeacherPoolError, match=r"no samples for 2 of the 18 rows of train_dataset \(first: row 16\)"):
+        pbsd_trainer(model_dir, tokenizer, more, tmp_path, teacher_model_kind="base", teacher_pool=pool_dir)

@@ -313,3 +313,34 @@ def sampled_logps_error(model, prompt_ids, completion_ids, logprobs) -> float:
             expected = reference_logps(model, list(prompt) + list(completion))[-len(completion) :]
             worst = max(worst, (torch.tensor(sampled, dtype=torch.float64) - expected).abs().max().item())
     return worst
+
+
+class PoolEngineProbe:
+    """While a teacher pool is built with `backend="vllm"`, checks each batch the offline engine samples: for the
+    first sample of every prompt, the gap between the engine's prompt log-probs of (teacher prompt + sample) and
+    `reference`'s (the HF teacher) — the engine that drew the pool holds the teacher's weights at the teacher's
+    precision. Checked inside the build so that no reference to the engine outlives it."""
+
+    def __init__(self, reference):
+        self.reference, self.errors, self.batches = reference, [], 0
+
+    @contextlib.contextmanager
+    def watching(self):
+        from pbsd_trl.pool import VLLMSampler
+
+        sample = VLLMSampler.sample
+
+        def checked_sample(sampler, prompt_ids, num_samples):
+            drawn = sample(sampler, prompt_ids, num_samples)
+            self.batches += 1
+            for prompt, samples in zip(prompt_ids, drawn, strict=True):
+                ids = list(prompt) + list(samples[0])
+                engine = engine_prompt_logps(sampler.llm, ids)
+                self.errors.append((engine - reference_logps(self.reference, ids)).abs().max().item())
+            return drawn
+
+        VLLMSampler.sample = checked_sample
+        try:
+            yield self
+        finally:
+            VLLMSampler.sample = sample
