@@ -22,7 +22,7 @@ Build with [`build_teacher_pool`] or `python -m pbsd_trl.scripts.build_teacher_p
 shard the rows over processes).
 """
 
-from .build import build_teacher_pool, load_teacher_pool
+from .build import build_teacher_pool, default_pool_batch_size, load_teacher_pool
 from .reader import TeacherPool, rows_visited, use_default_pool
 from .sampling import HFSampler, VLLMSampler, cut_after_eos, sequence_logps, teacher_prompt_builder, tokenize_prompts
 from .stamp import (
@@ -50,6 +50,7 @@ __all__ = [
     "VLLMSampler",
     "build_teacher_pool",
     "cut_after_eos",
+    "default_pool_batch_size",
     "eos_token_ids",
     "load_teacher_pool",
     "pool_stamp",

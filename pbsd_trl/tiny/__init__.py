@@ -40,8 +40,15 @@ tokenizer = load_tokenizer(path)
 """
 
 from .model import (
+    ASSISTANT_TOKEN,
+    CHARACTERS,
     CHAT_TEMPLATE,
+    END_TOKEN,
+    PAD_TOKEN,
+    SPECIAL_TOKENS,
     TEST_MODEL_OVERRIDES,
+    UNK_TOKEN,
+    USER_TOKEN,
     build_char_tokenizer,
     build_random_model,
     load_tokenizer,
@@ -62,6 +69,13 @@ from .shipped import (
 
 
 __all__ = [
+    "ASSISTANT_TOKEN",
+    "CHARACTERS",
+    "END_TOKEN",
+    "PAD_TOKEN",
+    "SPECIAL_TOKENS",
+    "UNK_TOKEN",
+    "USER_TOKEN",
     "BASE_MODEL_VERSION",
     "CHAT_TEMPLATE",
     "MANIFEST_FILE",
