@@ -104,3 +104,67 @@ def pyplot():
         print("matplotlib not installed; no plot written")
         return None
     return plt
+
+
+def budgeted_run_settings(
+    output_dir: str,
+    seed: int,
+    prompts_per_step: int,
+    num_generations: int,
+    max_completion_length: int,
+    learning_rate: float,
+) -> dict:
+    """The `GRPOConfig` / `PBSDConfig` fields every method of the learning benchmarks shares: a constant learning
+    rate, sampling at temperature 1, fp32 and no checkpoints; a budget callback stops the run, not `max_steps`."""
+    return dict(
+        output_dir=output_dir,
+        per_device_train_batch_size=prompts_per_step * num_generations,
+        num_generations=num_generations,
+        gradient_accumulation_steps=1,
+        max_completion_length=max_completion_length,
+        learning_rate=learning_rate,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        temperature=1.0,
+        max_steps=100_000,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=seed,
+        use_cpu=not torch.cuda.is_available(),
+        bf16=False,
+        disable_tqdm=True,
+        gradient_checkpointing=False,
+    )
+
+
+def quiet_training_logs(num_threads: int) -> None:
+    """Sets the torch thread count and silences the libraries' per-step logs and warnings, which would bury the
+    benchmarks' progress bars (hundreds of runs, each warning once)."""
+    import logging
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    torch.set_num_threads(num_threads)
+    for name in ("transformers", "trl", "pbsd_trl"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    hf_logging.set_verbosity_error()
+
+
+def smoke_base_model(task: str, output_dir) -> str:
+    """A 20-step warm start of the test-size model, cached under `output_dir`: what the benchmarks' `--quick` smoke
+    runs train, so that a smoke run never builds (or needs) the real base model."""
+    from pathlib import Path
+
+    from pbsd_trl.tiny import TEST_MODEL_OVERRIDES, get_base_model
+
+    return get_base_model(
+        task,
+        cache_dir=Path(output_dir) / "base_model",
+        steps=20,
+        batch_size=8,
+        model_overrides=TEST_MODEL_OVERRIDES,
+        progress_bar=False,
+    )

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import os
 import shlex
@@ -52,8 +51,8 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
+from bench_utils import budgeted_run_settings, pyplot, quiet_training_logs, smoke_base_model
 from bench_utils import machine_description as _machine_description  # noqa: E402
-from bench_utils import pyplot
 
 from pbsd_trl.rewards import math_accuracy_reward  # noqa: E402
 
@@ -225,25 +224,13 @@ def make_budget_callback(*, method, per_step, budget, eval_every, stop_at, evalu
 
 
 def common_settings(args, seed: int, output_dir: str) -> dict:
-    return dict(
-        output_dir=output_dir,
-        per_device_train_batch_size=args.prompts_per_step * args.num_generations,
-        num_generations=args.num_generations,
-        gradient_accumulation_steps=1,
-        max_completion_length=args.max_completion_length,
-        learning_rate=args.learning_rate,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        temperature=1.0,
-        max_steps=100_000,  # runs are stopped by the token budget
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        seed=seed,
-        use_cpu=not torch.cuda.is_available(),
-        bf16=False,
-        disable_tqdm=True,
-        gradient_checkpointing=False,
+    return budgeted_run_settings(
+        output_dir,
+        seed,
+        args.prompts_per_step,
+        args.num_generations,
+        args.max_completion_length,
+        args.learning_rate,
     )
 
 
@@ -315,16 +302,7 @@ class Context:
 
         self.args = args
         if args.quick:  # a few warm-start steps of a test-size model: the smoke run must not build the real one
-            from pbsd_trl.tiny import TEST_MODEL_OVERRIDES
-
-            self.model_path = get_base_model(
-                "math",
-                cache_dir=Path(args.output_dir) / "base_model",
-                steps=20,
-                batch_size=8,
-                model_overrides=TEST_MODEL_OVERRIDES,
-                progress_bar=False,
-            )
+            self.model_path = smoke_base_model("math", args.output_dir)
         else:
             self.model_path = get_base_model("math")
         self.load = lambda: load_model_and_tokenizer(self.model_path)
@@ -654,24 +632,16 @@ def plot(payload: dict, out_dir: Path) -> dict:
             continue
         r = long[0]
         b0 = base_by_seed.get(r["seed"], base_mean)
-        axes[0].plot(
-            [0] + [p["tokens"] for p in r["points"]],
-            [b0] + [p["avg_at_8"] for p in r["points"]],
-            marker="o",
-            ms=3,
-            color=COLORS[method],
-            ls=LINESTYLES.get(method, "-"),
-            label=method,
-        )
-        axes[1].plot(
-            [0] + [p["step"] for p in r["points"]],
-            [b0] + [p["avg_at_8"] for p in r["points"]],
-            marker="o",
-            ms=3,
-            color=COLORS[method],
-            ls=LINESTYLES.get(method, "-"),
-            label=method,
-        )
+        for ax, x in zip(axes, ("tokens", "step"), strict=True):
+            ax.plot(
+                [0] + [p[x] for p in r["points"]],
+                [b0] + [p["avg_at_8"] for p in r["points"]],
+                marker="o",
+                ms=3,
+                color=COLORS[method],
+                ls=LINESTYLES.get(method, "-"),
+                label=method,
+            )
     axes[0].axvline(budget, color="k", linestyle="--", linewidth=1, alpha=0.6)
     axes[0].set_xlabel("generated completion tokens")
     axes[1].set_xlabel("optimizer steps")
@@ -744,14 +714,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    torch.set_num_threads(args.num_threads)
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    logging.getLogger("trl").setLevel(logging.ERROR)
-    logging.getLogger("pbsd_trl").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
+    quiet_training_logs(args.num_threads)
 
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

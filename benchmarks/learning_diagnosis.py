@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import os
 import shlex
@@ -36,7 +35,6 @@ import statistics
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 
@@ -49,6 +47,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_utils import quiet_training_logs, smoke_base_model  # noqa: E402
 from learning import machine_description  # noqa: E402
 from learning_tuned import (  # noqa: E402
     EXAMPLE_MAX_COMPLETION_LENGTH,
@@ -482,30 +481,15 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    torch.set_num_threads(args.num_threads)
-    for name in ("transformers", "trl", "pbsd_trl"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
-    from transformers.utils import logging as hf_logging
-
+    quiet_training_logs(args.num_threads)
     from pbsd_trl.data.tasks import TASKS
     from pbsd_trl.models import load_model_and_tokenizer
     from pbsd_trl.tiny import get_base_model
 
-    hf_logging.set_verbosity_error()
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.quick:
-        from pbsd_trl.tiny import TEST_MODEL_OVERRIDES
-
-        model_path = get_base_model(
-            "math",
-            cache_dir=out_dir / "base_model",
-            steps=20,
-            batch_size=8,
-            model_overrides=TEST_MODEL_OVERRIDES,
-            progress_bar=False,
-        )
+        model_path = smoke_base_model("math", out_dir)
     else:
         model_path = get_base_model("math")
     spec_task = TASKS["math"]

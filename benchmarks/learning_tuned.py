@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import logging
 import math
 import os
 import shlex
@@ -60,13 +59,12 @@ from pathlib import Path
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import torch  # noqa: E402
-
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+from bench_utils import budgeted_run_settings, quiet_training_logs, smoke_base_model  # noqa: E402
 from learning import machine_description, mean_std, verdict, welch  # noqa: E402
 
 
@@ -375,25 +373,13 @@ def build_trainer(
 
     spec = TASKS[task]
     config = dict(config)
-    common = dict(
-        output_dir=output_dir,
-        per_device_train_batch_size=settings["prompts_per_step"] * settings["num_generations"],
-        num_generations=settings["num_generations"],
-        gradient_accumulation_steps=1,
-        max_completion_length=settings["max_completion_length"],
-        learning_rate=config.pop("learning_rate"),
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        temperature=1.0,
-        max_steps=100_000,  # runs are stopped by the budget callback
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        seed=seed,
-        use_cpu=not torch.cuda.is_available(),
-        bf16=False,
-        disable_tqdm=True,
-        gradient_checkpointing=False,
+    common = budgeted_run_settings(
+        output_dir,
+        seed,
+        settings["prompts_per_step"],
+        settings["num_generations"],
+        settings["max_completion_length"],
+        config.pop("learning_rate"),
     )
     fields = {**METHOD_FIXED[method], **config}
     with warnings.catch_warnings():
@@ -458,16 +444,7 @@ class TaskContext:
         self.spec = TASKS[task]
         self.args = args
         if args.quick:  # a few warm-start steps of a test-size model: the smoke run must not build the real one
-            from pbsd_trl.tiny import TEST_MODEL_OVERRIDES
-
-            self.model_path = get_base_model(
-                task,
-                cache_dir=Path(args.output_dir) / "base_model",
-                steps=20,
-                batch_size=8,
-                model_overrides=TEST_MODEL_OVERRIDES,
-                progress_bar=False,
-            )
+            self.model_path = smoke_base_model(task, args.output_dir)
         else:
             self.model_path = get_base_model(task)
         self.model_id = model_identity(self.model_path)
@@ -1223,13 +1200,7 @@ def _without_history(obj):
 
 def main(argv=None):
     args = parse_args(argv)
-    torch.set_num_threads(args.num_threads)
-    for name in ("transformers", "trl", "pbsd_trl"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
+    quiet_training_logs(args.num_threads)
     out_dir = Path(args.output_dir)
     cache = RunCache(Path(args.cache_dir))
     if args.plan:

@@ -483,9 +483,11 @@ class Contender:
 
 
 # ----------------------------------------------------------------------------------------------------------- harness
-def build_pool(model, tokenizer, dataset, spec, pool_dir, batch_size=256):
+def build_pool(model, tokenizer, dataset, spec, pool_dir, batch_size=None):
     """Build the contenders' teacher pool once, timed: seconds on both clocks and generated tokens per second."""
-    from pbsd_trl.pool import build_teacher_pool
+    from pbsd_trl.pool import build_teacher_pool, default_pool_batch_size
+
+    batch_size = batch_size or max(POOL_SAMPLES, default_pool_batch_size(next(model.parameters()).device))
 
     gc.collect()
     start = _now()

@@ -1,8 +1,8 @@
 """PBSD on math: evaluate, train, evaluate, report.
 
 With no arguments it runs on a laptop CPU in minutes, offline: the built-in tiny base model
-(`pbsd_trl.tiny.get_base_model("math")`, a ~1M-parameter character-level Qwen2 warm-started on arithmetic; built once
-and cached in ~/.cache/pbsd_trl, the first build takes about 8 minutes on 2 CPU cores) on the built-in synthetic arithmetic task
+(`pbsd_trl.tiny.get_base_model("math")`, a ~1M-parameter character-level Qwen2 warm-started on arithmetic, shipped in the
+package and checksummed; `--build_base_model` builds it from scratch instead) on the built-in synthetic arithmetic task
 (`pbsd_trl.data.math_task`: the privileged context is a step-by-step reference solution). It evaluates student Avg@8
 and teacher-with-solution Avg@8 on the 200 held-out problems, trains with PBSD, evaluates again, prints a
 before/after table and writes `results.json`, `results.md` and `training_curves.png` into the output directory

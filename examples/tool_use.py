@@ -1,7 +1,7 @@
 """PBSD on ReAct tool use: evaluate, train, evaluate, report.
 
 With no arguments it runs on a laptop CPU in minutes, offline: the built-in tiny base model
-(`pbsd_trl.tiny.get_base_model("tool_use")`, built once and cached in ~/.cache/pbsd_trl) on the built-in synthetic
+(`pbsd_trl.tiny.get_base_model("tool_use")`, shipped in the package and checksummed) on the built-in synthetic
 tool-use task (`pbsd_trl.data.tool_task`, SDFT's ToolAlpaca format: the student sees tool names and a question, the
 privileged context holds the tool's documentation and a demonstration). The reward is `tool_call_reward` (same
 actions and same merged arguments as the `golden_answer`). It reports tool-call accuracy (Avg@8) of the student and

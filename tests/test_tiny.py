@@ -14,6 +14,8 @@ from pbsd_trl.tiny import (
     build_random_model,
     get_base_model,
     load_tokenizer,
+    sft,
+    shipped,
     tiny_model_config,
     warm_start,
 )
@@ -110,8 +112,8 @@ def test_warm_start_learns(task):
         callback=lambda step, model, tokenizer: steps_seen.append(step),
     )
     assert steps_seen == list(range(1, 13)) and not model.training
-    rows = tiny._task_sampler(task, random.Random(0), "medium")(8)
-    input_ids, labels = tiny._sft_batch(tok, [r[0] for r in rows], [r[2] for r in rows])
+    rows = sft._task_sampler(task, random.Random(0), "medium")(8)
+    input_ids, labels = sft._sft_batch(tok, [r[0] for r in rows], [r[2] for r in rows])
     assert input_ids.shape[1] % 16 == 0
     assert (labels != -100).sum() == sum(len(r[2]) + 1 for r in rows)  # completion + <|end|> only
     untrained = build_random_model(tok, size="base", **tiny.TEST_MODEL_OVERRIDES)
@@ -141,7 +143,7 @@ def test_get_base_model_builds_once_and_caches(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the cached model must be reused")
 
-    monkeypatch.setattr(tiny, "warm_start", fail)
+    monkeypatch.setattr(shipped, "warm_start", fail)
     assert get_base_model("math", **kwargs) == path
     # a different recipe is a different cache entry; an interrupted build leaves nothing behind
     with pytest.raises(AssertionError):
@@ -173,7 +175,7 @@ def test_shipped_base_model_matches_its_checksums_and_loads(task, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the default recipe must load the shipped copy, not build")
 
-    monkeypatch.setattr(tiny, "warm_start", fail)
+    monkeypatch.setattr(shipped, "warm_start", fail)
     path = get_base_model(task)
     assert os.path.dirname(path) == str(tiny.SHIPPED_BASE_MODELS_DIR)
     manifest = tiny.verify_base_model(path)
@@ -181,7 +183,7 @@ def test_shipped_base_model_matches_its_checksums_and_loads(task, monkeypatch):
     assert manifest["task"] == task and manifest["steps"] == tiny.DEFAULT_WARM_START_STEPS[task]
     assert manifest["version"] == tiny.BASE_MODEL_VERSION
     # the recorded recipe is the one the code would build now (so a rebuild reproduces the shipped model's recipe)
-    spec = tiny._base_model_spec(task, tiny.DEFAULT_WARM_START_STEPS[task], 0, {})
+    spec = shipped._base_model_spec(task, tiny.DEFAULT_WARM_START_STEPS[task], 0, {})
     assert {key: manifest[key] for key in spec} == json.loads(json.dumps(spec, default=str))
     model = AutoModelForCausalLM.from_pretrained(path)
     tokenizer = load_tokenizer(path)
@@ -189,8 +191,8 @@ def test_shipped_base_model_matches_its_checksums_and_loads(task, monkeypatch):
     assert tokenizer.padding_side == "left" and tokenizer.eos_token == "<|end|>"
     assert model.num_parameters() > 1_000_000
     # the shipped weights are warm-started, not random: far lower loss on the task's own format than at init
-    rows = tiny._task_sampler(task, random.Random(1), "medium")(16)
-    input_ids, labels = tiny._sft_batch(tokenizer, [r[0] for r in rows], [r[2] for r in rows])
+    rows = sft._task_sampler(task, random.Random(1), "medium")(16)
+    input_ids, labels = sft._sft_batch(tokenizer, [r[0] for r in rows], [r[2] for r in rows])
     untrained = build_random_model(tokenizer, size="base")
     with torch.no_grad():
         assert (
@@ -217,11 +219,11 @@ def test_base_model_checksum_errors_name_the_file(tmp_path):
 
 
 def test_shipped_base_model_is_checked_on_load(tmp_path, monkeypatch):
-    shipped = tmp_path / "base_models"
-    shutil.copytree(tiny.SHIPPED_BASE_MODELS_DIR / "tool_use", shipped / "tool_use")
-    monkeypatch.setattr(tiny, "SHIPPED_BASE_MODELS_DIR", shipped)
-    assert get_base_model("tool_use") == str(shipped / "tool_use")
-    with open(shipped / "tool_use" / "config.json", "a") as f:
+    shipped_dir = tmp_path / "base_models"
+    shutil.copytree(tiny.SHIPPED_BASE_MODELS_DIR / "tool_use", shipped_dir / "tool_use")
+    monkeypatch.setattr(shipped, "SHIPPED_BASE_MODELS_DIR", shipped_dir)
+    assert get_base_model("tool_use") == str(shipped_dir / "tool_use")
+    with open(shipped_dir / "tool_use" / "config.json", "a") as f:
         f.write(" ")
     with pytest.raises(tiny.BaseModelChecksumError, match=r"config\.json does not match") as err:
         get_base_model("tool_use")
@@ -236,7 +238,7 @@ def test_build_flag_bypasses_the_shipped_copy(tmp_path, monkeypatch):
         build_char_tokenizer().save_pretrained(output_dir)
         build_random_model(size="test").save_pretrained(output_dir)
 
-    monkeypatch.setattr(tiny, "warm_start", fake_warm_start)
+    monkeypatch.setattr(shipped, "warm_start", fake_warm_start)
     path = get_base_model("math", cache_dir=tmp_path, build=True, progress_bar=False)
     assert calls == [("math", tiny.DEFAULT_WARM_START_STEPS["math"], 0)]
     assert os.path.dirname(path) == str(tmp_path)
@@ -272,15 +274,15 @@ def test_rebuild_with_the_committed_command_has_the_documented_quality(tmp_path)
     ]
     subprocess.run(command, check=True, timeout=1800, env=dict(os.environ, TQDM_DISABLE="1"))
     manifest = tiny.verify_base_model(output)
-    shipped = tiny.verify_base_model(tiny.SHIPPED_BASE_MODELS_DIR / "tool_use")
-    assert set(manifest["sha256"]) == set(shipped["sha256"])
+    shipped_manifest = tiny.verify_base_model(tiny.SHIPPED_BASE_MODELS_DIR / "tool_use")
+    assert set(manifest["sha256"]) == set(shipped_manifest["sha256"])
     spec_keys = ("version", "task", "steps", "seed", "vocab", "special_tokens", "config", "warm_start")
-    assert {key: manifest[key] for key in spec_keys} == {key: shipped[key] for key in spec_keys}
+    assert {key: manifest[key] for key in spec_keys} == {key: shipped_manifest[key] for key in spec_keys}
     quality = manifest["quality"]
-    print(quality, "shipped:", shipped["quality"])
+    print(quality, "shipped:", shipped_manifest["quality"])
     # documented band (`DEFAULT_WARM_START_STEPS`: shipped copy student 0.29, teacher 0.35): a warm-started model that
     # answers part of the held-out problems, not a random one (0) nor a memorizer (1), and a teacher at least as good
-    for quality in (manifest["quality"], shipped["quality"]):
+    for quality in (manifest["quality"], shipped_manifest["quality"]):
         assert 0.1 <= quality["student_avg_at_4"] <= 0.6
         assert 0.15 <= quality["teacher_avg_at_4"] <= 0.8
         assert quality["teacher_avg_at_4"] >= quality["student_avg_at_4"] - 0.05

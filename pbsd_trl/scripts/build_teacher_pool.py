@@ -23,7 +23,10 @@ from dataclasses import dataclass, field
 class PoolArguments:
     pool_dir: str = field(metadata={"help": "Folder of the pool (created; resumed when it exists)."})
     num_samples: int = field(default=8, metadata={"help": "K: teacher samples per row (>= num_teacher_generations)."})
-    batch_size: int = field(default=256, metadata={"help": "Completions per generate call (rows x K)."})
+    batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Completions per generate call (rows x K); default 64 on CPU, 256 on a GPU."},
+    )
     backend: str = field(default="hf", metadata={"help": "'hf' (transformers generate) or 'vllm' (offline vllm.LLM)."})
     task: str = field(default="math", metadata={"help": "Built-in task whose defaults, model and dataset apply."})
     model_name_or_path: str | None = field(default=None, metadata={"help": "Teacher model (default: built-in)."})

@@ -1,0 +1,210 @@
+"""The teacher's prompts, its samples (Hugging Face `generate` or vLLM) and their teacher log-probs."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import torch
+
+
+# ---- prompts ----------------------------------------------------------------------------------------------------
+def tokenize_prompts(tokenizer, prompts: list, chat_template_kwargs: dict | None = None) -> list[list[int]]:
+    """Prompt ids as GRPOTrainer tokenizes text prompts (chat template with the generation prompt, or plain text)."""
+    from trl.data_utils import is_conversational
+
+    if not prompts:
+        return []
+    if is_conversational({"prompt": prompts[0]}):
+        out = tokenizer.apply_chat_template(
+            conversation=prompts,
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            **(chat_template_kwargs or {}),
+        )
+        return [list(ids) for ids in out["input_ids"]]
+    return [list(ids) for ids in tokenizer(text=prompts)["input_ids"]]
+
+
+def teacher_prompt_builder(tokenizer, args):
+    """The trainer's [`TeacherPromptBuilder`] for `args`, tokenizing as GRPOTrainer does."""
+    from ..teacher import TeacherPromptBuilder
+
+    kwargs = args.chat_template_kwargs or {}
+    return TeacherPromptBuilder(
+        template=args.teacher_prompt_template,
+        column=args.privileged_context_column,
+        allow_empty=args.allow_empty_privileged_context,
+        max_length=args.max_teacher_prompt_length,
+        count_tokens=lambda prompts: [len(ids) for ids in tokenize_prompts(tokenizer, prompts, kwargs)],
+        encode=lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],
+        decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=False),
+    )
+
+
+# ---- sampling and scoring ---------------------------------------------------------------------------------------
+def cut_after_eos(ids: Sequence[int], eos_ids: Sequence[int]) -> list[int]:
+    """Tokens up to and including the first EOS (GRPO's completion mask), as a list."""
+    out = []
+    for token in ids:
+        out.append(int(token))
+        if token in eos_ids:
+            break
+    return out
+
+
+def _left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        if s:
+            ids[i, width - len(s) :] = torch.tensor(s)
+            mask[i, width - len(s) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _right_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(1, max(len(s) for s in sequences))
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        if s:
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _autocast(device, bf16: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+@torch.no_grad()
+def sequence_logps(
+    model,
+    prompt_ids: list[list[int]],
+    completion_ids: list[list[int]],
+    temperature: float,
+    pad_id: int,
+    device,
+    bf16: bool = False,
+) -> list[float]:
+    """Sum over each completion of `log softmax(logits / temperature)` at its tokens, given its prompt.
+
+    The same computation as the trainer's teacher scoring with pbsd-trl's fused kernel (`[left-padded prompt ;
+    right-padded completion]`, hidden states through the LM head in fp32 without `[tokens, vocab]` logits).
+    """
+    from ..logprobs import concat_prompt_completion, head_logit_transform
+    from ..ops import fused_logprobs
+
+    p_ids, p_mask = _left_pad(prompt_ids, pad_id, device)
+    c_ids, c_mask = _right_pad(completion_ids, pad_id, device)
+    input_ids, attention_mask, labels = concat_prompt_completion(p_ids, p_mask, c_ids, c_mask)
+    backbone = model.get_base_model().base_model if hasattr(model, "peft_config") else model.base_model
+    head = model.get_output_embeddings()
+    with _autocast(device, bf16):
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+    with maybe_gather_lm_head_ctx(head.weight, head.bias):
+        softcap, logit_scale = head_logit_transform(model)
+        logps = fused_logprobs(
+            hidden[:, :-1].to(head.weight.device),
+            head.weight,
+            labels[:, 1:].to(head.weight.device),
+            temperature=temperature,
+            bias=head.bias,
+            softcap=softcap,
+            logit_scale=logit_scale,
+        )
+    return logps.sum(-1).tolist()
+
+
+class HFSampler:
+    """K samples per prompt with `model.generate`, GRPOTrainer's generation config, left-padded batches."""
+
+    name = "hf"
+
+    def __init__(self, model, tokenizer, args, eos_ids, device, bf16=False):
+        from transformers import GenerationConfig
+
+        self.model, self.tokenizer, self.device, self.bf16 = model, tokenizer, device, bf16
+        kwargs = {
+            "max_new_tokens": args.max_completion_length,
+            "do_sample": True,
+            "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": list(eos_ids),
+            "temperature": args.temperature,
+            "top_p": args.top_p,
+            "top_k": args.top_k,
+            "min_p": args.min_p,
+            "repetition_penalty": args.repetition_penalty,
+            "cache_implementation": args.cache_implementation,
+        }
+        kwargs.update(args.generation_kwargs or {})
+        self.generation_config = GenerationConfig(**kwargs, disable_compile=True)
+
+    @torch.no_grad()
+    def sample(self, prompt_ids: list[list[int]], num_samples: int) -> list[list[list[int]]]:
+        rows = [ids for ids in prompt_ids for _ in range(num_samples)]
+        input_ids, attention_mask = _left_pad(rows, self.tokenizer.pad_token_id, self.device)
+        with _autocast(self.device, self.bf16):
+            out = self.model.generate(
+                input_ids=input_ids, attention_mask=attention_mask, generation_config=self.generation_config
+            )
+        completions = out[:, input_ids.size(1) :].tolist()
+        return [completions[i * num_samples : (i + 1) * num_samples] for i in range(len(prompt_ids))]
+
+
+class VLLMSampler:
+    """K samples per prompt with vLLM's offline engine (`vllm.LLM`) loaded from the teacher's path.
+
+    vLLM only draws the samples; their teacher log-probs are still computed by the HF model (the trainer's scoring
+    function), so that the pool's log-probs and the trainer's agree. `dtype` should be the one the HF model scores in:
+    vLLM's default ("auto") runs a float32 checkpoint in 16 bits, which would sample from a rounded teacher.
+    """
+
+    name = "vllm"
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        args,
+        eos_ids,
+        gpu_memory_utilization: float = 0.5,
+        seed: int = 0,
+        dtype: str = "auto",
+    ):
+        try:
+            from vllm import LLM, SamplingParams
+        except ImportError as err:
+            raise ImportError("backend='vllm' needs vLLM: `pip install vllm` (or use backend='hf').") from err
+        if args.generation_kwargs:
+            raise ValueError(
+                f"backend='vllm' does not translate `generation_kwargs` {args.generation_kwargs}; use 'hf'."
+            )
+        self.llm = LLM(
+            model=model_name_or_path,
+            gpu_memory_utilization=gpu_memory_utilization,
+            seed=seed,
+            max_model_len=args.vllm_max_model_length,
+            dtype=dtype,
+        )
+        self._params = lambda n: SamplingParams(
+            n=n,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k or -1,
+            min_p=args.min_p or 0.0,
+            repetition_penalty=args.repetition_penalty,
+            max_tokens=args.max_completion_length,
+            stop_token_ids=list(eos_ids),
+            ignore_eos=False,
+        )
+
+    def sample(self, prompt_ids: list[list[int]], num_samples: int) -> list[list[list[int]]]:
+        prompts = [{"prompt_token_ids": ids} for ids in prompt_ids]
+        outputs = self.llm.generate(prompts, self._params(num_samples), use_tqdm=False)
+        return [[list(c.token_ids) for c in out.outputs] for out in outputs]

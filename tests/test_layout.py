@@ -1,0 +1,78 @@
+"""The package's shape: small modules with one job each, and an import graph without a circle (a circle makes the
+import order matter, and an import inside a function is how one hides; both count here)."""
+
+import ast
+from pathlib import Path
+
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+MAX_MODULE_LINES = 500
+LONGER_ALLOWED = {"pbsd_trl.trainer"}  # GRPOTrainer's overrides live in one class, as TRL's own trainers do
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE_ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(p): p for p in sorted((PACKAGE_ROOT / "pbsd_trl").rglob("*.py"))}
+
+
+def imported_modules(name: str, path: Path) -> set[str]:
+    """Every pbsd_trl module `name` imports, at module level or inside a function."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1])
+                base = f"{base}.{node.module}" if node.module else base
+            else:
+                base = node.module or ""
+            for alias in node.names:
+                found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base)
+    return {module for module in found if module in MODULES and module != name}
+
+
+def find_circle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, str] = {}
+    stack: list[str] = []
+
+    def visit(module):
+        state[module] = "open"
+        stack.append(module)
+        for dependency in sorted(graph[module]):
+            if state.get(dependency) == "open":
+                return stack[stack.index(dependency) :] + [dependency]
+            if dependency not in state and (circle := visit(dependency)):
+                return circle
+        stack.pop()
+        state[module] = "done"
+        return None
+
+    for module in sorted(graph):
+        if module not in state and (circle := visit(module)):
+            return circle
+    return None
+
+
+def test_the_circle_finder_finds_a_circle():
+    assert find_circle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert find_circle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_the_import_graph_has_no_circle():
+    graph = {name: imported_modules(name, path) for name, path in MODULES.items()}
+    assert graph["pbsd_trl.trainer"], "the import scan found nothing: it is broken"
+    assert find_circle(graph) is None, " -> ".join(find_circle(graph))
+
+
+def test_modules_stay_small():
+    lengths = {
+        name: len(path.read_text().splitlines()) for name, path in MODULES.items() if name not in LONGER_ALLOWED
+    }
+    assert len(lengths) > 40, "the module scan found too few modules: it is broken"
+    too_long = {name: n for name, n in lengths.items() if n > MAX_MODULE_LINES}
+    assert not too_long, f"split these by job: {too_long}"
