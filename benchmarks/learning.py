@@ -241,18 +241,6 @@ def build_trainer(method: str, args, model, tokenizer, train_dataset, seed: int,
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=UserWarning)
-        if method == "GRPO":
-            from trl import GRPOConfig, GRPOTrainer
-
-            config = GRPOConfig(**common, pad_to_multiple_of=16)
-            return GRPOTrainer(
-                model=model,
-                reward_funcs=[math_accuracy_reward],
-                args=config,
-                train_dataset=train_dataset,
-                processing_class=tokenizer,
-                callbacks=[callback],
-            )
         if method in ("OPSD", "SDFT"):
             from trl.experimental.sdft import SDFTConfig, SDFTTrainer
 
@@ -267,18 +255,24 @@ def build_trainer(method: str, args, model, tokenizer, train_dataset, seed: int,
                 processing_class=tokenizer,
                 callbacks=[callback],
             )
-        if method in PBSD_METHODS:
+        if method == "GRPO" or method in PBSD_METHODS:
+            from trl import GRPOConfig, GRPOTrainer
+
             from pbsd_trl import PBSDConfig, PBSDTrainer
 
-            config = PBSDConfig(
-                **common,
-                pad_to_multiple_of=16,
-                pbsd_beta=args.pbsd_beta,
-                pair_labels="role" if method == "PBSD-role" else "reward",
-                teacher_model_kind="base",
-                teacher_prompt_template=MATH_TEACHER_TEMPLATE,
-            )
-            return PBSDTrainer(
+            if method == "GRPO":
+                trainer_class, config = GRPOTrainer, GRPOConfig(**common, pad_to_multiple_of=16)
+            else:
+                trainer_class = PBSDTrainer
+                config = PBSDConfig(
+                    **common,
+                    pad_to_multiple_of=16,
+                    pbsd_beta=args.pbsd_beta,
+                    pair_labels="role" if method == "PBSD-role" else "reward",
+                    teacher_model_kind="base",
+                    teacher_prompt_template=MATH_TEACHER_TEMPLATE,
+                )
+            return trainer_class(
                 model=model,
                 reward_funcs=[math_accuracy_reward],
                 args=config,

@@ -93,6 +93,14 @@ HISTORY = (
     "pbsd/tie_frac",
 )
 PROBE_SETS = ("student_correct", "student_wrong", "teacher")
+EARLY_LATE_METRICS = (  # the PBSD metrics the report compares between the first and the last 5 steps
+    "pbsd/margin",
+    "pbsd/preference_accuracy",
+    "pbsd/log_ratio_teacher_samples",
+    "pbsd/log_ratio_student_samples",
+    "pbsd/label_flipped_frac",
+    "pbsd/label_dropped_frac",
+)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -295,14 +303,7 @@ def summarize(record: dict, steps: int) -> dict:
         },
         "probe_n": {name: base[name]["n"] for name in PROBE_SETS},
     }
-    for key in (
-        "pbsd/margin",
-        "pbsd/preference_accuracy",
-        "pbsd/log_ratio_teacher_samples",
-        "pbsd/log_ratio_student_samples",
-        "pbsd/label_flipped_frac",
-        "pbsd/label_dropped_frac",
-    ):
+    for key in EARLY_LATE_METRICS:
         out[key] = (_window_mean(h, key, 1, 5), _window_mean(h, key, steps - 4, steps))
     return out
 
@@ -378,17 +379,7 @@ def write_report(path: Path, payload: dict, plot_path: Path | None) -> None:
     for name, s in payload["summaries"].items():
         if VARIANTS[name][0] != "PBSD":
             continue
-        cells = [
-            f"{_f(s[k][0], 2)} → {_f(s[k][1], 2)}"
-            for k in (
-                "pbsd/margin",
-                "pbsd/preference_accuracy",
-                "pbsd/log_ratio_teacher_samples",
-                "pbsd/log_ratio_student_samples",
-                "pbsd/label_flipped_frac",
-                "pbsd/label_dropped_frac",
-            )
-        ]
+        cells = [f"{_f(s[k][0], 2)} → {_f(s[k][1], 2)}" for k in EARLY_LATE_METRICS]
         lines.append(f"| {LABELS[name]} | {' | '.join(cells)} |")
     lines.append("")
     if plot_path:

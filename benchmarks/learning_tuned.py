@@ -385,18 +385,6 @@ def build_trainer(
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=UserWarning)
-        if method == "GRPO":
-            from trl import GRPOConfig, GRPOTrainer
-
-            args = GRPOConfig(**common, pad_to_multiple_of=16, **fields)
-            return GRPOTrainer(
-                model=model,
-                reward_funcs=list(spec.reward_funcs),
-                args=args,
-                train_dataset=train_dataset,
-                processing_class=tokenizer,
-                callbacks=callbacks,
-            )
         if method in ("OPSD", "SDFT"):
             from trl.experimental.sdft import SDFTConfig, SDFTTrainer
 
@@ -404,13 +392,19 @@ def build_trainer(
             return SDFTTrainer(
                 model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer, callbacks=callbacks
             )
-        if method == "PBSD":
+        if method in ("GRPO", "PBSD"):
+            from trl import GRPOConfig, GRPOTrainer
+
             from pbsd_trl import PBSDConfig, PBSDTrainer
 
-            args = PBSDConfig(
-                **common, pad_to_multiple_of=16, teacher_prompt_template=spec.teacher_prompt_template, **fields
-            )
-            return PBSDTrainer(
+            if method == "GRPO":
+                trainer_class, args = GRPOTrainer, GRPOConfig(**common, pad_to_multiple_of=16, **fields)
+            else:
+                trainer_class = PBSDTrainer
+                args = PBSDConfig(
+                    **common, pad_to_multiple_of=16, teacher_prompt_template=spec.teacher_prompt_template, **fields
+                )
+            return trainer_class(
                 model=model,
                 reward_funcs=list(spec.reward_funcs),
                 args=args,
