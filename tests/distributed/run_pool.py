@@ -32,6 +32,9 @@ def main():
         per_device_train_batch_size=2,
         max_completion_length=6,
         use_cpu=True,
+        # fp32: GRPOConfig's bf16 default autocasts on CPU too, and torch's bf16 CPU attention fails under
+        # ATEN_CPU_CAPABILITY=avx2 on an AMX machine ("pack_vnni2 is only supported when avx512 is supported")
+        bf16=False,
         report_to=[],
         teacher_prompt_template="{prompt} Ref: {privileged_context}",
     )
