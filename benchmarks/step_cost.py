@@ -487,7 +487,7 @@ def build_pool(model, tokenizer, dataset, spec, pool_dir, batch_size=None):
     """Build the contenders' teacher pool once, timed: seconds on both clocks and generated tokens per second."""
     from pbsd_trl.pool import build_teacher_pool, default_pool_batch_size
 
-    batch_size = batch_size or max(POOL_SAMPLES, default_pool_batch_size(next(model.parameters()).device))
+    batch_size = batch_size or default_pool_batch_size(next(model.parameters()).device, POOL_SAMPLES)
 
     gc.collect()
     start = _now()

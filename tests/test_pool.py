@@ -311,3 +311,11 @@ def test_default_pool_is_not_used_for_a_moving_teacher(tmp_path, model, tokenize
     messages = []
     assert use_default_pool(trainer, dataset, say=messages.append) is None
     assert "drawn in every step (teacher_model_kind='live' changes during training)" in messages[0]
+
+
+def test_default_pool_batch_size_by_device():
+    from pbsd_trl.pool import default_pool_batch_size
+
+    assert default_pool_batch_size("cpu") == 64
+    assert default_pool_batch_size(torch.device("cuda")) == 256
+    assert default_pool_batch_size("cpu", num_samples=100) == 100  # one row's K samples always fit a call

@@ -85,11 +85,12 @@ def _merge_parts(output_dir: str):
     return merged
 
 
-def default_pool_batch_size(device) -> int:
+def default_pool_batch_size(device, num_samples: int = 1) -> int:
     """Completions per generate call. On CPU a sample costs more in a larger batch (the built-in math model,
     1,024 teacher samples: 2,843 tokens/s at 64 per call, 2,431 at 256, 1,475 at 1,024): the batch's KV cache
-    outgrows the CPU caches, and a batch runs until its longest sample ends. A GPU needs large batches to fill it."""
-    return 64 if torch.device(device).type == "cpu" else 256
+    outgrows the CPU caches, and a batch runs until its longest sample ends. A GPU needs large batches to fill it.
+    Never fewer than the `num_samples` (K) completions of one row."""
+    return max(num_samples, 64 if torch.device(device).type == "cpu" else 256)
 
 
 def build_teacher_pool(
@@ -213,7 +214,7 @@ def build_teacher_pool(
     else:
         sampler = HFSampler(model, tokenizer, args, eos_ids, device, bf16=bool(args.bf16))
     if batch_size is None:
-        batch_size = max(num_samples, default_pool_batch_size(device))
+        batch_size = default_pool_batch_size(device, num_samples)
     prompts_per_batch = max(1, batch_size // num_samples)
     bar = tqdm(
         total=len(mine) * num_samples,
