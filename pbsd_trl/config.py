@@ -160,6 +160,13 @@ class PBSDConfig(GRPOConfig):
             with the EMA adapter). Only with
             transformers' `generate` (not vLLM, not continuous batching). The samples have the same distribution as
             with two calls (they are not the same draws: the random numbers are consumed in another order).
+        share_prompt_prefill (`bool`, *optional*, defaults to `True`):
+            In transformers' `generate` calls (student, teacher, one generation pass), prefill each distinct prompt
+            row of the batch once and repeat its KV cache for the prompt's samples, instead of prefilling every row
+            (GRPO repeats each prompt G times, and teacher prompts are several times wider than student prompts).
+            The same computation and, for the same seed, the same samples up to floating-point rounding of the
+            prefill. Applies to decoder-only models with full-attention `DynamicCache` layers and text-only inputs;
+            other calls are left as they are.
 
         > Parameters that control the kernels
 
@@ -261,6 +268,11 @@ class PBSDConfig(GRPOConfig):
     one_generation_pass: bool = field(
         default=True,
         metadata={"help": "Draw student and teacher samples in one generate call when they can share weights."},
+    )
+
+    share_prompt_prefill: bool = field(
+        default=True,
+        metadata={"help": "Prefill each distinct prompt of a generate batch once and repeat its KV cache."},
     )
 
     # Kernels

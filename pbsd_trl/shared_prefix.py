@@ -10,6 +10,10 @@ function as the full forward (same positions, same masks; equal up to floating-p
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+import types
+
 import torch
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
@@ -78,7 +82,7 @@ def shared_prefix_token_logps(
         c_ids, c_mask = completion_ids[target], completion_mask[target]
         with context:
             prefix = backbone(input_ids=u_ids, attention_mask=u_mask, use_cache=True)
-            cache = prefix.past_key_values
+            cache = prefix.cache if "cache" in prefix else prefix.past_key_values
             if not isinstance(cache, DynamicCache):
                 raise TypeError(
                     f"Shared-prefix scoring needs a DynamicCache, the model returned {type(cache).__name__}."
@@ -87,8 +91,8 @@ def shared_prefix_token_logps(
             hidden = backbone(
                 input_ids=c_ids,
                 attention_mask=torch.cat([u_mask[owner], c_mask], dim=1),
-                past_key_values=cache,
                 use_cache=True,
+                **{_cache_keyword(backbone): cache},
             ).last_hidden_state
         # the first completion token is predicted from the prompt's last position
         hidden = torch.cat([prefix.last_hidden_state[owner, -1:], hidden[:, :-1]], dim=1)
@@ -105,3 +109,148 @@ def shared_prefix_token_logps(
             )
         out[target] = logps.float().to(out.device)
     return out
+
+
+# ---- generation ---------------------------------------------------------------------------------------------------
+# GRPO samples G completions of every prompt, so a `generate` batch holds each prompt row G times (and PBSD's teacher
+# rows carry prompts several times wider than the student's). `generate` prefills every row, and its DynamicCache
+# grows by concatenation: every decoding step copies the whole cache, prompt included, of every layer. Here each
+# distinct prompt row is prefilled once, its cache repeated into buffers with room for the completion, and
+# `generate` resumes from that cache, appending in place: the same positions, masks and sampling steps (the same
+# samples for the same seed, up to floating-point rounding of the prefill).
+
+# `generate` arguments under which resuming from a prefilled cache is the same computation as a plain call
+_PLAIN_GENERATE_KWARGS = {"input_ids", "attention_mask", "generation_config"}
+
+
+def _cache_keyword(module) -> str:
+    """transformers renamed `past_key_values` to `cache` (5.24, old name deprecated): the name this version takes."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+def _generation_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    # as `GenerationMixin._prepare_position_ids_for_generation` does for a left-padded batch
+    return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+
+
+def _append_in_place(layer, key_states, value_states, *args, **kwargs):
+    """`DynamicLayer.update` into the buffers of [`_preallocate`] (doubling them if a call outgrows them)."""
+    start, end = layer.pbsd_length, layer.pbsd_length + key_states.size(-2)
+    if end > layer.pbsd_keys.size(-2):
+        grow = lambda buf: torch.cat([buf, torch.empty_like(buf[:, :, : max(end - start, buf.size(-2))])], dim=-2)  # noqa: E731
+        layer.pbsd_keys, layer.pbsd_values = grow(layer.pbsd_keys), grow(layer.pbsd_values)
+    layer.pbsd_keys[:, :, start:end] = key_states
+    layer.pbsd_values[:, :, start:end] = value_states
+    layer.pbsd_length = end
+    layer.keys, layer.values = layer.pbsd_keys[:, :, :end], layer.pbsd_values[:, :, :end]
+    return layer.keys, layer.values
+
+
+def _preallocate(cache, room: int) -> None:
+    """Give each `DynamicLayer` of `cache` buffers with `room` more positions, appended to in place."""
+    from transformers.cache_utils import DynamicLayer
+
+    for layer in cache.layers:
+        if type(layer) is not DynamicLayer or not layer.is_initialized:
+            continue
+        length = layer.keys.size(-2)
+        for name, states in (("pbsd_keys", layer.keys), ("pbsd_values", layer.values)):
+            buffer = states.new_empty(*states.shape[:2], length + room, states.size(-1))
+            buffer[:, :, :length] = states
+            setattr(layer, name, buffer)
+        layer.pbsd_length = length
+        layer.keys, layer.values = layer.pbsd_keys[:, :, :length], layer.pbsd_values[:, :, :length]
+        layer.update = types.MethodType(_append_in_place, layer)
+
+
+def _generation_setting(model, generation_config, name: str, default=None):
+    # unset fields of the call's config fall back to the model's, as `generate` merges them
+    for config in (generation_config, getattr(model, "generation_config", None)):
+        value = getattr(config, name, None)
+        if value is not None:
+            return value
+    return default
+
+
+def can_prefill_once(model, generation_config, kwargs: dict) -> bool:
+    """Whether [`generate_with_shared_prefill`] may serve this `generate` call (else it is a plain call)."""
+    if set(kwargs) - _PLAIN_GENERATE_KWARGS or kwargs.get("input_ids") is None:
+        return False  # multimodal inputs, token types, adapter names, a cache of the caller's
+    if getattr(model, "peft_config", None) and model.active_peft_config.is_prompt_learning:
+        return False  # prompt learning adapters own the cache
+    if not supports_shared_prefix(model):
+        return False
+
+    def setting(name, default):
+        return _generation_setting(model, generation_config, name, default)
+
+    return (
+        setting("num_beams", 1) == 1
+        and setting("cache_implementation", None) is None
+        and setting("prefill_chunk_size", None) is None
+        and setting("use_cache", True) is not False
+        and kwargs["input_ids"].size(1) > 1
+    )
+
+
+@torch.no_grad()
+def generate_with_shared_prefill(generate, model, select_rows=None, **kwargs):
+    """`generate(**kwargs)` with each distinct prompt row of the batch prefilled once, into a preallocated cache.
+
+    `generate` is the model's bound `generate`; `select_rows(index)` (optional) switches per-row state the model holds
+    (e.g. per-row LoRA scalings) to the rows `index` of the batch, and `select_rows(None)` back to the whole batch.
+    The last prompt position is left to `generate`, which computes the first sampled token's logits from it.
+    """
+    input_ids, attention_mask = kwargs["input_ids"], kwargs.get("attention_mask")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    width = input_ids.size(1)
+    unique, inverse = torch.unique(torch.cat([input_ids, attention_mask], dim=1), dim=0, return_inverse=True)
+    first_row = torch.full((unique.size(0),), input_ids.size(0), device=inverse.device, dtype=torch.long)
+    first_row.scatter_reduce_(0, inverse, torch.arange(inverse.numel(), device=inverse.device), reduce="amin")
+    u_ids, u_mask = unique[:, : width - 1], unique[:, width : 2 * width - 1]
+    backbone = model.get_base_model().base_model if hasattr(model, "peft_config") else model.base_model
+    if select_rows is not None:
+        select_rows(first_row)
+    try:
+        out = backbone(
+            input_ids=u_ids, attention_mask=u_mask, position_ids=_generation_position_ids(u_mask), use_cache=True
+        )
+    finally:
+        if select_rows is not None:
+            select_rows(None)
+    cache = out.cache if "cache" in out else out.past_key_values
+    cache.batch_select_indices(inverse)
+    config = kwargs.get("generation_config")
+    max_new_tokens = _generation_setting(model, config, "max_new_tokens")
+    if max_new_tokens is None:
+        max_new_tokens = max(0, _generation_setting(model, config, "max_length", 20) - width)
+    _preallocate(cache, max_new_tokens + 1)  # + the last prompt position, which `generate` runs
+    causal_lm = model.get_base_model() if hasattr(model, "peft_config") else model
+    return generate(**{**kwargs, "attention_mask": attention_mask, _cache_keyword(causal_lm): cache})
+
+
+@contextlib.contextmanager
+def shared_prompt_prefill(model, select_rows=None):
+    """While active, `model.generate` prefills each distinct prompt row once (see [`generate_with_shared_prefill`])
+    where that is the same computation, and is a plain call elsewhere."""
+    original = model.__dict__.get("generate")
+    generate = model.generate
+
+    def prefill_once_generate(*args, generation_config=None, **kwargs):
+        if args:  # positional `inputs`
+            kwargs = {"input_ids": args[0], **kwargs}
+        if generation_config is not None:
+            kwargs["generation_config"] = generation_config
+        if not can_prefill_once(model, generation_config, kwargs):
+            return generate(**kwargs)
+        return generate_with_shared_prefill(generate, model, select_rows, **kwargs)
+
+    model.generate = prefill_once_generate
+    try:
+        yield
+    finally:
+        if original is None:
+            del model.generate
+        else:
+            model.generate = original

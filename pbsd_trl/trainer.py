@@ -36,7 +36,7 @@ from .loss import (
 )
 from .rewards.guard import guard_reward_funcs
 from .rewards.validation import weighted_reward_sum
-from .shared_prefix import shared_prefix_token_logps, supports_shared_prefix
+from .shared_prefix import shared_prefix_token_logps, shared_prompt_prefill, supports_shared_prefix
 from .teacher import ROW_INDEX_COLUMN, TeacherPromptBuilder, check_privileged_context, check_prompt
 from .teacher_model import TEACHER_ADAPTER_NAME, TEACHER_STATE_FILE, TeacherEMACallback, TeacherWeights
 
@@ -570,9 +570,10 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         plan = self._one_pass
         if plan is None or images is not None:
-            return super()._generate_single_turn(
-                prompt_ids, images, multimodal_fields, num_generations, has_tool_images
-            )
+            with self._shared_prompt_prefill(images):
+                return super()._generate_single_turn(
+                    prompt_ids, images, multimodal_fields, num_generations, has_tool_images
+                )
         if "teacher_result" in plan:  # the teacher's `_generate`: its samples were drawn with the student's
             if list(map(list, prompt_ids)) != plan["teacher_ids"]:
                 raise RuntimeError(
@@ -586,7 +587,7 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
             active = self.accelerator.unwrap_model(self.model).active_adapter
             teacher = "__base__" if self.teacher.kind == "base" else TEACHER_ADAPTER_NAME  # PEFT's name for "none"
             adapters = [active] * num_student + [teacher] * len(plan["teacher_ids"])
-        with self._per_row_adapters(adapters):
+        with self._per_row_adapters(adapters) as select_rows, self._shared_prompt_prefill(images, select_rows):
             ids, logprobs = super()._generate_single_turn(
                 list(prompt_ids) + plan["teacher_ids"], images, multimodal_fields, num_generations, has_tool_images
             )
@@ -596,18 +597,43 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
         return student_ids, student_logprobs
 
     @contextlib.contextmanager
-    def _per_row_adapters(self, adapter_names):
-        """A mixed-adapter batch for GRPO's `generate` call: row i computes with adapter `adapter_names[i]`."""
-        if adapter_names is None:
+    def _shared_prompt_prefill(self, images, select_rows=None):
+        """GRPO's HF `generate` call with each distinct prompt row prefilled once (`pbsd_trl.shared_prefix`)."""
+        model = self.accelerator.unwrap_model(self.model_wrapped)
+        if (
+            not self.args.share_prompt_prefill
+            or self.use_vllm
+            or images is not None
+            or self._is_vlm
+            or select_rows is False  # PEFT's `adapter_names` sub-batches: the prefill could not follow them
+        ):
             yield
+            return
+        with shared_prompt_prefill(model, select_rows or None):
+            yield
+
+    @contextlib.contextmanager
+    def _per_row_adapters(self, adapter_names):
+        """A mixed-adapter batch for GRPO's `generate` call: row i computes with adapter `adapter_names[i]`.
+
+        Yields how to switch the per-row state to a subset of the rows (see `shared_prompt_prefill`), None where there
+        is none, or False where the batch cannot be split that way."""
+        if adapter_names is None:
+            yield None
             return
         model = self.accelerator.unwrap_model(self.model_wrapped)
         masked = _lora_row_scalings(model, adapter_names)
         if masked is not None:
             # Rows with the adapter off get a LoRA scaling of 0: one batched LoRA product per layer instead of PEFT's
             # per-adapter sub-batches, which index the batch in Python at every layer of every decoding step
+            row_scalings = [(layer, adapter, layer.scaling[adapter]) for layer, adapter, _ in masked]
+
+            def select_rows(index):
+                for layer, adapter, scaling in row_scalings:
+                    layer.scaling[adapter] = scaling if index is None else scaling[index]
+
             try:
-                yield
+                yield select_rows
             finally:
                 for layer, adapter, scaling in masked:
                     layer.scaling[adapter] = scaling
@@ -619,7 +645,7 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
         was_training = model.training
         model.eval()
         try:
-            yield
+            yield False
         finally:
             model.train(was_training)
             if original is None:

@@ -113,3 +113,54 @@ def test_one_pass_is_not_used_where_weights_differ(tmp_path, setup):
         processing_class=tok,
     )
     assert trainer._one_pass_mode is None  # full-model student, a second model as the EMA teacher
+
+
+@pytest.mark.parametrize("case", ["base", "live", "lora_base"])
+def test_shared_prompt_prefill_draws_the_same_samples(tmp_path, setup, monkeypatch, case):
+    """Prefilling each distinct prompt once (student, teacher and one-pass `generate` calls): the same samples for
+    the same seed, with sampling on, and the same loss."""
+    import pbsd_trl.shared_prefix as shared_prefix
+
+    tok, dataset, model = setup
+    kwargs = {"generation_kwargs": {"do_sample": True}}
+    peft = None
+    if case == "lora_base":
+        peft = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    else:
+        kwargs["teacher_model_kind"] = case
+    prefilled = []
+    original = shared_prefix.generate_with_shared_prefill
+
+    def counting(generate, model, select_rows=None, **kw):
+        prefilled.append((kw["input_ids"].size(0), select_rows is not None))
+        return original(generate, model, select_rows, **kw)
+
+    monkeypatch.setattr(shared_prefix, "generate_with_shared_prefill", counting)
+    rows = [dict(dataset[i]) for i in range(2) for _ in range(4)]
+    results = []
+    for share in (True, False):
+        trainer = PBSDTrainer(
+            copy.deepcopy(model),
+            contains_answer,
+            args=make_args(tmp_path, share_prompt_prefill=share, **kwargs),
+            train_dataset=dataset,
+            processing_class=tok,
+            peft_config=peft,
+        )
+        if peft is not None:
+            gen = torch.Generator().manual_seed(0)
+            with torch.no_grad():
+                for name, p in trainer.model.named_parameters():
+                    if "lora_B" in name:
+                        p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+        prefilled.clear()
+        inputs, loss = _step(trainer, rows)
+        results.append((inputs, loss, list(prefilled)))
+    (a, loss_a, prefilled_a), (b, loss_b, prefilled_b) = results
+    # two calls of 8 rows (student, base teacher), or one of 16 (student + teacher rows, one pass); LoRA one pass
+    # with per-row adapter scalings that the prefill follows
+    expected = {"base": [(8, False), (8, False)], "live": [(16, False)], "lora_base": [(16, True)]}[case]
+    assert prefilled_a == expected and prefilled_b == []
+    for key in ("completion", "teacher_completion"):
+        assert _completions(a[f"{key}_ids"], a[f"{key}_mask"]) == _completions(b[f"{key}_ids"], b[f"{key}_mask"])
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-4, atol=1e-6)

@@ -319,3 +319,30 @@ def test_default_pool_batch_size_by_device():
     assert default_pool_batch_size("cpu") == 64
     assert default_pool_batch_size(torch.device("cuda")) == 256
     assert default_pool_batch_size("cpu", num_samples=100) == 100  # one row's K samples always fit a call
+
+
+def test_build_prefills_each_rows_prompt_once(tmp_path, model, tokenizer, dataset, monkeypatch):
+    """The K samples of a row share one prefill of its teacher prompt, and the stored log-probs stay the teacher's."""
+    import pbsd_trl.shared_prefix as shared_prefix
+
+    calls = []
+    original = shared_prefix.generate_with_shared_prefill
+
+    def counting(generate, model, select_rows=None, **kw):
+        ids, mask = kw["input_ids"], kw["attention_mask"]
+        calls.append((ids.size(0), torch.unique(torch.cat([ids, mask], 1), dim=0).size(0)))
+        return original(generate, model, select_rows, **kw)
+
+    monkeypatch.setattr(shared_prefix, "generate_with_shared_prefill", counting)
+    rows = dataset.select(range(6))
+    pool = build_teacher_pool(
+        copy.deepcopy(model), tokenizer, rows, str(tmp_path / "pool"), make_args(tmp_path), K, batch_size=4 * K
+    )
+    assert sum(n for n, _ in calls) == len(rows) * K and all(n == K * distinct for n, distinct in calls)
+    builder = teacher_prompt_builder(tokenizer, make_args(tmp_path))
+    for record in pool.select(range(2)):
+        row = rows[record["row"]]
+        (prompt,), _ = builder([row["prompt"]], [row])
+        (prompt_ids,) = tokenize_prompts(tokenizer, [prompt])
+        for ids, logp in zip(record["completion_ids"], record["teacher_logps"], strict=True):
+            assert logp == pytest.approx(reference_logp(model, prompt_ids, ids), abs=1e-3)

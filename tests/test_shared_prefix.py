@@ -53,3 +53,128 @@ def test_shared_prefix_equals_full_forward(max_rows, peft):
     expected = full_forward_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask, 0.7)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     assert (got[completion_mask == 0] == 0).all() and (got[completion_mask == 1] < 0).all()
+
+
+# ---- generation: each distinct prompt row prefilled once ----------------------------------------------------------
+def _repeated_prompt_batch(tok, vocab, lengths, repeats, seed=0):
+    """Left-padded rows: prompt u of length `lengths[u]` repeated `repeats` times, groups interleaved."""
+    gen = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(3, vocab, (n,), generator=gen) for n in lengths]
+    owner = [u for _ in range(repeats) for u in range(len(lengths))]
+    width = max(lengths)
+    ids = torch.full((len(owner), width), tok.pad_token_id)
+    mask = torch.zeros((len(owner), width), dtype=torch.long)
+    for r, u in enumerate(owner):
+        ids[r, width - lengths[u] :] = prompts[u]
+        mask[r, width - lengths[u] :] = 1
+    return ids, mask
+
+
+class _BackboneCalls:
+    """Sequence widths of the backbone's forward calls (generate's prefill is the one wider than one position)."""
+
+    def __init__(self, model):
+        backbone = model.get_base_model().base_model if hasattr(model, "peft_config") else model.base_model
+        self.shapes = []
+        self._handle = backbone.register_forward_pre_hook(
+            lambda module, args, kwargs: self.shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+        )
+
+    def remove(self):
+        self._handle.remove()
+
+
+def _tiny_lm(peft: bool):
+    tok = build_char_tokenizer()
+    model = build_random_model(tok, seed=3)
+    if peft:
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.5)
+    return tok, model.eval()
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+@pytest.mark.parametrize("peft", [False, True])
+def test_shared_prompt_prefill_generates_the_same_samples(do_sample, peft):
+    from transformers import GenerationConfig
+
+    from pbsd_trl.shared_prefix import shared_prompt_prefill
+
+    tok, model = _tiny_lm(peft)
+    ids, mask = _repeated_prompt_batch(tok, model.config.vocab_size, lengths=[9, 4, 13], repeats=4)
+    config = GenerationConfig(
+        max_new_tokens=12, do_sample=do_sample, temperature=0.9, pad_token_id=tok.pad_token_id, eos_token_id=None
+    )
+    torch.manual_seed(0)
+    plain = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+    calls = _BackboneCalls(model)
+    try:
+        with shared_prompt_prefill(model):
+            torch.manual_seed(0)
+            shared = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+    finally:
+        calls.remove()
+    assert "generate" not in model.__dict__  # the patch is undone
+    assert torch.equal(plain, shared)
+    # 3 distinct prompts prefilled once (all but the last position), then generate steps one position at a time
+    assert calls.shapes[0] == (3, ids.size(1) - 1)
+    assert all(width == 1 for _, width in calls.shapes[1:]) and len(calls.shapes) == 1 + config.max_new_tokens
+
+
+def test_shared_prompt_prefill_leaves_other_calls_plain():
+    from transformers import GenerationConfig
+
+    from pbsd_trl.shared_prefix import can_prefill_once, shared_prompt_prefill
+
+    tok, model = _tiny_lm(peft=False)
+    ids, mask = _repeated_prompt_batch(tok, model.config.vocab_size, lengths=[6, 8], repeats=2)
+    greedy = GenerationConfig(max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=None)
+    beams = GenerationConfig(max_new_tokens=5, num_beams=2, do_sample=False, pad_token_id=tok.pad_token_id)
+    distinct_ids, distinct_mask = ids[:2], mask[:2]  # no prompt repeats: still one prefill, into a preallocated cache
+    for kwargs, shareable in [
+        (dict(input_ids=ids, attention_mask=mask, generation_config=greedy), True),
+        (dict(input_ids=ids, attention_mask=mask, generation_config=beams), False),
+        (
+            dict(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids), generation_config=greedy),
+            False,
+        ),
+        (dict(input_ids=distinct_ids, attention_mask=distinct_mask, generation_config=greedy), True),
+    ]:
+        assert can_prefill_once(model, kwargs["generation_config"], kwargs) is shareable
+        if "token_type_ids" in kwargs:
+            continue  # the tiny model takes no token types; the check above is what decides
+        expected = model.generate(**kwargs)
+        calls = _BackboneCalls(model)
+        try:
+            with shared_prompt_prefill(model):
+                got = model.generate(**kwargs)
+        finally:
+            calls.remove()
+        assert torch.equal(got, expected)
+        prefilled_once = calls.shapes[0][1] == ids.size(1) - 1
+        assert prefilled_once is shareable
+
+
+def test_preallocated_cache_appends_like_concatenation():
+    """The in-place cache holds what DynamicCache's concatenation holds, also once it outgrows its room."""
+    from pbsd_trl.shared_prefix import _preallocate
+
+    tok, model = _tiny_lm(peft=False)
+    ids, mask = _repeated_prompt_batch(tok, model.config.vocab_size, lengths=[5, 7], repeats=2)
+    with torch.no_grad():
+        caches = [model.base_model(input_ids=ids, attention_mask=mask, use_cache=True).cache for _ in range(2)]
+    plain, in_place = caches
+    _preallocate(in_place, room=2)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(5):  # 5 appends into room for 2: the buffers grow
+        width = 1 if step < 4 else 3
+        for layer_idx, layer in enumerate(plain.layers):
+            k, v = (torch.randn(layer.keys.shape[:2] + (width, layer.keys.size(-1)), generator=gen) for _ in range(2))
+            expected = plain.update(k, v, layer_idx)
+            got = in_place.update(k, v, layer_idx)
+            for e, g in zip(expected, got, strict=True):
+                assert torch.equal(e, g)
+    assert in_place.get_seq_length() == plain.get_seq_length() == ids.size(1) + 7

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ..shared_prefix import shared_prompt_prefill
+
 
 # ---- prompts ----------------------------------------------------------------------------------------------------
 def tokenize_prompts(tokenizer, prompts: list, chat_template_kwargs: dict | None = None) -> list[list[int]]:
@@ -92,14 +94,22 @@ def sequence_logps(
 ) -> list[float]:
     """Sum over each completion of `log softmax(logits / temperature)` at its tokens, given its prompt.
 
-    The same computation as the trainer's teacher scoring with pbsd-trl's fused kernel (`[left-padded prompt ;
-    right-padded completion]`, hidden states through the LM head in fp32 without `[tokens, vocab]` logits).
+    The same computation as the trainer's teacher scoring with pbsd-trl's fused kernel (left-padded prompt,
+    right-padded completion, hidden states through the LM head in fp32 without `[tokens, vocab]` logits): on a
+    supported model each distinct prompt is run once and its KV cache serves its K completions
+    (`pbsd_trl.shared_prefix`), else one `[prompt ; completion]` forward per row.
     """
     from ..logprobs import concat_prompt_completion, head_logit_transform
     from ..ops import fused_logprobs
+    from ..shared_prefix import shared_prefix_token_logps, supports_shared_prefix
 
     p_ids, p_mask = _left_pad(prompt_ids, pad_id, device)
     c_ids, c_mask = _right_pad(completion_ids, pad_id, device)
+    if supports_shared_prefix(model):
+        per_token = shared_prefix_token_logps(
+            model, p_ids, p_mask, c_ids, c_mask, temperature=temperature, autocast=_autocast(device, bf16)
+        )
+        return per_token.sum(-1).tolist()
     input_ids, attention_mask, labels = concat_prompt_completion(p_ids, p_mask, c_ids, c_mask)
     backbone = model.get_base_model().base_model if hasattr(model, "peft_config") else model.base_model
     head = model.get_output_embeddings()
@@ -145,12 +155,15 @@ class HFSampler:
         }
         kwargs.update(args.generation_kwargs or {})
         self.generation_config = GenerationConfig(**kwargs, disable_compile=True)
+        self.share_prompt_prefill = getattr(args, "share_prompt_prefill", True)
 
     @torch.no_grad()
     def sample(self, prompt_ids: list[list[int]], num_samples: int) -> list[list[list[int]]]:
         rows = [ids for ids in prompt_ids for _ in range(num_samples)]
         input_ids, attention_mask = _left_pad(rows, self.tokenizer.pad_token_id, self.device)
-        with _autocast(self.device, self.bf16):
+        # each prompt's K rows share one prefill, as in the trainer's `generate` calls
+        prefill = shared_prompt_prefill(self.model) if self.share_prompt_prefill else contextlib.nullcontext()
+        with _autocast(self.device, self.bf16), prefill:
             out = self.model.generate(
                 input_ids=input_ids, attention_mask=attention_mask, generation_config=self.generation_config
             )
