@@ -13,7 +13,11 @@ settings, and stepped round-robin (order rotated every round) so that their rati
   once before the rounds with `pbsd_trl.pool.build_teacher_pool`; its build is timed separately);
 - `PBSD 4+4 live 1-pass`: `teacher_model_kind="live"`, student and teacher samples in one `generate` call;
 - `LoRA GRPO G=8` and `PBSD 4+4 LoRA 1-pass`: LoRA students (r=16 on every linear layer), PBSD with the `base`
-  teacher (adapter disabled) through per-row adapters in one `generate` call.
+  teacher (adapter disabled) through per-row adapters in one `generate` call;
+- `PBSD 4+4 live 2-pass` / `PBSD 4+4 LoRA 2-pass`: the same with `one_generation_pass=False` (two calls);
+- `PBSD 4+4 plain generate`: PBSD 4+4 with `share_prompt_prefill=False` (transformers' `generate` as GRPO calls it),
+  and `GRPO G=8 prefill once`: TRL's GRPOTrainer with PBSDTrainer's `generate` (each distinct prompt prefilled
+  once into a preallocated cache), so that the gain of that change is shown apart from PBSD's.
 
 One step is what `Trainer._inner_training_loop` does per optimizer step with `gradient_accumulation_steps=1`:
 `trainer.training_step` (generation, rewards, teacher scoring, loss forward, backward), gradient clipping, the
@@ -107,8 +111,13 @@ CONTENDERS = (
     ("PBSD 4+4 pool", "pbsd", 4, 4, True, {"pool": True}),
     ("PBSD 8+8 pool", "pbsd", 8, 8, True, {"pool": True}),
     ("PBSD 4+4 live 1-pass", "pbsd", 4, 4, True, {"teacher_model_kind": "live"}),
+    ("PBSD 4+4 live 2-pass", "pbsd", 4, 4, True, {"teacher_model_kind": "live", "one_generation_pass": False}),
     ("LoRA GRPO G=8", "grpo", 8, 0, None, {"peft": True}),
     ("PBSD 4+4 LoRA 1-pass", "pbsd", 4, 4, True, {"peft": True}),
+    ("PBSD 4+4 LoRA 2-pass", "pbsd", 4, 4, True, {"peft": True, "one_generation_pass": False}),
+    # what pbsd-trl's generation changes bring on their own: off for PBSD, on for TRL's GRPO
+    ("PBSD 4+4 plain generate", "pbsd", 4, 4, True, {"share_prompt_prefill": False}),
+    ("GRPO G=8 prefill once", "grpo", 8, 0, None, {"prefill": True}),
 )
 MATCHED = "PBSD 4+4"
 MATCHED_UNFUSED = "PBSD 4+4 TRL head"
@@ -248,6 +257,20 @@ def pool_args(spec, output_dir):
     )
 
 
+def grpo_with_prefill():
+    """TRL's GRPOTrainer with PBSDTrainer's `generate` (each distinct prompt prefilled once, preallocated cache)."""
+    from trl import GRPOTrainer
+
+    from pbsd_trl.shared_prefix import shared_prompt_prefill
+
+    class GRPOPrefillOnce(GRPOTrainer):
+        def _generate_single_turn(self, *args, **kwargs):
+            with shared_prompt_prefill(self.accelerator.unwrap_model(self.model_wrapped)):
+                return super()._generate_single_turn(*args, **kwargs)
+
+    return GRPOPrefillOnce
+
+
 def build_trainer(kind, num_generations, fused, model, tokenizer, dataset, spec, max_steps, output_dir, options=None):
     from trl import GRPOConfig, GRPOTrainer
 
@@ -278,7 +301,8 @@ def build_trainer(kind, num_generations, fused, model, tokenizer, dataset, spec,
     peft_config = lora_config() if options.pop("peft", False) else None
     if kind == "grpo":
         args = GRPOConfig(**common, beta=0.0)
-        return GRPOTrainer(
+        trainer_class = grpo_with_prefill() if options.pop("prefill", False) else GRPOTrainer
+        return trainer_class(
             model,
             [math_accuracy_reward],
             args=args,
@@ -652,7 +676,7 @@ def analysis_lines(result, clock=None):
         f"- With the same scoring head for both (PBSD 4+4 TRL head / GRPO G=8, both on TRL's fused LM head; TRL's head"
         f" also scores the teacher rows in full, without the shared prompt): {unfused['time_ratio'][clock]:.2f}×.",
     ]
-    for name in ("PBSD 4+4 pool", "PBSD 4+4 live 1-pass", "PBSD 4+4 LoRA 1-pass"):
+    for name in ("PBSD 4+4 pool", "PBSD 4+4 live 1-pass", "PBSD 4+4 live 2-pass", "PBSD 4+4 LoRA 1-pass"):
         if name not in by_name:
             continue
         b = by_name[name]["median_breakdown_s"][clock]
@@ -737,7 +761,11 @@ def write_markdown(path, results, machine, command, quick):
         "- `pool` rows: the same PBSD with `teacher_pool` (K=8 base-teacher samples per dataset row with their teacher"
         " log-probs, drawn before the rounds with `pbsd_trl.pool.build_teacher_pool`; the build is timed separately"
         " below): no teacher `generate` call and no scoring of the teacher's own samples in the step."
-        " `live 1-pass`: `teacher_model_kind='live'`, student and teacher samples from one `generate` call."
+        " `live 1-pass`: `teacher_model_kind='live'`, student and teacher samples from one `generate` call;"
+        " `2-pass` rows: the same with two calls (`one_generation_pass=False`)."
+        " PBSD's `generate` calls prefill each distinct prompt row once into a KV cache preallocated for the"
+        " completion (`share_prompt_prefill=True`, the default); `PBSD 4+4 plain generate` turns that off and"
+        " `GRPO G=8 prefill once` turns it on for TRL's GRPOTrainer."
         " `LoRA` rows: LoRA r=16, α=32 on every linear layer of the student (GRPO and PBSD alike); PBSD with the"
         " `base` teacher (adapter disabled), its samples drawn in the student's `generate` call with per-row adapters"
         " (PEFT's `adapter_names`, `__base__` for the teacher rows).",
