@@ -101,7 +101,7 @@ class ScriptArguments(trl.ScriptArguments):
         default=True,
         metadata={
             "help": "With the fixed base teacher (and HF generate), draw its samples for the rows the run visits into "
-            "a teacher pool before training (pbsd_trl.pool.use_default_pool): faster end to end. False samples the "
+            "a teacher pool before training (pbsd_trl.pool.use_default_pool), reused by reruns. False samples the "
             "teacher in every step."
         },
     )
