@@ -64,7 +64,7 @@ def test_resume_without_teacher_state_fails_clearly(tmp_path):
 @pytest.mark.distributed
 def test_resume_under_zero3_two_processes(tmp_path):
     from common import make_model_dir
-    from launch import accelerate_launch
+    from launch import accelerate_launch, failure_report
 
     model_dir = make_model_dir(str(tmp_path / "model"), tied=False)
     out = tmp_path / "resume.json"
@@ -73,7 +73,7 @@ def test_resume_under_zero3_two_processes(tmp_path):
         "tests/distributed/zero3_strict.yaml", "run_resume.py", "--model-dir", model_dir, "--out", str(out),
         "--configs", *specs,
     )  # fmt: skip
-    assert rc == 0, output[-8000:]
+    assert rc == 0, failure_report(output)
     results = json.loads(out.read_text())
     assert all(results[s]["world"] == 2 for s in specs)
     _check(results, specs)

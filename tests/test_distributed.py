@@ -27,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(ROOT, "tests", "distributed")
 sys.path.insert(0, SCRIPTS)
 
-from launch import LAUNCH_TIMEOUT, accelerate_launch, launch_env  # noqa: E402
+from launch import LAUNCH_TIMEOUT, accelerate_launch, failure_report, launch_env  # noqa: E402
 
 
 CONFIGS = ["lora:base", "lora:ema", "full:base", "full:ema", "full:ema:all"]
@@ -91,7 +91,7 @@ def test_two_processes_match_one_process(backend, model_dirs, reference, tmp_pat
     rc, output, seconds = accelerate_launch(
         config_file, "run_pbsd.py", *_model_args(model_dirs), "--out", str(out), "--configs", *specs
     )
-    assert rc == 0, output[-8000:]
+    assert rc == 0, failure_report(output)
     result = json.loads(out.read_text())
     for spec in specs:
         got, want = result[spec], reference[spec]

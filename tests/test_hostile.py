@@ -480,14 +480,14 @@ def test_reward_error_on_one_rank_is_raised_on_every_rank(tmp_path):
     """Rank 1's reward function raises; both ranks must raise the same named error, promptly, before any update."""
     sys.path.insert(0, os.path.join(ROOT, "tests", "distributed"))
     from common import make_model_dir
-    from launch import accelerate_launch
+    from launch import accelerate_launch, failure_report
 
     model_dir = make_model_dir(str(tmp_path / "model"), tied=False)
     rc, output, _ = accelerate_launch(
         "examples/accelerate_configs/multi_gpu.yaml", "run_reward_failure.py", "--model-dir", model_dir,
         "--out", str(tmp_path), timeout=300,
     )  # fmt: skip
-    assert rc == 0, output[-6000:]
+    assert rc == 0, failure_report(output)
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for report in reports:
         assert report["type"] == "RuntimeError", report

@@ -50,3 +50,13 @@ def accelerate_launch(config_file: str, script: str, *args: str, timeout: float 
     start = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=timeout)
     return proc.returncode, proc.stdout + proc.stderr, time.time() - start
+
+
+_NOISE = ("Warning: ", "warnings.warn(", "return func(*args, **kwargs)")
+
+
+def failure_report(output: str, limit: int = 8000) -> str:
+    """The end of a failed launch's output without the deprecation-warning lines that otherwise fill it, so that the
+    per-config progress lines and the error that stopped a rank show."""
+    kept = [line for line in output.splitlines() if not any(n in line for n in _NOISE)]
+    return "\n".join(kept)[-limit:]
