@@ -167,3 +167,5 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    # a clean exit: gloo/NCCL threads that outlive the interpreter can abort a finished run
+    PartialState().destroy_process_group()

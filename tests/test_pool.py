@@ -346,3 +346,40 @@ def test_build_prefills_each_rows_prompt_once(tmp_path, model, tokenizer, datase
         (prompt_ids,) = tokenize_prompts(tokenizer, [prompt])
         for ids, logp in zip(record["completion_ids"], record["teacher_logps"], strict=True):
             assert logp == pytest.approx(reference_logp(model, prompt_ids, ids), abs=1e-3)
+
+
+def test_build_command_on_local_files(tmp_path, model, tokenizer, dataset):
+    """`python -m pbsd_trl.scripts.build_teacher_pool` with a local model folder and a local JSONL file (the loading
+    code a real run uses), and a trainer that accepts the pool it wrote."""
+    from pbsd_trl.scripts.build_teacher_pool import main
+
+    model_dir, data_file = tmp_path / "model", tmp_path / "train.jsonl"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    rows = [dict(dataset[i]) for i in range(3)]
+    with open(data_file, "w") as f:
+        for row in rows:
+            f.write(
+                json.dumps({"problem": row["prompt"], "solution": row["privileged_context"], "answer": row["answer"]})
+            )
+            f.write("\n")
+    pool_dir = tmp_path / "pool"
+    settings = ["--max_completion_length", "8", "--teacher_prompt_template", TEMPLATE, "--temperature", "1.0"]
+    pool = main(
+        ["--pool_dir", str(pool_dir), "--num_samples", str(K), "--model_name_or_path", str(model_dir)]
+        + ["--dataset_name", str(data_file), "--prompt_column", "problem", "--solution_column", "solution"]
+        + ["--output_dir", str(tmp_path / "out")]
+        + settings
+    )
+    assert len(pool) == len(rows) and all(len(ids) == K for ids in pool["completion_ids"])
+    from pbsd_trl.data.loading import load_prompt_dataset
+
+    train = load_prompt_dataset(str(data_file), prompt_column="problem", solution_column="solution", task="math")
+    trainer = PBSDTrainer(
+        copy.deepcopy(model),
+        contains_answer,
+        args=make_args(tmp_path, teacher_pool=str(pool_dir), max_completion_length=8),
+        train_dataset=train,
+        processing_class=tokenizer,
+    )
+    assert trainer.args.teacher_pool == str(pool_dir)

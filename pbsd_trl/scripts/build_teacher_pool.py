@@ -1,14 +1,16 @@
 """Draw a teacher-sample pool for a fixed (`base`) teacher, before training.
 
-    python -m pbsd_trl.scripts.build_teacher_pool --output_dir pools/math --num_samples 8
+    python -m pbsd_trl.scripts.build_teacher_pool --pool_dir pools/math --num_samples 8 --max_completion_length 56
     accelerate launch --num_processes 4 -m pbsd_trl.scripts.build_teacher_pool --model_name_or_path Qwen/Qwen3-1.7B \\
         --dataset_name data/math.jsonl --prompt_column problem --solution_column solution \\
         --max_completion_length 1024 --pool_dir pools/qwen3-math --num_samples 8 --backend vllm
 
 Every `PBSDConfig` field can be passed (`--temperature`, `--max_completion_length`, `--teacher_prompt_template`,
 `--max_teacher_prompt_length`, `--privileged_context_column`, `--bf16`, …): pass the values the training run will use,
-since the trainer refuses a pool whose stamp differs. Without `--model_name_or_path` / `--dataset_name` it uses the
-built-in tiny model and dataset of `--task` (the no-argument `examples/math.py` run), with that job's defaults.
+since the trainer refuses a pool whose stamp differs, naming the field. Without `--model_name_or_path` /
+`--dataset_name` it uses the built-in tiny model and dataset of `--task`, with the example scripts' shared defaults
+(`pbsd_trl.scripts.utils.EXAMPLE_DEFAULTS`) and the task's teacher prompt; the no-argument `examples/math.py` run also
+sets `--max_completion_length 56` (first line above).
 Interrupted builds resume when rerun with the same arguments. Then train with `--teacher_pool <pool_dir>`.
 """
 
@@ -52,15 +54,18 @@ def main(argv=None):
     from transformers import HfArgumentParser
 
     from ..config import PBSDConfig
+    from ..data.loading import load_prompt_dataset
+    from ..data.tasks import TASKS
+    from ..models import load_model_and_tokenizer
     from ..pool import build_teacher_pool
-    from ..recipes import TASKS, load_model_and_tokenizer, load_prompt_dataset
+    from .utils import EXAMPLE_DEFAULTS
 
     argv = list(sys.argv[1:] if argv is None else argv)
     pool_args, rest = HfArgumentParser(PoolArguments).parse_args_into_dataclasses(
         args=argv, return_remaining_strings=True
     )
     spec = TASKS[pool_args.task]
-    defaults = dict(spec.default_config, teacher_prompt_template=spec.teacher_prompt_template)
+    defaults = dict(EXAMPLE_DEFAULTS, teacher_prompt_template=spec.teacher_prompt_template)
     if not torch.cuda.is_available():
         defaults.update(use_cpu=True, bf16=False)
     parser = HfArgumentParser(PBSDConfig)
@@ -115,3 +120,7 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    from accelerate import PartialState
+
+    # a clean exit: gloo/NCCL threads that outlive the interpreter can abort a finished run
+    PartialState().destroy_process_group()

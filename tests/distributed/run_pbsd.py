@@ -89,3 +89,6 @@ def _teacher_state_sum(trainer):
 if __name__ == "__main__":
     torch.set_num_threads(1)
     main()
+    # a clean exit: gloo/NCCL threads that outlive the interpreter can abort a finished run
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
