@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 from peft import LoraConfig
-from testing_utils import tiny_pbsd_config
+from testing_utils import perturb_lora_adapters, tiny_pbsd_config
 from trl import GRPOTrainer
 
 from pbsd_trl import PBSDTrainer
@@ -27,10 +27,30 @@ def make_args(tmp_path, **kwargs):
     )
 
 
+LORA = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
 @pytest.fixture(scope="module")
 def setup():
     tok = build_char_tokenizer()
     return tok, make_math_dataset("train", n=8, seed=0), build_random_model(tok, seed=1)
+
+
+def _trainer(tmp_path, setup, peft=None, **config):
+    """A trainer on a copy of the fixture's model; with `peft`, a trained-looking adapter, so that student (adapter)
+    and base teacher differ."""
+    tok, dataset, model = setup
+    trainer = PBSDTrainer(
+        copy.deepcopy(model),
+        contains_answer,
+        args=make_args(tmp_path, **config),
+        train_dataset=dataset,
+        processing_class=tok,
+        peft_config=peft,
+    )
+    if peft is not None:
+        perturb_lora_adapters(trainer.model)
+    return trainer
 
 
 def _step(trainer, rows):
@@ -47,7 +67,7 @@ def _completions(ids, mask):
 
 @pytest.mark.parametrize("case", ["live", "samples_from_live", "lora_base", "lora_ema"])
 def test_one_pass_equals_two_passes(tmp_path, setup, monkeypatch, case):
-    tok, dataset, model = setup
+    dataset = setup[1]
     kwargs, peft = {}, None
     if case == "live":
         kwargs = dict(teacher_model_kind="live")
@@ -55,7 +75,7 @@ def test_one_pass_equals_two_passes(tmp_path, setup, monkeypatch, case):
         kwargs = dict(teacher_samples_from="live")
     else:
         kwargs = dict(teacher_model_kind=case.split("_")[1])
-        peft = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+        peft = LORA
     calls = []
     original = GRPOTrainer._generate_single_turn
 
@@ -67,20 +87,7 @@ def test_one_pass_equals_two_passes(tmp_path, setup, monkeypatch, case):
     rows = [dict(dataset[i]) for i in range(2) for _ in range(4)]
     results = []
     for one_pass in (True, False):
-        trainer = PBSDTrainer(
-            copy.deepcopy(model),
-            contains_answer,
-            args=make_args(tmp_path, one_generation_pass=one_pass, **kwargs),
-            train_dataset=dataset,
-            processing_class=tok,
-            peft_config=peft,
-        )
-        if peft is not None:  # a trained-looking adapter, so that student (adapter) and base teacher differ
-            gen = torch.Generator().manual_seed(0)
-            with torch.no_grad():
-                for name, p in trainer.model.named_parameters():
-                    if "lora_B" in name:
-                        p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+        trainer = _trainer(tmp_path, setup, peft, one_generation_pass=one_pass, **kwargs)
         calls.clear()
         inputs, loss = _step(trainer, rows)
         results.append((inputs, loss, list(calls)))
@@ -100,18 +107,9 @@ def test_one_pass_equals_two_passes(tmp_path, setup, monkeypatch, case):
 
 
 def test_one_pass_is_not_used_where_weights_differ(tmp_path, setup):
-    tok, dataset, model = setup
-    trainer = PBSDTrainer(
-        copy.deepcopy(model), contains_answer, args=make_args(tmp_path), train_dataset=dataset, processing_class=tok
-    )
+    trainer = _trainer(tmp_path, setup)
     assert trainer._one_pass_mode is None  # full-model student, frozen base copy: two different networks
-    trainer = PBSDTrainer(
-        copy.deepcopy(model),
-        contains_answer,
-        args=make_args(tmp_path, teacher_model_kind="ema"),
-        train_dataset=dataset,
-        processing_class=tok,
-    )
+    trainer = _trainer(tmp_path, setup, teacher_model_kind="ema")
     assert trainer._one_pass_mode is None  # full-model student, a second model as the EMA teacher
 
 
@@ -121,11 +119,11 @@ def test_shared_prompt_prefill_draws_the_same_samples(tmp_path, setup, monkeypat
     the same seed, with sampling on, and the same loss."""
     import pbsd_trl.shared_prefix as shared_prefix
 
-    tok, dataset, model = setup
+    dataset = setup[1]
     kwargs = {"generation_kwargs": {"do_sample": True}}
     peft = None
     if case == "lora_base":
-        peft = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+        peft = LORA
     else:
         kwargs["teacher_model_kind"] = case
     prefilled = []
@@ -139,20 +137,7 @@ def test_shared_prompt_prefill_draws_the_same_samples(tmp_path, setup, monkeypat
     rows = [dict(dataset[i]) for i in range(2) for _ in range(4)]
     results = []
     for share in (True, False):
-        trainer = PBSDTrainer(
-            copy.deepcopy(model),
-            contains_answer,
-            args=make_args(tmp_path, share_prompt_prefill=share, **kwargs),
-            train_dataset=dataset,
-            processing_class=tok,
-            peft_config=peft,
-        )
-        if peft is not None:
-            gen = torch.Generator().manual_seed(0)
-            with torch.no_grad():
-                for name, p in trainer.model.named_parameters():
-                    if "lora_B" in name:
-                        p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+        trainer = _trainer(tmp_path, setup, peft, share_prompt_prefill=share, **kwargs)
         prefilled.clear()
         inputs, loss = _step(trainer, rows)
         results.append((inputs, loss, list(prefilled)))

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from testing_utils import perturb_lora_adapters
 
 from pbsd_trl.shared_prefix import shared_prefix_token_logps
 from pbsd_trl.tiny import build_char_tokenizer, build_random_model
@@ -24,15 +25,7 @@ def full_forward_logps(model, prompt_ids, prompt_mask, completion_ids, completio
 @pytest.mark.parametrize("peft", [False, True])
 def test_shared_prefix_equals_full_forward(max_rows, peft):
     torch.manual_seed(0)
-    tok = build_char_tokenizer()
-    model = build_random_model(tok, seed=3)
-    if peft:
-        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 0.5)  # an adapter that changes the outputs
-    model.eval()
+    tok, model = _tiny_lm(peft)
     vocab = model.config.vocab_size
     # 3 distinct left-padded prompts of different lengths, groups of 3, 2 and 4 rows, interleaved
     lengths, pad = [9, 5, 12], tok.pad_token_id
@@ -89,10 +82,7 @@ def _tiny_lm(peft: bool):
     model = build_random_model(tok, seed=3)
     if peft:
         model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 0.5)
+        perturb_lora_adapters(model)  # an adapter that changes the outputs
     return tok, model.eval()
 
 

@@ -3,6 +3,8 @@
 import importlib.util
 from pathlib import Path
 
+import torch
+
 from pbsd_trl import PBSDConfig
 from pbsd_trl.tiny import build_random_model
 
@@ -43,3 +45,13 @@ def load_example(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def perturb_lora_adapters(model, seed: int = 0, std: float = 0.5) -> None:
+    """Give every `lora_B` matrix seeded random values: a trained-looking adapter, so that the outputs with and
+    without it differ (a fresh LoRA adapter is the identity)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
