@@ -16,7 +16,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
-from common import build_trainer, digit_reward, step_logs, write_json  # noqa: E402
+from common import build_trainer, digit_reward, finish_launched_run, step_logs, write_json  # noqa: E402
 
 
 def failing_reward_on(rank: int):
@@ -89,6 +89,4 @@ def _teacher_state_sum(trainer):
 if __name__ == "__main__":
     torch.set_num_threads(1)
     main()
-    # a clean exit: gloo/NCCL threads that outlive the interpreter can abort a finished run
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    finish_launched_run()

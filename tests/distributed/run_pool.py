@@ -9,6 +9,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from accelerate import PartialState  # noqa: E402
+from common import finish_launched_run  # noqa: E402
 
 from pbsd_trl import PBSDConfig  # noqa: E402
 from pbsd_trl.data.math_task import make_math_dataset  # noqa: E402
@@ -64,5 +65,4 @@ def main():
 
 if __name__ == "__main__":
     main()
-    # a clean exit: gloo/NCCL threads that outlive the interpreter can abort a finished run
-    PartialState().destroy_process_group()
+    finish_launched_run()

@@ -13,7 +13,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
-from common import build_trainer, step_logs, write_json  # noqa: E402
+from common import build_trainer, finish_launched_run, step_logs, write_json  # noqa: E402
 
 from pbsd_trl.teacher_model import _gathered  # noqa: E402
 
@@ -96,6 +96,4 @@ def main():
 if __name__ == "__main__":
     torch.set_num_threads(1)
     main()
-    # a clean exit: gloo/NCCL threads that outlive the interpreter can abort a finished run
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    finish_launched_run()

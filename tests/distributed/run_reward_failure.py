@@ -13,7 +13,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
-from common import build_trainer  # noqa: E402
+from common import build_trainer, finish_launched_run  # noqa: E402
 from run_pbsd import failing_reward_on  # noqa: E402
 
 
@@ -45,6 +45,4 @@ def main():
 if __name__ == "__main__":
     torch.set_num_threads(1)
     main()
-    # a clean exit: gloo/NCCL threads that outlive the interpreter can abort a finished run
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    finish_launched_run()
