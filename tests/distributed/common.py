@@ -7,7 +7,6 @@ global batch see exactly the same completions. Every prompt, teacher prompt and 
 so padding (and with it RoPE positions under left padding) is identical whatever the per-process batch.
 """
 
-import faulthandler
 import json
 import os
 import random
@@ -17,8 +16,6 @@ import zlib
 from pbsd_trl import PBSDConfig, PBSDTrainer
 from pbsd_trl.tiny import build_char_tokenizer, build_random_model, load_tokenizer
 
-
-faulthandler.enable()  # a rank that aborts (SIGABRT, SIGSEGV) prints where each of its threads was
 
 COMPLETION_LENGTH = 6  # tokens, the last one EOS
 _PROMPT_SHAPE = (6, 52, 4)  # (len(prompt text), len(privileged context), len(answer)): the most common shape

@@ -27,6 +27,7 @@ def launch_env() -> dict:
         HF_DATASETS_OFFLINE="1",
         WANDB_MODE="disabled",
         PYTHONUNBUFFERED="1",
+        PYTHONFAULTHANDLER="1",  # a rank that aborts (SIGABRT, SIGSEGV) prints where each of its threads was
     )
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
