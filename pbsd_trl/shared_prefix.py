@@ -11,6 +11,7 @@ function as the full forward (same positions, same masks; equal up to floating-p
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import types
 
@@ -46,7 +47,9 @@ def shared_prefix_token_logps(
     """Per-token log-probs `(B, C)` (0 on padding) of right-padded completions given left-padded prompts.
 
     `model` is a causal LM (a PEFT model computes with its active adapter state). Rows with the same prompt ids and
-    mask share one prompt forward; `max_rows` bounds the completion rows per forward (memory).
+    mask share one prompt forward; `max_rows` bounds the completion rows per forward (memory). `autocast` is a
+    callable returning the context manager each chunk's forward runs in (called once per chunk: a generator-based
+    manager such as `Accelerator.autocast()` can be entered only once); default: autocast disabled.
     """
     from transformers.cache_utils import DynamicCache
 
@@ -72,7 +75,8 @@ def shared_prefix_token_logps(
         current.append((u, members))
         count += members.numel()
     chunks.append(current)
-    context = autocast if autocast is not None else torch.autocast(prompt_ids.device.type, enabled=False)
+    if autocast is None:
+        autocast = functools.partial(torch.autocast, prompt_ids.device.type, enabled=False)
     for chunk in chunks:
         uniq = torch.tensor([u for u, _ in chunk], device=prompt_ids.device)
         members = torch.cat([m for _, m in chunk])
@@ -80,7 +84,7 @@ def shared_prefix_token_logps(
         u_ids, u_mask = unique[uniq, :width], unique[uniq, width:]
         target = rows[members]
         c_ids, c_mask = completion_ids[target], completion_mask[target]
-        with context:
+        with autocast():
             prefix = backbone(input_ids=u_ids, attention_mask=u_mask, use_cache=True)
             cache = prefix.cache if "cache" in prefix else prefix.past_key_values
             if not isinstance(cache, DynamicCache):

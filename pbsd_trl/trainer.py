@@ -167,7 +167,6 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
         self._check_tokenizer(processing_class)
         for name, dataset in self._named_datasets(train_dataset, eval_dataset):
             self._check_privileged_column(dataset, name, args, check_prompts=environment_factory is None)
-        train_dataset, eval_dataset = _with_row_index(train_dataset), _with_row_index(eval_dataset)
 
         self._has_reward_funcs = bool(reward_funcs)
         reward_failures = []
@@ -249,6 +248,31 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
         self._pair_table = {}  # mode -> global per-row values that `pairing="all"` pairs against
         self._teacher_tokens_seen = 0
         self._setup_teacher_generation(args, train_dataset, eval_dataset, is_peft)
+
+    # ---- data loaders -------------------------------------------------------------------------------------------
+    # The rows of a stream get their position (`_with_row_index`, for errors that name the row) in the loader only:
+    # `trainer.train_dataset` / `eval_dataset` stay the user's objects, as in GRPOTrainer.
+    def get_train_dataloader(self):
+        dataset = self.train_dataset
+        self.train_dataset = _with_row_index(dataset)
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self.train_dataset = dataset
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        if eval_dataset is not None and not isinstance(eval_dataset, str):  # a dataset given to `evaluate()`
+            self._check_privileged_column(
+                eval_dataset, "eval_dataset", self.args, check_prompts=self.environment_factories is None
+            )
+            self._check_teacher_prompts(eval_dataset, "eval_dataset")
+            return super().get_eval_dataloader(_with_row_index(eval_dataset))
+        datasets = self.eval_dataset
+        self.eval_dataset = _with_row_index(datasets)
+        try:
+            return super().get_eval_dataloader(eval_dataset)
+        finally:
+            self.eval_dataset = datasets
 
     # ---- construction checks ------------------------------------------------------------------------------------
     @staticmethod
@@ -867,7 +891,7 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
             mask,
             temperature=self.temperature,
             max_rows=None if batch_size is None else 2 * batch_size,
-            autocast=self.accelerator.autocast(),
+            autocast=self.accelerator.autocast,
         )
         sums = (per_token * scored).sum(-1)  # tool results are attended to but not scored
         return [sums[i * rows : (i + 1) * rows] for i in range(len(completion_sets))]

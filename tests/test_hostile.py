@@ -352,12 +352,21 @@ def test_streaming_rows_train_and_reward_functions_see_the_row_index(tmp_path, t
         return [0.0] * len(completions)
 
     args = make_args(tmp_path, per_device_train_batch_size=8, shuffle_dataset=False)
+    stream, eval_stream = _stream(rows), _stream(rows[:2])
     trainer = PBSDTrainer(
-        build_random_model(tokenizer), reward, args=args, train_dataset=_stream(rows), processing_class=tokenizer
+        build_random_model(tokenizer),
+        reward,
+        args=args,
+        train_dataset=stream,
+        eval_dataset={"a": eval_stream},
+        processing_class=tokenizer,
     )
+    # the row index is added in the data loaders: the trainer holds the user's datasets, as GRPOTrainer does
+    assert trainer.train_dataset is stream and trainer.eval_dataset["a"] is eval_stream
     trainer.train()
     assert trainer.state.global_step == 1
     assert sorted(set(seen)) == [0, 1]  # the first generation batch: dataset rows 0 and 1, 4 samples each
+    assert trainer.train_dataset is stream
 
 
 # ---- rewards ------------------------------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 """Shared-prefix teacher scoring equals the full `[prompt ; completion]` forward."""
 
+import contextlib
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -42,7 +44,17 @@ def test_shared_prefix_equals_full_forward(max_rows, peft):
     for r, n in enumerate([7, 3, 0, 5, 7, 1, 6, 0, 4]):  # right padding, two empty completions
         completion_mask[r, n:] = 0
         completion_ids[r, n:] = pad
-    got = shared_prefix_token_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask, 0.7, max_rows)
+    entered = []
+
+    @contextlib.contextmanager
+    def single_use_autocast():  # like `Accelerator.autocast()`: a generator-based manager, enterable once
+        entered.append(True)
+        yield
+
+    got = shared_prefix_token_logps(
+        model, prompt_ids, prompt_mask, completion_ids, completion_mask, 0.7, max_rows, autocast=single_use_autocast
+    )
+    assert len(entered) == (1 if max_rows is None else 3)  # one context per chunk of whole prompt groups
     expected = full_forward_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask, 0.7)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     assert (got[completion_mask == 0] == 0).all() and (got[completion_mask == 1] < 0).all()

@@ -126,15 +126,23 @@ def test_teacher_scores_with_teacher_prompt_and_weights_student_with_its_own(
         assert all(p.grad is None for p in trainer.teacher.model.parameters())
 
 
-def test_fused_kernel_and_trl_head_give_the_same_step(tmp_path, tokenizer, dataset):
-    """One PBSD step with pbsd-trl's kernel and with TRL's fused head: same loss, same update."""
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_fused_kernel_and_trl_head_give_the_same_step(tmp_path, tokenizer, dataset, accumulation):
+    """One PBSD step with pbsd-trl's kernel and with TRL's fused head: same loss, same update. With gradient
+    accumulation the generation batch spans several micro-batches, so the kernel's teacher scoring runs in several
+    chunks (regression: each chunk entered the same single-use autocast context)."""
     results = []
     for fused in (True, False):
         torch.manual_seed(0)
         model = build_random_model(tokenizer, seed=3)
         # SGD: the update is the gradient itself (Adam amplifies float noise on near-zero gradients)
         args = make_args(
-            tmp_path / str(fused), use_fused_logprob_kernel=fused, max_steps=1, optim="sgd", learning_rate=1.0
+            tmp_path / str(fused),
+            use_fused_logprob_kernel=fused,
+            max_steps=1,
+            optim="sgd",
+            learning_rate=1.0,
+            gradient_accumulation_steps=accumulation,
         )
         trainer = PBSDTrainer(model, contains_answer, args=args, train_dataset=dataset, processing_class=tokenizer)
         trainer.train()
@@ -312,6 +320,24 @@ def test_missing_privileged_column_fails_at_construction(tmp_path, tokenizer, da
             train_dataset=dataset.remove_columns("privileged_context"),
             processing_class=tokenizer,
         )
+
+
+def test_dataset_given_to_evaluate_is_checked_before_generation(tmp_path, tokenizer, dataset):
+    trainer = PBSDTrainer(
+        build_random_model(tokenizer),
+        contains_answer,
+        args=make_args(tmp_path, per_device_eval_batch_size=8),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+    calls = []
+    trainer._generate = lambda *args, **kwargs: calls.append(args)  # must not be reached
+    with pytest.raises(ValueError, match="eval_dataset has no privileged-context column 'privileged_context'"):
+        trainer.evaluate(eval_dataset=make_math_dataset("eval", n=4).remove_columns("privileged_context"))
+    assert not calls
+    del trainer._generate
+    metrics = trainer.evaluate(eval_dataset=make_math_dataset("eval", n=4))
+    assert "eval_pbsd/margin" in metrics
 
 
 @pytest.mark.parametrize(

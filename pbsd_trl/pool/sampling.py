@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -107,7 +108,13 @@ def sequence_logps(
     c_ids, c_mask = _right_pad(completion_ids, pad_id, device)
     if supports_shared_prefix(model):
         per_token = shared_prefix_token_logps(
-            model, p_ids, p_mask, c_ids, c_mask, temperature=temperature, autocast=_autocast(device, bf16)
+            model,
+            p_ids,
+            p_mask,
+            c_ids,
+            c_mask,
+            temperature=temperature,
+            autocast=functools.partial(_autocast, device, bf16),
         )
         return per_token.sum(-1).tolist()
     input_ids, attention_mask, labels = concat_prompt_completion(p_ids, p_mask, c_ids, c_mask)

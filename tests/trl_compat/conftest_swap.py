@@ -36,8 +36,18 @@ _real_load_dataset = datasets.load_dataset
 def load_dataset(path, name=None, *args, split=None, **kwargs):
     if path == f"{stand_ins.ORG}/zen":
         data = stand_ins.zen(name)
-        return data[split] if split else data
-    return _real_load_dataset(path, name, *args, split=split, **kwargs)
+        data = data[split] if split else data
+        if kwargs.get("streaming"):
+            data = (
+                data.to_iterable_dataset()
+                if split
+                else datasets.IterableDatasetDict({key: value.to_iterable_dataset() for key, value in data.items()})
+            )
+    else:
+        data = _real_load_dataset(path, name, *args, split=split, **kwargs)
+    # the user's swap: the data gets its privileged-context column where it is loaded (so the datasets a test
+    # later hands to the trainer or to `evaluate()` are the ones it loaded)
+    return _with_context(data) if os.environ.get("PBSD_TRL_COMPAT_TRAINER") == "pbsd" else data
 
 
 def _with_context(dataset):
