@@ -55,8 +55,10 @@ def _with_context(dataset):
         return None
     if isinstance(dataset, dict):
         return type(dataset)({key: _with_context(value) for key, value in dataset.items()})
-    columns = getattr(dataset, "column_names", None) or []
-    if "privileged_context" in columns:
+    columns = getattr(dataset, "column_names", None)
+    if columns is None and isinstance(dataset, datasets.IterableDataset):  # a mapped stream: schema unknown
+        columns = list(next(iter(dataset), {}))
+    if "privileged_context" in (columns or []):
         return dataset
     if isinstance(dataset, datasets.Dataset):
         return dataset.add_column("privileged_context", [PRIVILEGED_CONTEXT] * len(dataset))
