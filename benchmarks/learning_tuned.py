@@ -580,6 +580,27 @@ def execute_train(ctx: TaskContext, spec: dict, desc: str) -> dict:
     }
 
 
+def run_machine() -> str:
+    """What a stored run was measured on (its CPU seconds are comparable only with runs on the same machine type)."""
+    import platform
+
+    import torch
+
+    desc = machine_description()
+    cpu = desc.get("Model name") or platform.processor() or platform.machine()
+    return f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+
+
+def machines_of_runs(cache_dir, tasks) -> dict:
+    """Stored runs of `tasks` per machine (runs stored before machines were recorded count as `not recorded`)."""
+    counts: dict[str, int] = {}
+    for task in tasks:
+        for path in sorted((Path(cache_dir) / task).glob("*.json")):
+            machine = json.loads(path.read_text()).get("machine", "not recorded")
+            counts[machine] = counts.get(machine, 0) + 1
+    return counts
+
+
 def _loadavg():
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -724,6 +745,7 @@ class Runner:
             self.errors.append(f"{desc}: {type(err).__name__}: {err}")
             return None
         self.executed += 1
+        result["machine"] = run_machine()
         self.cache.put(spec, result)
         print(
             f"[learning_tuned] {desc}: done in {time.perf_counter() - t0:.0f} s"
@@ -916,6 +938,9 @@ def write_report(path: Path, payload: dict, plots: dict) -> None:
         "## Machine",
         "",
         *[f"- {k}: {v}" for k, v in payload["machine"].items()],
+        "- stored runs by machine: "
+        + "; ".join(f"{m}: {n}" for m, n in machines_of_runs(a["cache_dir"], a["tasks"]).items())
+        + " (CPU seconds, hence the `time` budget, compare only within one machine type)",
         "",
         "## Protocol",
         "",

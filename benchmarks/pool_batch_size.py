@@ -97,7 +97,8 @@ def main(argv=None):
     lines += [
         f"The shipped math base model, {args.rows} training rows x K={K} samples, 56 completion tokens, temperature 1, "
         f"{args.device}{' bf16' if args.device != 'cpu' else ' fp32'}; median of {args.rounds} interleaved rounds. "
-        "Tokens per second count the generated completion tokens; the time includes the teacher scoring.",
+        "Tokens per second count the generated completion tokens; the time includes the teacher log-probs (read "
+        "off the decoding steps in float32, else a scoring pass).",
         "",
         f"| completions per call | seconds (each round) | tokens/s | vs {reference} |",
         "|---|---|---|---|",

@@ -160,6 +160,13 @@ class PBSDConfig(GRPOConfig):
             with the EMA adapter). Only with
             transformers' `generate` (not vLLM, not continuous batching). The samples have the same distribution as
             with two calls (they are not the same draws: the random numbers are consumed in another order).
+        teacher_logps_from_generation (`bool` or `None`, *optional*, defaults to `None`):
+            With one generation pass whose teacher rows are sampled with the teacher's own weights (a `live` teacher,
+            or the `base`/`ema` teacher of a PEFT student), take the teacher's log-probs of its samples from the
+            logits of the decoding steps that drew them instead of scoring them again: the same function of the same
+            weights, computed incrementally. `None` does so where the model computes in float32 without mixed
+            precision (decoding and scoring then agree to float rounding); `True` also in bf16/fp16, where a KV-cached
+            decode can differ from a full forward by more than the rounding of one; `False` always scores them.
         share_prompt_prefill (`bool`, *optional*, defaults to `True`):
             In transformers' `generate` calls (student, teacher, one generation pass), prefill each distinct prompt
             row of the batch once and repeat its KV cache for the prompt's samples, instead of prefilling every row
@@ -268,6 +275,14 @@ class PBSDConfig(GRPOConfig):
     one_generation_pass: bool = field(
         default=True,
         metadata={"help": "Draw student and teacher samples in one generate call when they can share weights."},
+    )
+
+    teacher_logps_from_generation: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Take the teacher's log-probs of its one-pass samples from the decoding logits. None (default): "
+            "where the model computes in float32; True: also in mixed precision; False: score them."
+        },
     )
 
     share_prompt_prefill: bool = field(

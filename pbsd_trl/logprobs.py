@@ -10,6 +10,7 @@ untouched, so generation and TRL's own `fused_lm_head=True` path keep working.
 each trainer patches the model's own forward instead of wrapping the previous trainer's heads.
 """
 
+import contextlib
 import functools
 import types
 
@@ -139,3 +140,71 @@ def right_pad_to(tensor: torch.Tensor, width: int, value: int) -> torch.Tensor:
     if tensor.size(1) >= width:
         return tensor
     return torch.nn.functional.pad(tensor, (0, width - tensor.size(1)), value=value)
+
+
+class SampledTokenLogps:
+    """Log-probs, at `temperature`, of the tokens a `generate` call samples, read off its decoding steps' logits.
+
+    Registered as a forward hook (`with_kwargs=True`) on the causal LM while `generate` runs, it keeps the
+    log-softmax of the last position's logits of each call (the raw logits, before any logits processor, which is
+    what scoring a sample computes) and, at the next call, gathers it at the token fed in, which is the token sampled
+    from it. The sampling weights' own log-probs of their samples then need no second forward pass.
+    """
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self.fed: list[torch.Tensor] = []  # the token fed to call k + 1: the sample drawn from call k's logits
+        self.logps: list[torch.Tensor] = []
+        self.pending: torch.Tensor | None = None
+        self.failed = False
+
+    def __call__(self, module, args, kwargs, output):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        logits = getattr(output, "logits", None)
+        if input_ids is None or logits is None or logits.dim() != 3:
+            self.failed = True  # inputs_embeds or a patched head: leave these samples to scoring
+            return
+        if self.pending is not None:
+            token = input_ids[:, -1:]
+            self.fed.append(token.squeeze(1))
+            self.logps.append(self.pending.gather(1, token).squeeze(1))
+        self.pending = torch.log_softmax(logits[:, -1].float() / self.temperature, dim=-1)
+
+    def per_row(self, completion_ids: list[list[int]]) -> list[list[float]] | None:
+        """Per-token log-probs of each row's completion (cut after EOS, as GRPO returns them), or None where the
+        recorded steps do not line up with the completions (then they must be scored)."""
+        steps = len(self.logps) + 1 if self.pending is not None else 0
+        if self.failed or steps == 0 or self.pending.size(0) != len(completion_ids):
+            return None
+        fed = torch.stack(self.fed, 1).tolist() if self.fed else [[] for _ in completion_ids]
+        logps = torch.stack(self.logps, 1).tolist() if self.logps else [[] for _ in completion_ids]
+        rows = []
+        for i, ids in enumerate(completion_ids):
+            length = len(ids)
+            if length > steps or ids[: min(length, steps - 1)] != fed[i][: min(length, steps - 1)]:
+                return None
+            row = logps[i][: min(length, steps - 1)]
+            if length == steps:  # its last token was never fed back
+                row.append(self.pending[i, ids[-1]].item())
+            rows.append(row)
+        return rows
+
+
+def use_decoding_logps(setting: bool | None, model, mixed_precision: bool) -> bool:
+    """`teacher_logps_from_generation`: the setting, or for `None` whether `model` decodes and scores in float32 (no
+    mixed precision), where an incremental decode and a full forward agree to float rounding."""
+    if setting is not None:
+        return bool(setting)
+    return not mixed_precision and all(p.dtype == torch.float32 for p in model.parameters())
+
+
+@contextlib.contextmanager
+def record_sampled_token_logps(model, temperature: float):
+    """While active, `model`'s forward calls (a `generate` call's decoding steps) feed a [`SampledTokenLogps`]."""
+    causal_lm = model.get_base_model() if hasattr(model, "peft_config") else model
+    recorder = SampledTokenLogps(temperature)
+    handle = causal_lm.register_forward_hook(recorder, with_kwargs=True)
+    try:
+        yield recorder
+    finally:
+        handle.remove()

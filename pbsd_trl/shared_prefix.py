@@ -167,6 +167,136 @@ def _preallocate(cache, room: int) -> None:
         layer.update = types.MethodType(_append_in_place, layer)
 
 
+# ---- shared-prefix attention -------------------------------------------------------------------------------------
+# Repeating a prompt's cache for its G samples still makes every decoding step read G copies of it: attention over
+# the prompt is most of a decoding step, and PBSD's teacher prompts are several times wider than the completions.
+# When every distinct prompt has as many samples, the cache keeps one copy of each prompt (`U` rows) and a per-row
+# buffer for the completion; a decoding step attends to the prompt with the G samples' queries stacked into one
+# matrix product per prompt, to the completion per row, and merges the two softmax parts by their log-sum-exp: the
+# same attention, up to floating-point rounding.
+SHARED_PREFIX_ATTENTION = "pbsd_shared_prefix"
+
+
+class _SharedPrefix:
+    """One layer's prompt cache `(U, kv_heads, P, d)`, its padding mask `(U, P)`, and the row order grouping the
+    batch's rows by prompt (`order`, `G` rows per prompt; `restore` undoes it)."""
+
+    def __init__(self, keys, values, mask, inverse):
+        self.keys, self.values, self.mask = keys, values, mask.bool()
+        self.order = torch.argsort(inverse, stable=True)
+        self.restore = torch.argsort(self.order)
+        self.group = inverse.numel() // keys.size(0)
+        self.pending = False  # keys appended and not yet attended to: the model bypassed this attention
+
+
+def _attend(query, key, value, scaling, mask=None):
+    """Softmax attention of `query (N, kv, Q, d)` over `key/value (N, kv, L, d)`, in float32 with its log-sum-exp."""
+    scores = torch.matmul(query, key.transpose(-1, -2)).float() * scaling
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    out = torch.matmul(torch.exp(scores - lse).to(value.dtype), value).float()
+    return out, lse
+
+
+def shared_prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention for a decoding step over a [`_SharedPrefix`] cache (`key`/`value` hold the completion part only)."""
+    prefix = getattr(key, "pbsd_prefix", None)
+    if prefix is None:
+        raise RuntimeError(
+            "Shared-prefix attention got keys without their prompt cache: the model transforms the cache's keys "
+            "before attention. Pass `share_prompt_prefill=False`."
+        )
+    if dropout or kwargs.get("softcap") is not None or kwargs.get("sliding_window") is not None:
+        raise RuntimeError("Shared-prefix attention supports plain full attention without dropout or softcapping.")
+    prefix.pending = False
+    batch, heads, q_len, dim = query.shape
+    kv_heads = key.size(1)
+    groups = heads // kv_heads
+    scaling = dim**-0.5 if scaling is None else scaling
+    # prompt part: the G samples of a prompt (and the query heads of a kv head) as the rows of one product
+    units, group = prefix.keys.size(0), prefix.group
+    grouped = query[prefix.order].reshape(units, group, kv_heads, groups * q_len, dim).transpose(1, 2)
+    out_p, lse_p = _attend(
+        grouped.reshape(units, kv_heads, group * groups * q_len, dim),
+        prefix.keys,
+        prefix.values,
+        scaling,
+        prefix.mask[:, None, None, :],
+    )
+    out_p = out_p.view(units, kv_heads, group, groups * q_len, dim).transpose(1, 2).reshape(batch, kv_heads, -1, dim)
+    lse_p = lse_p.view(units, kv_heads, group, groups * q_len, 1).transpose(1, 2).reshape(batch, kv_heads, -1, 1)
+    out_p, lse_p = out_p[prefix.restore], lse_p[prefix.restore]
+    # completion part: per row, causal within the step's queries (generation feeds no padding after the prompt)
+    length = key.size(-2)
+    causal = torch.ones(q_len, length, dtype=torch.bool, device=query.device).tril(length - q_len)
+    causal = causal.repeat(groups, 1)  # rows: (query head within the kv head, query position)
+    out_s, lse_s = _attend(query.reshape(batch, kv_heads, groups * q_len, dim), key, value, scaling, causal)
+    top = torch.maximum(lse_p, lse_s)
+    weight_p, weight_s = torch.exp(lse_p - top), torch.exp(lse_s - top)
+    out = (weight_p * out_p + weight_s * out_s) / (weight_p + weight_s)
+    out = out.view(batch, heads, q_len, dim).to(query.dtype)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_shared_prefix_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(SHARED_PREFIX_ATTENTION, shared_prefix_attention)
+
+
+def _append_completion(layer, key_states, value_states, *args, **kwargs):
+    """[`_append_in_place`] for a [`_SharedPrefix`] layer: the returned keys carry the layer's prompt cache."""
+    prefix = layer.pbsd_prefix
+    if prefix.pending:
+        raise RuntimeError(
+            "This model's attention does not dispatch through transformers' AttentionInterface, which shared-prefix "
+            "generation needs. Pass `share_prompt_prefill=False`."
+        )
+    keys, values = _append_in_place(layer, key_states, value_states)
+    keys.pbsd_prefix, prefix.pending = prefix, True
+    return keys, values
+
+
+def _share_prefix(cache, inverse, prefix_mask, room: int) -> None:
+    """Turn the prefilled cache of `U` distinct prompts into [`_SharedPrefix`] layers with per-row buffers of `room`
+    positions for the completions of the `B` rows (`inverse[b]`: row b's prompt)."""
+    for layer in cache.layers:
+        prefix = _SharedPrefix(layer.keys, layer.values, prefix_mask, inverse)
+        rows = inverse.numel()
+        shape = (rows, layer.keys.size(1), room, layer.keys.size(-1))
+        layer.pbsd_keys, layer.pbsd_values = layer.keys.new_empty(shape), layer.values.new_empty(shape)
+        layer.pbsd_length, layer.pbsd_prefix = 0, prefix
+        layer.keys, layer.values = layer.pbsd_keys[:, :, :0], layer.pbsd_values[:, :, :0]
+        layer.update = types.MethodType(_append_completion, layer)
+        prompt = prefix.keys.size(-2)
+        layer.get_seq_length = types.MethodType(lambda self, _p=prompt: _p + self.pbsd_length, layer)
+
+
+def can_share_prefix_attention(model, cache, inverse: torch.Tensor) -> bool:
+    """Every distinct prompt has the same number of rows (more than one), every cache layer is a plain initialized
+    `DynamicLayer`, and attention has no dropout to apply."""
+    from transformers.cache_utils import DynamicLayer
+
+    counts = torch.bincount(inverse)
+    if counts.numel() == inverse.numel() or not (counts == counts[0]).all():
+        return False
+    if any(type(layer) is not DynamicLayer or not layer.is_initialized for layer in cache.layers):
+        return False
+    return not (model.training and getattr(model.config.get_text_config(), "attention_dropout", 0.0))
+
+
+@contextlib.contextmanager
+def _attention_implementation(model, name: str):
+    config = model.config.get_text_config()
+    previous = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+
+
 def _generation_setting(model, generation_config, name: str, default=None):
     # unset fields of the call's config fall back to the model's, as `generate` merges them
     for config in (generation_config, getattr(model, "generation_config", None)):
@@ -198,12 +328,14 @@ def can_prefill_once(model, generation_config, kwargs: dict) -> bool:
 
 
 @torch.no_grad()
-def generate_with_shared_prefill(generate, model, select_rows=None, **kwargs):
+def generate_with_shared_prefill(generate, model, select_rows=None, share_attention=True, **kwargs):
     """`generate(**kwargs)` with each distinct prompt row of the batch prefilled once, into a preallocated cache.
 
     `generate` is the model's bound `generate`; `select_rows(index)` (optional) switches per-row state the model holds
     (e.g. per-row LoRA scalings) to the rows `index` of the batch, and `select_rows(None)` back to the whole batch.
-    The last prompt position is left to `generate`, which computes the first sampled token's logits from it.
+    The last prompt position is left to `generate`, which computes the first sampled token's logits from it. With
+    `share_attention` (and as many rows for every distinct prompt) the cache keeps one copy of each prompt and the
+    decoding steps attend to it once per prompt ([`shared_prefix_attention`]).
     """
     input_ids, attention_mask = kwargs["input_ids"], kwargs.get("attention_mask")
     if attention_mask is None:
@@ -224,14 +356,21 @@ def generate_with_shared_prefill(generate, model, select_rows=None, **kwargs):
         if select_rows is not None:
             select_rows(None)
     cache = out.cache if "cache" in out else out.past_key_values
-    cache.batch_select_indices(inverse)
     config = kwargs.get("generation_config")
     max_new_tokens = _generation_setting(model, config, "max_new_tokens")
     if max_new_tokens is None:
         max_new_tokens = max(0, _generation_setting(model, config, "max_length", 20) - width)
-    _preallocate(cache, max_new_tokens + 1)  # + the last prompt position, which `generate` runs
+    room = max_new_tokens + 1  # + the last prompt position, which `generate` runs
     causal_lm = model.get_base_model() if hasattr(model, "peft_config") else model
-    return generate(**{**kwargs, "attention_mask": attention_mask, _cache_keyword(causal_lm): cache})
+    kwargs = {**kwargs, "attention_mask": attention_mask, _cache_keyword(causal_lm): cache}
+    if share_attention and can_share_prefix_attention(causal_lm, cache, inverse):
+        _register_shared_prefix_attention()
+        _share_prefix(cache, inverse, u_mask, room)
+        with _attention_implementation(causal_lm, SHARED_PREFIX_ATTENTION):
+            return generate(**kwargs)
+    cache.batch_select_indices(inverse)
+    _preallocate(cache, room)
+    return generate(**kwargs)
 
 
 @contextlib.contextmanager

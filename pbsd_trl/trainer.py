@@ -21,8 +21,10 @@ from .logprobs import (
     add_pbsd_logprob_head,
     concat_prompt_completion,
     pad_token_lists,
+    record_sampled_token_logps,
     reset_forward_patches,
     right_pad_to,
+    use_decoding_logps,
 )
 from .loss import (
     DROPPED_LABEL,
@@ -496,6 +498,17 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
         if args.one_generation_pass and not self.use_vllm and not self.use_transformers_continuous_batching:
             self._one_pass_mode = "shared" if same_weights else "adapters" if per_row_adapters else None
         self._one_pass = None  # the plan of the step being generated
+        # A one-pass call samples the teacher rows with the teacher's own weights (live, or the base/EMA adapter rows)
+        # except when a non-live teacher's samples come from the live weights: then its logits are the teacher's
+        samples_with_teacher_weights = args.teacher_model_kind == "live" or args.teacher_samples_from == "teacher"
+        reuse = use_decoding_logps(
+            args.teacher_logps_from_generation,
+            self.accelerator.unwrap_model(self.model),
+            self.accelerator.mixed_precision != "no",
+        )
+        self._teacher_logps_from_generation = (
+            reuse and self._one_pass_mode is not None and samples_with_teacher_weights
+        )
 
     def teacher_weights_model(self):
         """The module holding the teacher's weights (the frozen copy, or the PEFT model whose adapter it disables)."""
@@ -564,6 +577,17 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
         completions = self._decode_completions([teacher_prompts[i] for i in teacher_rows], ids)
         return ids, completions, logps
 
+    def _teacher_logps_of_generation(self, one_pass, teacher_rows, sampled_ids, num_rows):
+        """Per-token `(num_rows, T)` teacher log-probs of the teacher samples recorded in the one generation pass, or
+        None where there are none (two calls, a pool, a recording that did not line up)."""
+        rows = None if one_pass is None else one_pass.get("teacher_token_logps")
+        if rows is None or [len(r) for r in rows] != [len(ids) for ids in sampled_ids]:
+            return None
+        per_token = torch.zeros(num_rows, max([len(r) for r in rows], default=0), device=self.accelerator.device)
+        for i, row in zip(teacher_rows, rows, strict=True):
+            per_token[i, : len(row)] = torch.tensor(row, device=per_token.device)
+        return per_token
+
     def _decode_completions(self, prompts, completion_ids):
         """Completions as `_generate` decodes them (text, or an assistant message for conversational prompts)."""
         from trl.data_utils import is_conversational
@@ -611,14 +635,30 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
             active = self.accelerator.unwrap_model(self.model).active_adapter
             teacher = "__base__" if self.teacher.kind == "base" else TEACHER_ADAPTER_NAME  # PEFT's name for "none"
             adapters = [active] * num_student + [teacher] * len(plan["teacher_ids"])
-        with self._per_row_adapters(adapters) as select_rows, self._shared_prompt_prefill(images, select_rows):
+        with (
+            self._per_row_adapters(adapters) as select_rows,
+            self._shared_prompt_prefill(images, select_rows),
+            self._sampled_token_logps() as recorder,
+        ):
             ids, logprobs = super()._generate_single_turn(
                 list(prompt_ids) + plan["teacher_ids"], images, multimodal_fields, num_generations, has_tool_images
             )
         split = lambda values: (None, None) if values is None else (values[:num_student], values[num_student:])  # noqa: E731
         (student_ids, teacher_ids), (student_logprobs, teacher_logprobs) = split(ids), split(logprobs)
         plan["teacher_result"] = (teacher_ids, teacher_logprobs)
+        if recorder is not None:
+            plan["teacher_token_logps"] = split(recorder.per_row(ids))[1]
         return student_ids, student_logprobs
+
+    @contextlib.contextmanager
+    def _sampled_token_logps(self):
+        """Records the log-probs of the one-pass call's samples when they are the teacher's (see
+        `teacher_logps_from_generation`); yields None otherwise."""
+        if not self._teacher_logps_from_generation:
+            yield None
+            return
+        with record_sampled_token_logps(self.accelerator.unwrap_model(self.model_wrapped), self.temperature) as rec:
+            yield rec
 
     @contextlib.contextmanager
     def _shared_prompt_prefill(self, images, select_rows=None):
@@ -703,6 +743,7 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
             )
         from_pool = self._pool_serves(inputs)
         self._one_pass = None if from_pool else self._plan_one_pass([teacher_prompts[i] for i in teacher_rows])
+        one_pass = self._one_pass
 
         output = super()._generate_and_score_completions(inputs)
         student_rewards_global = self._last_rewards_per_func
@@ -781,13 +822,20 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
             with self.teacher.active():
                 scorer = self.teacher.scoring_model(self.model)
                 sets = [(output["completion_ids"], output["completion_mask"], student_scored)]
-                if pool_logps is None:
+                generation_logps = self._teacher_logps_of_generation(one_pass, teacher_rows, sampled_ids, num_rows)
+                if pool_logps is None and generation_logps is None:
                     sets.append((teacher_completion_ids, teacher_completion_mask, teacher_scored))
                 teacher_logps_student, *rest = self._teacher_sequence_logps(
                     scorer, teacher_prompt_ids, teacher_prompt_mask, sets, batch_size
                 )
-                if pool_logps is None:
+                if rest:
                     teacher_logps_teacher = rest[0]
+                elif generation_logps is not None:
+                    # the teacher's log-probs of its own samples, recorded while it sampled them in the one pass
+                    width = teacher_scored.size(1)
+                    teacher_logps_teacher = (right_pad_to(generation_logps, width, 0)[:, :width] * teacher_scored).sum(
+                        -1
+                    )
                 else:
                     teacher_logps_teacher = torch.zeros(num_rows, device=device)
                     teacher_logps_teacher[teacher_rows] = torch.tensor(pool_logps, device=device)

@@ -149,3 +149,111 @@ def test_shared_prompt_prefill_draws_the_same_samples(tmp_path, setup, monkeypat
     for key in ("completion", "teacher_completion"):
         assert _completions(a[f"{key}_ids"], a[f"{key}_mask"]) == _completions(b[f"{key}_ids"], b[f"{key}_mask"])
     torch.testing.assert_close(loss_a, loss_b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["live", "lora_base", "lora_ema"])
+def test_teacher_logps_from_generation_equal_scoring(tmp_path, setup, monkeypatch, case):
+    """Where the one pass samples the teacher rows with the teacher's weights, their teacher log-probs come from the
+    decoding logits (one scoring set fewer) and equal a scoring pass over the same samples (sampling on, seed fixed)."""
+    dataset = setup[1]
+    kwargs = {"generation_kwargs": {"do_sample": True}, "temperature": 0.7}
+    peft = None
+    if case == "live":
+        kwargs["teacher_model_kind"] = "live"
+    else:
+        kwargs["teacher_model_kind"], peft = case.split("_")[1], LORA
+    scored_sets = []
+    original = PBSDTrainer._teacher_sequence_logps
+
+    def counting(self, scorer, prompt_ids, prompt_mask, completion_sets, batch_size):
+        scored_sets.append(len(completion_sets))
+        return original(self, scorer, prompt_ids, prompt_mask, completion_sets, batch_size)
+
+    monkeypatch.setattr(PBSDTrainer, "_teacher_sequence_logps", counting)
+    rows = [dict(dataset[i]) for i in range(2) for _ in range(4)]
+    results = []
+    for from_generation in (None, False):  # None: the default, on for this float32 model
+        trainer = _trainer(tmp_path, setup, peft, teacher_logps_from_generation=from_generation, **kwargs)
+        assert trainer._teacher_logps_from_generation is (from_generation is None)
+        scored_sets.clear()
+        inputs, loss = _step(trainer, rows)
+        results.append((inputs, loss, list(scored_sets)))
+    (a, loss_a, sets_a), (b, loss_b, sets_b) = results
+    assert sets_a == [1] and sets_b == [2]  # the student samples only, against both sample sets
+    teacher_a = _completions(a["teacher_completion_ids"], a["teacher_completion_mask"])
+    assert teacher_a == _completions(b["teacher_completion_ids"], b["teacher_completion_mask"])
+    assert len(set(teacher_a)) > 1  # sampled, not one greedy answer repeated
+    logps_a, logps_b = a["teacher_logps_teacher_samples"], b["teacher_logps_teacher_samples"]
+    assert (logps_b != 0).sum() == len(teacher_a)  # every row carries a teacher sample here
+    torch.testing.assert_close(logps_a, logps_b, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-6)
+
+
+def test_teacher_logps_from_generation_only_where_the_samples_are_the_teachers(tmp_path, setup):
+    # a base teacher whose samples come from the live weights: the decoding logits are not the teacher's
+    trainer = _trainer(tmp_path, setup, teacher_samples_from="live", teacher_logps_from_generation=True)
+    assert trainer._one_pass_mode == "shared" and not trainer._teacher_logps_from_generation
+    trainer = _trainer(tmp_path, setup, teacher_model_kind="live", one_generation_pass=False)
+    assert not trainer._teacher_logps_from_generation  # two calls: the teacher's samples are scored
+    tok, dataset, model = setup
+    bf16 = PBSDTrainer(
+        copy.deepcopy(model).to(torch.bfloat16),
+        contains_answer,
+        args=make_args(tmp_path, teacher_model_kind="live"),
+        train_dataset=dataset,
+        processing_class=tok,
+    )
+    assert bf16._one_pass_mode == "shared" and not bf16._teacher_logps_from_generation  # auto: float32 only
+
+
+def test_sampled_token_logps_equal_a_full_forward(setup):
+    """The recorder against log-softmax of one `[prompt ; completion]` forward, with rows that stop early (EOS) and
+    a row cut short by `max_new_tokens`; a completion that does not match what was fed is refused."""
+    from pbsd_trl.logprobs import record_sampled_token_logps
+
+    tok, _, model = setup
+    model = copy.deepcopy(model).eval()
+    prompts = [tok("1+1=")["input_ids"], tok("12*3=")["input_ids"]]
+    width = max(map(len, prompts))
+    input_ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts]).repeat_interleave(3, 0)
+    attention_mask = (torch.arange(width) >= width - torch.tensor([len(p) for p in prompts])[:, None]).long()
+    attention_mask = attention_mask.repeat_interleave(3, 0)
+    eos = tok.eos_token_id
+    # the tiny model rarely samples EOS: favour it so that some rows stop early
+    bias = torch.zeros(model.config.vocab_size)
+    bias[eos] = 0.3
+    handle = model.lm_head.register_forward_hook(lambda m, i, out: out + bias)
+    torch.manual_seed(0)
+    with record_sampled_token_logps(model, temperature=0.8) as recorder:
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            do_sample=True,
+            temperature=0.8,
+            top_k=5,  # a logits processor: the recorded log-probs are of the raw logits, as scoring computes them
+            max_new_tokens=12,
+            eos_token_id=eos,
+            pad_token_id=tok.pad_token_id,
+        )
+    completions = []
+    for row in out[:, width:].tolist():
+        completions.append(row[: row.index(eos) + 1] if eos in row else row)
+    assert min(map(len, completions)) < 12 and max(map(len, completions)) == out.size(1) - width
+    recorded = recorder.per_row(completions)
+    assert recorded is not None and [len(r) for r in recorded] == [len(c) for c in completions]
+    with torch.no_grad():
+        full = torch.cat([input_ids, out[:, width:]], 1)
+        mask = torch.cat([attention_mask, torch.ones_like(out[:, width:])], 1)
+        position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+        logits = model(input_ids=full, attention_mask=mask, position_ids=position_ids).logits
+        logps = torch.log_softmax(logits[:, width - 1 : -1].float() / 0.8, -1)
+    handle.remove()
+    for i, completion in enumerate(completions):
+        expected = logps[i, : len(completion)].gather(1, torch.tensor(completion)[:, None]).squeeze(1)
+        torch.testing.assert_close(torch.tensor(recorded[i]), expected, rtol=1e-5, atol=1e-5)
+    bad = [list(c) for c in completions]
+    longest = max(range(len(bad)), key=lambda i: len(bad[i]))
+    assert len(bad[longest]) >= 2
+    bad[longest][0] = (bad[longest][0] + 1) % model.config.vocab_size  # a token fed back to the model: checked
+    assert recorder.per_row(bad) is None
+    assert recorder.per_row(completions[:-1]) is None

@@ -316,9 +316,8 @@ def test_default_pool_is_not_used_for_a_moving_teacher(tmp_path, model, tokenize
 def test_default_pool_batch_size_by_device():
     from pbsd_trl.pool import default_pool_batch_size
 
-    assert default_pool_batch_size("cpu") == 64
-    assert default_pool_batch_size(torch.device("cuda")) == 256
-    assert default_pool_batch_size("cpu", num_samples=100) == 100  # one row's K samples always fit a call
+    assert default_pool_batch_size("cpu") == default_pool_batch_size(torch.device("cuda")) == 256
+    assert default_pool_batch_size("cpu", num_samples=300) == 300  # one row's K samples always fit a call
 
 
 def test_build_prefills_each_rows_prompt_once(tmp_path, model, tokenizer, dataset, monkeypatch):
@@ -383,3 +382,33 @@ def test_build_command_on_local_files(tmp_path, model, tokenizer, dataset):
         processing_class=tokenizer,
     )
     assert trainer.args.teacher_pool == str(pool_dir)
+
+
+def test_build_reads_teacher_logps_off_the_decoding_steps(tmp_path, model, tokenizer, dataset, monkeypatch):
+    """In float32 the build takes the teacher's log-probs of its samples from the logits that drew them (no scoring
+    pass); they equal a scoring pass over the same samples and an independent float64 forward."""
+    import pbsd_trl.pool.build as build
+
+    scored = []
+    original = build.sequence_logps
+    monkeypatch.setattr(build, "sequence_logps", lambda *a, **kw: scored.append(1) or original(*a, **kw))
+    subset = dataset.select(range(4))
+    pools = {}
+    for setting in (None, False):
+        scored.clear()
+        path = str(tmp_path / f"pool-{setting}")
+        args = make_args(tmp_path, teacher_logps_from_generation=setting, temperature=0.7)
+        pools[setting] = build_teacher_pool(copy.deepcopy(model), tokenizer, subset, path, args, K, progress=False)
+        assert bool(scored) is (setting is False)
+    decoded, rescored = pools[None], pools[False]
+    assert decoded["completion_ids"] == rescored["completion_ids"]  # the recording consumes no random numbers
+    torch.testing.assert_close(
+        torch.tensor(decoded["teacher_logps"]), torch.tensor(rescored["teacher_logps"]), rtol=1e-5, atol=1e-4
+    )
+    row = decoded[0]
+    prompt_ids = tokenize_prompts(
+        tokenizer, teacher_prompt_builder(tokenizer, make_args(tmp_path))([subset[0]["prompt"]], [subset[0]])[0]
+    )[0]
+    assert row["key"] == row_key(subset[0]["prompt"], subset[0]["privileged_context"])
+    for completion, logp in zip(row["completion_ids"], row["teacher_logps"], strict=True):
+        assert logp == pytest.approx(reference_logp(model, prompt_ids, completion, 0.7), rel=1e-4, abs=1e-4)

@@ -180,3 +180,87 @@ def test_preallocated_cache_appends_like_concatenation():
             for e, g in zip(expected, got, strict=True):
                 assert torch.equal(e, g)
     assert in_place.get_seq_length() == plain.get_seq_length() == ids.size(1) + 7
+
+
+@pytest.mark.parametrize("q_len", [1, 3])
+def test_shared_prefix_attention_equals_attention_over_the_repeated_cache(q_len):
+    """Prompt part once per prompt (GQA, left padding, interleaved groups) merged with the per-row completion part,
+    against float64 softmax attention over `[prompt repeated ; completion]` keys with the equivalent mask."""
+    from types import SimpleNamespace
+
+    from pbsd_trl.shared_prefix import _SharedPrefix, shared_prefix_attention
+
+    gen = torch.Generator().manual_seed(0)
+    units, group, heads, kv_heads, dim, prompt, length = 3, 4, 4, 2, 8, 7, 5
+    inverse = torch.tensor([u for _ in range(group) for u in range(units)])  # rows of a prompt interleaved
+    prefix_mask = torch.ones(units, prompt, dtype=torch.bool)
+    prefix_mask[1, :3] = prefix_mask[2, :5] = False  # left padding
+    keys_p, values_p = torch.randn(2, units, kv_heads, prompt, dim, generator=gen)
+    batch = units * group
+    query = torch.randn(batch, heads, q_len, dim, generator=gen)
+    keys_s, values_s = torch.randn(2, batch, kv_heads, length, dim, generator=gen)
+    keys_s.pbsd_prefix = _SharedPrefix(keys_p, values_p, prefix_mask, inverse)
+    out, _ = shared_prefix_attention(SimpleNamespace(), query, keys_s, values_s, None, scaling=0.3)
+
+    keys = torch.cat([keys_p[inverse], keys_s], dim=2).double().repeat_interleave(heads // kv_heads, dim=1)
+    values = torch.cat([values_p[inverse], values_s], dim=2).double().repeat_interleave(heads // kv_heads, dim=1)
+    causal = torch.ones(q_len, length, dtype=torch.bool).tril(length - q_len)
+    mask = torch.cat([prefix_mask[inverse][:, None, :].expand(-1, q_len, -1), causal.expand(batch, -1, -1)], dim=-1)
+    scores = (query.double() @ keys.transpose(-1, -2) * 0.3).masked_fill(~mask[:, None], float("-inf"))
+    expected = (scores.softmax(-1) @ values).transpose(1, 2)
+    assert out.shape == (batch, q_len, heads, dim)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("repeats", [4, None])
+def test_generation_attends_to_each_prompt_once_where_groups_are_equal(repeats, monkeypatch):
+    """Equal groups: every decoding step of every layer goes through shared-prefix attention, with the same greedy
+    tokens and logits as a plain call; unequal groups keep the repeated cache."""
+    from transformers import GenerationConfig
+
+    import pbsd_trl.shared_prefix as shared_prefix
+
+    tok, model = _tiny_lm(peft=False)
+    ids, mask = _repeated_prompt_batch(tok, model.config.vocab_size, lengths=[9, 4, 13], repeats=repeats or 2)
+    if repeats is None:  # prompt 0 once more: groups of 3, 2, 2
+        ids, mask = torch.cat([ids, ids[:1]]), torch.cat([mask, mask[:1]])
+    config = GenerationConfig(
+        max_new_tokens=6,
+        do_sample=False,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=None,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    calls = []
+    original = shared_prefix.shared_prefix_attention
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(shared_prefix, "shared_prefix_attention", counting)
+    plain = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+    with shared_prefix.shared_prompt_prefill(model):
+        shared = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+    assert model.config._attn_implementation != shared_prefix.SHARED_PREFIX_ATTENTION  # restored
+    assert torch.equal(plain.sequences, shared.sequences)
+    torch.testing.assert_close(torch.stack(shared.logits), torch.stack(plain.logits), rtol=1e-4, atol=1e-4)
+    expected = model.config.num_hidden_layers * config.max_new_tokens if repeats else 0
+    assert len(calls) == expected
+
+
+def test_generation_refuses_a_model_that_bypasses_the_attention_interface(monkeypatch):
+    """A model that does not attend through transformers' AttentionInterface would see only the completion's keys:
+    generation stops with an error naming the way out instead of sampling from a wrong distribution."""
+    from transformers import AttentionInterface, GenerationConfig
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from pbsd_trl.shared_prefix import shared_prompt_prefill
+
+    tok, model = _tiny_lm(peft=False)
+    ids, mask = _repeated_prompt_batch(tok, model.config.vocab_size, lengths=[5, 8], repeats=3)
+    monkeypatch.setattr(AttentionInterface, "get_interface", lambda self, name, default: sdpa_attention_forward)
+    config = GenerationConfig(max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=None)
+    with shared_prompt_prefill(model), pytest.raises(RuntimeError, match="share_prompt_prefill=False"):
+        model.generate(input_ids=ids, attention_mask=mask, generation_config=config)

@@ -86,11 +86,14 @@ def _merge_parts(output_dir: str):
 
 
 def default_pool_batch_size(device, num_samples: int = 1) -> int:
-    """Completions per generate call. On CPU a sample costs more in a larger batch (the built-in math model,
-    1,024 teacher samples: 2,843 tokens/s at 64 per call, 2,431 at 256, 1,475 at 1,024): the batch's KV cache
-    outgrows the CPU caches, and a batch runs until its longest sample ends. A GPU needs large batches to fill it.
-    Never fewer than the `num_samples` (K) completions of one row."""
-    return max(num_samples, 64 if torch.device(device).type == "cpu" else 256)
+    """Completions per generate call: 256, never fewer than the `num_samples` (K) completions of one row.
+
+    A GPU needs large batches to fill it. On CPU (the built-in math model, 1,024 teacher samples,
+    `benchmarks/results/pool_batch_size.md`) 256 per call draws the most tokens per second since decoding attends to
+    each prompt's cache once for its K samples (5,076 tokens/s at 64, 6,615 at 256, 5,555 at 1,024); before that,
+    with every row reading its own copy of the prompt's cache, 64 per call did (2,843 against 2,431 at 256).
+    """
+    return max(num_samples, 256)
 
 
 def build_teacher_pool(
@@ -231,7 +234,7 @@ def build_teacher_pool(
         first_key = mine[batch[0]][0]
         torch.manual_seed(int(hashlib.sha256(f"{seed}:{first_key}".encode()).hexdigest()[:8], 16))
         with base_weights():
-            samples = sampler.sample([prompt_ids[i] for i in batch], num_samples)
+            samples, decoded_logps = sampler.sample([prompt_ids[i] for i in batch], num_samples)
         records = []
         flat_prompts, flat_completions = [], []
         for i, drawn in zip(batch, samples, strict=True):
@@ -246,16 +249,19 @@ def build_teacher_pool(
                     "teacher_prompt_length": len(prompt_ids[i]),
                 }
             )
-        with base_weights():
-            logps = sequence_logps(
-                model,
-                flat_prompts,
-                flat_completions,
-                args.temperature,
-                tokenizer.pad_token_id,
-                device,
-                bf16=bool(args.bf16),
-            )
+        if decoded_logps is not None:
+            logps = [logp for drawn in decoded_logps for logp in drawn]
+        else:
+            with base_weights():
+                logps = sequence_logps(
+                    model,
+                    flat_prompts,
+                    flat_completions,
+                    args.temperature,
+                    tokenizer.pad_token_id,
+                    device,
+                    bf16=bool(args.bf16),
+                )
         for j, record in enumerate(records):
             record["teacher_logps"] = logps[j * num_samples : (j + 1) * num_samples]
         _write_part(output_dir, state.process_index, records)

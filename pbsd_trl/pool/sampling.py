@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..logprobs import record_sampled_token_logps, use_decoding_logps
 from ..shared_prefix import shared_prompt_prefill
 
 
@@ -163,19 +164,32 @@ class HFSampler:
         kwargs.update(args.generation_kwargs or {})
         self.generation_config = GenerationConfig(**kwargs, disable_compile=True)
         self.share_prompt_prefill = getattr(args, "share_prompt_prefill", True)
+        self.eos_ids, self.temperature = list(eos_ids), args.temperature
+        # the teacher samples with its own weights: its log-probs of the samples can be read off the decoding steps
+        self.records_logps = use_decoding_logps(getattr(args, "teacher_logps_from_generation", None), model, bf16)
 
     @torch.no_grad()
-    def sample(self, prompt_ids: list[list[int]], num_samples: int) -> list[list[list[int]]]:
+    def sample(self, prompt_ids: list[list[int]], num_samples: int):
+        """`(completions, logps)`: K completions per prompt (cut after EOS), and their teacher log-prob sums from
+        the decoding steps (`records_logps`), or None where they must be scored."""
         rows = [ids for ids in prompt_ids for _ in range(num_samples)]
         input_ids, attention_mask = _left_pad(rows, self.tokenizer.pad_token_id, self.device)
         # each prompt's K rows share one prefill, as in the trainer's `generate` calls
         prefill = shared_prompt_prefill(self.model) if self.share_prompt_prefill else contextlib.nullcontext()
-        with _autocast(self.device, self.bf16), prefill:
+        record = (
+            record_sampled_token_logps(self.model, self.temperature)
+            if self.records_logps
+            else contextlib.nullcontext()
+        )
+        with _autocast(self.device, self.bf16), prefill, record as recorder:
             out = self.model.generate(
                 input_ids=input_ids, attention_mask=attention_mask, generation_config=self.generation_config
             )
-        completions = out[:, input_ids.size(1) :].tolist()
-        return [completions[i * num_samples : (i + 1) * num_samples] for i in range(len(prompt_ids))]
+        completions = [cut_after_eos(ids, self.eos_ids) for ids in out[:, input_ids.size(1) :].tolist()]
+        per_token = None if recorder is None else recorder.per_row(completions)
+        logps = None if per_token is None else [sum(row) for row in per_token]
+        group = lambda values: [values[i * num_samples : (i + 1) * num_samples] for i in range(len(prompt_ids))]  # noqa: E731
+        return group(completions), None if logps is None else group(logps)
 
 
 class VLLMSampler:
@@ -224,7 +238,8 @@ class VLLMSampler:
             ignore_eos=False,
         )
 
-    def sample(self, prompt_ids: list[list[int]], num_samples: int) -> list[list[list[int]]]:
+    def sample(self, prompt_ids: list[list[int]], num_samples: int):
+        """`(completions, None)`: K completions per prompt; their teacher log-probs are scored by the HF model."""
         prompts = [{"prompt_token_ids": ids} for ids in prompt_ids]
         outputs = self.llm.generate(prompts, self._params(num_samples), use_tqdm=False)
-        return [[list(c.token_ids) for c in out.outputs] for out in outputs]
+        return [[list(c.token_ids) for c in out.outputs] for out in outputs], None
