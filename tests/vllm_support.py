@@ -65,9 +65,15 @@ ENGINE_ENV = {
 
 
 def set_engine_env() -> None:
-    """Item 1. vLLM reads these when it builds an engine; a variable the caller already set wins."""
+    """Item 1. vLLM reads these when it builds an engine; a variable the caller already set wins.
+
+    Also a rendezvous port for the colocated engine's process group: TRL's `ensure_master_addr_port` takes 29500
+    when it looks free, so two test runs on one host that check at the same moment both bind it (EADDRINUSE).
+    """
     for key, value in ENGINE_ENV.items():
         os.environ.setdefault(key, value)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
 # ---- colocate: items 2 and 3 -------------------------------------------------------------------------------------
@@ -331,13 +337,13 @@ class PoolEngineProbe:
         sample = VLLMSampler.sample
 
         def checked_sample(sampler, prompt_ids, num_samples):
-            drawn = sample(sampler, prompt_ids, num_samples)
+            drawn, logps = sample(sampler, prompt_ids, num_samples)
             self.batches += 1
             for prompt, samples in zip(prompt_ids, drawn, strict=True):
                 ids = list(prompt) + list(samples[0])
                 engine = engine_prompt_logps(sampler.llm, ids)
                 self.errors.append((engine - reference_logps(self.reference, ids)).abs().max().item())
-            return drawn
+            return drawn, logps
 
         VLLMSampler.sample = checked_sample
         try:
