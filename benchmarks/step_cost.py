@@ -735,7 +735,7 @@ def pool_lines(result, clock=None):
         f"- Build (before the rounds, `build_teacher_pool`, HF `generate`, {build['batch_size']} completions per call):"
         f" {build['rows']} rows × K={build['num_samples']} samples, {build['tokens']} completion tokens in"
         f" {build['seconds'][clock]:.1f} s {clock} ({build['seconds']['wall']:.1f} s wall), sampling and teacher"
-        f" scoring included: **{build['tokens_per_s'][clock]:.0f} tokens/s** {clock}.",
+        f" log-probs included: **{build['tokens_per_s'][clock]:.0f} tokens/s** {clock}.",
         f"- In-loop teacher generation of PBSD 4+4 (one `generate` call of {in_loop['rows_per_call']:.0f} rows per"
         f" step, {in_loop['tokens_per_call']:.0f} tokens, scoring not included):"
         f" {in_loop['tokens_per_s'][clock]:.0f} tokens/s {clock}. Pool build / in-loop: **{speedup:.1f}×**"

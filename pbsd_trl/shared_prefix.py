@@ -336,8 +336,8 @@ def generate_with_shared_prefill(generate, model, select_rows=None, share_attent
     The last prompt position is left to `generate`, which computes the first sampled token's logits from it. With
     `share_attention` (and as many rows for every distinct prompt) the cache keeps one copy of each prompt and the
     decoding steps attend to it once per prompt ([`shared_prefix_attention`]); `None` (default): on CPU, where it was
-    measured faster (`benchmarks/results/pool_batch_size.md`); elsewhere the model's own attention kernel (e.g.
-    FlashAttention on CUDA) is kept until it is measured there.
+    measured faster for the pool build (`benchmarks/results/pool_batch_size.md`); elsewhere the model's own attention
+    kernel (e.g. FlashAttention on CUDA) is kept until it is measured there.
     """
     input_ids, attention_mask = kwargs["input_ids"], kwargs.get("attention_mask")
     if attention_mask is None:
@@ -378,9 +378,15 @@ def generate_with_shared_prefill(generate, model, select_rows=None, share_attent
 
 
 @contextlib.contextmanager
-def shared_prompt_prefill(model, select_rows=None):
+def shared_prompt_prefill(model, select_rows=None, share_attention=False):
     """While active, `model.generate` prefills each distinct prompt row once (see [`generate_with_shared_prefill`])
-    where that is the same computation, and is a plain call elsewhere."""
+    where that is the same computation, and is a plain call elsewhere.
+
+    `share_attention`: also attend to each prompt's cache once per decoding step (see [`shared_prefix_attention`];
+    `None`: on CPU). Off by default: measured on CPU (`benchmarks/results/step_cost.md`) it pays for large batches of
+    wide prompts (the pool build: 256 completions per call, K=8) and costs time in the trainer's calls of 32-64 rows,
+    whose student prompts are a small part of what a decoding step attends to.
+    """
     original = model.__dict__.get("generate")
     generate = model.generate
 
@@ -391,7 +397,7 @@ def shared_prompt_prefill(model, select_rows=None):
             kwargs["generation_config"] = generation_config
         if not can_prefill_once(model, generation_config, kwargs):
             return generate(**kwargs)
-        return generate_with_shared_prefill(generate, model, select_rows, **kwargs)
+        return generate_with_shared_prefill(generate, model, select_rows, share_attention=share_attention, **kwargs)
 
     model.generate = prefill_once_generate
     try:

@@ -241,7 +241,7 @@ def test_generation_attends_to_each_prompt_once_where_groups_are_equal(repeats, 
 
     monkeypatch.setattr(shared_prefix, "shared_prefix_attention", counting)
     plain = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-    with shared_prefix.shared_prompt_prefill(model):
+    with shared_prefix.shared_prompt_prefill(model, share_attention=True):
         shared = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
     assert model.config._attn_implementation != shared_prefix.SHARED_PREFIX_ATTENTION  # restored
     assert torch.equal(plain.sequences, shared.sequences)
@@ -262,5 +262,5 @@ def test_generation_refuses_a_model_that_bypasses_the_attention_interface(monkey
     ids, mask = _repeated_prompt_batch(tok, model.config.vocab_size, lengths=[5, 8], repeats=3)
     monkeypatch.setattr(AttentionInterface, "get_interface", lambda self, name, default: sdpa_attention_forward)
     config = GenerationConfig(max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=None)
-    with shared_prompt_prefill(model), pytest.raises(RuntimeError, match="share_prompt_prefill=False"):
+    with shared_prompt_prefill(model, share_attention=True), pytest.raises(RuntimeError, match="share_prompt_prefill"):
         model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
