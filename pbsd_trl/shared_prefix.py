@@ -328,16 +328,16 @@ def can_prefill_once(model, generation_config, kwargs: dict) -> bool:
 
 
 @torch.no_grad()
-def generate_with_shared_prefill(generate, model, select_rows=None, share_attention=None, **kwargs):
+def generate_with_shared_prefill(generate, model, select_rows=None, share_attention=False, **kwargs):
     """`generate(**kwargs)` with each distinct prompt row of the batch prefilled once, into a preallocated cache.
 
     `generate` is the model's bound `generate`; `select_rows(index)` (optional) switches per-row state the model holds
     (e.g. per-row LoRA scalings) to the rows `index` of the batch, and `select_rows(None)` back to the whole batch.
     The last prompt position is left to `generate`, which computes the first sampled token's logits from it. With
     `share_attention` (and as many rows for every distinct prompt) the cache keeps one copy of each prompt and the
-    decoding steps attend to it once per prompt ([`shared_prefix_attention`]); `None` (default): on CPU, where it was
-    measured faster for the pool build (`benchmarks/results/pool_batch_size.md`); elsewhere the model's own attention
-    kernel (e.g. FlashAttention on CUDA) is kept until it is measured there.
+    decoding steps attend to it once per prompt ([`shared_prefix_attention`]); `None`: on CPU, where it was measured
+    faster for the pool build (`benchmarks/results/pool_batch_size.md`); elsewhere the model's own attention kernel
+    (e.g. FlashAttention on CUDA) is kept until it is measured there. Off by default, as in [`shared_prompt_prefill`].
     """
     input_ids, attention_mask = kwargs["input_ids"], kwargs.get("attention_mask")
     if attention_mask is None:
