@@ -1,6 +1,9 @@
 """
 Learning benchmark: base vs GRPO vs OPSD/SDFT vs PBSD at an equal budget of generated completion tokens.
 
+The first, untuned comparison (every method at one shared learning rate; report in `benchmarks/results/untuned/`).
+The tuned comparison of issue 15 is `benchmarks/learning_tuned.py`, whose report is `benchmarks/results/learning.md`.
+
 Every method starts from the same built-in tiny base model (`pbsd_trl.tiny.get_base_model("math")`) and trains on the
 built-in arithmetic task with the training settings of `examples/math.py` (8 prompts x 8 samples per step,
 `max_completion_length` 56, lr 1e-4 constant, temperature 1.0). The peers are the real TRL trainers:
@@ -28,7 +31,7 @@ stability view); its numbers up to the budget are exactly those of a run stopped
 rate, evaluation draws from a forked RNG).
 
 Usage:
-    python benchmarks/learning.py                               # full run, writes benchmarks/results/learning.*
+    python benchmarks/learning.py                               # full run, writes benchmarks/results/untuned/learning.*
     python benchmarks/learning.py --quick --output_dir /tmp/x   # CI smoke run (minutes)
 """
 
@@ -677,7 +680,7 @@ def report(payload: dict, out_dir: Path) -> dict:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="CI smoke run: tiny budget, 1 seed, few eval problems.")
-    p.add_argument("--output_dir", default=str(Path(__file__).resolve().parent / "results"))
+    p.add_argument("--output_dir", default=str(Path(__file__).resolve().parent / "results" / "untuned"))
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--budget_tokens", type=int, default=140_000, help="Generated completion tokens per run.")

@@ -919,6 +919,56 @@ def _counter(runs, budget, key):
     return statistics.fmean(values) if values else float("nan")
 
 
+DIAGNOSTIC_WINDOW = 10  # optimizer steps averaged at the start and at the end of a run's headline budget
+DIAGNOSTIC_KEYS = {
+    "reward": "training reward (student samples)",
+    "pbsd/teacher_reward": "reward of the teacher samples",
+    "pbsd/log_ratio_student_samples": "log-ratio of student samples, log π/π_T (nats)",
+    "pbsd/log_ratio_teacher_samples": "log-ratio of teacher samples (nats)",
+    "pbsd/margin": "margin, β·(teacher − student log-ratio)",
+    "pbsd/preference_accuracy": "preference accuracy (margin > 0)",
+}
+
+
+def training_diagnostics(runs: list[dict], budget: str) -> dict:
+    """Per logged metric: its mean over the first and over the last `DIAGNOSTIC_WINDOW` steps before `budget` (each
+    half of the run when it is shorter than two windows), averaged over the runs."""
+    out = {}
+    for key in DIAGNOSTIC_KEYS:
+        first, last = [], []
+        for r in runs:
+            history = r.get("history") or {}
+            values, steps = history.get(key), history.get("step")
+            mark = r.get("marks", {}).get(budget)
+            if not values or not steps or mark is None:
+                continue
+            end = r["points"][mark]["step"]
+            upto = [v for st, v in zip(steps, values, strict=True) if st <= end and v is not None]
+            window = min(DIAGNOSTIC_WINDOW, len(upto) // 2)  # two disjoint windows, halves of a short run
+            if window >= 2:
+                first.append(statistics.fmean(upto[:window]))
+                last.append(statistics.fmean(upto[-window:]))
+        if first:
+            out[key] = (statistics.fmean(first), statistics.fmean(last), len(first))
+    return out
+
+
+def verdicts(task_out: dict, methods, budget: str) -> dict:
+    """PBSD vs every peer at `budget`: (`beat`/`tied`/`lost` or `pending`, Δ mean, Welch p)."""
+    pbsd = test_values(test_result(task_out, "PBSD", budget)[1], budget)
+    out = {}
+    for m in methods:
+        if m == "PBSD":
+            continue
+        peer = test_values(test_result(task_out, m, budget)[1], budget)
+        if len(pbsd) < 2 or len(peer) < 2:
+            out[m] = ("pending", None, None)
+        else:
+            word, diff = verdict(pbsd, peer)
+            out[m] = (word, diff, welch(pbsd, peer)[1])
+    return out
+
+
 def write_report(path: Path, payload: dict, plots: dict) -> None:
     a = payload["config"]
     partial = payload["partial"]
@@ -955,6 +1005,9 @@ def write_report(path: Path, payload: dict, plots: dict) -> None:
         f"- Tuning: {len(a['learning_rates'])} learning rates {list(a['learning_rates'])} x the method's knob, "
         f"selected on validation with seed {a['seeds'][0]}; test seeds {a['seeds']}; stability: seed "
         f"{a['seeds'][0]} to {a['stability_factor']}x the token budget.",
+        "- Execution: every trainer generates with HF `generate` in the training loop; PBSD samples its teacher in "
+        "every step (no teacher-sample pool: `step_cost.md` measures what a pool saves per step), so the `time` "
+        "budget gives PBSD online; the `steps` and `train s` columns give each method's cost per step.",
         "- Verdict: `beat`/`lost` when |Δ mean| > std(PBSD) + std(peer) (sample std over seeds), else `tied`; "
         "Welch's two-sided p-value alongside (3 seeds each: low power).",
         "",
@@ -968,6 +1021,25 @@ def write_report(path: Path, payload: dict, plots: dict) -> None:
             f"{list(values)}; fixed {METHOD_FIXED[m] or '{}'}"
         )
     lines.append("")
+    if "PBSD" in a["methods"] and len(a["methods"]) > 1:
+        lines += [
+            "## Verdicts: PBSD vs each tuned peer (test, beyond seed spread)",
+            "",
+            "| task | " + " | ".join(BUDGET_LABELS[b] for b in BUDGETS) + " |",
+            "|---|---|---|---|",
+        ]
+        for task_out in payload["tasks"]:
+            cells = []
+            for b in BUDGETS:
+                per_peer = verdicts(task_out, a["methods"], b)
+                cells.append(
+                    ", ".join(
+                        f"{m} {word}" + ("" if diff is None else f" ({diff:+.3f}, p={pv:.3f})")
+                        for m, (word, diff, pv) in per_peer.items()
+                    )
+                )
+            lines.append(f"| {task_out['task']} | " + " | ".join(cells) + " |")
+        lines.append("")
 
     for task_out in payload["tasks"]:
         t = task_out["task"]
@@ -1036,7 +1108,10 @@ def write_report(path: Path, payload: dict, plots: dict) -> None:
             ]
             _, head_runs = test_result(task_out, "PBSD", HEADLINE_BUDGET)
             for name, entry in task_out["ablations"].items():
-                cells = [_fmt(*mean_std(test_values(entry["runs"], b))) for b in BUDGETS]
+                cells = [
+                    f"{_fmt(*mean_std(vals))} (n={len(vals)})" if vals else "–"
+                    for vals in (test_values(entry["runs"], b) for b in BUDGETS)
+                ]
                 p = test_values(entry["runs"], HEADLINE_BUDGET)
                 q = test_values(head_runs, HEADLINE_BUDGET)
                 pv = f"{welch(p, q)[1]:.3f} ({verdict(p, q)[0]})" if len(p) > 1 and len(q) > 1 else "–"
@@ -1063,6 +1138,24 @@ def write_report(path: Path, payload: dict, plots: dict) -> None:
                 "| method | configuration | at token budget | best | end | end − best |",
                 "|---|---|---|---|---|---|",
                 *stab,
+                "",
+            ]
+        diag_rows = []
+        for m in a["methods"]:
+            config, runs = test_result(task_out, m, HEADLINE_BUDGET)
+            for key, (first, last, n) in training_diagnostics(runs, HEADLINE_BUDGET).items():
+                diag_rows.append(f"| {m} | {DIAGNOSTIC_KEYS[key]} | {first:.3f} | {last:.3f} | {n} |")
+        if diag_rows:
+            lines += [
+                f"### {t}: training diagnostics (test runs of the {HEADLINE_BUDGET}-selected configurations)",
+                "",
+                f"Mean of the logged per-step metric over the first {DIAGNOSTIC_WINDOW} optimizer steps and over "
+                f"the last {DIAGNOSTIC_WINDOW} before the {HEADLINE_BUDGET} budget (each half of the run where it "
+                f"is shorter than {2 * DIAGNOSTIC_WINDOW} steps), averaged over seeds.",
+                "",
+                "| method | metric | first steps | last steps | seeds |",
+                "|---|---|---|---|---|",
+                *diag_rows,
                 "",
             ]
         if plots.get(t):

@@ -210,6 +210,44 @@ def test_tuned_selection_uses_validation_at_each_budget():
         lt.select([], "tokens")
 
 
+def test_tuned_diagnostics_average_the_window_before_the_budget_and_verdicts_need_two_seeds():
+    lt = _learning_tuned()
+    w = lt.DIAGNOSTIC_WINDOW
+
+    def run(offset, budget_step):
+        steps = list(range(1, 3 * w + 1))
+        return {
+            "history": {"step": steps, "reward": [offset + st for st in steps]},
+            "points": [{"step": budget_step, "avg_at_8": 0.5}],
+            "marks": {"time": 0},
+        }
+
+    # steps 1..w average (w+1)/2; the last w steps up to step 2w average 1.5w+0.5; steps after the budget ignored
+    diag = lt.training_diagnostics([run(0.0, 2 * w), run(1.0, 2 * w)], "time")
+    first, last, n = diag["reward"]
+    assert n == 2 and first == pytest.approx((w + 1) / 2 + 0.5) and last == pytest.approx(1.5 * w + 0.5 + 0.5)
+    assert "pbsd/margin" not in diag  # not logged: absent, not zero
+    # shorter than two windows: its two halves (steps 1..3 and 4..6 of a 6-step run)
+    assert lt.training_diagnostics([run(0.0, 6)], "time")["reward"] == (2.0, 5.0, 1)
+    assert lt.training_diagnostics([run(0.0, 3)], "time") == {}  # too short for two windows of 2 steps
+
+    def arm(values):
+        return [{"points": [{"avg_at_8": v}], "marks": {"time": 0}} for v in values]
+
+    config = {"learning_rate": 1e-4}
+    task_out = {
+        "selected": {m: {"time": (config, 0.0)} for m in ("PBSD", "GRPO", "SDFT")},
+        "test": {
+            "PBSD": [{"config": config, "runs": arm([0.40, 0.42, 0.41])}],
+            "GRPO": [{"config": config, "runs": arm([0.50, 0.52, 0.51])}],
+            "SDFT": [{"config": config, "runs": arm([0.30])}],
+        },
+    }
+    out = lt.verdicts(task_out, ["GRPO", "SDFT", "PBSD"], "time")
+    assert out["GRPO"][0] == "lost" and out["GRPO"][1] == pytest.approx(-0.10) and out["GRPO"][2] < 0.01
+    assert out["SDFT"] == ("pending", None, None) and "PBSD" not in out
+
+
 def test_tuned_plan_estimates_every_stage(tmp_path):
     lt = _learning_tuned()
     text = lt.plan(lt.parse_args(["--output_dir", str(tmp_path)]), tmp_path / "empty-cache")
