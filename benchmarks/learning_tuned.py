@@ -954,7 +954,7 @@ def training_diagnostics(runs: list[dict], budget: str) -> dict:
 
 
 def verdicts(task_out: dict, methods, budget: str) -> dict:
-    """PBSD vs every peer at `budget`: (`beat`/`tied`/`lost` or `pending`, Δ mean, Welch p)."""
+    """PBSD vs every peer at `budget`: (`beat`/`tied`/`lost` or `pending`, Δ mean, std sum, Welch p)."""
     pbsd = test_values(test_result(task_out, "PBSD", budget)[1], budget)
     out = {}
     for m in methods:
@@ -962,10 +962,10 @@ def verdicts(task_out: dict, methods, budget: str) -> dict:
             continue
         peer = test_values(test_result(task_out, m, budget)[1], budget)
         if len(pbsd) < 2 or len(peer) < 2:
-            out[m] = ("pending", None, None)
+            out[m] = ("pending", None, None, None)
         else:
             word, diff = verdict(pbsd, peer)
-            out[m] = (word, diff, welch(pbsd, peer)[1])
+            out[m] = (word, diff, mean_std(pbsd)[1] + mean_std(peer)[1], welch(pbsd, peer)[1])
     return out
 
 
@@ -1035,7 +1035,7 @@ def write_report(path: Path, payload: dict, plots: dict) -> None:
                 cells.append(
                     ", ".join(
                         f"{m} {word}" + ("" if diff is None else f" ({diff:+.3f}, p={pv:.3f})")
-                        for m, (word, diff, pv) in per_peer.items()
+                        for m, (word, diff, _, pv) in per_peer.items()
                     )
                 )
             lines.append(f"| {task_out['task']} | " + " | ".join(cells) + " |")
@@ -1060,11 +1060,9 @@ def write_report(path: Path, payload: dict, plots: dict) -> None:
                 "| train s |",
                 "|---|---|---|---|---|---|---|---|",
             ]
-            results = {}
             for m in a["methods"]:
                 config, runs = test_result(task_out, m, budget)
                 vals = test_values(runs, budget)
-                results[m] = vals
                 if config is None:
                     lines.append(f"| {m} | – (tuning incomplete) | – | – | – | – | – | – |")
                     continue
@@ -1075,16 +1073,11 @@ def write_report(path: Path, payload: dict, plots: dict) -> None:
                     f"| {_counter(runs, budget, 'step'):.0f} | {_counter(runs, budget, 'train_seconds'):.0f} |"
                 )
             lines += ["", "| PBSD vs | Δ mean | std sum | Welch p | verdict |", "|---|---|---|---|---|"]
-            for m in a["methods"]:
-                if m == "PBSD":
-                    continue
-                p, q = results.get("PBSD", []), results.get(m, [])
-                if len(p) < 2 or len(q) < 2:
+            for m, (word, diff, std_sum, pv) in verdicts(task_out, a["methods"], budget).items():
+                if diff is None:
                     lines.append(f"| {m} | – | – | – | pending (fewer than 2 seeds) |")
-                    continue
-                word, diff = verdict(p, q)
-                _, pv = welch(p, q)
-                lines.append(f"| {m} | {diff:+.3f} | {mean_std(p)[1] + mean_std(q)[1]:.3f} | {pv:.3f} | {word} |")
+                else:
+                    lines.append(f"| {m} | {diff:+.3f} | {std_sum:.3f} | {pv:.3f} | {word} |")
             lines.append("")
         lines += [
             f"### {t}: validation scores of every configuration (seed {a['seeds'][0]})",
@@ -1142,7 +1135,7 @@ def write_report(path: Path, payload: dict, plots: dict) -> None:
             ]
         diag_rows = []
         for m in a["methods"]:
-            config, runs = test_result(task_out, m, HEADLINE_BUDGET)
+            _, runs = test_result(task_out, m, HEADLINE_BUDGET)
             for key, (first, last, n) in training_diagnostics(runs, HEADLINE_BUDGET).items():
                 diag_rows.append(f"| {m} | {DIAGNOSTIC_KEYS[key]} | {first:.3f} | {last:.3f} | {n} |")
         if diag_rows:

@@ -244,8 +244,9 @@ def test_tuned_diagnostics_average_the_window_before_the_budget_and_verdicts_nee
         },
     }
     out = lt.verdicts(task_out, ["GRPO", "SDFT", "PBSD"], "time")
-    assert out["GRPO"][0] == "lost" and out["GRPO"][1] == pytest.approx(-0.10) and out["GRPO"][2] < 0.01
-    assert out["SDFT"] == ("pending", None, None) and "PBSD" not in out
+    assert out["GRPO"][0] == "lost" and out["GRPO"][1] == pytest.approx(-0.10) and out["GRPO"][3] < 0.01
+    assert out["GRPO"][2] == pytest.approx(0.02)  # std sum: 0.01 + 0.01
+    assert out["SDFT"] == ("pending", None, None, None) and "PBSD" not in out
 
 
 def test_tuned_plan_estimates_every_stage(tmp_path):

@@ -262,5 +262,8 @@ def test_generation_refuses_a_model_that_bypasses_the_attention_interface(monkey
     ids, mask = _repeated_prompt_batch(tok, model.config.vocab_size, lengths=[5, 8], repeats=3)
     monkeypatch.setattr(AttentionInterface, "get_interface", lambda self, name, default: sdpa_attention_forward)
     config = GenerationConfig(max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=None)
-    with shared_prompt_prefill(model, share_attention=True), pytest.raises(RuntimeError, match="share_prompt_prefill"):
+    with (
+        shared_prompt_prefill(model, share_attention=True),
+        pytest.raises(RuntimeError, match="share_prompt_prefill=False"),
+    ):
         model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
