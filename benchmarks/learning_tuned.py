@@ -26,7 +26,12 @@ Protocol (issue 15):
    each, reported beside the headline and never used for selection.
 6. **Stability**: the first test seed of every selected configuration runs on to `--stability_factor` (3) x the
    token budget; the report gives its best point and its end.
-7. **Cache**: every finished run is stored as `<output_dir>/learning_runs/<task>/<key>.json`, `key` a hash of the
+7. **PBSD with its teacher-sample pool** at the `time` budget (PBSD's fastest exact mode with the fixed base
+   teacher): the time-selected configuration again, each test seed, with a pool of K = G_T base-teacher samples for
+   the rows of as many steps as that seed's online run reached at the time budget (rows beyond fall back to online
+   teacher samples), drawn inside the run so that its build counts as training time. The time verdicts use whichever
+   PBSD execution reached more optimizer steps in the budget (a speed, not a score, decides).
+8. **Cache**: every finished run is stored as `<output_dir>/learning_runs/<task>/<key>.json`, `key` a hash of the
    run's full specification (task, method, configuration, seed, split, stopping and evaluation schedule, shared
    settings, base model). A rerun with the same arguments skips the stored runs, so a killed benchmark loses at most
    the run in progress; `--max_minutes` stops launching runs after that long and writes a report marked partial.
@@ -525,17 +530,43 @@ def execute_base(ctx: TaskContext, spec: dict) -> dict:
     return {"avg_at_8": report["avg_at_k"], "pass_at_8": report["pass_at_k"], "seconds": report["seconds"]}
 
 
+def draw_teacher_pool(trainer, train_dataset, steps: int, folder: str, clock) -> dict:
+    """The base teacher's pool for the rows of the run's first `steps` optimizer steps (the example scripts' default
+    pool, `use_default_pool`), attached to `trainer`; its size and build time."""
+    from pbsd_trl.pool.build import load_teacher_pool
+    from pbsd_trl.pool.reader import use_default_pool
+
+    start = clock.now()
+    max_steps = trainer.args.max_steps
+    trainer.args.max_steps = steps  # the rows `rows_visited` covers; the budget callback still stops the run
+    try:
+        path = use_default_pool(trainer, train_dataset, pool_root=folder, say=lambda _message: None)
+    finally:
+        trainer.args.max_steps = max_steps
+    if path is None:
+        raise RuntimeError("the teacher pool does not apply to this run")
+    pool, _ = load_teacher_pool(path)
+    return {
+        "rows_of_steps": steps,
+        "rows": len(pool),
+        "tokens": sum(len(c) for row in pool["completion_ids"] for c in row),
+        "seconds": clock.now() - start,
+    }
+
+
 def execute_train(ctx: TaskContext, spec: dict, desc: str) -> dict:
     from tqdm.auto import tqdm
     from transformers import PrinterCallback, set_seed
 
     method, config, seed = spec["method"], spec["config"], spec["seed"]
+    pooled = spec.get("teacher_pool")
     set_seed(seed)
     model, tokenizer = ctx.load()
     clock = Clock(ctx.settings["clock"])
     with tqdm(desc=desc, unit="step", dynamic_ncols=True, mininterval=5, leave=False) as bar:
         callback = make_budget_callback(
-            teacher_per_step=teacher_samples_per_step(method, config, ctx.settings),
+            # pool samples are not generated in the steps (their tokens are the pool's, counted once below)
+            teacher_per_step=0 if pooled else teacher_samples_per_step(method, config, ctx.settings),
             student_per_step=ctx.settings["prompts_per_step"] * ctx.settings["num_generations"],
             budgets=spec["budgets"],
             stop=spec["stop"],
@@ -546,19 +577,13 @@ def execute_train(ctx: TaskContext, spec: dict, desc: str) -> dict:
             history_keys=HISTORY_KEYS,
         )
         with tempfile.TemporaryDirectory(prefix=f"learning-{method}-") as tmp:
+            train_dataset = ctx.train_dataset(seed)
             trainer = build_trainer(
-                ctx.task,
-                method,
-                config,
-                ctx.settings,
-                seed,
-                model,
-                tokenizer,
-                ctx.train_dataset(seed),
-                tmp,
-                [callback],
+                ctx.task, method, config, ctx.settings, seed, model, tokenizer, train_dataset, tmp, [callback]
             )
             trainer.remove_callback(PrinterCallback)
+            # after the callback's clock started: the build is part of the run's training time
+            pool = draw_teacher_pool(trainer, train_dataset, pooled["rows_of_steps"], tmp, clock) if pooled else None
             t0 = time.perf_counter()
             trainer.train()
             wall = time.perf_counter() - t0
@@ -577,6 +602,7 @@ def execute_train(ctx: TaskContext, spec: dict, desc: str) -> dict:
         "marks": callback.marks,
         "history": callback.history,
         "load_average": _loadavg(),
+        **({"teacher_pool": pool} if pool else {}),
     }
 
 
@@ -651,6 +677,21 @@ def ablation_specs(ctx, args, headline: dict) -> list[tuple[str, dict]]:
     return out
 
 
+def pooled_specs(ctx, args, config: dict, online_runs: list[dict]) -> list[dict]:
+    """PBSD's time-selected `config` with a teacher pool, one run per online test run: time budget only, the pool
+    covering the rows of the steps that online run reached at the time budget."""
+    budget = {"time": args.budget_seconds}
+    out = []
+    for run in online_runs:
+        mark = run.get("marks", {}).get("time")
+        if mark is None:
+            continue
+        spec = train_spec(ctx, "PBSD", config, run["seed"], "test", budget, budget, None)
+        spec["teacher_pool"] = {"rows_of_steps": run["points"][mark]["step"]}
+        out.append(spec)
+    return out
+
+
 def budget_value(record: dict, budget: str) -> float | None:
     index = record.get("marks", {}).get(budget)
     return None if index is None else record["points"][index]["avg_at_8"]
@@ -674,8 +715,8 @@ def measured_costs(cache_root: Path) -> dict:
     for path in Path(cache_root).glob("*/*.json"):
         record = json.loads(path.read_text())
         spec = record["spec"]
-        if spec.get("kind") != "train" or not record.get("steps"):
-            continue
+        if spec.get("kind") != "train" or not record.get("steps") or spec.get("teacher_pool"):
+            continue  # pooled runs count no teacher tokens per step and include a pool build
         entry = per.setdefault((spec["task"], spec["method"]), {"sps": [], "tps": [], "eval": []})
         entry["sps"].append(record["train_seconds"] / record["steps"])
         entry["tps"].append(record["tokens"] / record["steps"])
@@ -700,13 +741,14 @@ def estimate_seconds(spec: dict, costs: dict) -> float:
     tps = c["tokens_per_step"] * (
         1.0 if spec["method"] != "PBSD" else (8 + (spec["config"].get("num_teacher_generations") or 8)) / 16
     )
+    stop = spec["stop"]
     steps = max(
-        math.ceil(spec["stop"]["tokens"] / tps),
-        math.ceil(spec["stop"]["time"] / c["seconds_per_step"]),
-        spec["stop"]["steps"],
+        math.ceil(stop.get("tokens", 0) / tps),
+        math.ceil(stop.get("time", 0) / c["seconds_per_step"]),
+        stop.get("steps", 0),
     )
     n_evals = len(spec["budgets"]) + (
-        spec["stop"]["tokens"] / spec["eval_every_tokens"] if spec["eval_every_tokens"] else 0
+        stop.get("tokens", 0) / spec["eval_every_tokens"] if spec["eval_every_tokens"] else 0
     )
     eval_s = (measured or {}).get("eval_seconds_per_100") or DEFAULT_COSTS["eval_seconds_per_100"]
     return (
@@ -768,6 +810,7 @@ def run_task(ctx: TaskContext, args, runner: Runner, progress) -> dict:
         "test": {},
         "ablations": {},
         "headline_pbsd": None,
+        "pooled": None,
     }
     for seed in args.seeds:
         rec = runner.get(ctx, base_spec(ctx, seed, "test"), f"{ctx.task} base seed {seed}")
@@ -814,6 +857,15 @@ def run_task(ctx: TaskContext, args, runner: Runner, progress) -> dict:
                     runs.append({"seed": seed, **rec})
             out["test"].setdefault(method, []).append({"config": config, "runs": runs})
 
+    if "PBSD" in out["selected"] and args.pooled:
+        config, online = test_result(out, "PBSD", "time")
+        entry = out["pooled"] = {"config": config, "runs": []}
+        for spec in pooled_specs(ctx, args, config, online):
+            rec = runner.get(ctx, spec, f"{ctx.task} test PBSD {config_name(config)} pool seed {spec['seed']}")
+            progress.update(1)
+            if rec:
+                entry["runs"].append({"seed": spec["seed"], **rec})
+
     if "PBSD" in out["selected"] and args.ablations:
         headline = out["selected"]["PBSD"][HEADLINE_BUDGET][0]
         out["headline_pbsd"] = headline
@@ -831,6 +883,7 @@ def planned_run_count(args) -> int:
     per_task = sum(len(tuning_grid(m, args.learning_rates)) for m in args.methods)
     per_task += len(args.methods) * len(args.seeds)  # at least one selected configuration per method
     per_task += len(args.ablations) * len(args.seeds) if "PBSD" in args.methods else 0
+    per_task += len(args.seeds) if "PBSD" in args.methods and args.pooled else 0
     return per_task * len(args.tasks)
 
 
@@ -867,15 +920,20 @@ def plan(args, cache_root: Path) -> str:
         ]
         headline = tuning_grid("PBSD", args.learning_rates)[0]
         abl = [s for _, s in ablation_specs(ctx, args, headline)] if "PBSD" in args.methods else []
-        t_tune, t_test, t_abl = (sum(estimate_seconds(s, costs) for s in group) / 60 for group in (tune, test, abl))
+        online = [{"seed": s, "marks": {"time": 0}, "points": [{"step": 0}]} for s in args.seeds]
+        pooled = pooled_specs(ctx, args, headline, online) if "PBSD" in args.methods and args.pooled else []
+        t_tune, t_test, t_abl, t_pool = (
+            sum(estimate_seconds(s, costs) for s in group) / 60 for group in (tune, test, abl, pooled)
+        )
         lines += [
             f"| {task} | tuning (validation, seed {args.seeds[0]}) | {len(tune)} | {t_tune:.0f} |",
             f"| {task} | test ({len(args.seeds)} seeds; 1-3 configurations per method) | {len(test)}-{3 * len(test)} "
             f"| {t_test:.0f}-{3 * t_test:.0f} |",
             f"| {task} | PBSD ablations | {len(abl)} | {t_abl:.0f} |",
+            f"| {task} | PBSD with a teacher pool (time budget) | {len(pooled)} | {t_pool:.0f} |",
         ]
-        total_min += t_tune + t_test + t_abl
-        total_max += t_tune + 3 * t_test + t_abl
+        total_min += t_tune + t_test + t_abl + t_pool
+        total_max += t_tune + 3 * t_test + t_abl + t_pool
     lines.append(f"| all | | | {total_min:.0f}-{total_max:.0f} |")
     source = (
         ", ".join(
@@ -953,9 +1011,21 @@ def training_diagnostics(runs: list[dict], budget: str) -> dict:
     return out
 
 
+def pbsd_time_execution(task_out: dict) -> tuple[str, list[dict]]:
+    """PBSD's test runs at the time budget in its faster exact execution: online, or with the teacher pool where
+    those runs (as many seeds) reached more optimizer steps in the budget on average."""
+    _, online = test_result(task_out, "PBSD", "time")
+    pooled = (task_out.get("pooled") or {}).get("runs") or []
+    if pooled and len(pooled) >= len(online) and _counter(pooled, "time", "step") > _counter(online, "time", "step"):
+        return "teacher pool", pooled
+    return "online", online
+
+
 def verdicts(task_out: dict, methods, budget: str) -> dict:
-    """PBSD vs every peer at `budget`: (`beat`/`tied`/`lost` or `pending`, Δ mean, std sum, Welch p)."""
-    pbsd = test_values(test_result(task_out, "PBSD", budget)[1], budget)
+    """PBSD vs every peer at `budget`: (`beat`/`tied`/`lost` or `pending`, Δ mean, std sum, Welch p); at the time
+    budget PBSD in its faster execution ([`pbsd_time_execution`])."""
+    runs = pbsd_time_execution(task_out)[1] if budget == "time" else test_result(task_out, "PBSD", budget)[1]
+    pbsd = test_values(runs, budget)
     out = {}
     for m in methods:
         if m == "PBSD":
@@ -1006,8 +1076,11 @@ def write_report(path: Path, payload: dict, plots: dict) -> None:
         f"selected on validation with seed {a['seeds'][0]}; test seeds {a['seeds']}; stability: seed "
         f"{a['seeds'][0]} to {a['stability_factor']}x the token budget.",
         "- Execution: every trainer generates with HF `generate` in the training loop; PBSD samples its teacher in "
-        "every step (no teacher-sample pool: `step_cost.md` measures what a pool saves per step), so the `time` "
-        "budget gives PBSD online; the `steps` and `train s` columns give each method's cost per step.",
+        "every step, and at the time budget also runs with a teacher-sample pool (its fastest exact mode with the "
+        "base teacher: K = G_T samples for the rows of as many steps as the online run of the seed reached, drawn "
+        "inside the run, so the build is training time; later rows sample the teacher online). The time verdicts "
+        "use whichever PBSD execution reached more optimizer steps; the `steps` and `train s` columns give each "
+        "method's cost per step.",
         "- Verdict: `beat`/`lost` when |Δ mean| > std(PBSD) + std(peer) (sample std over seeds), else `tied`; "
         "Welch's two-sided p-value alongside (3 seeds each: low power).",
         "",
@@ -1066,12 +1139,30 @@ def write_report(path: Path, payload: dict, plots: dict) -> None:
                 if config is None:
                     lines.append(f"| {m} | – (tuning incomplete) | – | – | – | – | – | – |")
                     continue
-                mv, sv = mean_std(vals)
-                lines.append(
-                    f"| {m} | {config_name(config)} | {task_out['selected'][m][budget][1]:.3f} | {_fmt(mv, sv)} "
-                    f"(n={len(vals)}) | {', '.join(f'{v:.3f}' for v in vals) or '–'} | {_counter(runs, budget, 'tokens'):,.0f} "
-                    f"| {_counter(runs, budget, 'step'):.0f} | {_counter(runs, budget, 'train_seconds'):.0f} |"
-                )
+                rows = [(m, runs)]
+                if m == "PBSD" and budget == "time" and (task_out.get("pooled") or {}).get("runs"):
+                    rows.append(("PBSD, teacher pool", task_out["pooled"]["runs"]))
+                for label, runs in rows:
+                    vals = test_values(runs, budget)
+                    mv, sv = mean_std(vals)
+                    lines.append(
+                        f"| {label} | {config_name(config)} | {task_out['selected'][m][budget][1]:.3f} | {_fmt(mv, sv)} "
+                        f"(n={len(vals)}) | {', '.join(f'{v:.3f}' for v in vals) or '–'} | "
+                        f"{_counter(runs, budget, 'tokens'):,.0f} | {_counter(runs, budget, 'step'):.0f} | "
+                        f"{_counter(runs, budget, 'train_seconds'):.0f} |"
+                    )
+            if budget == "time" and (task_out.get("pooled") or {}).get("runs"):
+                pool_runs = task_out["pooled"]["runs"]
+                execution, _ = pbsd_time_execution(task_out)
+                build = statistics.fmean(r["teacher_pool"]["seconds"] for r in pool_runs)
+                pool_tokens = statistics.fmean(r["teacher_pool"]["tokens"] for r in pool_runs)
+                lines += [
+                    "",
+                    f"`PBSD, teacher pool`: the pool's build ({build:.0f} s, {pool_tokens:,.0f} teacher tokens for the "
+                    f"rows of {statistics.fmean(r['teacher_pool']['rows_of_steps'] for r in pool_runs):.0f} steps, "
+                    "mean over seeds) is inside `train s`; `tokens` counts the student's. The verdicts below use PBSD "
+                    f"**{execution}** (more optimizer steps in the budget).",
+                ]
             lines += ["", "| PBSD vs | Δ mean | std sum | Welch p | verdict |", "|---|---|---|---|---|"]
             for m, (word, diff, std_sum, pv) in verdicts(task_out, a["methods"], budget).items():
                 if diff is None:
@@ -1266,6 +1357,12 @@ def parse_args(argv=None):
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--learning_rates", nargs="+", type=float, default=list(LEARNING_RATES))
     p.add_argument("--ablations", nargs="*", default=list(ABLATIONS), choices=list(ABLATIONS))
+    p.add_argument(
+        "--pooled",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Also run PBSD's time-selected configuration with a teacher-sample pool at the time budget.",
+    )
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--budget_tokens", type=float, default=140_000)
     p.add_argument("--budget_seconds", type=float, default=120.0)

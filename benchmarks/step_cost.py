@@ -15,6 +15,8 @@ settings, and stepped round-robin (order rotated every round) so that their rati
 - `LoRA GRPO G=8` and `PBSD 4+4 LoRA 1-pass`: LoRA students (r=16 on every linear layer), PBSD with the `base`
   teacher (adapter disabled) through per-row adapters in one `generate` call;
 - `PBSD 4+4 live 2-pass` / `PBSD 4+4 LoRA 2-pass`: the same with `one_generation_pass=False` (two calls);
+- `PBSD 4+4 live 1-pass repeated cache`: the one-pass call with each prompt's KV cache repeated per row, as before
+  the one-pass call attended to each prompt's cache once for its samples (shared-prefix attention, on CPU);
 - `PBSD 4+4 plain generate`: PBSD 4+4 with `share_prompt_prefill=False` (transformers' `generate` as GRPO calls it),
   and `GRPO G=8 prefill once`: TRL's GRPOTrainer with PBSDTrainer's `generate` (each distinct prompt prefilled
   once into a preallocated cache), so that the gain of that change is shown apart from PBSD's.
@@ -125,6 +127,15 @@ CONTENDERS = (
     ("PBSD 4+4 LoRA 1-pass", "pbsd", 4, 4, True, {"peft": True}),
     ("PBSD 4+4 LoRA 2-pass", "pbsd", 4, 4, True, {"peft": True, "one_generation_pass": False}),
     # what pbsd-trl's generation changes bring on their own: off for PBSD, on for TRL's GRPO
+    # the one-pass call without shared-prefix attention (each row reads its own copy of the prompt's cache)
+    (
+        "PBSD 4+4 live 1-pass repeated cache",
+        "pbsd",
+        4,
+        4,
+        True,
+        {"teacher_model_kind": "live", "repeated_cache": True},
+    ),
     ("PBSD 4+4 plain generate", "pbsd", 4, 4, True, {"share_prompt_prefill": False}),
     ("GRPO G=8 prefill once", "grpo", 8, 0, None, {"prefill": True}),
 )
@@ -280,6 +291,17 @@ def grpo_with_prefill():
     return GRPOPrefillOnce
 
 
+def pbsd_with_repeated_cache():
+    """PBSDTrainer whose one-pass call repeats each prompt's cache per row (no shared-prefix attention)."""
+    from pbsd_trl import PBSDTrainer
+
+    class PBSDRepeatedCache(PBSDTrainer):
+        def _shared_prompt_prefill(self, images, select_rows=None, share_attention=False):
+            return super()._shared_prompt_prefill(images, select_rows, share_attention=False)
+
+    return PBSDRepeatedCache
+
+
 def build_trainer(kind, num_generations, fused, model, tokenizer, dataset, spec, max_steps, output_dir, options=None):
     from trl import GRPOConfig, GRPOTrainer
 
@@ -319,6 +341,7 @@ def build_trainer(kind, num_generations, fused, model, tokenizer, dataset, spec,
             processing_class=tokenizer,
             peft_config=peft_config,
         )
+    trainer_class = pbsd_with_repeated_cache() if options.pop("repeated_cache", False) else PBSDTrainer
     args = PBSDConfig(
         **common,
         num_teacher_generations=num_generations,
@@ -326,7 +349,7 @@ def build_trainer(kind, num_generations, fused, model, tokenizer, dataset, spec,
         teacher_prompt_template=MATH_TEACHER_TEMPLATE,
         **options,
     )
-    return PBSDTrainer(
+    return trainer_class(
         model,
         [math_accuracy_reward],
         args=args,
@@ -689,6 +712,7 @@ def analysis_lines(result, clock=None):
         "PBSD 4+4 pool",
         "PBSD 4+4 live 1-pass",
         "PBSD 4+4 live 1-pass rescored",
+        "PBSD 4+4 live 1-pass repeated cache",
         "PBSD 4+4 live 2-pass",
         "PBSD 4+4 LoRA 1-pass",
     ):

@@ -14,6 +14,7 @@ import contextlib
 import functools
 import inspect
 import types
+import warnings
 
 import torch
 from trl.trainer.utils import maybe_gather_lm_head_ctx
@@ -175,6 +176,14 @@ def _preallocate(cache, room: int) -> None:
 # matrix product per prompt, to the completion per row, and merges the two softmax parts by their log-sum-exp: the
 # same attention, up to floating-point rounding.
 SHARED_PREFIX_ATTENTION = "pbsd_shared_prefix"
+# what the attention layers of transformers' decoder-only models pass that does not change plain attention; anything
+# else (attention sinks, a position bias, ...) would be silently dropped, so it sends the call back to a plain cache
+_PLAIN_ATTENTION_KWARGS = {"position_ids", "use_cache", "cache_position", "output_attentions", "is_causal"}
+
+
+class SharedPrefixAttentionUnsupported(RuntimeError):
+    """The model's attention is not plain full attention through transformers' `AttentionInterface`: generation is
+    redone with the prompt's cache repeated per row (the plain computation)."""
 
 
 class _SharedPrefix:
@@ -183,10 +192,30 @@ class _SharedPrefix:
 
     def __init__(self, keys, values, mask, inverse):
         self.keys, self.values, self.mask = keys, values, mask.bool()
+        self.bias = None  # the mask as the additive bias of the fused CPU kernel, made on first use
         self.order = torch.argsort(inverse, stable=True)
         self.restore = torch.argsort(self.order)
         self.group = inverse.numel() // keys.size(0)
         self.pending = False  # keys appended and not yet attended to: the model bypassed this attention
+
+
+def _flash_cpu_kernel():
+    """PyTorch's fused CPU attention that also returns the log-sum-exp (private ATen op; None where missing)."""
+    return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _attend_prefix(prefix, query, scaling):
+    """[`_attend`] of the grouped queries `(U, kv, rows, d)` over the prompt cache. On CPU through PyTorch's fused
+    kernel, which returns the log-sum-exp too: measured about twice as fast as the matrix products at the shapes of
+    the pool build and the one-pass call (16-32 prompts, 4-8 samples, ~100 prompt positions)."""
+    kernel = _flash_cpu_kernel() if query.device.type == "cpu" else None
+    if kernel is None:
+        return _attend(query, prefix.keys, prefix.values, scaling, prefix.mask[:, None, None, :])
+    if prefix.bias is None or prefix.bias.dtype != query.dtype:
+        zeros = torch.zeros(prefix.mask.shape, dtype=query.dtype, device=query.device)
+        prefix.bias = zeros.masked_fill(~prefix.mask, float("-inf"))[:, None, None, :]
+    out, lse = kernel(query, prefix.keys, prefix.values, attn_mask=prefix.bias, scale=scaling)
+    return out.float().contiguous(), lse.unsqueeze(-1).contiguous()
 
 
 def _attend(query, key, value, scaling, mask=None):
@@ -203,12 +232,16 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling=N
     """Attention for a decoding step over a [`_SharedPrefix`] cache (`key`/`value` hold the completion part only)."""
     prefix = getattr(key, "pbsd_prefix", None)
     if prefix is None:
-        raise RuntimeError(
-            "Shared-prefix attention got keys without their prompt cache: the model transforms the cache's keys "
-            "before attention. Pass `share_prompt_prefill=False`."
+        raise SharedPrefixAttentionUnsupported(
+            "shared-prefix attention got keys without their prompt cache (the model transforms the cache's keys "
+            "before attention)"
         )
-    if dropout or kwargs.get("softcap") is not None or kwargs.get("sliding_window") is not None:
-        raise RuntimeError("Shared-prefix attention supports plain full attention without dropout or softcapping.")
+    unsupported = {name for name, value in kwargs.items() if value is not None} - _PLAIN_ATTENTION_KWARGS
+    if dropout or unsupported:
+        raise SharedPrefixAttentionUnsupported(
+            "shared-prefix attention supports plain full attention only, the model's attention passes "
+            + ", ".join(sorted(unsupported | ({"dropout"} if dropout else set())))
+        )
     prefix.pending = False
     batch, heads, q_len, dim = query.shape
     kv_heads = key.size(1)
@@ -217,13 +250,7 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling=N
     # prompt part: the G samples of a prompt (and the query heads of a kv head) as the rows of one product
     units, group = prefix.keys.size(0), prefix.group
     grouped = query[prefix.order].reshape(units, group, kv_heads, groups * q_len, dim).transpose(1, 2)
-    out_p, lse_p = _attend(
-        grouped.reshape(units, kv_heads, group * groups * q_len, dim),
-        prefix.keys,
-        prefix.values,
-        scaling,
-        prefix.mask[:, None, None, :],
-    )
+    out_p, lse_p = _attend_prefix(prefix, grouped.reshape(units, kv_heads, group * groups * q_len, dim), scaling)
     out_p = out_p.view(units, kv_heads, group, groups * q_len, dim).transpose(1, 2).reshape(batch, kv_heads, -1, dim)
     lse_p = lse_p.view(units, kv_heads, group, groups * q_len, 1).transpose(1, 2).reshape(batch, kv_heads, -1, 1)
     out_p, lse_p = out_p[prefix.restore], lse_p[prefix.restore]
@@ -232,9 +259,8 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling=N
     causal = torch.ones(q_len, length, dtype=torch.bool, device=query.device).tril(length - q_len)
     causal = causal.repeat(groups, 1)  # rows: (query head within the kv head, query position)
     out_s, lse_s = _attend(query.reshape(batch, kv_heads, groups * q_len, dim), key, value, scaling, causal)
-    top = torch.maximum(lse_p, lse_s)
-    weight_p, weight_s = torch.exp(lse_p - top), torch.exp(lse_s - top)
-    out = (weight_p * out_p + weight_s * out_s) / (weight_p + weight_s)
+    # the completion part's share of the softmax mass: exp(lse_s) / (exp(lse_p) + exp(lse_s))
+    out = torch.lerp(out_p, out_s, torch.sigmoid(lse_s - lse_p))
     out = out.view(batch, heads, q_len, dim).to(query.dtype)
     return out.transpose(1, 2).contiguous(), None
 
@@ -249,9 +275,8 @@ def _append_completion(layer, key_states, value_states, *args, **kwargs):
     """[`_append_in_place`] for a [`_SharedPrefix`] layer: the returned keys carry the layer's prompt cache."""
     prefix = layer.pbsd_prefix
     if prefix.pending:
-        raise RuntimeError(
-            "This model's attention does not dispatch through transformers' AttentionInterface, which shared-prefix "
-            "generation needs. Pass `share_prompt_prefill=False`."
+        raise SharedPrefixAttentionUnsupported(
+            "the model's attention does not dispatch through transformers' AttentionInterface"
         )
     keys, values = _append_in_place(layer, key_states, value_states)
     keys.pbsd_prefix, prefix.pending = prefix, True
@@ -336,9 +361,12 @@ def generate_with_shared_prefill(generate, model, select_rows=None, share_attent
     The last prompt position is left to `generate`, which computes the first sampled token's logits from it. With
     `share_attention` (and as many rows for every distinct prompt) the cache keeps one copy of each prompt and the
     decoding steps attend to it once per prompt ([`shared_prefix_attention`]); `None`: on CPU, where it was measured
-    faster for the pool build (`benchmarks/results/pool_batch_size.md`); elsewhere the model's own attention kernel
-    (e.g. FlashAttention on CUDA) is kept until it is measured there. Off by default, as in [`shared_prompt_prefill`].
+    faster for wide prompts (`benchmarks/results/pool_batch_size.md`, `step_cost.md`); elsewhere the model's own
+    attention kernel (e.g. FlashAttention on CUDA) is kept until it is measured there. Off by default, as in
+    [`shared_prompt_prefill`]. A model whose attention is not plain full attention through transformers'
+    `AttentionInterface` gets the call redone with the cache repeated per row, and a warning.
     """
+    call = dict(kwargs)
     input_ids, attention_mask = kwargs["input_ids"], kwargs.get("attention_mask")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
@@ -370,8 +398,16 @@ def generate_with_shared_prefill(generate, model, select_rows=None, share_attent
     if share_attention and can_share_prefix_attention(causal_lm, cache, inverse):
         _register_shared_prefix_attention()
         _share_prefix(cache, inverse, u_mask, room)
-        with _attention_implementation(causal_lm, SHARED_PREFIX_ATTENTION):
-            return generate(**kwargs)
+        try:
+            with _attention_implementation(causal_lm, SHARED_PREFIX_ATTENTION):
+                return generate(**kwargs)
+        except SharedPrefixAttentionUnsupported as err:
+            warnings.warn(
+                f"Not attending to each prompt's cache once: {err}. Generating with the prompt's cache repeated per "
+                "row instead (the same computation, without this saving).",
+                stacklevel=2,
+            )
+            return generate_with_shared_prefill(generate, model, select_rows, share_attention=False, **call)
     cache.batch_select_indices(inverse)
     _preallocate(cache, room)
     return generate(**kwargs)

@@ -248,6 +248,21 @@ def test_tuned_diagnostics_average_the_window_before_the_budget_and_verdicts_nee
     assert out["GRPO"][2] == pytest.approx(0.02)  # std sum: 0.01 + 0.01
     assert out["SDFT"] == ("pending", None, None, None) and "PBSD" not in out
 
+    # PBSD with a teacher pool decides the time verdicts when it reaches more steps in the budget, never otherwise
+    def pooled(values, steps):
+        return [{"points": [{"avg_at_8": v, "step": steps}], "marks": {"time": 0}} for v in values]
+
+    for runs in task_out["test"]["PBSD"][0]["runs"]:
+        runs["points"][0]["step"] = 40
+    task_out["pooled"] = {"config": config, "runs": pooled([0.60, 0.61, 0.62], steps=39)}
+    assert lt.pbsd_time_execution(task_out)[0] == "online"
+    assert lt.verdicts(task_out, ["GRPO", "PBSD"], "time")["GRPO"][0] == "lost"
+    task_out["pooled"] = {"config": config, "runs": pooled([0.60, 0.61, 0.62], steps=55)}
+    assert lt.pbsd_time_execution(task_out)[0] == "teacher pool"
+    assert lt.verdicts(task_out, ["GRPO", "PBSD"], "time")["GRPO"][0] == "beat"
+    task_out["pooled"]["runs"] = task_out["pooled"]["runs"][:2]  # fewer seeds than online: not a comparison
+    assert lt.pbsd_time_execution(task_out)[0] == "online"
+
 
 def test_tuned_plan_estimates_every_stage(tmp_path):
     lt = _learning_tuned()
@@ -255,6 +270,7 @@ def test_tuned_plan_estimates_every_stage(tmp_path):
     for task in ("math", "tool_use"):
         assert f"| {task} | tuning (validation, seed 0) | 16 |" in text
         assert f"| {task} | PBSD ablations | 12 |" in text
+        assert f"| {task} | PBSD with a teacher pool (time budget) | 3 |" in text
     assert "DEFAULT_COSTS" in text and "sessions of 170 minutes" in text
 
 
@@ -279,6 +295,11 @@ def test_learning_tuned_quick_resumes_from_cache(tmp_path):
             assert [r["seed"] for r in entry["runs"]] == [0, 1]
             assert all(set(r["marks"]) == {"tokens", "time", "steps"} for r in entry["runs"])
     assert task["ablations"] and all(len(e["runs"]) == 2 for e in task["ablations"].values())
+    # PBSD at the time budget with a teacher pool, built inside the run for the rows of the online run's steps
+    pooled = task["pooled"]["runs"]
+    assert [r["seed"] for r in pooled] == [0, 1] and all(set(r["marks"]) == {"time"} for r in pooled)
+    assert all(r["teacher_pool"]["rows"] > 0 and 0 < r["teacher_pool"]["seconds"] < r["train_seconds"] for r in pooled)
+    assert "| PBSD, teacher pool |" in md
     pytest.importorskip("matplotlib")
     assert (tmp_path / "learning_math.png").stat().st_size > 0
     # A second invocation finds every run on disk

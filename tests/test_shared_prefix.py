@@ -250,9 +250,11 @@ def test_generation_attends_to_each_prompt_once_where_groups_are_equal(repeats, 
     assert len(calls) == expected
 
 
-def test_generation_refuses_a_model_that_bypasses_the_attention_interface(monkeypatch):
-    """A model that does not attend through transformers' AttentionInterface would see only the completion's keys:
-    generation stops with an error naming the way out instead of sampling from a wrong distribution."""
+@pytest.mark.parametrize("problem", ["bypass", "attention sinks"])
+def test_generation_falls_back_where_the_model_attention_is_not_plain(monkeypatch, problem):
+    """A model that does not attend through transformers' AttentionInterface would see only the completion's keys,
+    and one that passes more to attention (e.g. sinks) would have it dropped: the call is redone with the prompt's
+    cache repeated per row, with a warning naming why, and draws what a plain call draws."""
     from transformers import AttentionInterface, GenerationConfig
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -260,10 +262,19 @@ def test_generation_refuses_a_model_that_bypasses_the_attention_interface(monkey
 
     tok, model = _tiny_lm(peft=False)
     ids, mask = _repeated_prompt_batch(tok, model.config.vocab_size, lengths=[5, 8], repeats=3)
-    monkeypatch.setattr(AttentionInterface, "get_interface", lambda self, name, default: sdpa_attention_forward)
     config = GenerationConfig(max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=None)
-    with (
-        shared_prompt_prefill(model, share_attention=True),
-        pytest.raises(RuntimeError, match="share_prompt_prefill=False"),
-    ):
-        model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+    plain = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+    get_interface = AttentionInterface.get_interface
+    if problem == "bypass":
+        patched = lambda self, name, default: sdpa_attention_forward  # noqa: E731
+    else:
+
+        def patched(self, name, default):
+            function = get_interface(self, name, default)
+            return lambda *args, **kwargs: function(*args, **kwargs, s_aux=torch.zeros(1))
+
+    monkeypatch.setattr(AttentionInterface, "get_interface", patched)
+    expected = "AttentionInterface" if problem == "bypass" else "passes s_aux"
+    with shared_prompt_prefill(model, share_attention=True), pytest.warns(UserWarning, match=expected):
+        shared = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+    assert torch.equal(shared, plain)
