@@ -530,10 +530,9 @@ def execute_base(ctx: TaskContext, spec: dict) -> dict:
     return {"avg_at_8": report["avg_at_k"], "pass_at_8": report["pass_at_k"], "seconds": report["seconds"]}
 
 
-def draw_teacher_pool(trainer, train_dataset, steps: int, folder: str, clock) -> dict:
+def draw_teacher_pool(trainer, train_dataset, steps: int, folder: str, clock) -> tuple[str, float]:
     """The base teacher's pool for the rows of the run's first `steps` optimizer steps (the example scripts' default
-    pool, `use_default_pool`), attached to `trainer`; its size and build time."""
-    from pbsd_trl.pool.build import load_teacher_pool
+    pool, `use_default_pool`), attached to `trainer`: its folder and build time."""
     from pbsd_trl.pool.reader import use_default_pool
 
     start = clock.now()
@@ -545,13 +544,15 @@ def draw_teacher_pool(trainer, train_dataset, steps: int, folder: str, clock) ->
         trainer.args.max_steps = max_steps
     if path is None:
         raise RuntimeError("the teacher pool does not apply to this run")
+    return path, clock.now() - start
+
+
+def pool_summary(path: str, steps: int, seconds: float) -> dict:
+    from pbsd_trl.pool.build import load_teacher_pool
+
     pool, _ = load_teacher_pool(path)
-    return {
-        "rows_of_steps": steps,
-        "rows": len(pool),
-        "tokens": sum(len(c) for row in pool["completion_ids"] for c in row),
-        "seconds": clock.now() - start,
-    }
+    tokens = sum(len(c) for row in pool["completion_ids"] for c in row)
+    return {"rows_of_steps": steps, "rows": len(pool), "tokens": tokens, "seconds": seconds}
 
 
 def execute_train(ctx: TaskContext, spec: dict, desc: str) -> dict:
@@ -587,6 +588,9 @@ def execute_train(ctx: TaskContext, spec: dict, desc: str) -> dict:
             t0 = time.perf_counter()
             trainer.train()
             wall = time.perf_counter() - t0
+            if pool:  # read back after training, outside the budget
+                path, seconds = pool
+                pool = pool_summary(path, pooled["rows_of_steps"], seconds)
     missing = [b for b in spec["budgets"] if b not in callback.marks]
     if missing:
         raise RuntimeError(f"{desc}: training stopped before the budget(s) {missing} were reached")
@@ -1011,11 +1015,16 @@ def training_diagnostics(runs: list[dict], budget: str) -> dict:
     return out
 
 
+def pooled_runs(task_out: dict) -> list[dict]:
+    """PBSD's time-budget runs with the teacher pool ([] where none ran)."""
+    return (task_out.get("pooled") or {}).get("runs") or []
+
+
 def pbsd_time_execution(task_out: dict) -> tuple[str, list[dict]]:
     """PBSD's test runs at the time budget in its faster exact execution: online, or with the teacher pool where
     those runs (as many seeds) reached more optimizer steps in the budget on average."""
     _, online = test_result(task_out, "PBSD", "time")
-    pooled = (task_out.get("pooled") or {}).get("runs") or []
+    pooled = pooled_runs(task_out)
     if pooled and len(pooled) >= len(online) and _counter(pooled, "time", "step") > _counter(online, "time", "step"):
         return "teacher pool", pooled
     return "online", online
@@ -1140,8 +1149,8 @@ def write_report(path: Path, payload: dict, plots: dict) -> None:
                     lines.append(f"| {m} | – (tuning incomplete) | – | – | – | – | – | – |")
                     continue
                 rows = [(m, runs)]
-                if m == "PBSD" and budget == "time" and (task_out.get("pooled") or {}).get("runs"):
-                    rows.append(("PBSD, teacher pool", task_out["pooled"]["runs"]))
+                if m == "PBSD" and budget == "time" and pooled_runs(task_out):
+                    rows.append(("PBSD, teacher pool", pooled_runs(task_out)))
                 for label, runs in rows:
                     vals = test_values(runs, budget)
                     mv, sv = mean_std(vals)
@@ -1151,8 +1160,8 @@ def write_report(path: Path, payload: dict, plots: dict) -> None:
                         f"{_counter(runs, budget, 'tokens'):,.0f} | {_counter(runs, budget, 'step'):.0f} | "
                         f"{_counter(runs, budget, 'train_seconds'):.0f} |"
                     )
-            if budget == "time" and (task_out.get("pooled") or {}).get("runs"):
-                pool_runs = task_out["pooled"]["runs"]
+            pool_runs = pooled_runs(task_out) if budget == "time" else []
+            if pool_runs:
                 execution, _ = pbsd_time_execution(task_out)
                 build = statistics.fmean(r["teacher_pool"]["seconds"] for r in pool_runs)
                 pool_tokens = statistics.fmean(r["teacher_pool"]["tokens"] for r in pool_runs)

@@ -199,8 +199,10 @@ class _SharedPrefix:
         self.pending = False  # keys appended and not yet attended to: the model bypassed this attention
 
 
+@functools.cache
 def _flash_cpu_kernel():
-    """PyTorch's fused CPU attention that also returns the log-sum-exp (private ATen op; None where missing)."""
+    """PyTorch's fused CPU attention that also returns the log-sum-exp (private ATen op; None where missing); looked
+    up once, not at every layer of every decoding step."""
     return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
