@@ -34,6 +34,26 @@ def supports_shared_prefix(model) -> bool:
     return getattr(config, "sliding_window", None) is None or not getattr(config, "use_sliding_window", False)
 
 
+def _length_groups(lengths: list[int], overhead: int = 64, max_cuts: int = 64) -> list[list[int]]:
+    """Indices of right-padded completions of `lengths` in groups, each run at its longest member's width: the split of
+    the completions sorted by length that runs the fewest positions, counting `overhead` positions for each forward
+    (its fixed cost). Cut points are the ends of distinct lengths, at most `max_cuts` of them (evenly spaced)."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    ordered = [lengths[i] for i in order]
+    ends = [j + 1 for j in range(len(order) - 1) if ordered[j + 1] != ordered[j]]
+    ends = ends[:: -(-len(ends) // max_cuts) or 1] + [len(order)]
+    cost, start_of = {0: 0}, {}
+    for end in ends:
+        width = ordered[end - 1]
+        start = min(cost, key=lambda s: cost[s] + (end - s) * width)
+        cost[end], start_of[end] = cost[start] + (end - start) * width + overhead, start
+    groups, end = [], len(order)
+    while end:
+        groups.append(order[start_of[end] : end])
+        end = start_of[end]
+    return groups[::-1]
+
+
 @torch.no_grad()
 def shared_prefix_token_logps(
     model,
@@ -48,9 +68,11 @@ def shared_prefix_token_logps(
     """Per-token log-probs `(B, C)` (0 on padding) of right-padded completions given left-padded prompts.
 
     `model` is a causal LM (a PEFT model computes with its active adapter state). Rows with the same prompt ids and
-    mask share one prompt forward; `max_rows` bounds the completion rows per forward (memory). `autocast` is a
-    callable returning the context manager each chunk's forward runs in (called once per chunk: a generator-based
-    manager such as `Accelerator.autocast()` can be entered only once); default: autocast disabled.
+    mask share one prompt forward; `max_rows` bounds the completion rows per forward (memory). The completions then
+    run in groups of similar length, each cut to its longest member ([`_length_groups`]), not all at the batch's
+    padded width. `autocast` is a callable returning the context manager each chunk's forward runs in (called once
+    per chunk: a generator-based manager such as `Accelerator.autocast()` can be entered only once); default:
+    autocast disabled.
     """
     from transformers.cache_utils import DynamicCache
 
@@ -64,6 +86,9 @@ def shared_prefix_token_logps(
     keyed = torch.cat([prompt_ids[rows], prompt_mask[rows]], dim=1)
     unique, inverse = torch.unique(keyed, dim=0, return_inverse=True)
     width = prompt_ids.size(1)
+    # right padding: a completion's length is one past its last attended position
+    positions = torch.arange(1, completion_mask.size(1) + 1, device=completion_mask.device)
+    lengths = (completion_mask.bool() * positions).amax(1)
     max_rows = max_rows or rows.numel()
     # Chunks of whole prompt groups, at most `max_rows` completion rows each (a group larger than that goes alone)
     order = torch.argsort(inverse, stable=True)
@@ -84,7 +109,7 @@ def shared_prefix_token_logps(
         owner = torch.cat([torch.full((m.numel(),), i, device=prompt_ids.device) for i, (_, m) in enumerate(chunk)])
         u_ids, u_mask = unique[uniq, :width], unique[uniq, width:]
         target = rows[members]
-        c_ids, c_mask = completion_ids[target], completion_mask[target]
+        hidden_states = []
         with autocast():
             prefix = backbone(input_ids=u_ids, attention_mask=u_mask, use_cache=True)
             cache = prefix.cache if "cache" in prefix else prefix.past_key_values
@@ -92,27 +117,35 @@ def shared_prefix_token_logps(
                 raise TypeError(
                     f"Shared-prefix scoring needs a DynamicCache, the model returned {type(cache).__name__}."
                 )
-            cache.reorder_cache(owner)
-            hidden = backbone(
-                input_ids=c_ids,
-                attention_mask=torch.cat([u_mask[owner], c_mask], dim=1),
-                use_cache=True,
-                **{_cache_keyword(backbone): cache},
-            ).last_hidden_state
-        # the first completion token is predicted from the prompt's last position
-        hidden = torch.cat([prefix.last_hidden_state[owner, -1:], hidden[:, :-1]], dim=1)
-        labels = c_ids.masked_fill(c_mask == 0, -100)
-        with maybe_gather_lm_head_ctx(head.weight, head.bias):  # ZeRO-3: the head's weight is partitioned
-            logps = fused_logprobs(
-                hidden.to(head.weight.device),
-                head.weight,
-                labels.to(head.weight.device),
-                temperature=temperature,
-                bias=head.bias,
-                softcap=softcap,
-                logit_scale=logit_scale,
-            )
-        out[target] = logps.float().to(out.device)
+            prompt_states = [(layer.keys, layer.values) for layer in cache.layers]
+            for group in _length_groups(lengths[target].tolist()):
+                group = torch.tensor(group, device=prompt_ids.device)
+                length = int(lengths[target[group]].max())
+                for layer, (keys, values) in zip(cache.layers, prompt_states, strict=True):
+                    layer.keys, layer.values = keys, values
+                cache.batch_select_indices(owner[group])  # the prompt's cache, once per completion row
+                c_ids, c_mask = completion_ids[target[group], :length], completion_mask[target[group], :length]
+                hidden = backbone(
+                    input_ids=c_ids,
+                    attention_mask=torch.cat([u_mask[owner[group]], c_mask], dim=1),
+                    use_cache=True,
+                    **{_cache_keyword(backbone): cache},
+                ).last_hidden_state
+                # the first completion token is predicted from the prompt's last position
+                hidden = torch.cat([prefix.last_hidden_state[owner[group], -1:], hidden[:, :-1]], dim=1)
+                hidden_states.append((target[group], c_ids.masked_fill(c_mask == 0, -100), hidden))
+        for index, labels, hidden in hidden_states:
+            with maybe_gather_lm_head_ctx(head.weight, head.bias):  # ZeRO-3: the head's weight is partitioned
+                logps = fused_logprobs(
+                    hidden.to(head.weight.device),
+                    head.weight,
+                    labels.to(head.weight.device),
+                    temperature=temperature,
+                    bias=head.bias,
+                    softcap=softcap,
+                    logit_scale=logit_scale,
+                )
+            out[index, : labels.size(1)] = logps.float().to(out.device)
     return out
 
 
@@ -171,10 +204,14 @@ def _preallocate(cache, room: int) -> None:
 # ---- shared-prefix attention -------------------------------------------------------------------------------------
 # Repeating a prompt's cache for its G samples still makes every decoding step read G copies of it: attention over
 # the prompt is most of a decoding step, and PBSD's teacher prompts are several times wider than the completions.
-# When every distinct prompt has as many samples, the cache keeps one copy of each prompt (`U` rows) and a per-row
-# buffer for the completion; a decoding step attends to the prompt with the G samples' queries stacked into one
-# matrix product per prompt, to the completion per row, and merges the two softmax parts by their log-sum-exp: the
-# same attention, up to floating-point rounding.
+# When every distinct prompt has as many samples, each layer's cache holds one block per prompt (`U` blocks): the
+# prompt once, then its G rows' completions interleaved position by position (`P + t·G + g` for row g's t-th
+# position). A decoding step stacks a prompt's G queries and attends to its block in one `scaled_dot_product_attention`
+# call, under a mask that lets row g see the prompt (less its padding) and its own completion positions only: the
+# same attention as over `[prompt ; own completion]`, reading each prompt's keys once for its G rows. (An earlier
+# version attended to the prompt and to the per-row completions separately and merged the two softmax parts by their
+# log-sum-exp: measured slower on CPU, where the extra kernel calls and the merge cost more than the masked products
+# of the other rows' completions that one call computes.)
 SHARED_PREFIX_ATTENTION = "pbsd_shared_prefix"
 # what the attention layers of transformers' decoder-only models pass that does not change plain attention; anything
 # else (attention sinks, a position bias, ...) would be silently dropped, so it sends the call back to a plain cache
@@ -187,53 +224,49 @@ class SharedPrefixAttentionUnsupported(RuntimeError):
 
 
 class _SharedPrefix:
-    """One layer's prompt cache `(U, kv_heads, P, d)`, its padding mask `(U, P)`, and the row order grouping the
-    batch's rows by prompt (`order`, `G` rows per prompt; `restore` undoes it)."""
+    """What the layers of a shared-prefix cache have in common: the `B` rows' grouping into `U` prompts of `G` rows
+    (`order` puts the rows prompt by prompt, `restore` undoes it; both None where the rows already come that way) and
+    the masks, as additive biases made once per decoding step for all layers."""
 
-    def __init__(self, keys, values, mask, inverse):
-        self.keys, self.values, self.mask = keys, values, mask.bool()
-        self.bias = None  # the mask as the additive bias of the fused CPU kernel, made on first use
-        self.order = torch.argsort(inverse, stable=True)
-        self.restore = torch.argsort(self.order)
-        self.group = inverse.numel() // keys.size(0)
-        self.pending = False  # keys appended and not yet attended to: the model bypassed this attention
+    def __init__(self, prompt_mask: torch.Tensor, inverse: torch.Tensor):
+        self.units, self.prompt_length = prompt_mask.shape
+        self.group = inverse.numel() // self.units
+        order = torch.argsort(inverse, stable=True)
+        grouped = torch.equal(order, torch.arange(order.numel(), device=order.device))
+        self.order = None if grouped else order
+        self.restore = None if grouped else torch.argsort(order)
+        self.prompt_mask = prompt_mask.bool()
+        self._bias_key, self._bias = None, None
 
-
-@functools.cache
-def _flash_cpu_kernel():
-    """PyTorch's fused CPU attention that also returns the log-sum-exp (private ATen op; None where missing); looked
-    up once, not at every layer of every decoding step."""
-    return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-
-
-def _attend_prefix(prefix, query, scaling):
-    """[`_attend`] of the grouped queries `(U, kv, rows, d)` over the prompt cache. On CPU through PyTorch's fused
-    kernel, which returns the log-sum-exp too: measured about twice as fast as the matrix products at the shapes of
-    the pool build and the one-pass call (16-32 prompts, 4-8 samples, ~100 prompt positions)."""
-    kernel = _flash_cpu_kernel() if query.device.type == "cpu" else None
-    if kernel is None:
-        return _attend(query, prefix.keys, prefix.values, scaling, prefix.mask[:, None, None, :])
-    if prefix.bias is None or prefix.bias.dtype != query.dtype:
-        zeros = torch.zeros(prefix.mask.shape, dtype=query.dtype, device=query.device)
-        prefix.bias = zeros.masked_fill(~prefix.mask, float("-inf"))[:, None, None, :]
-    out, lse = kernel(query, prefix.keys, prefix.values, attn_mask=prefix.bias, scale=scaling)
-    return out.float().contiguous(), lse.unsqueeze(-1).contiguous()
-
-
-def _attend(query, key, value, scaling, mask=None):
-    """Softmax attention of `query (N, kv, Q, d)` over `key/value (N, kv, L, d)`, in float32 with its log-sum-exp."""
-    scores = torch.matmul(query, key.transpose(-1, -2)).float() * scaling
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-    out = torch.matmul(torch.exp(scores - lse).to(value.dtype), value).float()
-    return out, lse
+    def bias(self, query_rows: int, q_len: int, steps: int, dtype) -> torch.Tensor:
+        """`(U, 1, G·query_rows·q_len, P + (steps + q_len)·G)` additive mask of the step whose `q_len` queries follow
+        `steps` completion positions; query rows ordered (row g, query head, position j)."""
+        key = (query_rows, q_len, steps, dtype)
+        if key != self._bias_key:
+            device, group = self.prompt_mask.device, self.group
+            length = steps + q_len
+            row = torch.arange(group, device=device).repeat_interleave(query_rows * q_len)
+            position = torch.arange(q_len, device=device).repeat(group * query_rows) + steps
+            key_row = torch.arange(group, device=device).repeat(length)
+            key_position = torch.arange(length, device=device).repeat_interleave(group)
+            own = (row[:, None] == key_row[None]) & (key_position[None] <= position[:, None])  # causal, own row
+            allowed = torch.cat(
+                [
+                    self.prompt_mask[:, None, :].expand(-1, row.numel(), -1),
+                    own[None].expand(self.units, -1, -1),
+                ],
+                dim=-1,
+            )
+            zeros = torch.zeros(allowed.shape, dtype=dtype, device=device)
+            self._bias_key, self._bias = key, zeros.masked_fill(~allowed, float("-inf")).unsqueeze(1)
+        return self._bias
 
 
 def shared_prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Attention for a decoding step over a [`_SharedPrefix`] cache (`key`/`value` hold the completion part only)."""
-    prefix = getattr(key, "pbsd_prefix", None)
-    if prefix is None:
+    """Attention for a decoding step over a shared-prefix cache layer (see [`_share_prefix`]): `key` and `value` are
+    the step's own states, tagged with the layer that holds the prompt blocks."""
+    layer = getattr(key, "pbsd_layer", None)
+    if layer is None:
         raise SharedPrefixAttentionUnsupported(
             "shared-prefix attention got keys without their prompt cache (the model transforms the cache's keys "
             "before attention)"
@@ -244,26 +277,26 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling=N
             "shared-prefix attention supports plain full attention only, the model's attention passes "
             + ", ".join(sorted(unsupported | ({"dropout"} if dropout else set())))
         )
-    prefix.pending = False
+    layer.pbsd_pending = False
+    shared = layer.pbsd_prefix
     batch, heads, q_len, dim = query.shape
-    kv_heads = key.size(1)
-    groups = heads // kv_heads
-    scaling = dim**-0.5 if scaling is None else scaling
-    # prompt part: the G samples of a prompt (and the query heads of a kv head) as the rows of one product
-    units, group = prefix.keys.size(0), prefix.group
-    grouped = query[prefix.order].reshape(units, group, kv_heads, groups * q_len, dim).transpose(1, 2)
-    out_p, lse_p = _attend_prefix(prefix, grouped.reshape(units, kv_heads, group * groups * q_len, dim), scaling)
-    out_p = out_p.view(units, kv_heads, group, groups * q_len, dim).transpose(1, 2).reshape(batch, kv_heads, -1, dim)
-    lse_p = lse_p.view(units, kv_heads, group, groups * q_len, 1).transpose(1, 2).reshape(batch, kv_heads, -1, 1)
-    out_p, lse_p = out_p[prefix.restore], lse_p[prefix.restore]
-    # completion part: per row, causal within the step's queries (generation feeds no padding after the prompt)
-    length = key.size(-2)
-    causal = torch.ones(q_len, length, dtype=torch.bool, device=query.device).tril(length - q_len)
-    causal = causal.repeat(groups, 1)  # rows: (query head within the kv head, query position)
-    out_s, lse_s = _attend(query.reshape(batch, kv_heads, groups * q_len, dim), key, value, scaling, causal)
-    # the completion part's share of the softmax mass: exp(lse_s) / (exp(lse_p) + exp(lse_s))
-    out = torch.lerp(out_p, out_s, torch.sigmoid(lse_s - lse_p))
-    out = out.view(batch, heads, q_len, dim).to(query.dtype)
+    units, group, kv_heads = shared.units, shared.group, layer.pbsd_keys.size(1)
+    groups = heads // kv_heads  # query heads per kv head
+    end = shared.prompt_length + layer.pbsd_steps * group
+    if shared.order is not None:
+        query = query[shared.order]
+    # a prompt's G rows (and the query heads of a kv head) as the query rows of one product over the prompt's block
+    stacked = query.reshape(units, group, kv_heads, groups * q_len, dim).transpose(1, 2)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        stacked.reshape(units, kv_heads, group * groups * q_len, dim),
+        layer.pbsd_keys[:, :, :end],
+        layer.pbsd_values[:, :, :end],
+        attn_mask=shared.bias(groups, q_len, layer.pbsd_steps - q_len, query.dtype),
+        scale=dim**-0.5 if scaling is None else scaling,
+    )
+    out = out.view(units, kv_heads, group, groups * q_len, dim).transpose(1, 2).reshape(batch, heads, q_len, dim)
+    if shared.restore is not None:
+        out = out[shared.restore]
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -274,30 +307,50 @@ def _register_shared_prefix_attention() -> None:
 
 
 def _append_completion(layer, key_states, value_states, *args, **kwargs):
-    """[`_append_in_place`] for a [`_SharedPrefix`] layer: the returned keys carry the layer's prompt cache."""
-    prefix = layer.pbsd_prefix
-    if prefix.pending:
+    """`DynamicLayer.update` of a shared-prefix layer: the step's states go to their rows' slots of the prompt blocks
+    (the buffers double if a call outgrows them); it returns the step's own states, tagged with the layer."""
+    if layer.pbsd_pending:
         raise SharedPrefixAttentionUnsupported(
             "the model's attention does not dispatch through transformers' AttentionInterface"
         )
-    keys, values = _append_in_place(layer, key_states, value_states)
-    keys.pbsd_prefix, prefix.pending = prefix, True
-    return keys, values
+    shared = layer.pbsd_prefix
+    units, group, q_len = shared.units, shared.group, key_states.size(-2)
+    start = shared.prompt_length + layer.pbsd_steps * group
+    end = start + q_len * group
+    while end > layer.pbsd_keys.size(-2):  # double the completion room
+        extra = max(layer.pbsd_keys.size(-2) - shared.prompt_length, group)
+        layer.pbsd_keys, layer.pbsd_values = (
+            torch.cat([buf, buf.new_empty(*buf.shape[:2], extra, buf.size(-1))], dim=-2)
+            for buf in (layer.pbsd_keys, layer.pbsd_values)
+        )
+    for buffer, states in ((layer.pbsd_keys, key_states), (layer.pbsd_values, value_states)):
+        if shared.order is not None:
+            states = states[shared.order]
+        states = states.view(units, group, *states.shape[1:]).permute(0, 2, 3, 1, 4)  # (U, kv, q_len, G, d)
+        buffer[:, :, start:end].unflatten(2, (q_len, group)).copy_(states)
+    layer.pbsd_steps += q_len
+    layer.pbsd_pending = True  # until the attention reads it: a model that bypasses it is caught at the next update
+    keys = key_states.view(key_states.shape)
+    keys.pbsd_layer = layer
+    return keys, value_states
 
 
 def _share_prefix(cache, inverse, prefix_mask, room: int) -> None:
-    """Turn the prefilled cache of `U` distinct prompts into [`_SharedPrefix`] layers with per-row buffers of `room`
-    positions for the completions of the `B` rows (`inverse[b]`: row b's prompt)."""
+    """Turn the prefilled cache of `U` distinct prompts into shared-prefix layers: per prompt, a block of the prompt's
+    keys and values followed by room for `room` positions of each of its `G` rows (`inverse[b]`: row b's prompt)."""
+    shared = _SharedPrefix(prefix_mask, inverse)
+    prompt = shared.prompt_length
     for layer in cache.layers:
-        prefix = _SharedPrefix(layer.keys, layer.values, prefix_mask, inverse)
-        rows = inverse.numel()
-        shape = (rows, layer.keys.size(1), room, layer.keys.size(-1))
-        layer.pbsd_keys, layer.pbsd_values = layer.keys.new_empty(shape), layer.values.new_empty(shape)
-        layer.pbsd_length, layer.pbsd_prefix = 0, prefix
-        layer.keys, layer.values = layer.pbsd_keys[:, :, :0], layer.pbsd_values[:, :, :0]
+        units, kv_heads, _, dim = layer.keys.shape
+        for name, states in (("pbsd_keys", layer.keys), ("pbsd_values", layer.values)):
+            buffer = states.new_empty(units, kv_heads, prompt + room * shared.group, dim)
+            buffer[:, :, :prompt] = states
+            setattr(layer, name, buffer)
+        layer.pbsd_prefix, layer.pbsd_steps, layer.pbsd_pending = shared, 0, False
+        # what the cache's other methods read: one row per batch row, no positions of their own
+        layer.keys = layer.values = layer.keys.new_empty(inverse.numel(), kv_heads, 0, dim)
         layer.update = types.MethodType(_append_completion, layer)
-        prompt = prefix.keys.size(-2)
-        layer.get_seq_length = types.MethodType(lambda self, _p=prompt: _p + self.pbsd_length, layer)
+        layer.get_seq_length = types.MethodType(lambda self, _p=prompt: _p + self.pbsd_steps, layer)
 
 
 def can_share_prefix_attention(model, cache, inverse: torch.Tensor) -> bool:
@@ -354,6 +407,51 @@ def can_prefill_once(model, generation_config, kwargs: dict) -> bool:
     )
 
 
+def _width_groups(lengths: list[int]) -> list[list[int]]:
+    """Indices of prompts of `lengths`, grouped so that no prompt is padded to more than twice its length (widest
+    first)."""
+    groups = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if not groups or 2 * lengths[i] <= lengths[groups[-1][0]]:
+            groups.append([])
+        groups[-1].append(i)
+    return groups
+
+
+def _prefill(backbone, ids, mask, first_row, select_rows=None):
+    """The KV cache of the left-padded prompt rows `ids`, prefilled in groups of similar width, each cut to its widest
+    prompt: in PBSD's one-pass call the student prompts are a fifth of the teacher prompts' width and would otherwise
+    be run over it. Padding positions of a narrower group hold zeros (masked like any padding)."""
+    width = ids.size(1)
+    lengths = (width - (mask != 0).int().argmax(1)).masked_fill(~mask.bool().any(1), 1).clamp(min=1).tolist()
+    groups, caches = _width_groups(lengths), []
+    for group in groups:
+        index = torch.tensor(group, device=ids.device) if len(groups) > 1 else slice(None)
+        cut = width - lengths[group[0]]
+        g_ids, g_mask = ids[index, cut:], mask[index, cut:]
+        if select_rows is not None:
+            select_rows(first_row[index])
+        try:
+            out = backbone(
+                input_ids=g_ids, attention_mask=g_mask, position_ids=_generation_position_ids(g_mask), use_cache=True
+            )
+        finally:
+            if select_rows is not None:
+                select_rows(None)
+        caches.append((index, cut, out.cache if "cache" in out else out.past_key_values))
+    cache = caches[0][2]
+    if len(caches) == 1:
+        return cache
+    for layer_idx, layer in enumerate(cache.layers):
+        for name in ("keys", "values"):
+            states = getattr(layer, name)
+            full = states.new_zeros(ids.size(0), states.size(1), width, states.size(-1))
+            for index, cut, group_cache in caches:
+                full[index, :, cut:] = getattr(group_cache.layers[layer_idx], name)
+            setattr(layer, name, full)
+    return cache
+
+
 @torch.no_grad()
 def generate_with_shared_prefill(generate, model, select_rows=None, share_attention=False, **kwargs):
     """`generate(**kwargs)` with each distinct prompt row of the batch prefilled once, into a preallocated cache.
@@ -376,18 +474,12 @@ def generate_with_shared_prefill(generate, model, select_rows=None, share_attent
     unique, inverse = torch.unique(torch.cat([input_ids, attention_mask], dim=1), dim=0, return_inverse=True)
     first_row = torch.full((unique.size(0),), input_ids.size(0), device=inverse.device, dtype=torch.long)
     first_row.scatter_reduce_(0, inverse, torch.arange(inverse.numel(), device=inverse.device), reduce="amin")
+    # distinct prompts in the order of their first row: a batch that comes prompt by prompt needs no reordering
+    by_first_row = torch.argsort(first_row)
+    unique, first_row, inverse = unique[by_first_row], first_row[by_first_row], torch.argsort(by_first_row)[inverse]
     u_ids, u_mask = unique[:, : width - 1], unique[:, width : 2 * width - 1]
     backbone = model.get_base_model().base_model if hasattr(model, "peft_config") else model.base_model
-    if select_rows is not None:
-        select_rows(first_row)
-    try:
-        out = backbone(
-            input_ids=u_ids, attention_mask=u_mask, position_ids=_generation_position_ids(u_mask), use_cache=True
-        )
-    finally:
-        if select_rows is not None:
-            select_rows(None)
-    cache = out.cache if "cache" in out else out.past_key_values
+    cache = _prefill(backbone, u_ids, u_mask, first_row, select_rows)
     config = kwargs.get("generation_config")
     max_new_tokens = _generation_setting(model, config, "max_new_tokens")
     if max_new_tokens is None:
@@ -402,7 +494,12 @@ def generate_with_shared_prefill(generate, model, select_rows=None, share_attent
         _share_prefix(cache, inverse, u_mask, room)
         try:
             with _attention_implementation(causal_lm, SHARED_PREFIX_ATTENTION):
-                return generate(**kwargs)
+                result = generate(**kwargs)
+            if any(layer.pbsd_pending for layer in cache.layers):  # the last step's states were never attended to
+                raise SharedPrefixAttentionUnsupported(
+                    "the model's attention does not dispatch through transformers' AttentionInterface"
+                )
+            return result
         except SharedPrefixAttentionUnsupported as err:
             warnings.warn(
                 f"Not attending to each prompt's cache once: {err}. Generating with the prompt's cache repeated per "

@@ -1,6 +1,8 @@
 """Shared-prefix teacher scoring equals the full `[prompt ; completion]` forward."""
 
 import contextlib
+import functools
+import itertools
 
 import pytest
 import torch
@@ -23,9 +25,16 @@ def full_forward_logps(model, prompt_ids, prompt_mask, completion_ids, completio
     return (logps * completion_mask).float()
 
 
+@pytest.mark.parametrize("overhead", [64, 0])
 @pytest.mark.parametrize("max_rows", [None, 3])
 @pytest.mark.parametrize("peft", [False, True])
-def test_shared_prefix_equals_full_forward(max_rows, peft):
+def test_shared_prefix_equals_full_forward(max_rows, peft, overhead, monkeypatch):
+    """`overhead` 0: every distinct completion length runs as its own group, cut to that length."""
+    import pbsd_trl.shared_prefix as shared_prefix
+
+    monkeypatch.setattr(
+        shared_prefix, "_length_groups", functools.partial(shared_prefix._length_groups, overhead=overhead)
+    )
     torch.manual_seed(0)
     tok, model = _tiny_lm(peft)
     vocab = model.config.vocab_size
@@ -58,6 +67,29 @@ def test_shared_prefix_equals_full_forward(max_rows, peft):
     expected = full_forward_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask, 0.7)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     assert (got[completion_mask == 0] == 0).all() and (got[completion_mask == 1] < 0).all()
+
+
+@pytest.mark.parametrize(
+    "lengths", [[7, 3, 5, 7, 1, 6, 4], [40] * 6 + [10] * 30, [5, 50, 5, 50, 49, 6], [3], list(range(1, 12))]
+)
+@pytest.mark.parametrize("overhead", [0, 8, 64])
+def test_length_groups_run_the_fewest_positions(lengths, overhead):
+    """Against every split of the length-sorted completions into consecutive groups (brute force)."""
+    from pbsd_trl.shared_prefix import _length_groups
+
+    groups = _length_groups(lengths, overhead=overhead)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+
+    def cost(parts):
+        return sum(len(p) * max(p) + overhead for p in parts)
+
+    ordered = sorted(lengths)
+    best = min(
+        cost([ordered[a:b] for a, b in itertools.pairwise((0, *cuts, len(ordered)))])
+        for k in range(len(ordered) if len(ordered) <= 12 else 3)  # the long case has two distinct lengths
+        for cuts in itertools.combinations(range(1, len(ordered)), k)
+    )
+    assert cost([[lengths[i] for i in g] for g in groups]) == best
 
 
 # ---- generation: each distinct prompt row prefilled once ----------------------------------------------------------
@@ -121,9 +153,10 @@ def test_shared_prompt_prefill_generates_the_same_samples(do_sample, peft):
         calls.remove()
     assert "generate" not in model.__dict__  # the patch is undone
     assert torch.equal(plain, shared)
-    # 3 distinct prompts prefilled once (all but the last position), then generate steps one position at a time
-    assert calls.shapes[0] == (3, ids.size(1) - 1)
-    assert all(width == 1 for _, width in calls.shapes[1:]) and len(calls.shapes) == 1 + config.max_new_tokens
+    # 3 distinct prompts prefilled once (all but the last position), the 4-token one apart from the two wider ones
+    # (cut to its own width), then generate steps one position at a time
+    assert calls.shapes[:2] == [(2, ids.size(1) - 1), (1, 3)]
+    assert all(width == 1 for _, width in calls.shapes[2:]) and len(calls.shapes) == 2 + config.max_new_tokens
 
 
 def test_shared_prompt_prefill_leaves_other_calls_plain():
@@ -182,29 +215,43 @@ def test_preallocated_cache_appends_like_concatenation():
     assert in_place.get_seq_length() == plain.get_seq_length() == ids.size(1) + 7
 
 
+@pytest.mark.parametrize("grouped", [True, False])
 @pytest.mark.parametrize("q_len", [1, 3])
-def test_shared_prefix_attention_equals_attention_over_the_repeated_cache(q_len):
-    """Prompt part once per prompt (GQA, left padding, interleaved groups) merged with the per-row completion part,
-    against float64 softmax attention over `[prompt repeated ; completion]` keys with the equivalent mask."""
+def test_shared_prefix_attention_equals_attention_over_the_repeated_cache(q_len, grouped):
+    """Each prompt's block (prompt once, its rows' completions interleaved) filled step by step through the cache's
+    `update`, past its room (the buffers grow), then attended to with the rows' queries stacked: against float64
+    softmax attention over `[prompt repeated ; own completion]` keys with the equivalent mask (GQA, left padding, rows
+    grouped by prompt or interleaved)."""
     from types import SimpleNamespace
 
-    from pbsd_trl.shared_prefix import _SharedPrefix, shared_prefix_attention
+    from transformers.cache_utils import DynamicLayer
+
+    from pbsd_trl.shared_prefix import _share_prefix, shared_prefix_attention
 
     gen = torch.Generator().manual_seed(0)
-    units, group, heads, kv_heads, dim, prompt, length = 3, 4, 4, 2, 8, 7, 5
-    inverse = torch.tensor([u for _ in range(group) for u in range(units)])  # rows of a prompt interleaved
+    units, group, heads, kv_heads, dim, prompt = 3, 4, 4, 2, 8, 7
+    inverse = torch.arange(units).repeat_interleave(group) if grouped else torch.arange(units).repeat(group)
     prefix_mask = torch.ones(units, prompt, dtype=torch.bool)
     prefix_mask[1, :3] = prefix_mask[2, :5] = False  # left padding
     keys_p, values_p = torch.randn(2, units, kv_heads, prompt, dim, generator=gen)
+    layer = DynamicLayer()
+    layer.lazy_initialization(keys_p, values_p)
+    layer.keys, layer.values = keys_p, values_p
+    _share_prefix(SimpleNamespace(layers=[layer]), inverse, prefix_mask, room=2)
     batch = units * group
-    query = torch.randn(batch, heads, q_len, dim, generator=gen)
-    keys_s, values_s = torch.randn(2, batch, kv_heads, length, dim, generator=gen)
-    keys_s.pbsd_prefix = _SharedPrefix(keys_p, values_p, prefix_mask, inverse)
-    out, _ = shared_prefix_attention(SimpleNamespace(), query, keys_s, values_s, None, scaling=0.3)
+    steps = [1, 1, 1, q_len]  # 3 decoding steps, then q_len positions at once: 6 positions in room for 2
+    completion_k, completion_v = torch.randn(2, batch, kv_heads, sum(steps), dim, generator=gen)
+    done = 0
+    for width in steps:
+        keys, values = layer.update(completion_k[:, :, done : done + width], completion_v[:, :, done : done + width])
+        done += width
+        query = torch.randn(batch, heads, width, dim, generator=gen)
+        out, _ = shared_prefix_attention(SimpleNamespace(), query, keys, values, None, scaling=0.3)
+    assert layer.get_seq_length() == prompt + done
 
-    keys = torch.cat([keys_p[inverse], keys_s], dim=2).double().repeat_interleave(heads // kv_heads, dim=1)
-    values = torch.cat([values_p[inverse], values_s], dim=2).double().repeat_interleave(heads // kv_heads, dim=1)
-    causal = torch.ones(q_len, length, dtype=torch.bool).tril(length - q_len)
+    keys = torch.cat([keys_p[inverse], completion_k], dim=2).double().repeat_interleave(heads // kv_heads, dim=1)
+    values = torch.cat([values_p[inverse], completion_v], dim=2).double().repeat_interleave(heads // kv_heads, dim=1)
+    causal = torch.ones(q_len, done, dtype=torch.bool).tril(done - q_len)
     mask = torch.cat([prefix_mask[inverse][:, None, :].expand(-1, q_len, -1), causal.expand(batch, -1, -1)], dim=-1)
     scores = (query.double() @ keys.transpose(-1, -2) * 0.3).masked_fill(~mask[:, None], float("-inf"))
     expected = (scores.softmax(-1) @ values).transpose(1, 2)
