@@ -15,11 +15,13 @@ settings, and stepped round-robin (order rotated every round) so that their rati
 - `LoRA GRPO G=8` and `PBSD 4+4 LoRA 1-pass`: LoRA students (r=16 on every linear layer), PBSD with the `base`
   teacher (adapter disabled) through per-row adapters in one `generate` call;
 - `PBSD 4+4 live 2-pass` / `PBSD 4+4 LoRA 2-pass`: the same with `one_generation_pass=False` (two calls);
-- `PBSD 4+4 live 1-pass repeated cache`: the one-pass call with each prompt's KV cache repeated per row, as before
-  the one-pass call attended to each prompt's cache once for its samples (shared-prefix attention, on CPU);
+- `PBSD 4+4 repeated cache` / `PBSD 4+4 live 1-pass repeated cache`: the same steps with each prompt's KV cache
+  repeated per row in every `generate` call, without shared-prefix attention (each prompt's cache attended to once
+  for its samples, on CPU);
 - `PBSD 4+4 plain generate`: PBSD 4+4 with `share_prompt_prefill=False` (transformers' `generate` as GRPO calls it),
   and `GRPO G=8 prefill once`: TRL's GRPOTrainer with PBSDTrainer's `generate` (each distinct prompt prefilled
-  once into a preallocated cache), so that the gain of that change is shown apart from PBSD's.
+  once into a preallocated cache, and on CPU attended to once for its samples), so that the gain of these changes
+  is shown apart from PBSD's.
 
 One step is what `Trainer._inner_training_loop` does per optimizer step with `gradient_accumulation_steps=1`:
 `trainer.training_step` (generation, rewards, teacher scoring, loss forward, backward), gradient clipping, the
@@ -127,7 +129,8 @@ CONTENDERS = (
     ("PBSD 4+4 LoRA 1-pass", "pbsd", 4, 4, True, {"peft": True}),
     ("PBSD 4+4 LoRA 2-pass", "pbsd", 4, 4, True, {"peft": True, "one_generation_pass": False}),
     # what pbsd-trl's generation changes bring on their own: off for PBSD, on for TRL's GRPO
-    # the one-pass call without shared-prefix attention (each row reads its own copy of the prompt's cache)
+    # without shared-prefix attention (each row reads its own copy of the prompt's cache)
+    ("PBSD 4+4 repeated cache", "pbsd", 4, 4, True, {"repeated_cache": True}),
     (
         "PBSD 4+4 live 1-pass repeated cache",
         "pbsd",
@@ -278,7 +281,8 @@ def pool_args(spec, output_dir):
 
 
 def grpo_with_prefill():
-    """TRL's GRPOTrainer with PBSDTrainer's `generate` (each distinct prompt prefilled once, preallocated cache)."""
+    """TRL's GRPOTrainer with PBSDTrainer's `generate` (each distinct prompt prefilled once, preallocated cache; on
+    CPU each prompt's cache attended to once for its samples)."""
     from trl import GRPOTrainer
 
     from pbsd_trl.shared_prefix import shared_prompt_prefill
@@ -292,11 +296,11 @@ def grpo_with_prefill():
 
 
 def pbsd_with_repeated_cache():
-    """PBSDTrainer whose one-pass call repeats each prompt's cache per row (no shared-prefix attention)."""
+    """PBSDTrainer whose `generate` calls repeat each prompt's cache per row (no shared-prefix attention)."""
     from pbsd_trl import PBSDTrainer
 
     class PBSDRepeatedCache(PBSDTrainer):
-        def _shared_prompt_prefill(self, images, select_rows=None, share_attention=False):
+        def _shared_prompt_prefill(self, images, select_rows=None, share_attention=None):
             return super()._shared_prompt_prefill(images, select_rows, share_attention=False)
 
     return PBSDRepeatedCache

@@ -1,4 +1,4 @@
-"""Scoring completions that share a prompt: the prompt once, its KV cache reused by every completion.
+"""Scoring and sampling completions that share a prompt: the prompt once, its KV cache reused by every completion.
 
 PBSD's teacher scores, without gradient, every completion of a prompt group (G student samples and, online, G_T
 teacher samples) from the same teacher prompt, which is several times wider than a completion (the privileged
@@ -6,6 +6,7 @@ context). Scoring `[prompt ; completion]` rows recomputes that prompt once per r
 run once with `use_cache=True` and its cache is repeated for the completions that follow it. The result is the same
 function as the full forward (same positions, same masks; equal up to floating-point rounding), on
 `U·P + B·C` instead of `B·(P + C)` positions for `U` distinct prompts of width `P` and `B` completions of width `C`.
+`generate` calls get the same treatment (see "generation" below, and `shared_attention` for the decoding steps).
 """
 
 from __future__ import annotations
@@ -21,6 +22,14 @@ from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from .logprobs import head_logit_transform
 from .ops import fused_logprobs
+from .shared_attention import (
+    SHARED_PREFIX_ATTENTION,
+    SharedPrefixAttentionUnsupported,
+    _attention_implementation,
+    _register_shared_prefix_attention,
+    _share_prefix,
+    can_share_prefix_attention,
+)
 
 
 def supports_shared_prefix(model) -> bool:
@@ -34,10 +43,20 @@ def supports_shared_prefix(model) -> bool:
     return getattr(config, "sliding_window", None) is None or not getattr(config, "use_sliding_window", False)
 
 
-def _length_groups(lengths: list[int], overhead: int = 64, max_cuts: int = 64) -> list[list[int]]:
+def _splits_pay(device) -> bool:
+    """Whether running a batch as several narrower forwards (prompts or completions grouped by width) is worth the
+    extra calls: measured on CPU, where a forward's cost follows its positions; elsewhere (a GPU's calls are bound by
+    kernel launches at small sizes) one forward at the widest member's width, until measured there."""
+    return torch.device(device).type == "cpu"
+
+
+def _length_groups(lengths: list[int], overhead: int | None = 64, max_cuts: int = 64) -> list[list[int]]:
     """Indices of right-padded completions of `lengths` in groups, each run at its longest member's width: the split of
     the completions sorted by length that runs the fewest positions, counting `overhead` positions for each forward
-    (its fixed cost). Cut points are the ends of distinct lengths, at most `max_cuts` of them (evenly spaced)."""
+    (its fixed cost; None: one group). Cut points are the ends of distinct lengths, at most `max_cuts` of them (evenly
+    spaced)."""
+    if overhead is None:
+        return [list(range(len(lengths)))]
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     ordered = [lengths[i] for i in order]
     ends = [j + 1 for j in range(len(order) - 1) if ordered[j + 1] != ordered[j]]
@@ -118,7 +137,8 @@ def shared_prefix_token_logps(
                     f"Shared-prefix scoring needs a DynamicCache, the model returned {type(cache).__name__}."
                 )
             prompt_states = [(layer.keys, layer.values) for layer in cache.layers]
-            for group in _length_groups(lengths[target].tolist()):
+            overhead = 64 if _splits_pay(completion_ids.device) else None
+            for group in _length_groups(lengths[target].tolist(), overhead):
                 group = torch.tensor(group, device=prompt_ids.device)
                 length = int(lengths[target[group]].max())
                 for layer, (keys, values) in zip(cache.layers, prompt_states, strict=True):
@@ -201,182 +221,6 @@ def _preallocate(cache, room: int) -> None:
         layer.update = types.MethodType(_append_in_place, layer)
 
 
-# ---- shared-prefix attention -------------------------------------------------------------------------------------
-# Repeating a prompt's cache for its G samples still makes every decoding step read G copies of it: attention over
-# the prompt is most of a decoding step, and PBSD's teacher prompts are several times wider than the completions.
-# When every distinct prompt has as many samples, each layer's cache holds one block per prompt (`U` blocks): the
-# prompt once, then its G rows' completions interleaved position by position (`P + t·G + g` for row g's t-th
-# position). A decoding step stacks a prompt's G queries and attends to its block in one `scaled_dot_product_attention`
-# call, under a mask that lets row g see the prompt (less its padding) and its own completion positions only: the
-# same attention as over `[prompt ; own completion]`, reading each prompt's keys once for its G rows. (An earlier
-# version attended to the prompt and to the per-row completions separately and merged the two softmax parts by their
-# log-sum-exp: measured slower on CPU, where the extra kernel calls and the merge cost more than the masked products
-# of the other rows' completions that one call computes.)
-SHARED_PREFIX_ATTENTION = "pbsd_shared_prefix"
-# what the attention layers of transformers' decoder-only models pass that does not change plain attention; anything
-# else (attention sinks, a position bias, ...) would be silently dropped, so it sends the call back to a plain cache
-_PLAIN_ATTENTION_KWARGS = {"position_ids", "use_cache", "cache_position", "output_attentions", "is_causal"}
-
-
-class SharedPrefixAttentionUnsupported(RuntimeError):
-    """The model's attention is not plain full attention through transformers' `AttentionInterface`: generation is
-    redone with the prompt's cache repeated per row (the plain computation)."""
-
-
-class _SharedPrefix:
-    """What the layers of a shared-prefix cache have in common: the `B` rows' grouping into `U` prompts of `G` rows
-    (`order` puts the rows prompt by prompt, `restore` undoes it; both None where the rows already come that way) and
-    the masks, as additive biases made once per decoding step for all layers."""
-
-    def __init__(self, prompt_mask: torch.Tensor, inverse: torch.Tensor):
-        self.units, self.prompt_length = prompt_mask.shape
-        self.group = inverse.numel() // self.units
-        order = torch.argsort(inverse, stable=True)
-        grouped = torch.equal(order, torch.arange(order.numel(), device=order.device))
-        self.order = None if grouped else order
-        self.restore = None if grouped else torch.argsort(order)
-        self.prompt_mask = prompt_mask.bool()
-        self._bias_key, self._bias = None, None
-
-    def bias(self, query_rows: int, q_len: int, steps: int, dtype) -> torch.Tensor:
-        """`(U, 1, G·query_rows·q_len, P + (steps + q_len)·G)` additive mask of the step whose `q_len` queries follow
-        `steps` completion positions; query rows ordered (row g, query head, position j)."""
-        key = (query_rows, q_len, steps, dtype)
-        if key != self._bias_key:
-            device, group = self.prompt_mask.device, self.group
-            length = steps + q_len
-            row = torch.arange(group, device=device).repeat_interleave(query_rows * q_len)
-            position = torch.arange(q_len, device=device).repeat(group * query_rows) + steps
-            key_row = torch.arange(group, device=device).repeat(length)
-            key_position = torch.arange(length, device=device).repeat_interleave(group)
-            own = (row[:, None] == key_row[None]) & (key_position[None] <= position[:, None])  # causal, own row
-            allowed = torch.cat(
-                [
-                    self.prompt_mask[:, None, :].expand(-1, row.numel(), -1),
-                    own[None].expand(self.units, -1, -1),
-                ],
-                dim=-1,
-            )
-            zeros = torch.zeros(allowed.shape, dtype=dtype, device=device)
-            self._bias_key, self._bias = key, zeros.masked_fill(~allowed, float("-inf")).unsqueeze(1)
-        return self._bias
-
-
-def shared_prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Attention for a decoding step over a shared-prefix cache layer (see [`_share_prefix`]): `key` and `value` are
-    the step's own states, tagged with the layer that holds the prompt blocks."""
-    layer = getattr(key, "pbsd_layer", None)
-    if layer is None:
-        raise SharedPrefixAttentionUnsupported(
-            "shared-prefix attention got keys without their prompt cache (the model transforms the cache's keys "
-            "before attention)"
-        )
-    unsupported = {name for name, value in kwargs.items() if value is not None} - _PLAIN_ATTENTION_KWARGS
-    if dropout or unsupported:
-        raise SharedPrefixAttentionUnsupported(
-            "shared-prefix attention supports plain full attention only, the model's attention passes "
-            + ", ".join(sorted(unsupported | ({"dropout"} if dropout else set())))
-        )
-    layer.pbsd_pending = False
-    shared = layer.pbsd_prefix
-    batch, heads, q_len, dim = query.shape
-    units, group, kv_heads = shared.units, shared.group, layer.pbsd_keys.size(1)
-    groups = heads // kv_heads  # query heads per kv head
-    end = shared.prompt_length + layer.pbsd_steps * group
-    if shared.order is not None:
-        query = query[shared.order]
-    # a prompt's G rows (and the query heads of a kv head) as the query rows of one product over the prompt's block
-    stacked = query.reshape(units, group, kv_heads, groups * q_len, dim).transpose(1, 2)
-    out = torch.nn.functional.scaled_dot_product_attention(
-        stacked.reshape(units, kv_heads, group * groups * q_len, dim),
-        layer.pbsd_keys[:, :, :end],
-        layer.pbsd_values[:, :, :end],
-        attn_mask=shared.bias(groups, q_len, layer.pbsd_steps - q_len, query.dtype),
-        scale=dim**-0.5 if scaling is None else scaling,
-    )
-    out = out.view(units, kv_heads, group, groups * q_len, dim).transpose(1, 2).reshape(batch, heads, q_len, dim)
-    if shared.restore is not None:
-        out = out[shared.restore]
-    return out.transpose(1, 2).contiguous(), None
-
-
-def _register_shared_prefix_attention() -> None:
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(SHARED_PREFIX_ATTENTION, shared_prefix_attention)
-
-
-def _append_completion(layer, key_states, value_states, *args, **kwargs):
-    """`DynamicLayer.update` of a shared-prefix layer: the step's states go to their rows' slots of the prompt blocks
-    (the buffers double if a call outgrows them); it returns the step's own states, tagged with the layer."""
-    if layer.pbsd_pending:
-        raise SharedPrefixAttentionUnsupported(
-            "the model's attention does not dispatch through transformers' AttentionInterface"
-        )
-    shared = layer.pbsd_prefix
-    units, group, q_len = shared.units, shared.group, key_states.size(-2)
-    start = shared.prompt_length + layer.pbsd_steps * group
-    end = start + q_len * group
-    while end > layer.pbsd_keys.size(-2):  # double the completion room
-        extra = max(layer.pbsd_keys.size(-2) - shared.prompt_length, group)
-        layer.pbsd_keys, layer.pbsd_values = (
-            torch.cat([buf, buf.new_empty(*buf.shape[:2], extra, buf.size(-1))], dim=-2)
-            for buf in (layer.pbsd_keys, layer.pbsd_values)
-        )
-    for buffer, states in ((layer.pbsd_keys, key_states), (layer.pbsd_values, value_states)):
-        if shared.order is not None:
-            states = states[shared.order]
-        states = states.view(units, group, *states.shape[1:]).permute(0, 2, 3, 1, 4)  # (U, kv, q_len, G, d)
-        buffer[:, :, start:end].unflatten(2, (q_len, group)).copy_(states)
-    layer.pbsd_steps += q_len
-    layer.pbsd_pending = True  # until the attention reads it: a model that bypasses it is caught at the next update
-    keys = key_states.view(key_states.shape)
-    keys.pbsd_layer = layer
-    return keys, value_states
-
-
-def _share_prefix(cache, inverse, prefix_mask, room: int) -> None:
-    """Turn the prefilled cache of `U` distinct prompts into shared-prefix layers: per prompt, a block of the prompt's
-    keys and values followed by room for `room` positions of each of its `G` rows (`inverse[b]`: row b's prompt)."""
-    shared = _SharedPrefix(prefix_mask, inverse)
-    prompt = shared.prompt_length
-    for layer in cache.layers:
-        units, kv_heads, _, dim = layer.keys.shape
-        for name, states in (("pbsd_keys", layer.keys), ("pbsd_values", layer.values)):
-            buffer = states.new_empty(units, kv_heads, prompt + room * shared.group, dim)
-            buffer[:, :, :prompt] = states
-            setattr(layer, name, buffer)
-        layer.pbsd_prefix, layer.pbsd_steps, layer.pbsd_pending = shared, 0, False
-        # what the cache's other methods read: one row per batch row, no positions of their own
-        layer.keys = layer.values = layer.keys.new_empty(inverse.numel(), kv_heads, 0, dim)
-        layer.update = types.MethodType(_append_completion, layer)
-        layer.get_seq_length = types.MethodType(lambda self, _p=prompt: _p + self.pbsd_steps, layer)
-
-
-def can_share_prefix_attention(model, cache, inverse: torch.Tensor) -> bool:
-    """Every distinct prompt has the same number of rows (more than one), every cache layer is a plain initialized
-    `DynamicLayer`, and attention has no dropout to apply."""
-    from transformers.cache_utils import DynamicLayer
-
-    counts = torch.bincount(inverse)
-    if counts.numel() == inverse.numel() or not (counts == counts[0]).all():
-        return False
-    if any(type(layer) is not DynamicLayer or not layer.is_initialized for layer in cache.layers):
-        return False
-    return not (model.training and getattr(model.config.get_text_config(), "attention_dropout", 0.0))
-
-
-@contextlib.contextmanager
-def _attention_implementation(model, name: str):
-    config = model.config.get_text_config()
-    previous = config._attn_implementation
-    config._attn_implementation = name
-    try:
-        yield
-    finally:
-        config._attn_implementation = previous
-
-
 def _generation_setting(model, generation_config, name: str, default=None):
     # unset fields of the call's config fall back to the model's, as `generate` merges them
     for config in (generation_config, getattr(model, "generation_config", None)):
@@ -407,12 +251,12 @@ def can_prefill_once(model, generation_config, kwargs: dict) -> bool:
     )
 
 
-def _width_groups(lengths: list[int]) -> list[list[int]]:
+def _width_groups(lengths: list[int], split: bool = True) -> list[list[int]]:
     """Indices of prompts of `lengths`, grouped so that no prompt is padded to more than twice its length (widest
-    first)."""
+    first); one group if not `split`."""
     groups = []
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        if not groups or 2 * lengths[i] <= lengths[groups[-1][0]]:
+        if not groups or (split and 2 * lengths[i] <= lengths[groups[-1][0]]):
             groups.append([])
         groups[-1].append(i)
     return groups
@@ -421,10 +265,11 @@ def _width_groups(lengths: list[int]) -> list[list[int]]:
 def _prefill(backbone, ids, mask, first_row, select_rows=None):
     """The KV cache of the left-padded prompt rows `ids`, prefilled in groups of similar width, each cut to its widest
     prompt: in PBSD's one-pass call the student prompts are a fifth of the teacher prompts' width and would otherwise
-    be run over it. Padding positions of a narrower group hold zeros (masked like any padding)."""
+    be run over it. The cache has the batch's width: the padding positions cut off hold zeros (masked like any
+    padding)."""
     width = ids.size(1)
     lengths = (width - (mask != 0).int().argmax(1)).masked_fill(~mask.bool().any(1), 1).clamp(min=1).tolist()
-    groups, caches = _width_groups(lengths), []
+    groups, caches = _width_groups(lengths, split=_splits_pay(ids.device)), []
     for group in groups:
         index = torch.tensor(group, device=ids.device) if len(groups) > 1 else slice(None)
         cut = width - lengths[group[0]]
@@ -440,7 +285,7 @@ def _prefill(backbone, ids, mask, first_row, select_rows=None):
                 select_rows(None)
         caches.append((index, cut, out.cache if "cache" in out else out.past_key_values))
     cache = caches[0][2]
-    if len(caches) == 1:
+    if len(caches) == 1 and caches[0][1] == 0:
         return cache
     for layer_idx, layer in enumerate(cache.layers):
         for name in ("keys", "values"):
@@ -453,18 +298,18 @@ def _prefill(backbone, ids, mask, first_row, select_rows=None):
 
 
 @torch.no_grad()
-def generate_with_shared_prefill(generate, model, select_rows=None, share_attention=False, **kwargs):
+def generate_with_shared_prefill(generate, model, select_rows=None, share_attention=None, **kwargs):
     """`generate(**kwargs)` with each distinct prompt row of the batch prefilled once, into a preallocated cache.
 
     `generate` is the model's bound `generate`; `select_rows(index)` (optional) switches per-row state the model holds
     (e.g. per-row LoRA scalings) to the rows `index` of the batch, and `select_rows(None)` back to the whole batch.
     The last prompt position is left to `generate`, which computes the first sampled token's logits from it. With
     `share_attention` (and as many rows for every distinct prompt) the cache keeps one copy of each prompt and the
-    decoding steps attend to it once per prompt ([`shared_prefix_attention`]); `None`: on CPU, where it was measured
-    faster for wide prompts (`benchmarks/results/pool_batch_size.md`, `step_cost.md`); elsewhere the model's own
-    attention kernel (e.g. FlashAttention on CUDA) is kept until it is measured there. Off by default, as in
-    [`shared_prompt_prefill`]. A model whose attention is not plain full attention through transformers'
-    `AttentionInterface` gets the call redone with the cache repeated per row, and a warning.
+    decoding steps attend to it once per prompt ([`shared_prefix_attention`]); `None` (the default): on CPU, where it
+    was measured faster in every call PBSD makes (`benchmarks/results/step_cost.md`); elsewhere the model's own
+    attention kernel (e.g. FlashAttention on CUDA) is kept until it is measured there. A model whose attention is not
+    plain full attention through transformers' `AttentionInterface` gets the call redone with the cache repeated per
+    row, and a warning.
     """
     call = dict(kwargs)
     input_ids, attention_mask = kwargs["input_ids"], kwargs.get("attention_mask")
@@ -513,14 +358,13 @@ def generate_with_shared_prefill(generate, model, select_rows=None, share_attent
 
 
 @contextlib.contextmanager
-def shared_prompt_prefill(model, select_rows=None, share_attention=False):
+def shared_prompt_prefill(model, select_rows=None, share_attention=None):
     """While active, `model.generate` prefills each distinct prompt row once (see [`generate_with_shared_prefill`])
     where that is the same computation, and is a plain call elsewhere.
 
     `share_attention`: also attend to each prompt's cache once per decoding step (see [`shared_prefix_attention`];
-    `None`: on CPU). Off by default: measured on CPU (`benchmarks/results/step_cost.md`) it pays for large batches of
-    wide prompts (the pool build: 256 completions per call, K=8) and costs time in the trainer's calls of 32-64 rows,
-    whose student prompts are a small part of what a decoding step attends to.
+    `None`, the default: on CPU, where it was measured faster for the trainer's calls of 32-64 rows, student or
+    teacher prompts, and for the pool build's 256, in `benchmarks/results/step_cost.md`).
     """
     original = model.__dict__.get("generate")
     generate = model.generate

@@ -637,9 +637,7 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
             adapters = [active] * num_student + [teacher] * len(plan["teacher_ids"])
         with (
             self._per_row_adapters(adapters) as select_rows,
-            # half the rows carry the wide teacher prompts: attending to each prompt's cache once for its samples
-            # pays on CPU here (`benchmarks/results/step_cost.md`), unlike in a call of student prompts only
-            self._shared_prompt_prefill(images, select_rows, share_attention=None),
+            self._shared_prompt_prefill(images, select_rows),
             self._sampled_token_logps() as recorder,
         ):
             ids, logprobs = super()._generate_single_turn(
@@ -663,9 +661,10 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
             yield rec
 
     @contextlib.contextmanager
-    def _shared_prompt_prefill(self, images, select_rows=None, share_attention=False):
-        """GRPO's HF `generate` call with each distinct prompt row prefilled once (`pbsd_trl.shared_prefix`);
-        `share_attention` as in [`shared_prompt_prefill`]."""
+    def _shared_prompt_prefill(self, images, select_rows=None, share_attention=None):
+        """GRPO's HF `generate` call with each distinct prompt row prefilled once and, on CPU, each prompt's cache
+        attended to once for its samples (`pbsd_trl.shared_prefix`); `share_attention` as in
+        [`shared_prompt_prefill`]."""
         model = self.accelerator.unwrap_model(self.model_wrapped)
         if (
             not self.args.share_prompt_prefill

@@ -1,7 +1,6 @@
 """Shared-prefix teacher scoring equals the full `[prompt ; completion]` forward."""
 
 import contextlib
-import functools
 import itertools
 
 import pytest
@@ -25,16 +24,16 @@ def full_forward_logps(model, prompt_ids, prompt_mask, completion_ids, completio
     return (logps * completion_mask).float()
 
 
-@pytest.mark.parametrize("overhead", [64, 0])
+@pytest.mark.parametrize("overhead", [64, 0, None])
 @pytest.mark.parametrize("max_rows", [None, 3])
 @pytest.mark.parametrize("peft", [False, True])
 def test_shared_prefix_equals_full_forward(max_rows, peft, overhead, monkeypatch):
-    """`overhead` 0: every distinct completion length runs as its own group, cut to that length."""
+    """`overhead` 0: every distinct completion length runs as its own group, cut to that length; None: one group (as
+    off the CPU)."""
     import pbsd_trl.shared_prefix as shared_prefix
 
-    monkeypatch.setattr(
-        shared_prefix, "_length_groups", functools.partial(shared_prefix._length_groups, overhead=overhead)
-    )
+    length_groups = shared_prefix._length_groups
+    monkeypatch.setattr(shared_prefix, "_length_groups", lambda lengths, _: length_groups(lengths, overhead))
     torch.manual_seed(0)
     tok, model = _tiny_lm(peft)
     vocab = model.config.vocab_size
@@ -77,6 +76,7 @@ def test_length_groups_run_the_fewest_positions(lengths, overhead):
     """Against every split of the length-sorted completions into consecutive groups (brute force)."""
     from pbsd_trl.shared_prefix import _length_groups
 
+    assert _length_groups(lengths, overhead=None) == [list(range(len(lengths)))]
     groups = _length_groups(lengths, overhead=overhead)
     assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
 
@@ -92,13 +92,25 @@ def test_length_groups_run_the_fewest_positions(lengths, overhead):
     assert cost([[lengths[i] for i in g] for g in groups]) == best
 
 
+def test_width_groups_pad_no_prompt_to_more_than_twice_its_length():
+    from pbsd_trl.shared_prefix import _width_groups
+
+    lengths = [95, 15, 80, 14, 96, 16, 40, 47]
+    groups = _width_groups(lengths)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    assert [[lengths[i] for i in g] for g in groups] == [[96, 95, 80], [47, 40], [16, 15, 14]]
+    assert all(2 * lengths[i] > lengths[g[0]] for g in groups for i in g)
+    assert _width_groups(lengths, split=False) == [sorted(range(len(lengths)), key=lambda i: -lengths[i])]
+
+
 # ---- generation: each distinct prompt row prefilled once ----------------------------------------------------------
-def _repeated_prompt_batch(tok, vocab, lengths, repeats, seed=0):
-    """Left-padded rows: prompt u of length `lengths[u]` repeated `repeats` times, groups interleaved."""
+def _repeated_prompt_batch(tok, vocab, lengths, repeats, seed=0, extra_padding=0):
+    """Left-padded rows: prompt u of length `lengths[u]` repeated `repeats` times, groups interleaved; every row with
+    `extra_padding` more padding positions (as `pad_to_multiple_of` leaves)."""
     gen = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(3, vocab, (n,), generator=gen) for n in lengths]
     owner = [u for _ in range(repeats) for u in range(len(lengths))]
-    width = max(lengths)
+    width = max(lengths) + extra_padding
     ids = torch.full((len(owner), width), tok.pad_token_id)
     mask = torch.zeros((len(owner), width), dtype=torch.long)
     for r, u in enumerate(owner):
@@ -130,15 +142,19 @@ def _tiny_lm(peft: bool):
     return tok, model.eval()
 
 
+@pytest.mark.parametrize("lengths", [[9, 4, 13], [9, 8, 13]])
+@pytest.mark.parametrize("extra_padding", [0, 3])
 @pytest.mark.parametrize("do_sample", [False, True])
 @pytest.mark.parametrize("peft", [False, True])
-def test_shared_prompt_prefill_generates_the_same_samples(do_sample, peft):
+def test_shared_prompt_prefill_generates_the_same_samples(do_sample, peft, extra_padding, lengths):
     from transformers import GenerationConfig
 
     from pbsd_trl.shared_prefix import shared_prompt_prefill
 
     tok, model = _tiny_lm(peft)
-    ids, mask = _repeated_prompt_batch(tok, model.config.vocab_size, lengths=[9, 4, 13], repeats=4)
+    ids, mask = _repeated_prompt_batch(
+        tok, model.config.vocab_size, lengths=lengths, repeats=4, extra_padding=extra_padding
+    )
     config = GenerationConfig(
         max_new_tokens=12, do_sample=do_sample, temperature=0.9, pad_token_id=tok.pad_token_id, eos_token_id=None
     )
@@ -153,10 +169,12 @@ def test_shared_prompt_prefill_generates_the_same_samples(do_sample, peft):
         calls.remove()
     assert "generate" not in model.__dict__  # the patch is undone
     assert torch.equal(plain, shared)
-    # 3 distinct prompts prefilled once (all but the last position), the 4-token one apart from the two wider ones
-    # (cut to its own width), then generate steps one position at a time
-    assert calls.shapes[:2] == [(2, ids.size(1) - 1), (1, 3)]
-    assert all(width == 1 for _, width in calls.shapes[2:]) and len(calls.shapes) == 2 + config.max_new_tokens
+    # 3 distinct prompts prefilled once (all but the last position; a group cut to its widest prompt), a prompt
+    # less than half as wide as the widest apart from it, then generate steps one position at a time
+    prefill = [(2, 12), (1, 3)] if min(lengths) == 4 else [(3, 12)]
+    assert calls.shapes[: len(prefill)] == prefill
+    decoding = calls.shapes[len(prefill) :]
+    assert all(width == 1 for _, width in decoding) and len(decoding) == config.max_new_tokens
 
 
 def test_shared_prompt_prefill_leaves_other_calls_plain():
@@ -226,7 +244,7 @@ def test_shared_prefix_attention_equals_attention_over_the_repeated_cache(q_len,
 
     from transformers.cache_utils import DynamicLayer
 
-    from pbsd_trl.shared_prefix import _share_prefix, shared_prefix_attention
+    from pbsd_trl.shared_attention import _share_prefix, shared_prefix_attention
 
     gen = torch.Generator().manual_seed(0)
     units, group, heads, kv_heads, dim, prompt = 3, 4, 4, 2, 8, 7
@@ -259,16 +277,20 @@ def test_shared_prefix_attention_equals_attention_over_the_repeated_cache(q_len,
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("extra_padding", [0, 3])
 @pytest.mark.parametrize("repeats", [4, None])
-def test_generation_attends_to_each_prompt_once_where_groups_are_equal(repeats, monkeypatch):
+def test_generation_attends_to_each_prompt_once_where_groups_are_equal(repeats, extra_padding, monkeypatch):
     """Equal groups: every decoding step of every layer goes through shared-prefix attention, with the same greedy
     tokens and logits as a plain call; unequal groups keep the repeated cache."""
     from transformers import GenerationConfig
 
+    import pbsd_trl.shared_attention as shared_attention
     import pbsd_trl.shared_prefix as shared_prefix
 
     tok, model = _tiny_lm(peft=False)
-    ids, mask = _repeated_prompt_batch(tok, model.config.vocab_size, lengths=[9, 4, 13], repeats=repeats or 2)
+    ids, mask = _repeated_prompt_batch(
+        tok, model.config.vocab_size, lengths=[9, 8, 13], repeats=repeats or 2, extra_padding=extra_padding
+    )
     if repeats is None:  # prompt 0 once more: groups of 3, 2, 2
         ids, mask = torch.cat([ids, ids[:1]]), torch.cat([mask, mask[:1]])
     config = GenerationConfig(
@@ -280,17 +302,17 @@ def test_generation_attends_to_each_prompt_once_where_groups_are_equal(repeats, 
         return_dict_in_generate=True,
     )
     calls = []
-    original = shared_prefix.shared_prefix_attention
+    original = shared_attention.shared_prefix_attention
 
     def counting(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(shared_prefix, "shared_prefix_attention", counting)
+    monkeypatch.setattr(shared_attention, "shared_prefix_attention", counting)
     plain = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
     with shared_prefix.shared_prompt_prefill(model, share_attention=True):
         shared = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-    assert model.config._attn_implementation != shared_prefix.SHARED_PREFIX_ATTENTION  # restored
+    assert model.config._attn_implementation != shared_attention.SHARED_PREFIX_ATTENTION  # restored
     assert torch.equal(plain.sequences, shared.sequences)
     torch.testing.assert_close(torch.stack(shared.logits), torch.stack(plain.logits), rtol=1e-4, atol=1e-4)
     expected = model.config.num_hidden_layers * config.max_new_tokens if repeats else 0

@@ -174,13 +174,8 @@ class HFSampler:
         the decoding steps (`records_logps`), or None where they must be scored."""
         rows = [ids for ids in prompt_ids for _ in range(num_samples)]
         input_ids, attention_mask = _left_pad(rows, self.tokenizer.pad_token_id, self.device)
-        # each prompt's K rows share one prefill, as in the trainer's `generate` calls
-        # the prompt's cache attended to once for its K samples: measured faster on CPU at the build's batch sizes
-        prefill = (
-            shared_prompt_prefill(self.model, share_attention=None)
-            if self.share_prompt_prefill
-            else contextlib.nullcontext()
-        )
+        # each prompt's K rows share one prefill and (on CPU) one read of its cache per step, as in the trainer's calls
+        prefill = shared_prompt_prefill(self.model) if self.share_prompt_prefill else contextlib.nullcontext()
         record = (
             record_sampled_token_logps(self.model, self.temperature)
             if self.records_logps
