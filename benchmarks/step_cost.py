@@ -57,7 +57,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from bench_utils import PeakMemory, machine_description, pyplot, report_header, result_stem
+from bench_utils import PeakMemory, machine_description, pyplot, report_header, result_stem, touch_free_memory
 
 from pbsd_trl.models import load_model_and_tokenizer
 from pbsd_trl.rewards import math_accuracy_reward
@@ -705,7 +705,8 @@ def analysis_lines(result, clock=None):
         f"- Teacher scoring: {scoring:.3f} s, {scoring / step:.0%} of the PBSD 4+4 step; GRPO (β=0) has no such pass."
         f" The teacher prompt ({pt:.0f} positions) is run once per prompt group and its KV cache serves the group's"
         f" {2 * group} completions of both sets ({ct:.0f} and {cs:.0f} wide): {shared:.0f} positions per group"
-        f" instead of {full:.0f} for `[prompt ; completion]` rows ({shared / full:.0%}).",
+        f" instead of {full:.0f} for `[prompt ; completion]` rows ({shared / full:.0%}); on CPU the completions run"
+        " in groups of similar length, each cut to its longest member, which runs fewer positions still.",
         f"- Loss: PBSD's forward+backward over its {2 * shapes['rows']:.0f} samples (one student forward over both sets)"
         f" takes {loss_pbsd:.3f} s against GRPO's {loss_grpo:.3f} s over as many samples (GRPO's scoring head also"
         " computes entropies).",
@@ -714,6 +715,7 @@ def analysis_lines(result, clock=None):
     ]
     for name in (
         "PBSD 4+4 pool",
+        "PBSD 4+4 repeated cache",
         "PBSD 4+4 live 1-pass",
         "PBSD 4+4 live 1-pass rescored",
         "PBSD 4+4 live 1-pass repeated cache",
@@ -807,8 +809,10 @@ def write_markdown(path, results, machine, command, quick):
         " `live 1-pass`: `teacher_model_kind='live'`, student and teacher samples from one `generate` call;"
         " `2-pass` rows: the same with two calls (`one_generation_pass=False`)."
         " PBSD's `generate` calls prefill each distinct prompt row once into a KV cache preallocated for the"
-        " completion (`share_prompt_prefill=True`, the default); `PBSD 4+4 plain generate` turns that off and"
-        " `GRPO G=8 prefill once` turns it on for TRL's GRPOTrainer."
+        " completion (`share_prompt_prefill=True`, the default; on CPU prompts of similar width together, each"
+        " group cut to its widest), and on CPU attend to each prompt's cache once for its samples (shared-prefix"
+        " attention); `PBSD 4+4 plain generate` turns all that off, `repeated cache` rows the shared-prefix"
+        " attention only, and `GRPO G=8 prefill once` turns them on for TRL's GRPOTrainer."
         " `LoRA` rows: LoRA r=16, α=32 on every linear layer of the student (GRPO and PBSD alike); PBSD with the"
         " `base` teacher (adapter disabled), its samples drawn in the student's `generate` call with per-row adapters"
         " (PEFT's `adapter_names`, `__base__` for the teacher rows).",
@@ -992,6 +996,8 @@ def main(argv=None):
     machine.update(transformers=transformers.__version__, trl=trl.__version__)
     if BASE_STEPS is not None:
         machine["built_in_model_warm_start_steps"] = BASE_STEPS
+    if DEVICE == "cpu" and not args.quick:
+        machine["memory_touched_before_the_rounds_s"] = round(touch_free_memory(), 1)
     started = time.perf_counter()
     results = []
     with tempfile.TemporaryDirectory() as tmp_dir:

@@ -173,11 +173,11 @@ class PBSDConfig(GRPOConfig):
             (GRPO repeats each prompt G times, and teacher prompts are several times wider than student prompts).
             The same computation and, for the same seed, the same samples up to floating-point rounding of the
             prefill. Applies to decoder-only models with full-attention `DynamicCache` layers and text-only inputs;
-            other calls are left as they are. On CPU, the one-pass call (half its rows carry the wide teacher prompts)
-            and the pool build also keep one copy of each prompt's cache and attend to it once per decoding step for
-            all its samples (shared-prefix attention, the same attention up to rounding); a model whose attention is
-            not plain full attention through transformers' `AttentionInterface` falls back to the repeated cache with
-            a warning.
+            other calls are left as they are. On CPU, prompts of similar width are prefilled together (a student
+            prompt is not run over a teacher prompt's width), and where every prompt of the call has as many samples
+            its cache is kept once and attended to once per decoding step for all its samples (shared-prefix
+            attention, the same attention up to rounding); a model whose attention is not plain full attention
+            through transformers' `AttentionInterface` falls back to the repeated cache with a warning.
 
         > Parameters that control the kernels
 

@@ -120,7 +120,7 @@ def use_default_pool(trainer, dataset, pool_root: str | None = None, say=print) 
     A pool with K = G_T samples per visited row never draws more teacher samples than the run would draw online (each
     row is visited at least once), draws them in large batches, and spares the rescoring of the teacher's own
     samples. It applies with the fixed `base` teacher sampled with HF `generate` (not vLLM, not DeepSpeed/FSDP-sharded
-    weights). On a CPU the default math job's first run takes 0.88× as long with it, the build included (measured:
+    weights). On a CPU the default math job's first run takes 0.91× as long with it, the build included (measured:
     `benchmarks/results/default_job_pool.md`); a rerun of the same command reuses it. Returns the pool folder, or None
     when it does not apply.
     """
@@ -154,7 +154,7 @@ def use_default_pool(trainer, dataset, pool_root: str | None = None, say=print) 
         f"[pbsd] Teacher samples: from a pool of K={num_samples} base-teacher samples for the {len(pool)} training "
         f"prompts the run visits, drawn in {seconds:.0f} s into {path} (reused when the same command is rerun). "
         "Training takes them from it instead of sampling and rescoring the teacher in every step: the default CPU job "
-        "runs in 0.88x the time with the build, a rerun saves the build too (benchmarks/results/default_job_pool.md). "
+        "runs in 0.91x the time with the build, a rerun saves the build too (benchmarks/results/default_job_pool.md). "
         "`--auto_teacher_pool false` samples the teacher in every step."
     )
     return path
