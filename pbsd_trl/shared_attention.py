@@ -100,7 +100,9 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling=N
         attn_mask=shared.bias(groups, q_len, layer.pbsd_steps - q_len, query.dtype),
         scale=dim**-0.5 if scaling is None else scaling,
     )
-    out = out.view(units, kv_heads, group, groups * q_len, dim).transpose(1, 2).reshape(batch, heads, q_len, dim)
+    value_dim = out.size(-1)  # may differ from the query's (e.g. multi-head latent attention)
+    out = out.view(units, kv_heads, group, groups * q_len, value_dim).transpose(1, 2)
+    out = out.reshape(batch, heads, q_len, value_dim)
     if shared.restore is not None:
         out = out[shared.restore]
     return out.transpose(1, 2).contiguous(), None
@@ -147,14 +149,17 @@ def _share_prefix(cache, inverse, prefix_mask, room: int) -> None:
     shared = _SharedPrefix(prefix_mask, inverse)
     prompt = shared.prompt_length
     for layer in cache.layers:
-        units, kv_heads, _, dim = layer.keys.shape
         for name, states in (("pbsd_keys", layer.keys), ("pbsd_values", layer.values)):
+            units, kv_heads, _, dim = states.shape
             buffer = states.new_empty(units, kv_heads, prompt + room * shared.group, dim)
             buffer[:, :, :prompt] = states
             setattr(layer, name, buffer)
         layer.pbsd_prefix, layer.pbsd_steps, layer.pbsd_pending = shared, 0, False
         # what the cache's other methods read: one row per batch row, no positions of their own
-        layer.keys = layer.values = layer.keys.new_empty(inverse.numel(), kv_heads, 0, dim)
+        layer.keys, layer.values = (
+            states.new_empty(inverse.numel(), states.size(1), 0, states.size(-1))
+            for states in (layer.keys, layer.values)
+        )
         layer.update = types.MethodType(_append_completion, layer)
         layer.get_seq_length = types.MethodType(lambda self, _p=prompt: _p + self.pbsd_steps, layer)
 

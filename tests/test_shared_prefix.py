@@ -233,13 +233,14 @@ def test_preallocated_cache_appends_like_concatenation():
     assert in_place.get_seq_length() == plain.get_seq_length() == ids.size(1) + 7
 
 
+@pytest.mark.parametrize("value_dim", [8, 6])
 @pytest.mark.parametrize("grouped", [True, False])
 @pytest.mark.parametrize("q_len", [1, 3])
-def test_shared_prefix_attention_equals_attention_over_the_repeated_cache(q_len, grouped):
+def test_shared_prefix_attention_equals_attention_over_the_repeated_cache(q_len, grouped, value_dim):
     """Each prompt's block (prompt once, its rows' completions interleaved) filled step by step through the cache's
     `update`, past its room (the buffers grow), then attended to with the rows' queries stacked: against float64
     softmax attention over `[prompt repeated ; own completion]` keys with the equivalent mask (GQA, left padding, rows
-    grouped by prompt or interleaved)."""
+    grouped by prompt or interleaved, values narrower than keys as in multi-head latent attention)."""
     from types import SimpleNamespace
 
     from transformers.cache_utils import DynamicLayer
@@ -251,14 +252,16 @@ def test_shared_prefix_attention_equals_attention_over_the_repeated_cache(q_len,
     inverse = torch.arange(units).repeat_interleave(group) if grouped else torch.arange(units).repeat(group)
     prefix_mask = torch.ones(units, prompt, dtype=torch.bool)
     prefix_mask[1, :3] = prefix_mask[2, :5] = False  # left padding
-    keys_p, values_p = torch.randn(2, units, kv_heads, prompt, dim, generator=gen)
+    keys_p = torch.randn(units, kv_heads, prompt, dim, generator=gen)
+    values_p = torch.randn(units, kv_heads, prompt, value_dim, generator=gen)
     layer = DynamicLayer()
     layer.lazy_initialization(keys_p, values_p)
     layer.keys, layer.values = keys_p, values_p
     _share_prefix(SimpleNamespace(layers=[layer]), inverse, prefix_mask, room=2)
     batch = units * group
     steps = [1, 1, 1, q_len]  # 3 decoding steps, then q_len positions at once: 6 positions in room for 2
-    completion_k, completion_v = torch.randn(2, batch, kv_heads, sum(steps), dim, generator=gen)
+    completion_k = torch.randn(batch, kv_heads, sum(steps), dim, generator=gen)
+    completion_v = torch.randn(batch, kv_heads, sum(steps), value_dim, generator=gen)
     done = 0
     for width in steps:
         keys, values = layer.update(completion_k[:, :, done : done + width], completion_v[:, :, done : done + width])
@@ -273,7 +276,7 @@ def test_shared_prefix_attention_equals_attention_over_the_repeated_cache(q_len,
     mask = torch.cat([prefix_mask[inverse][:, None, :].expand(-1, q_len, -1), causal.expand(batch, -1, -1)], dim=-1)
     scores = (query.double() @ keys.transpose(-1, -2) * 0.3).masked_fill(~mask[:, None], float("-inf"))
     expected = (scores.softmax(-1) @ values).transpose(1, 2)
-    assert out.shape == (batch, q_len, heads, dim)
+    assert out.shape == (batch, q_len, heads, value_dim)
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
 
 
