@@ -21,7 +21,14 @@ import torch
 SHARED_PREFIX_ATTENTION = "pbsd_shared_prefix"
 # what the attention layers of transformers' decoder-only models pass that does not change plain attention; anything
 # else (attention sinks, a position bias, ...) would be silently dropped, so it sends the call back to a plain cache
-_PLAIN_ATTENTION_KWARGS = {"position_ids", "use_cache", "cache_position", "output_attentions", "is_causal"}
+_PLAIN_ATTENTION_KWARGS = {
+    "position_ids",
+    "use_cache",
+    "cache_position",
+    "output_attentions",
+    "is_causal",
+    "output_router_logits",  # MoE decoder layers pass their forward's flags down (Qwen3-MoE)
+}
 
 
 class SharedPrefixAttentionUnsupported(RuntimeError):

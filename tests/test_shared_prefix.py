@@ -350,3 +350,94 @@ def test_generation_falls_back_where_the_model_attention_is_not_plain(monkeypatc
     with shared_prompt_prefill(model, share_attention=True), pytest.warns(UserWarning, match=expected):
         shared = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
     assert torch.equal(shared, plain)
+
+
+# decoder-only families (tiny random configs): whether each prompt's cache is attended to once, or the call falls
+# back to the plain computation (sliding-window layers, a latent KV cache the model expands after the cache update)
+_ARCHITECTURES = {
+    "Llama": ("LlamaConfig", {}, True),
+    "Mistral": ("MistralConfig", {"sliding_window": None}, True),
+    "Mixtral": ("MixtralConfig", {"sliding_window": None, "num_local_experts": 4, "num_experts_per_tok": 2}, True),
+    "Qwen3": ("Qwen3Config", {"head_dim": 8}, True),
+    "Qwen3Moe": (
+        "Qwen3MoeConfig",
+        {"head_dim": 8, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16},
+        True,
+    ),
+    "Phi3": ("Phi3Config", {}, True),
+    "Gemma": ("GemmaConfig", {"head_dim": 8}, True),
+    "Gemma2": ("Gemma2Config", {"head_dim": 8}, False),  # sliding-window layers: left to `generate`
+    "Olmo2": ("Olmo2Config", {}, True),
+    "Cohere": ("CohereConfig", {}, True),
+    "GPT2": ("GPT2Config", {"n_embd": 32, "n_layer": 2, "n_head": 4}, True),
+    "GPTNeoX": ("GPTNeoXConfig", {}, True),
+    "Granite": ("GraniteConfig", {}, True),
+    "GptOss": ("GptOssConfig", {"head_dim": 8, "num_local_experts": 4, "num_experts_per_tok": 2}, False),
+    "DeepseekV3": (
+        "DeepseekV3Config",
+        {
+            "num_key_value_heads": 4,
+            "q_lora_rank": None,
+            "kv_lora_rank": 16,
+            "qk_rope_head_dim": 8,
+            "qk_nope_head_dim": 8,
+            "v_head_dim": 6,
+            "n_routed_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 16,
+            "first_k_dense_replace": 1,
+            "n_group": 1,
+            "topk_group": 1,
+        },
+        False,  # latent KV cache, expanded after the cache update: falls back with a warning
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(_ARCHITECTURES))
+def test_shared_prefix_generation_across_architectures(name, monkeypatch):
+    """Greedy samples and logits equal a plain call's for each family, and each prompt's cache is attended to once
+    wherever the family allows it."""
+    import warnings
+
+    import transformers
+    from transformers import GenerationConfig
+
+    import pbsd_trl.shared_attention as shared_attention
+    from pbsd_trl.shared_prefix import shared_prompt_prefill
+
+    config_class, extra, shares = _ARCHITECTURES[name]
+    fields = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    fields.update(intermediate_size=64, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    config = getattr(transformers, config_class)(**{**fields, **extra})
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(3, 64, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = mask[2, :2] = 0  # left padding
+    ids, mask = ids.masked_fill(mask == 0, 0).repeat_interleave(4, 0), mask.repeat_interleave(4, 0)
+    generation = GenerationConfig(
+        max_new_tokens=5,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    calls = []
+    attention = shared_attention.shared_prefix_attention
+    monkeypatch.setattr(
+        shared_attention, "shared_prefix_attention", lambda *a, **kw: (calls.append(1), attention(*a, **kw))[1]
+    )
+    plain = model.generate(input_ids=ids, attention_mask=mask, generation_config=generation)
+    with warnings.catch_warnings(record=True) as caught, shared_prompt_prefill(model, share_attention=True):
+        warnings.simplefilter("always")
+        shared = model.generate(input_ids=ids, attention_mask=mask, generation_config=generation)
+    assert torch.equal(plain.sequences, shared.sequences)
+    torch.testing.assert_close(torch.stack(shared.logits), torch.stack(plain.logits), rtol=1e-4, atol=1e-4)
+    fell_back = [w for w in caught if "Not attending to each prompt's cache once" in str(w.message)]
+    if shares:
+        assert len(calls) == config.num_hidden_layers * generation.max_new_tokens and not fell_back
+    else:
+        assert len(calls) <= 1  # never shared, or given up at the first attention call with a warning
+        assert bool(fell_back) == (len(calls) == 1)
