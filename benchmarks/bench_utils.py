@@ -9,9 +9,15 @@ import gc
 import os
 import platform
 import subprocess
+import time
 
 import torch
 import trl
+
+
+def _malloc_trim() -> None:
+    """Give the heap's free pages back to the system (glibc)."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class PeakMemory:
@@ -19,7 +25,6 @@ class PeakMemory:
 
     def __init__(self, device):
         self.device = torch.device(device)
-        self._libc = ctypes.CDLL("libc.so.6") if self.device.type == "cpu" else None
 
     @staticmethod
     def _status_kib(field):
@@ -37,7 +42,7 @@ class PeakMemory:
             self._base = torch.cuda.memory_allocated()
         else:
             # Give freed heap pages back, or the run would reuse them without raising the resident size
-            self._libc.malloc_trim(0)
+            _malloc_trim()
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # reset VmHWM to the current resident size
             self._base = self._status_kib("VmRSS:") * 1024
@@ -59,8 +64,6 @@ def touch_free_memory(fraction: float = 0.75, chunk_mib: int = 256) -> float:
     microseconds (measured: 40 s of system time for 18 GB on a freshly booted VM, 5 s the second time), and it would
     land on the contenders with the largest peaks. Touching the memory once before the timed rounds removes that.
     """
-    import time
-
     with open("/proc/meminfo") as f:
         available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
     start = time.perf_counter()
@@ -69,7 +72,7 @@ def touch_free_memory(fraction: float = 0.75, chunk_mib: int = 256) -> float:
         chunks.append(torch.ones(chunk // 4))  # written: every page touched
     del chunks
     gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    _malloc_trim()
     return time.perf_counter() - start
 
 

@@ -115,6 +115,15 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling=N
     return out.transpose(1, 2).contiguous(), None
 
 
+def _grow_buffers(layer, positions: int) -> None:
+    """Append room for `positions` more positions to a layer's preallocated key and value buffers (a call that
+    outgrows the room it was given)."""
+    layer.pbsd_keys, layer.pbsd_values = (
+        torch.cat([buf, buf.new_empty(*buf.shape[:2], positions, buf.size(-1))], dim=-2)
+        for buf in (layer.pbsd_keys, layer.pbsd_values)
+    )
+
+
 def _register_shared_prefix_attention() -> None:
     from transformers import AttentionInterface
 
@@ -133,11 +142,7 @@ def _append_completion(layer, key_states, value_states, *args, **kwargs):
     start = shared.prompt_length + layer.pbsd_steps * group
     end = start + q_len * group
     while end > layer.pbsd_keys.size(-2):  # double the completion room
-        extra = max(layer.pbsd_keys.size(-2) - shared.prompt_length, group)
-        layer.pbsd_keys, layer.pbsd_values = (
-            torch.cat([buf, buf.new_empty(*buf.shape[:2], extra, buf.size(-1))], dim=-2)
-            for buf in (layer.pbsd_keys, layer.pbsd_values)
-        )
+        _grow_buffers(layer, max(layer.pbsd_keys.size(-2) - shared.prompt_length, group))
     for buffer, states in ((layer.pbsd_keys, key_states), (layer.pbsd_values, value_states)):
         if shared.order is not None:
             states = states[shared.order]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import math
 import types
 import warnings
 
@@ -26,6 +27,7 @@ from .shared_attention import (
     SHARED_PREFIX_ATTENTION,
     SharedPrefixAttentionUnsupported,
     _attention_implementation,
+    _grow_buffers,
     _register_shared_prefix_attention,
     _share_prefix,
     can_share_prefix_attention,
@@ -43,10 +45,11 @@ def supports_shared_prefix(model) -> bool:
     return getattr(config, "sliding_window", None) is None or not getattr(config, "use_sliding_window", False)
 
 
-def _splits_pay(device) -> bool:
-    """Whether running a batch as several narrower forwards (prompts or completions grouped by width) is worth the
-    extra calls: measured on CPU, where a forward's cost follows its positions; elsewhere (a GPU's calls are bound by
-    kernel launches at small sizes) one forward at the widest member's width, until measured there."""
+def _fewer_positions_pay(device) -> bool:
+    """Whether trading extra calls or masked products for fewer positions read or run pays on `device`: prompts and
+    completions grouped by width (several narrower forwards) and shared-prefix attention (each prompt's cache read
+    once, other rows' completions masked). Measured on CPU, where the cost follows the positions; elsewhere (a GPU's
+    small calls are bound by kernel launches) the plain computation is kept until measured there."""
     return torch.device(device).type == "cpu"
 
 
@@ -60,7 +63,7 @@ def _length_groups(lengths: list[int], overhead: int | None = 64, max_cuts: int 
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     ordered = [lengths[i] for i in order]
     ends = [j + 1 for j in range(len(order) - 1) if ordered[j + 1] != ordered[j]]
-    ends = ends[:: -(-len(ends) // max_cuts) or 1] + [len(order)]
+    ends = ends[:: max(1, math.ceil(len(ends) / max_cuts))] + [len(order)]
     cost, start_of = {0: 0}, {}
     for end in ends:
         width = ordered[end - 1]
@@ -137,7 +140,7 @@ def shared_prefix_token_logps(
                     f"Shared-prefix scoring needs a DynamicCache, the model returned {type(cache).__name__}."
                 )
             prompt_states = [(layer.keys, layer.values) for layer in cache.layers]
-            overhead = 64 if _splits_pay(completion_ids.device) else None
+            overhead = 64 if _fewer_positions_pay(completion_ids.device) else None
             for group in _length_groups(lengths[target].tolist(), overhead):
                 group = torch.tensor(group, device=prompt_ids.device)
                 length = int(lengths[target[group]].max())
@@ -195,8 +198,7 @@ def _append_in_place(layer, key_states, value_states, *args, **kwargs):
     """`DynamicLayer.update` into the buffers of [`_preallocate`] (doubling them if a call outgrows them)."""
     start, end = layer.pbsd_length, layer.pbsd_length + key_states.size(-2)
     if end > layer.pbsd_keys.size(-2):
-        grow = lambda buf: torch.cat([buf, torch.empty_like(buf[:, :, : max(end - start, buf.size(-2))])], dim=-2)  # noqa: E731
-        layer.pbsd_keys, layer.pbsd_values = grow(layer.pbsd_keys), grow(layer.pbsd_values)
+        _grow_buffers(layer, max(end - start, layer.pbsd_keys.size(-2)))
     layer.pbsd_keys[:, :, start:end] = key_states
     layer.pbsd_values[:, :, start:end] = value_states
     layer.pbsd_length = end
@@ -268,8 +270,9 @@ def _prefill(backbone, ids, mask, first_row, select_rows=None):
     be run over it. The cache has the batch's width: the padding positions cut off hold zeros (masked like any
     padding)."""
     width = ids.size(1)
-    lengths = (width - (mask != 0).int().argmax(1)).masked_fill(~mask.bool().any(1), 1).clamp(min=1).tolist()
-    groups, caches = _width_groups(lengths, split=_splits_pay(ids.device)), []
+    # left padding: a prompt's length runs from its first attended position (1 for a row with none)
+    lengths = (width - (mask != 0).int().argmax(1)).masked_fill(~mask.bool().any(1), 1).tolist()
+    groups, caches = _width_groups(lengths, split=_fewer_positions_pay(ids.device)), []
     for group in groups:
         index = torch.tensor(group, device=ids.device) if len(groups) > 1 else slice(None)
         cut = width - lengths[group[0]]
@@ -333,7 +336,7 @@ def generate_with_shared_prefill(generate, model, select_rows=None, share_attent
     causal_lm = model.get_base_model() if hasattr(model, "peft_config") else model
     kwargs = {**kwargs, "attention_mask": attention_mask, _cache_keyword(causal_lm): cache}
     if share_attention is None:
-        share_attention = input_ids.device.type == "cpu"
+        share_attention = _fewer_positions_pay(input_ids.device)
     if share_attention and can_share_prefix_attention(causal_lm, cache, inverse):
         _register_shared_prefix_attention()
         _share_prefix(cache, inverse, u_mask, room)
