@@ -11,7 +11,9 @@ before/after table and writes `results.json`, `results.md` and `training_curves.
     python examples/math.py
 
 Any model, dataset and every `PBSDConfig` / `GRPOConfig` / TRL `ModelConfig` field can be set on the command line or
-in a YAML file (`--config examples/recipes/math_qwen3_lora.yaml`); the built-in defaults apply only to what is not set:
+in a YAML file (`--config examples/recipes/math_qwen3_lora.yaml`); the built-in defaults apply only to what is not set.
+A hub model on your own data (`data/math.jsonl` stands for your file; `--use_vllm` needs `pip install -e ".[vllm]"`
+and a GPU, drop `--use_vllm --vllm_mode colocate --teacher_samples_from live` without them):
 
     python examples/math.py \
         --model_name_or_path Qwen/Qwen3-1.7B --dataset_name data/math.jsonl \
@@ -31,11 +33,14 @@ in a YAML file (`--config examples/recipes/math_qwen3_lora.yaml`); the built-in 
 - `--eval_num_problems 0` skips the evaluations; `--eval_k`, `--eval_batch_size` tune them.
 
 Multi-process (evaluation runs on the main process; ZeRO-3 needs `--eval_num_problems 0`, then evaluate the saved
-model with `python -m pbsd_trl.scripts.evaluate`):
+model with `python -m pbsd_trl.scripts.evaluate`). The configs ask for 8 processes: `--num_processes N` sets yours
+(without a GPU the processes run on CPU with gloo). DeepSpeed needs `pip install -e ".[deepspeed]"` first, and on CPU
+`--mixed_precision no`:
 
-    accelerate launch --config_file examples/accelerate_configs/multi_gpu.yaml examples/math.py ...
-    accelerate launch --config_file examples/accelerate_configs/zero2.yaml examples/math.py ...
-    accelerate launch --config_file examples/accelerate_configs/zero3.yaml examples/math.py --eval_num_problems 0 ...
+    accelerate launch --config_file examples/accelerate_configs/multi_gpu.yaml --num_processes 2 examples/math.py
+    accelerate launch --config_file examples/accelerate_configs/zero2.yaml --num_processes 2 examples/math.py
+    accelerate launch --config_file examples/accelerate_configs/zero3.yaml --num_processes 2 examples/math.py \
+        --eval_num_problems 0
 """
 
 import os
@@ -60,7 +65,7 @@ from pbsd_trl.data.tasks import TASKS
 from pbsd_trl.evaluate import evaluate_student_and_teacher
 from pbsd_trl.models import load_model_and_tokenizer
 from pbsd_trl.pool import use_default_pool
-from pbsd_trl.report import plot_training_curves, results_table, summary_line, write_results
+from pbsd_trl.report import output_listing, plot_training_curves, results_table, summary_line, write_results
 from pbsd_trl.scripts.utils import parse_args, resume_arg, set_num_threads
 from pbsd_trl.tiny import get_base_model
 
@@ -180,8 +185,8 @@ def main(argv=None):
         results["training_curves"] = str(plot) if plot else None
         results["total_seconds"] = round(time.perf_counter() - start, 1)
         table = results_table(before, after, k) if (before or after) else "(no evaluation)"
-        json_path, md_path = write_results(out_dir, results, table, TITLE)
-        say(f"\n{table}\n\n[pbsd] Results: {json_path}, {md_path}; total time {results['total_seconds']:.0f} s")
+        write_results(out_dir, results, table, TITLE)
+        say(f"\n{table}\n\n{output_listing(out_dir)}\n[pbsd] Total time {results['total_seconds']:.0f} s")
     state.wait_for_everyone()
     return results
 

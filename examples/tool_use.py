@@ -14,7 +14,8 @@ Other data: `--dataset_name FILE_OR_HUB_ID --prompt_column ... --solution_column
 (the gold column holds SDFT's `[{"Action": ..., "Action_Input": ...}]` list). Every `PBSDConfig` field, `--config`
 YAML files, `--use_peft`, `--use_vllm`, interrupt-safe checkpoints and `--resume_from_checkpoint` work as in
 `examples/math.py`, and so does `accelerate launch --config_file examples/accelerate_configs/multi_gpu.yaml
-examples/tool_use.py` (also `zero2.yaml`, and `zero3.yaml` with `--eval_num_problems 0`).
+--num_processes 2 examples/tool_use.py` (also `zero2.yaml`, and `zero3.yaml` with `--eval_num_problems 0`, after
+`pip install -e ".[deepspeed]"`; see `examples/math.py`).
 """
 
 import os
@@ -39,7 +40,7 @@ from pbsd_trl.data.tasks import TASKS
 from pbsd_trl.evaluate import evaluate_student_and_teacher
 from pbsd_trl.models import load_model_and_tokenizer
 from pbsd_trl.pool import use_default_pool
-from pbsd_trl.report import plot_training_curves, results_table, summary_line, write_results
+from pbsd_trl.report import output_listing, plot_training_curves, results_table, summary_line, write_results
 from pbsd_trl.scripts.utils import parse_args, resume_arg, set_num_threads
 from pbsd_trl.tiny import get_base_model
 
@@ -159,8 +160,8 @@ def main(argv=None):
         results["training_curves"] = str(plot) if plot else None
         results["total_seconds"] = round(time.perf_counter() - start, 1)
         table = results_table(before, after, k) if (before or after) else "(no evaluation)"
-        json_path, md_path = write_results(out_dir, results, table, TITLE)
-        say(f"\n{table}\n\n[pbsd] Results: {json_path}, {md_path}; total time {results['total_seconds']:.0f} s")
+        write_results(out_dir, results, table, TITLE)
+        say(f"\n{table}\n\n{output_listing(out_dir)}\n[pbsd] Total time {results['total_seconds']:.0f} s")
     state.wait_for_everyone()
     return results
 

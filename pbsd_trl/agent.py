@@ -9,12 +9,101 @@ before the teacher episode (the student's episode has moved it), and must give t
 
 Tool-result tokens are context, not the model's own tokens: like GRPO's `tool_mask`, the teacher's mask keeps them
 attended to and out of every log-prob sum (teacher and student scoring of both sample sets).
+
+Beyond GRPO: a tool call that outlives `tool_call_timeout` returns a tool error to the model instead of blocking the
+run, and what a `rollout_func` returns is checked on every call, student's and teacher's, with errors that name it.
 """
 
+import asyncio
 import contextlib
 import copy
+import inspect
+import threading
 
 import torch
+
+
+def _timed_tool(tool, name: str, seconds: float):
+    """`tool` bounded to `seconds`: past them it raises `TimeoutError`, which GRPO's loop hands back to the model as
+    the tool's error. Python cannot stop a thread, so a sync call that never returns is left running in a daemon
+    thread (it does not keep the process alive)."""
+    message = f"tool '{name}' did not return within tool_call_timeout={seconds:g} s"
+    if inspect.iscoroutinefunction(tool):
+
+        async def timed(**kwargs):
+            try:
+                return await asyncio.wait_for(tool(**kwargs), seconds)
+            except asyncio.TimeoutError:
+                raise TimeoutError(message) from None
+
+        return timed
+
+    def timed(**kwargs):
+        outcome, done = {}, threading.Event()
+
+        def run():
+            try:
+                outcome["value"] = tool(**kwargs)
+            except BaseException as exc:  # relayed to the caller's thread, as the tool's own error
+                outcome["error"] = exc
+            finally:
+                done.set()
+
+        threading.Thread(target=run, name=f"pbsd-tool-{name}", daemon=True).start()
+        if not done.wait(seconds):
+            raise TimeoutError(message)
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]
+
+    return timed
+
+
+def _check_rollout_output(output, num_prompts: int, where: str) -> None:
+    """What GRPO reads from a `rollout_func`'s output, checked before GRPO or a reward function trips over it."""
+    if not isinstance(output, dict):
+        raise TypeError(
+            f"{where} returned {type(output).__name__} {output!r:.60}; it must return a dict with 'prompt_ids', "
+            "'completion_ids' and 'logprobs' (one entry per prompt; 'logprobs' may be None)."
+        )
+    missing = [key for key in ("prompt_ids", "completion_ids", "logprobs") if key not in output]
+    if missing:
+        raise ValueError(f"{where} returned a dict without {missing} (keys: {sorted(output)}).")
+    for key in ("prompt_ids", "completion_ids", "logprobs", "env_mask"):
+        value = output.get(key)
+        if value is None and key in ("logprobs", "env_mask"):
+            continue
+        if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__len__"):
+            raise TypeError(f"{where}: '{key}' must be a list with one entry per prompt, got {type(value).__name__}.")
+        if len(value) != num_prompts:
+            raise ValueError(
+                f"{where} returned {len(value)} rows of '{key}' for {num_prompts} prompts: it must return one per "
+                "prompt, in the order of the prompts."
+            )
+    for key in ("logprobs", "env_mask"):
+        rows = output.get(key)
+        for i, (row, ids) in enumerate(zip(rows or [], output["completion_ids"] if rows else [], strict=True)):
+            if row is not None and len(row) != len(ids):
+                raise ValueError(
+                    f"{where}: row {i} of '{key}' has {len(row)} entries for {len(ids)} completion tokens."
+                )
+
+
+def checked_rollout_func(rollout_func):
+    """`rollout_func` with its output checked on every call; None stays None."""
+    if rollout_func is None:
+        return None
+    name = getattr(rollout_func, "__name__", type(rollout_func).__name__)
+
+    def checked(prompts, trainer):
+        output = rollout_func(prompts, trainer)
+        call = "the teacher's call, on the teacher prompts" if getattr(trainer, "_teacher_rollout", False) else None
+        where = f"`rollout_func` '{name}'" + (f" ({call})" if call else "")
+        _check_rollout_output(output, len(prompts), where)
+        return output
+
+    checked.__name__ = checked.__qualname__ = name
+    return checked
 
 
 class AgentRollouts:
@@ -39,11 +128,28 @@ class AgentRollouts:
         for name, value in saved.items():
             if isinstance(value, list):
                 setattr(self, name, [value[i] for i in rows])
+        self._teacher_rollout = True  # how a `rollout_func` error says which call it was
         try:
             yield
         finally:
+            self._teacher_rollout = False
             for name, value in saved.items():
                 setattr(self, name, value)
+
+    def _tool_call_loop(self, *args, **kwargs):
+        # GRPO builds the per-row tool dicts for each batch: bound them for the duration of this loop only
+        seconds = getattr(self.args, "tool_call_timeout", None)
+        if seconds is None:
+            return super()._tool_call_loop(*args, **kwargs)
+        saved = self._sync_tool_dicts, self._async_tool_dicts
+        self._sync_tool_dicts, self._async_tool_dicts = (
+            [{name: _timed_tool(tool, name, seconds) for name, tool in tools.items()} for tools in dicts]
+            for dicts in saved
+        )
+        try:
+            return super()._tool_call_loop(*args, **kwargs)
+        finally:
+            self._sync_tool_dicts, self._async_tool_dicts = saved
 
     def _student_prompts_seen(self, prompts):
         """The prompts the student was generated from: the dataset's, or with the environment's observation appended."""

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field, fields
 
 from trl import GRPOConfig
 
+from .loss import LOSS_TYPES, PAIR_LABELS, PAIRINGS, TEACHER_WEIGHTINGS
+
 
 DEFAULT_TEACHER_PROMPT_TEMPLATE = (
     "{prompt}\n\nHere is a reference solution to this problem:\n{privileged_context}\n\n"
@@ -15,9 +17,11 @@ DEFAULT_TEACHER_PROMPT_TEMPLATE = (
 )
 
 _CHOICES = {
-    "pair_labels": ("role", "reward"),
+    "pair_labels": PAIR_LABELS,
     "tie_policy": ("role", "drop"),
-    "pairing": ("matched", "all"),
+    "pairing": PAIRINGS,
+    "teacher_weighting": TEACHER_WEIGHTINGS,
+    "pbsd_loss_type": LOSS_TYPES,
     "teacher_model_kind": ("base", "live", "ema"),
     "teacher_samples_from": ("teacher", "live"),
 }
@@ -29,6 +33,7 @@ _MAX_PBSD_BETA = 1e3
 # Float fields that must be finite: PBSD's own and those of GRPO/transformers that reach every update.
 _FINITE_FIELDS = (
     "pbsd_beta",
+    "reward_temperature",
     "label_smoothing",
     "teacher_update_rate",
     "temperature",
@@ -41,6 +46,7 @@ _FINITE_FIELDS = (
     "adam_beta2",
     "adam_epsilon",
     "reward_weights",
+    "tool_call_timeout",
 )
 
 # GRPO fields that only shape GRPO's policy-gradient loss or advantages. PBSD's loss never reads them, so a value
@@ -89,22 +95,40 @@ class PBSDConfig(GRPOConfig):
             objective `E[r] - β·KL(π‖π_T)`. Larger values make the loss saturate sooner. Not GRPO's `beta`. Must be
             finite, in `(0, 1000]`.
         pair_labels (`str`, *optional*, defaults to `"role"`):
-            How each (teacher sample, student sample) pair is ordered. `"role"` (paper): the teacher sample is always
-            preferred. `"reward"`: the sample with the higher reward (weighted sum of `reward_funcs`) is preferred;
-            ties follow `tie_policy`.
+            The target of each pair. `"role"`: the teacher sample is always preferred; this is the paper's literal
+            loss (Eq. 10), whose fixed point is the teacher itself (the rewards never enter). `"reward"`: the sample
+            with the higher reward (weighted sum of `reward_funcs`) is preferred; ties follow `tie_policy`.
+            `"soft"`: the first sample is preferred with probability `σ((r_a - r_b)/reward_temperature)`, whose
+            optimum is the reward-tilted teacher `π_T·exp(r/(pbsd_beta·reward_temperature))/Z`. `"reward"` and
+            `"soft"` need a reward source (reward functions or an environment's reward).
         tie_policy (`str`, *optional*, defaults to `"role"`):
-            With `pair_labels="reward"`, what an equal-reward pair becomes: `"role"` (teacher preferred) or `"drop"`
-            (excluded from the loss).
+            With `pair_labels="reward"` or `"soft"`, what an equal-reward pair of a teacher and a student sample
+            becomes: `"role"` (teacher preferred) or `"drop"` (excluded from the loss). Ties between two samples of
+            the same role (`pairing="union"`) are always dropped with `"reward"`.
         num_teacher_generations (`int` or `None`, *optional*, defaults to `None`):
             Teacher samples per prompt, G_T. `None` means `num_generations` (G_S). With `pairing="matched"` it must
-            equal G_S; with `pairing="all"` any 1 ≤ G_T ≤ G_S works (the first G_T rows of each prompt group carry a
-            teacher sample), except with vLLM in server mode, which needs G_T = G_S.
+            equal G_S; with `"all"` or `"union"` any 1 ≤ G_T ≤ G_S works (the first G_T rows of each prompt group
+            carry a teacher sample), except with vLLM in server mode, which needs G_T = G_S.
         pairing (`str`, *optional*, defaults to `"matched"`):
-            `"matched"`: the i-th teacher sample of a prompt is paired with the i-th student sample. `"all"`: every
-            teacher sample of a prompt is paired with every student sample of that prompt (G_T × G_S pairs,
-            averaged); needs one extra no-grad scoring pass to supply the partner terms, which are exact only while no
-            update happens between generation and loss: `gradient_accumulation_steps` must be a multiple of
+            Which samples of a prompt are paired. `"matched"`: the i-th teacher sample with the i-th student sample.
+            `"all"`: every teacher sample with every student sample (G_T × G_S pairs). `"union"`: every two samples
+            of the prompt, teacher or student (the pairs within the student samples carry the on-policy reward
+            information, as GRPO's advantages do); needs `pair_labels="reward"` or `"soft"`. `"all"` and `"union"`
+            need one extra no-grad scoring pass to supply the partner terms, which are exact only while no update
+            happens between generation and loss: `gradient_accumulation_steps` must be a multiple of
             `steps_per_generation × num_iterations` (the default `steps_per_generation` is).
+        teacher_weighting (`str`, *optional*, defaults to `"uniform"`):
+            Weight of the pairs of each teacher sample, with `pair_labels="role"`. `"uniform"`: 1. `"tilted"`:
+            `G_T·exp(r/τ)/Σ exp(r'/τ)` over the prompt's teacher samples (τ = `reward_temperature`), the
+            self-normalized importance weights that turn teacher samples into samples of the reward-tilted teacher;
+            needs a reward source. A large τ gives back `"uniform"`.
+        reward_temperature (`float`, *optional*, defaults to `1.0`):
+            Reward temperature τ of `pair_labels="soft"` and `teacher_weighting="tilted"`, in reward units. Must be
+            finite and > 0.
+        pbsd_loss_type (`str`, *optional*, defaults to `"sigmoid"`):
+            `"sigmoid"`: the PBSD logistic loss. Two diagnostic arms, with `pair_labels="role"`, that tell what the
+            loss does on a task: `"teacher_sft"` (SFT on the teacher samples: gradient `-β·∇log π_θ(y⁺|x)`) and
+            `"constant_student_weight"` (the student sample's per-pair weight `σ(-m)` replaced by its batch mean).
         length_normalize (`bool`, *optional*, defaults to `False`):
             Divide each sequence log-ratio by its completion length (SimPO/IPO-style) instead of using the sum.
         label_smoothing (`float`, *optional*, defaults to `0.0`):
@@ -179,6 +203,12 @@ class PBSDConfig(GRPOConfig):
             attention, the same attention up to rounding); a model whose attention is not plain full attention
             through transformers' `AttentionInterface` falls back to the repeated cache with a warning.
 
+        > Parameters that control agent rollouts
+
+        tool_call_timeout (`float` or `None`, *optional*, defaults to `None`):
+            Seconds a tool call (`tools`, an environment's methods) may run; past them the model gets a tool error, as
+            from a raising tool, and training goes on. `None`: no limit, as in GRPO.
+
         > Parameters that control the kernels
 
         use_fused_logprob_kernel (`bool` or `None`, *optional*, defaults to `None`):
@@ -227,6 +257,18 @@ class PBSDConfig(GRPOConfig):
     pairing: str = field(
         default="matched",
         metadata={"help": "'matched' (i-th teacher with i-th student sample) or 'all' (G_T × G_S pairs)."},
+    )
+    teacher_weighting: str = field(
+        default="uniform",
+        metadata={"help": "Weights of the teacher samples: 'uniform' or 'tilted' (self-normalized exp(r/τ))."},
+    )
+    reward_temperature: float = field(
+        default=1.0,
+        metadata={"help": "Reward temperature τ of pair_labels='soft' and teacher_weighting='tilted'."},
+    )
+    pbsd_loss_type: str = field(
+        default="sigmoid",
+        metadata={"help": "'sigmoid' (the PBSD loss) or a diagnostic arm: 'teacher_sft', 'constant_student_weight'."},
     )
     length_normalize: bool = field(
         default=False,
@@ -294,6 +336,11 @@ class PBSDConfig(GRPOConfig):
         metadata={"help": "Prefill each distinct prompt of a generate batch once and repeat its KV cache."},
     )
 
+    # Agent rollouts
+    tool_call_timeout: float | None = field(
+        default=None, metadata={"help": "Seconds a tool call may run before the model gets a tool error (None: none)."}
+    )
+
     # Kernels
     use_fused_logprob_kernel: bool | None = field(
         default=None,
@@ -345,6 +392,7 @@ class PBSDConfig(GRPOConfig):
                 + f". Got {self.teacher_prompt_template!r}."
             )
 
+        self._check_loss_variant()
         num_student = self.num_generations
         if self.num_teacher_generations is None:
             self.num_teacher_generations = num_student
@@ -360,11 +408,11 @@ class PBSDConfig(GRPOConfig):
                 f"({num_student}). Set `pairing='all'` to use fewer teacher samples."
             )
         generate_every = self.steps_per_generation * self.num_iterations
-        if self.pairing == "all" and self.gradient_accumulation_steps % generate_every != 0:
+        if self.pairing != "matched" and self.gradient_accumulation_steps % generate_every != 0:
             # The partner table is scored once per generation batch; a weight update before the batch is used up
             # would leave the partners' terms stale, and the gradient would not be the stated one.
             raise ValueError(
-                "`pairing='all'` scores each sample's partners once per generation batch, so that batch must be used "
+                f"`pairing='{self.pairing}'` scores each sample's partners once per generation batch, so that batch must be used "
                 "up within one optimizer step: `gradient_accumulation_steps` "
                 f"({self.gradient_accumulation_steps}) must be a multiple of `steps_per_generation` × "
                 f"`num_iterations` ({self.steps_per_generation} × {self.num_iterations}). Set `num_iterations=1` "
@@ -422,6 +470,30 @@ class PBSDConfig(GRPOConfig):
                 UserWarning,
                 stacklevel=2,
             )
+
+    @property
+    def uses_rewards_in_loss(self) -> bool:
+        """Whether the loss reads the rewards (they are only logged otherwise)."""
+        return self.pair_labels != "role" or self.teacher_weighting == "tilted"
+
+    def _check_loss_variant(self) -> None:
+        if self.pairing == "union" and self.pair_labels == "role":
+            raise ValueError(
+                "`pairing='union'` pairs every two samples of a prompt, two student samples included, which no role "
+                "orders: set `pair_labels='reward'` or `'soft'`, or use `pairing='matched'` / `'all'`."
+            )
+        if self.teacher_weighting == "tilted" and self.pair_labels != "role":
+            raise ValueError(
+                "`teacher_weighting='tilted'` weights the teacher sample of role-labelled pairs; with "
+                f"`pair_labels={self.pair_labels!r}` the rewards already order the pairs. Use one or the other."
+            )
+        if self.pbsd_loss_type != "sigmoid" and self.pair_labels != "role":
+            raise ValueError(
+                f"`pbsd_loss_type={self.pbsd_loss_type!r}` is a diagnostic arm of the role-labelled loss (its teacher "
+                f"sample is always y⁺); set `pair_labels='role'` (got {self.pair_labels!r})."
+            )
+        if not self.reward_temperature > 0:
+            raise ValueError(f"`reward_temperature` must be > 0, got {self.reward_temperature}.")
 
     def _check_types_and_ranges(self) -> None:
         """Refuse settings that would silently corrupt training: NaN/inf numbers, out-of-range rates, wrong types."""
@@ -489,3 +561,5 @@ class PBSDConfig(GRPOConfig):
             raise ValueError(f"`top_p` must be in (0, 1], got {self.top_p}.")
         if self.learning_rate < 0:
             raise ValueError(f"`learning_rate` must be >= 0, got {self.learning_rate}.")
+        if self.tool_call_timeout is not None and not self.tool_call_timeout > 0:
+            raise ValueError(f"`tool_call_timeout` must be > 0 seconds or None, got {self.tool_call_timeout}.")

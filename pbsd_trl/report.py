@@ -57,6 +57,54 @@ def write_results(output_dir: str | os.PathLike, results: dict[str, Any], table:
     return json_path, md_path
 
 
+# What an example run leaves in its output folder, in the order the results line lists it
+_OUTPUT_GROUPS = (
+    (
+        "results",
+        lambda n: n in ("results.md", "results.json"),
+        "the before/after table, and every number of the run (.json)",
+    ),
+    ("curves", lambda n: n.startswith("training_curves."), "the logged metrics by step"),
+    ("checkpoints", lambda n: n.startswith("checkpoint-"), "resume with --resume_from_checkpoint true"),
+    ("pool", lambda n: n.startswith("teacher_pool-"), "the teacher's samples, reused when the command is rerun"),
+)
+_MODEL_NOTE = "the trained model and tokenizer (load them with from_pretrained on this folder)"
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def output_listing(output_dir: str | os.PathLike) -> str:
+    """Every file and folder in a finished run's `output_dir`, grouped by what it is, one group a line.
+
+    Results, curves, checkpoints and the teacher pool are recognised by name; everything else is what `save_model`
+    and `save_pretrained` wrote (weights, config, tokenizer, model card) and shares one line, so that nothing in the
+    folder goes unmentioned. The size is the folder's total, checkpoints and pool included.
+    """
+    out = Path(output_dir)
+    entries = sorted(out.iterdir(), key=lambda p: p.name) if out.is_dir() else []
+    groups: dict[str, list[str]] = {name: [] for name, _, _ in _OUTPUT_GROUPS}
+    model: list[str] = []
+    for entry in entries:
+        label = entry.name + ("/" if entry.is_dir() else "")
+        group = next((name for name, matches, _ in _OUTPUT_GROUPS if matches(entry.name)), None)
+        (groups[group] if group else model).append(label)
+    megabytes = sum(_size(entry) for entry in entries) / 1e6
+    lines = [f"[pbsd] Output folder {out}/ ({megabytes:.0f} MB):"]
+    for name, _, note in _OUTPUT_GROUPS[:2]:
+        if groups[name]:
+            lines.append(f"  {', '.join(groups[name])}: {note}")
+    if model:
+        lines.append(f"  {', '.join(model)}: {_MODEL_NOTE}")
+    for name, _, note in _OUTPUT_GROUPS[2:]:
+        if groups[name]:
+            lines.append(f"  {', '.join(groups[name])}: {note}")
+    return "\n".join(lines)
+
+
 def _smooth(values: list[float], window: int) -> list[float]:
     out, acc = [], []
     for v in values:

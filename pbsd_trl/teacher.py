@@ -7,6 +7,8 @@ budget is set and exceeded, only the privileged context gives way.
 
 import copy
 import logging
+import re
+import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -51,6 +53,35 @@ ROW_INDEX_COLUMN = "pbsd_row_index"
 when the row arrives names the dataset row, not its position in the generation batch."""
 
 
+# Terminal escape sequences (CSI such as colours, OSC such as titles, two-character escapes): control, not text
+_ESCAPE_SEQUENCE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[@-Z\\-_])")
+# Unicode categories that draw nothing on their own: controls, format characters (zero-width space, BOM, bidi marks),
+# surrogates, unassigned code points, separators, and combining marks without a base character
+_INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Cn", "Zs", "Zl", "Zp", "Mn", "Me"})
+# Letters and symbols drawn as blank space (Hangul fillers, the blank Braille pattern, Mongolian vowel separator)
+_BLANK_CHARACTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800\u180e")
+
+
+def has_visible_text(text: str) -> bool:
+    """Whether `text` has a character that draws something: the one definition of a non-empty prompt or context."""
+    if "\x1b" in text:
+        text = _ESCAPE_SEQUENCE.sub("", text)
+    return any(ch not in _BLANK_CHARACTERS and unicodedata.category(ch) not in _INVISIBLE_CATEGORIES for ch in text)
+
+
+def check_encodable(text: str, what: str, row: int | str) -> None:
+    """Raise an error naming the row and column when `text` has no UTF-8 form (a lone surrogate), which no tokenizer
+    can read."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(
+            f"Row {row}: {what} holds {text[err.start : err.end]!r} at character {err.start}, which has no UTF-8 form "
+            "(a lone surrogate, e.g. from bytes decoded with errors='surrogateescape'): the tokenizer cannot read it. "
+            "Repair the text (e.g. `text.encode('utf-8', 'replace').decode()`) or drop the row."
+        ) from None
+
+
 def row_label(row: Any, position: int) -> int | str:
     """How errors name a row: its dataset index when known (construction checks, streaming data), else its position."""
     index = row.get(ROW_INDEX_COLUMN) if isinstance(row, Mapping) else None
@@ -64,10 +95,11 @@ def check_prompt(prompt: Any, row: int | str) -> None:
     conversational prompt to be the user's (its text receives the context).
     """
     if isinstance(prompt, str):
-        if not prompt.strip():
+        check_encodable(prompt, "column 'prompt'", row)
+        if not has_visible_text(prompt):
             raise ValueError(
-                f"Row {row} has an empty prompt (column 'prompt' is {prompt!r}): there is nothing to generate from. "
-                "Fill it or drop the row."
+                f"Row {row} has an empty prompt (column 'prompt' is {prompt!r:.80}, no visible character): there is "
+                "nothing to generate from. Fill it or drop the row."
             )
         return
     if not isinstance(prompt, list) or not prompt:
@@ -89,6 +121,7 @@ def check_prompt(prompt: Any, row: int | str) -> None:
                 f"Row {row}: message {turn} of column 'prompt' has content {content!r:.80}; expected a string or a "
                 "list of content parts (dicts with a 'type')."
             )
+        check_encodable(_message_text(content), f"message {turn} of column 'prompt'", row)
     last = prompt[-1]
     if last["role"] != "user":
         raise ValueError(
@@ -99,13 +132,20 @@ def check_prompt(prompt: Any, row: int | str) -> None:
 
 
 def check_privileged_context(value: Any, column: str, row: int | str, allow_empty: bool) -> str:
-    """Return the row's privileged context as a string, or raise an error that names the column and the row."""
-    if value is None or (isinstance(value, str) and not value.strip()):
+    """Return the row's privileged context as a string, or raise an error that names the column and the row.
+
+    Empty means no visible character ([`has_visible_text`]): whitespace, zero-width and control characters and
+    terminal escape sequences give the teacher no information.
+    """
+    if isinstance(value, str):
+        check_encodable(value, f"column '{column}'", row)
+    if value is None or (isinstance(value, str) and not has_visible_text(value)):
         if allow_empty:
             return "" if value is None else value
         raise ValueError(
-            f"Row {row} has an empty privileged context (column '{column}' is {value!r}). Fill it, drop the row, or "
-            "set `allow_empty_privileged_context=True` to give such rows a teacher prompt with an empty context."
+            f"Row {row} has an empty privileged context (column '{column}' is {value!r:.80}, no visible character). "
+            "Fill it, drop the row, or set `allow_empty_privileged_context=True` to give such rows a teacher prompt "
+            "with an empty context."
         )
     if not isinstance(value, str):
         raise TypeError(
@@ -113,6 +153,34 @@ def check_privileged_context(value: Any, column: str, row: int | str, allow_empt
             "Convert the privileged context to text (e.g. join a list of steps) before training."
         )
     return value
+
+
+def teacher_position_limit(model_config, args, use_vllm: bool = False) -> tuple[int, str] | None:
+    """Most tokens a teacher prompt may take: the model's positions (or vLLM's `max_model_len`) less a completion.
+
+    `(tokens, how to name the limit in an error)`, or None where the model states no limit. The trainer and the pool
+    build both use it, so that a row the trainer refuses is refused before any sampling.
+    """
+    positions = getattr(model_config.get_text_config(), "max_position_embeddings", None)
+    limits = []
+    if positions:
+        limits.append((positions, f"the model's max_position_embeddings={positions}"))
+    if use_vllm and args.vllm_max_model_length:
+        limits.append((args.vllm_max_model_length, f"vllm_max_model_length={args.vllm_max_model_length}"))
+    if not limits:
+        return None
+    total, what = min(limits)
+    completion = args.max_completion_length or 0
+    limit = total - completion
+    what = f"{what} with max_completion_length={completion}"
+    if args.max_teacher_prompt_length is not None and args.max_teacher_prompt_length > limit:
+        raise ValueError(
+            f"`max_teacher_prompt_length` ({args.max_teacher_prompt_length}) does not fit in {what}: a teacher "
+            f"prompt and its completion need at most {total} tokens. Set it to at most {limit}."
+        )
+    if limit < 1:
+        raise ValueError(f"`max_completion_length` ({completion}) leaves no room for a prompt in {total} positions.")
+    return limit, what
 
 
 class TeacherPromptBuilder:
@@ -221,6 +289,16 @@ class TeacherPromptBuilder:
                         "shorten the row's prompt and context."
                     )
         return teacher_prompts, truncated
+
+    def check_rows(self, rows: Sequence[dict], indices: Sequence[int]) -> None:
+        """Raise for the first of `rows` (dataset rows `indices`) whose teacher prompt cannot be made or cannot fit;
+        only the rows [`surely_fit`] cannot clear are tokenized."""
+        contexts = self.contexts(rows, indices)
+        if self.max_length is None and self.position_limit is None:
+            return
+        doubtful = [i for i, ok in enumerate(self.surely_fit([r["prompt"] for r in rows], contexts)) if not ok]
+        self([rows[i]["prompt"] for i in doubtful], [rows[i] for i in doubtful],
+             indices=[indices[i] for i in doubtful], fit=False)  # fmt: skip
 
     def surely_fit(self, prompts: Sequence, contexts: Sequence[str]) -> list[bool]:
         """Per row, whether its teacher prompt certainly fits every limit, judged without tokenizing the row.

@@ -13,7 +13,7 @@ from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import add_fused_lm_head
 
-from .agent import AgentRollouts
+from .agent import AgentRollouts, checked_rollout_func
 from .checkpoint import CheckpointError, check_checkpoint, checkpoint_info, write_checkpoint_info
 from .config import PBSDConfig
 from .grpo_features import GRPOLossFeatures
@@ -27,19 +27,27 @@ from .logprobs import (
     use_decoding_logps,
 )
 from .loss import (
-    DROPPED_LABEL,
-    FLIPPED_LABEL,
-    all_pairs,
+    PairTable,
+    Samples,
     implicit_log_ratios,
-    matched_pairs,
-    pair_labels_of,
+    make_pairs,
+    pair_statistics,
     pbsd_loss,
+    pearson_from_sums,
     preference_labels,
+    sequence_hashes,
 )
-from .rewards.guard import guard_reward_funcs
+from .pool.state import load_pool_state, save_pool_state
+from .rewards.guard import guard_environment_rewards, guard_reward_funcs
 from .rewards.validation import weighted_reward_sum
 from .shared_prefix import shared_prefix_token_logps, shared_prompt_prefill, supports_shared_prefix
-from .teacher import ROW_INDEX_COLUMN, TeacherPromptBuilder, check_privileged_context, check_prompt
+from .teacher import (
+    ROW_INDEX_COLUMN,
+    TeacherPromptBuilder,
+    check_privileged_context,
+    check_prompt,
+    teacher_position_limit,
+)
 from .teacher_model import TEACHER_ADAPTER_NAME, TEACHER_STATE_FILE, TeacherEMACallback, TeacherWeights
 
 
@@ -96,6 +104,13 @@ def _with_row_index(dataset):
     return dataset
 
 
+def _reward_use(args) -> str:
+    """What the loss does with the rewards, for the error that asks for them."""
+    if args.pair_labels != "role":
+        return f"`pair_labels={args.pair_labels!r}` orders pairs by reward"
+    return "`teacher_weighting='tilted'` weights the teacher samples by reward"
+
+
 def _no_reward(prompts, completions, **kwargs):
     """Placeholder that lets GRPOTrainer construct without reward functions; removed right after."""
     return [0.0] * len(prompts)
@@ -110,8 +125,9 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
     backend, scores both sets with the teacher (no gradient) and the student (with gradient), and minimizes the
     logistic loss on the implicit-reward margin between teacher and student samples. See [`PBSDConfig`].
 
-    The constructor takes GRPOTrainer's arguments. `reward_funcs` are optional with `pair_labels="role"` (rewards are
-    then only computed, and logged, when given), and required with `pair_labels="reward"`. The datasets need a
+    The constructor takes GRPOTrainer's arguments. `reward_funcs` are optional with the default `pair_labels="role"`
+    (rewards are then only computed, and logged, when given), and needed where the loss reads them
+    (`pair_labels="reward"` or `"soft"`, `teacher_weighting="tilted"`). The datasets need a
     privileged-context column (`args.privileged_context_column`) of strings.
     """
 
@@ -164,8 +180,8 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
 
         reward_funcs = [] if reward_funcs is None else reward_funcs
         reward_funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
-        if args.pair_labels == "reward" and not reward_funcs:
-            raise ValueError("`pair_labels='reward'` orders pairs by reward: pass at least one reward function.")
+        if args.uses_rewards_in_loss and not reward_funcs and environment_factory is None:
+            raise ValueError(f"{_reward_use(args)}: pass at least one reward function.")
         self._check_tokenizer(processing_class)
         for name, dataset in self._named_datasets(train_dataset, eval_dataset):
             self._check_privileged_column(dataset, name, args, check_prompts=environment_factory is None)
@@ -177,7 +193,7 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
             reset_forward_patches(model.get_base_model() if hasattr(model, "peft_config") else model)
         super().__init__(
             model=model,
-            reward_funcs=reward_funcs,
+            reward_funcs=list(reward_funcs),  # GRPO appends environments' rewards to the list it is given
             args=args,
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
@@ -188,10 +204,15 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
             quantization_config=quantization_config,
             peft_config=peft_config,
             tools=tools,
-            rollout_func=rollout_func,
+            rollout_func=checked_rollout_func(rollout_func),
             environment_factory=environment_factory,
         )
         self._reward_failures = reward_failures
+        # An environment's `get_reward`, which GRPO appends after `reward_funcs`, is guarded like them
+        ours = len(reward_funcs)
+        self.reward_funcs[ours:] = guard_environment_rewards(
+            self.reward_funcs[ours:], self.reward_func_names[ours:], reward_failures
+        )
         if not self._has_reward_funcs:
             # Drop the placeholder; an environment's own `get_reward`, appended by GRPO after it, stays
             self.reward_funcs = self.reward_funcs[1:]
@@ -199,6 +220,11 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
             self.reward_processing_classes = self.reward_processing_classes[1:]
             self.reward_weights = self.reward_weights[1:]
             self._has_reward_funcs = bool(self.reward_funcs)
+            if args.uses_rewards_in_loss and not self._has_reward_funcs:
+                raise ValueError(
+                    f"{_reward_use(args)}: pass at least one reward function (or an environment with a "
+                    "`get_reward` method)."
+                )
 
         is_peft = hasattr(self.model, "peft_config")
         # (a non-live teacher with vLLM and `teacher_samples_from="teacher"` is refused by PBSDConfig, before an
@@ -334,30 +360,7 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
 
     def _teacher_position_limit(self) -> tuple[int, str] | None:
         """Most tokens a teacher prompt may take: the model's positions (or vLLM's `max_model_len`) less a completion."""
-        args = self.args
-        config = self._base_model(self.model).config
-        positions = getattr(config.get_text_config(), "max_position_embeddings", None)
-        limits = []
-        if positions:
-            limits.append((positions, f"the model's max_position_embeddings={positions}"))
-        if self.use_vllm and args.vllm_max_model_length:
-            limits.append((args.vllm_max_model_length, f"vllm_max_model_length={args.vllm_max_model_length}"))
-        if not limits:
-            return None
-        total, what = min(limits)
-        completion = args.max_completion_length or 0
-        limit = total - completion
-        what = f"{what} with max_completion_length={completion}"
-        if args.max_teacher_prompt_length is not None and args.max_teacher_prompt_length > limit:
-            raise ValueError(
-                f"`max_teacher_prompt_length` ({args.max_teacher_prompt_length}) does not fit in {what}: a teacher "
-                f"prompt and its completion need at most {total} tokens. Set it to at most {limit}."
-            )
-        if limit < 1:
-            raise ValueError(
-                f"`max_completion_length` ({completion}) leaves no room for a prompt in {total} positions."
-            )
-        return limit, what
+        return teacher_position_limit(self._base_model(self.model).config, self.args, self.use_vllm)
 
     def _check_teacher_prompts(self, dataset, name: str) -> None:
         """Tokenize every teacher prompt of a map-style dataset once, so that one that cannot fit fails now."""
@@ -371,12 +374,8 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
         rows = dataset.select_columns(["prompt", column])
         for start in range(0, len(rows), _CHECK_CHUNK):
             chunk = rows.select(range(start, min(start + _CHECK_CHUNK, len(rows)))).to_list()
-            contexts = builder.contexts(chunk, list(range(start, start + len(chunk))))
-            # only rows that might not fit are tokenized (a bound in bytes clears the others)
-            doubtful = [i for i, ok in enumerate(builder.surely_fit([r["prompt"] for r in chunk], contexts)) if not ok]
             try:
-                builder([chunk[i]["prompt"] for i in doubtful], [chunk[i] for i in doubtful],
-                        indices=[start + i for i in doubtful], fit=False)  # fmt: skip
+                builder.check_rows(chunk, list(range(start, start + len(chunk))))
             except (TypeError, ValueError) as err:
                 raise type(err)(f"{name}: {err}") from None
 
@@ -864,26 +863,31 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
         teacher_lengths = teacher_scored.sum(1)
         student_lengths = student_scored.sum(1)
 
-        if args.pairing == "all":
-            num_pairs = self._build_pair_table(
-                mode,
-                output,
-                row_index,
-                has_teacher,
-                teacher_rewards_rows,
-                student_rewards,
-                teacher_prompt_ids,
-                teacher_prompt_mask,
-                teacher_completion_ids,
-                teacher_completion_mask,
-                teacher_logps_teacher,
-                teacher_logps_student,
-                batch_size,
-                group_size,
+        samples = Samples.of_rows(
+            gather(row_index // group_size),
+            gather(has_teacher),
+            None if student_rewards is None else gather(student_rewards),
+            None if teacher_rewards_rows is None else gather(teacher_rewards_rows),
+            hashes=(
+                gather(sequence_hashes(output["completion_ids"], output["completion_mask"])),
+                gather(sequence_hashes(teacher_completion_ids, teacher_completion_mask)),
+            ),
+        )
+        pairs = make_pairs(
+            samples, args.pairing, args.pair_labels, args.tie_policy, args.reward_temperature, args.teacher_weighting
+        )
+        partner_log_ratios = None
+        if args.pairing != "matched":
+            partner_log_ratios = self._partner_log_ratios(
+                output, teacher_completion_ids, teacher_completion_mask, teacher_logps_teacher, teacher_logps_student
             )
+        table = PairTable(samples, pairs, partner_log_ratios)
+        if args.pairing == "matched":  # a matched pair stays in its row: the rows carry it to the loss
+            matched = table.matched_row_values(row_index)
+            output.update({f"pbsd_pair_{name}": value for name, value in matched.items()})
         else:
-            kept = has_teacher & (labels != DROPPED_LABEL)
-            num_pairs = gather(kept.sum().reshape(1)).sum()
+            self._pair_table[mode] = table
+        num_pairs = pairs.weight.sum()
 
         output.update(
             teacher_prompt_ids=teacher_prompt_ids,
@@ -898,15 +902,10 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
             pbsd_num_pairs=num_pairs.float(),
         )
         self._log_generation_metrics(
-            mode,
-            has_teacher,
-            labels,
-            teacher_rewards_rows,
-            student_rewards,
-            teacher_lengths,
-            student_lengths,
-            truncated,
+            mode, has_teacher, pairs, samples, teacher_rewards_rows, student_rewards, teacher_lengths, student_lengths
         )
+        truncated = torch.tensor(truncated, dtype=torch.float32, device=device)
+        self._metrics[mode]["pbsd/context_truncated_frac"].append(self._global_mean(truncated))
         completions_for_table = [None] * num_rows
         for i, completion in zip(teacher_rows, teacher_completions, strict=True):
             completions_for_table[i] = completion
@@ -982,24 +981,11 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
             chunks.append(logps[:, -completion_ids.size(1) :])
         return torch.cat(chunks).float()
 
-    def _build_pair_table(
-        self,
-        mode,
-        output,
-        row_index,
-        has_teacher,
-        teacher_rewards,
-        student_rewards,
-        teacher_prompt_ids,
-        teacher_prompt_mask,
-        teacher_completion_ids,
-        teacher_completion_mask,
-        teacher_logps_teacher,
-        teacher_logps_student,
-        batch_size,
-        group_size,
+    def _partner_log_ratios(
+        self, output, teacher_completion_ids, teacher_completion_mask, teacher_logps_teacher, teacher_logps_student
     ) -> torch.Tensor:
-        """Global table of detached per-row values for `pairing="all"`; returns the global number of kept pairs.
+        """Every sample's log-ratio `ρ`, detached and gathered (`(2N,)`, the [`Samples`] order), for pairings across
+        rows.
 
         A pair's two samples can sit on different processes or micro-batches. With on-policy updates
         (`num_iterations=1`, one generation batch per optimizer step) the student's weights do not change between
@@ -1009,42 +995,24 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
         student_scored, teacher_scored = self._score_masks(
             {**output, "teacher_completion_mask": teacher_completion_mask}
         )
+        batch_size = (
+            self.args.per_device_train_batch_size if self.model.training else self.args.per_device_eval_batch_size
+        )
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
-            student_on_teacher = self._sequence_logps(
-                self.model,
-                output["prompt_ids"],
-                output["prompt_mask"],
-                teacher_completion_ids,
-                teacher_completion_mask,
-                batch_size,
-                score_mask=teacher_scored,
-            )
-            student_on_student = self._sequence_logps(
-                self.model,
-                output["prompt_ids"],
-                output["prompt_mask"],
-                output["completion_ids"],
-                output["completion_mask"],
-                batch_size,
-                score_mask=student_scored,
+            student_on_teacher, student_on_student = (
+                self._sequence_logps(
+                    self.model, output["prompt_ids"], output["prompt_mask"], ids, mask, batch_size, score_mask=scored
+                )
+                for ids, mask, scored in (
+                    (teacher_completion_ids, teacher_completion_mask, teacher_scored),
+                    (output["completion_ids"], output["completion_mask"], student_scored),
+                )
             )
         lengths_t = teacher_scored.sum(1) if self.args.length_normalize else None
         lengths_s = student_scored.sum(1) if self.args.length_normalize else None
-        nan = torch.full_like(student_on_student, torch.nan)
-        table = {
-            "group": gather(row_index // group_size),
-            "has_teacher": gather(has_teacher),
-            "teacher_log_ratio": gather(implicit_log_ratios(student_on_teacher, teacher_logps_teacher, lengths_t)),
-            "student_log_ratio": gather(implicit_log_ratios(student_on_student, teacher_logps_student, lengths_s)),
-            "teacher_reward": gather(teacher_rewards if teacher_rewards is not None else nan),
-            "student_reward": gather(student_rewards if student_rewards is not None else nan),
-        }
-        self._pair_table[mode] = table
-        pairs = all_pairs(table["group"], table["group"], table["has_teacher"])
-        labels = pair_labels_of(
-            pairs, table["teacher_reward"], table["student_reward"], self.args.pair_labels, self.args.tie_policy
-        )
-        return (labels != DROPPED_LABEL).sum()
+        student = gather(implicit_log_ratios(student_on_student, teacher_logps_student, lengths_s))
+        teacher = gather(implicit_log_ratios(student_on_teacher, teacher_logps_teacher, lengths_t))
+        return torch.cat([student, teacher])
 
     def _global_mean(self, values, mask=None):
         """Mean of `values` over `mask` (default: all) and every process, NaN entries left out; NaN when empty."""
@@ -1056,26 +1024,24 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
         return total / count if count else float("nan")
 
     def _log_generation_metrics(
-        self, mode, has_teacher, labels, teacher_rewards, student_rewards, teacher_lengths, student_lengths, truncated
+        self, mode, has_teacher, pairs, samples, teacher_rewards, student_rewards, teacher_lengths, student_lengths
     ):
         metrics = self._metrics[mode]
-        device = has_teacher.device
         global_mean = self._global_mean
         metrics["pbsd/teacher_length"].append(global_mean(teacher_lengths.float(), has_teacher))
         metrics["pbsd/student_length"].append(global_mean(student_lengths.float()))
-        truncated = torch.tensor(truncated, dtype=torch.float32, device=device)
-        metrics["pbsd/context_truncated_frac"].append(global_mean(truncated))
         metrics["pbsd/teacher_num_tokens"] = [float(self._teacher_tokens_seen)]
         if student_rewards is not None:
             metrics["pbsd/teacher_reward"].append(global_mean(teacher_rewards, has_teacher))
             metrics["pbsd/student_reward"].append(global_mean(student_rewards))
-            tie = (teacher_rewards == student_rewards) | (torch.isnan(teacher_rewards) & torch.isnan(student_rewards))
-            metrics["pbsd/tie_frac"].append(global_mean(tie.float(), has_teacher))
             flipped = student_rewards > torch.nan_to_num(teacher_rewards, nan=-float("inf"))
             metrics["pbsd/flipped_frac"].append(global_mean(flipped.float(), has_teacher))
-        if self.args.pair_labels == "reward":
-            metrics["pbsd/label_flipped_frac"].append(global_mean((labels == FLIPPED_LABEL).float(), has_teacher))
-            metrics["pbsd/label_dropped_frac"].append(global_mean((labels == DROPPED_LABEL).float(), has_teacher))
+        if self.args.pair_labels != "role":  # the pair table is global already: no reduction
+            mixed = samples.is_teacher[pairs.first] & ~samples.is_teacher[pairs.second]
+            kept = pairs.weight > 0
+            flipped = (pairs.target < 0.5) & kept & mixed
+            metrics["pbsd/label_flipped_frac"].append((flipped.sum() / mixed.sum().clamp(min=1)).item())
+            metrics["pbsd/label_dropped_frac"].append((~kept).float().mean().item() if len(pairs) else float("nan"))
 
     # ---- loss ---------------------------------------------------------------------------------------------------
     def _compute_loss(self, model, inputs):
@@ -1110,21 +1076,15 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
         student_log_ratios = implicit_log_ratios(policy_student, inputs["teacher_logps_student_samples"], lengths_s)
 
         if args.pairing == "matched":
-            labels = inputs["pbsd_labels"].masked_fill(~inputs["pbsd_has_teacher"], DROPPED_LABEL)
-            loss_sum, metric_margins = pbsd_loss(
-                teacher_log_ratios,
-                student_log_ratios,
-                matched_pairs(num_rows, labels.device),
-                labels,
-                args.pbsd_beta,
-                args.label_smoothing,
-                reduction="sum",
-            )
-            metric_kept = labels != DROPPED_LABEL
+            values = [inputs[f"pbsd_pair_{name}"] for name in ("target", "weight", "rewards", "hashes")]
+            table = PairTable.of_matched_rows(inputs["pbsd_has_teacher"], *values)
+            row_index = torch.arange(num_rows, device=prompt_ids.device)
         else:
-            loss_sum, metric_margins, metric_kept = self._all_pairs_loss_sum(
-                mode, inputs["pbsd_row_index"], teacher_log_ratios, student_log_ratios
-            )
+            table, row_index = self._pair_table[mode], inputs["pbsd_row_index"]
+        log_ratios, share = table.micro_batch(row_index, student_log_ratios, teacher_log_ratios)
+        loss_sum, margins = pbsd_loss(
+            log_ratios, table.pairs, args.pbsd_beta, args.label_smoothing, args.pbsd_loss_type, share, "sum"
+        )
 
         # Normalize so that summing micro-batches and averaging over processes gives the mean over all pairs of the
         # generation batch (and of one optimizer step when a generation batch spans several)
@@ -1138,8 +1098,7 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
 
         self._log_loss_metrics(
             mode,
-            metric_margins,
-            metric_kept,
+            pair_statistics(margins, table.pairs, table.samples, share, rewards_decide=args.pair_labels != "role"),
             teacher_log_ratios,
             student_log_ratios,
             inputs["pbsd_has_teacher"],
@@ -1147,45 +1106,22 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
         )
         return loss
 
-    def _all_pairs_loss_sum(self, mode, row_index, teacher_log_ratios, student_log_ratios):
-        """Sum of the losses of every pair touching this micro-batch's samples, with partners from the pair table.
-
-        Each pair appears twice over the whole batch (once with its teacher sample differentiated, once with its
-        student sample), so the value is halved while the gradient keeps both halves.
-        """
-        table = self._pair_table[mode]
-        args = self.args
-
-        def side_loss(teacher_rows, student_rows, teacher_log_ratio, student_log_ratio):
-            pairs = all_pairs(
-                table["group"][teacher_rows], table["group"][student_rows], table["has_teacher"][teacher_rows]
-            )
-            labels = pair_labels_of(
-                pairs,
-                table["teacher_reward"][teacher_rows],
-                table["student_reward"][student_rows],
-                args.pair_labels,
-                args.tie_policy,
-            )
-            loss, margins = pbsd_loss(
-                teacher_log_ratio, student_log_ratio, pairs, labels, args.pbsd_beta, args.label_smoothing, "sum"
-            )
-            return loss, margins[labels != DROPPED_LABEL]
-
-        every_row = slice(None)
-        # teacher side: this micro-batch's teacher samples against every student sample of their prompts
-        loss_t, margins = side_loss(row_index, every_row, teacher_log_ratios, table["student_log_ratio"])
-        # student side: every teacher sample of their prompts against this micro-batch's student samples
-        loss_s, _ = side_loss(every_row, row_index, table["teacher_log_ratio"], student_log_ratios)
-        surrogate = loss_t + loss_s
-        loss_sum = surrogate - surrogate.detach() / 2
-        return loss_sum, margins, torch.ones_like(margins, dtype=torch.bool)
-
-    def _log_loss_metrics(self, mode, margins, kept, teacher_log_ratios, student_log_ratios, has_teacher, student_kl):
+    def _log_loss_metrics(self, mode, statistics, teacher_log_ratios, student_log_ratios, has_teacher, student_kl):
+        """Pair statistics ([`pair_statistics`], reduced over processes) and per-sample log-ratio means."""
         metrics = self._metrics[mode]
         global_mean = self._global_mean
-        metrics["pbsd/margin"].append(global_mean(margins, kept))
-        metrics["pbsd/preference_accuracy"].append(global_mean((margins > 0).float(), kept))
+        names = list(statistics)
+        dtype = torch.float32 if self.accelerator.device.type == "mps" else torch.float64  # sums of squares
+        sums = torch.stack([torch.stack([total, count]).to(dtype) for total, count in statistics.values()])
+        sums = dict(zip(names, self.accelerator.reduce(sums, reduction="sum").tolist(), strict=True))
+        for name in ("margin", "preference_accuracy", "identical_frac", "tie_frac"):
+            total, count = sums[name]
+            if name != "tie_frac" or count:  # tie_frac only where rewards are given
+                metrics[f"pbsd/{name}"].append(total / count if count else float("nan"))
+        corr_count = sums["corr_x"][1]
+        if self._has_reward_funcs and corr_count:
+            corr = {key: sums[f"corr_{key}"][0] for key in ("x", "y", "xx", "yy", "xy")}
+            metrics["pbsd/weight_reward_corr"].append(pearson_from_sums(corr, corr_count))
         metrics["pbsd/log_ratio_teacher_samples"].append(global_mean(teacher_log_ratios, has_teacher))
         metrics["pbsd/log_ratio_student_samples"].append(global_mean(student_log_ratios))
         metrics["pbsd/kl_student_teacher"].append(global_mean(student_kl))
@@ -1222,18 +1158,20 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
         state = self.teacher.state_dict()  # collective under ZeRO-3: every process calls it
-        if self.args.should_save:
-            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-            folder = os.path.join(
-                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            )
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self._teacher_pool is not None:  # a gather: every process calls it
+            save_pool_state(self._teacher_pool, folder, self.accelerator, self.args.should_save)
+        if self.args.should_save:
             if state is not None:
                 torch.save(state, os.path.join(folder, TEACHER_STATE_FILE))
             write_checkpoint_info(folder, self._checkpoint_info())
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None and self._teacher_pool is not None:
+            load_pool_state(self._teacher_pool, checkpoint, self.accelerator)
         if checkpoint is None or self.teacher.kind != "ema":
             return
         path = os.path.join(checkpoint, TEACHER_STATE_FILE)

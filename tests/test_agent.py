@@ -6,16 +6,11 @@ generation, tool execution, the second turn, masks and scores — is the trainer
 """
 
 import copy
-import re
-import string
 
 import pytest
 import torch
 from datasets import Dataset
-from testing_utils import tiny_pbsd_config
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
-from trl.chat_template_utils import qwen2_5_chat_template
+from testing_utils import multiply, tiny_pbsd_config, tool_tokenizer
 
 from pbsd_trl import PBSDTrainer
 from pbsd_trl.tiny import build_random_model
@@ -25,55 +20,6 @@ TEMPLATE = "{prompt} Hint: {privileged_context}"
 QUESTION = "What is 3 * 4?"
 HINT = "call multiply."
 TOOL_CALL = '<tool_call>\n{"name": "multiply", "arguments": {"a": 3, "b": 4}}\n</tool_call><|im_end|>'
-SPECIAL = [
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<tool_call>",
-    "</tool_call>",
-    "<tool_response>",
-    "</tool_response>",
-    "<unk>",
-]
-
-
-def multiply(a: int, b: int) -> int:
-    """
-    Multiplies two integers.
-
-    Args:
-        a: The first integer.
-        b: The second integer.
-
-    Returns:
-        The product of the two integers.
-    """
-    return a * b
-
-
-def tool_tokenizer():
-    """Character-level tokenizer with Qwen2.5's special tokens and chat template (which TRL can parse tool calls of)."""
-    vocab = {token: i for i, token in enumerate(SPECIAL + sorted(set(string.printable)))}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL])
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        pad_token="<|endoftext|>",
-        eos_token="<|im_end|>",
-        unk_token="<unk>",
-        chat_template=qwen2_5_chat_template,
-        padding_side="left",
-        clean_up_tokenization_spaces=False,
-    )
-    # The system text and tool schema the template renders are ~700 characters: one token per fixed piece keeps the
-    # prompts short enough for a CPU test
-    header = tokenizer.apply_chat_template([{"role": "user", "content": ""}], tools=[multiply], tokenize=False)
-    header = header[: header.index("<|im_start|>user")]
-    pieces = re.split("|".join(re.escape(t) for t in SPECIAL), header)
-    tokenizer.add_tokens([AddedToken(p, normalized=False, special=False) for p in pieces if len(p) > 8])
-    return tokenizer
 
 
 def episode_ids(tokenizer, user_content):

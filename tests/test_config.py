@@ -60,6 +60,8 @@ def test_literal_braces_are_allowed_when_escaped():
         ("pairing", "cross"),
         ("teacher_model_kind", "frozen"),
         ("teacher_samples_from", "student"),
+        ("teacher_weighting", "softmax"),
+        ("pbsd_loss_type", "ipo"),
     ],
 )
 def test_unknown_choices(field, value):
@@ -79,6 +81,12 @@ def test_unknown_choices(field, value):
         (dict(num_teacher_generations=5, pairing="all"), "between 1 and"),
         (dict(beta=0.04), "pbsd_beta"),
         (dict(sync_ref_model=True), "teacher_model_kind='ema'"),
+        (dict(pairing="union"), "pairing='union'` pairs every two samples"),
+        (dict(pairing="union", pair_labels="soft", num_iterations=2), "multiple"),
+        (dict(teacher_weighting="tilted", pair_labels="soft"), "Use one or the other"),
+        (dict(pbsd_loss_type="teacher_sft", pair_labels="reward"), "diagnostic arm"),
+        (dict(pair_labels="soft", reward_temperature=0.0), "reward_temperature"),
+        (dict(pair_labels="soft", reward_temperature=float("inf")), "reward_temperature"),
     ],
 )
 def test_invalid_values(kwargs, fragment):
@@ -97,3 +105,17 @@ def test_grpo_loss_fields_warn_that_they_are_ignored():
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         make()  # no warning with defaults
+
+
+@pytest.mark.parametrize(
+    "kwargs, uses_rewards",
+    [
+        (dict(), False),
+        (dict(pbsd_loss_type="teacher_sft"), False),
+        (dict(pair_labels="reward"), True),
+        (dict(pairing="union", pair_labels="soft", num_teacher_generations=2), True),
+        (dict(teacher_weighting="tilted", reward_temperature=0.5), True),
+    ],
+)
+def test_reward_aware_variants_are_accepted_and_say_whether_the_loss_reads_rewards(kwargs, uses_rewards):
+    assert make(**kwargs).uses_rewards_in_loss is uses_rewards

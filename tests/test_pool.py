@@ -2,6 +2,7 @@
 
 import copy
 import json
+import math
 import os
 
 import pytest
@@ -190,15 +191,17 @@ def _grads(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("pairing", ["matched", "all"])
+@pytest.mark.parametrize("pairing", ["matched", "all", "union"])
 def test_pool_step_equals_online_step_given_the_same_samples(tmp_path, pool_dir, model, tokenizer, dataset, pairing):
-    """The online trainer's teacher `generate` is replaced by the pool's samples: same loss, same gradients."""
+    """The online trainer's teacher `generate` is replaced by the pool's samples: same loss, same gradients, same
+    pair metrics (identical pairs, whose pool margins round to ±1e-5, count in neither accuracy)."""
     pool, _ = load_teacher_pool(pool_dir)
     by_key = {row["key"]: row for row in pool}
     group, num_teacher = 4, (4 if pairing == "matched" else 2)
     rows = [dict(dataset[i]) for i in range(2) for _ in range(group)]
     keys = [row_key(r["prompt"], r["privileged_context"]) for r in rows]
-    kwargs = dict(pairing=pairing, num_teacher_generations=num_teacher, pair_labels="reward")
+    labels = {"matched": "role", "all": "reward", "union": "soft"}[pairing]
+    kwargs = dict(pairing=pairing, num_teacher_generations=num_teacher, pair_labels=labels)
 
     online = PBSDTrainer(
         copy.deepcopy(model),
@@ -247,6 +250,10 @@ def test_pool_step_equals_online_step_given_the_same_samples(tmp_path, pool_dir,
     for name in grads_a:
         torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-3, atol=1e-6, msg=name)
     assert any(g.abs().sum() > 0 for g in grads_a.values())
+    metrics = [trainer._metrics["train"] for trainer in (online, pooled)]
+    for name in ("pbsd/preference_accuracy", "pbsd/identical_frac", "pbsd/tie_frac", "pbsd/margin"):
+        assert metrics[0][name] == pytest.approx(metrics[1][name], abs=1e-4, nan_ok=True), name
+    assert not math.isnan(metrics[0]["pbsd/identical_frac"][0])
 
 
 def test_later_visits_take_unused_samples_first(tmp_path, pool_dir, model, tokenizer, dataset):

@@ -1,6 +1,7 @@
 """PBSDTrainer on a tiny model: what it scores, with which weights and prompts, and that it trains."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -308,6 +309,80 @@ def test_all_pairing_with_fewer_teacher_samples_matches_full_pair_loss_gradient(
     expected.backward()
     for actual, reference in zip(grads, (p.grad for p in trainer.model.parameters()), strict=True):
         torch.testing.assert_close(actual.double(), reference.double(), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        dict(pairing="union", pair_labels="soft", reward_temperature=0.5),
+        dict(pairing="union", pair_labels="reward", tie_policy="role"),
+        dict(pairing="all", pair_labels="role", teacher_weighting="tilted", reward_temperature=0.3),
+    ],
+)
+def test_reward_aware_pairings_match_the_pair_loss_recomputed_from_scratch(tmp_path, tokenizer, dataset, variant):
+    """Union pairs (teacher and student samples of a prompt together, ordered by reward) and tilted teacher weights:
+    the trainer's loss and gradient equal the weighted mean over the pairs, enumerated and scored from scratch."""
+    model = build_random_model(tokenizer, seed=7)
+    args = make_args(tmp_path, num_teacher_generations=3, gradient_checkpointing=False, **variant)
+    rewards = iter(range(10**6))
+
+    def spread_reward(completions, **kwargs):  # distinct, varied rewards: every pair is informative
+        return [float((next(rewards) * 7) % 5) / 4 for _ in completions]
+
+    trainer = PBSDTrainer(model, spread_reward, args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer.model.train()
+    inputs = trainer._generate_and_score_completions(generation_batch(dataset))
+    loss = trainer.compute_loss(trainer.model, inputs)
+    loss.backward()
+    grads = [p.grad.clone() for p in trainer.model.parameters()]
+    trainer.model.zero_grad()
+
+    student = trainer.model
+    pi = [
+        manual_sequence_logps(student, inputs["prompt_ids"], inputs["prompt_mask"], inputs[ids], inputs[mask])
+        for ids, mask in (("completion_ids", "completion_mask"), ("teacher_completion_ids", "teacher_completion_mask"))
+    ]
+    rho = torch.cat([pi[0] - inputs["teacher_logps_student_samples"], pi[1] - inputs["teacher_logps_teacher_samples"]])
+    samples = trainer._pair_table["train"].samples
+    reward = samples.reward.tolist()
+    valid = [True] * 8 + inputs["pbsd_has_teacher"].tolist()
+    tau, beta = args.reward_temperature, args.pbsd_beta
+    terms, weights = [], []
+    for g in range(2):
+        members = [k for k in range(16) if valid[k] and (k % 8) // 4 == g]
+        teachers = [k for k in members if k >= 8]
+        z = sum(math.exp(reward[k] / tau) for k in teachers)
+        for a in members:
+            for b in members:
+                if args.pairing == "union" and a > b:
+                    gap = reward[a] - reward[b]
+                    if args.pair_labels == "soft":
+                        p = 1 / (1 + math.exp(-gap / tau))
+                    elif gap != 0:
+                        p = float(gap > 0)
+                    elif a >= 8 > b:  # a tie, teacher first: the role decides
+                        p = 1.0
+                    else:
+                        continue
+                    w = 1.0
+                elif args.pairing == "all" and a >= 8 > b:
+                    p, w = 1.0, len(teachers) * math.exp(reward[a] / tau) / z
+                else:
+                    continue
+                m = beta * (rho[a] - rho[b])
+                terms.append(-p * torch.nn.functional.logsigmoid(m) - (1 - p) * torch.nn.functional.logsigmoid(-m))
+                weights.append(w)
+    weights = torch.tensor(weights, dtype=torch.float64)
+    expected = (torch.stack(terms) * weights).sum() / weights.sum()
+    assert inputs["pbsd_num_pairs"].item() == pytest.approx(weights.sum().item(), rel=1e-6)
+    torch.testing.assert_close(loss.double(), expected.detach(), atol=1e-5, rtol=1e-5)
+    expected.backward()
+    for actual, reference in zip(grads, (p.grad for p in trainer.model.parameters()), strict=True):
+        torch.testing.assert_close(actual.double(), reference.double(), atol=1e-5, rtol=1e-4)
+    logged = trainer._metrics["train"]
+    assert 0.0 <= logged["pbsd/preference_accuracy"][-1] <= 1.0
+    assert not math.isnan(logged["pbsd/weight_reward_corr"][-1])
+    assert logged["pbsd/identical_frac"][-1] >= 0.0 and logged["pbsd/tie_frac"][-1] >= 0.0
 
 
 # ---- bad input ---------------------------------------------------------------------------------------------------

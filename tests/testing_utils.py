@@ -1,11 +1,16 @@
 """Helpers shared by the tests (the fixtures built from them are in conftest.py)."""
 
 import importlib.util
+import re
+import string
 from pathlib import Path
 
 import torch
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+from trl.chat_template_utils import qwen2_5_chat_template
 
-from pbsd_trl import PBSDConfig
+from pbsd_trl import PBSDConfig, PBSDTrainer
 from pbsd_trl.tiny import build_random_model
 
 
@@ -55,3 +60,63 @@ def perturb_lora_adapters(model, seed: int = 0, std: float = 0.5) -> None:
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * std)
+
+
+TOOL_SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<tool_call>",
+    "</tool_call>",
+    "<tool_response>",
+    "</tool_response>",
+    "<unk>",
+]
+
+
+def multiply(a: int, b: int) -> int:
+    """
+    Multiplies two integers.
+
+    Args:
+        a: The first integer.
+        b: The second integer.
+
+    Returns:
+        The product of the two integers.
+    """
+    return a * b
+
+
+def tool_tokenizer():
+    """Character-level tokenizer with Qwen2.5's special tokens and chat template (which TRL can parse tool calls of)."""
+    vocab = {token: i for i, token in enumerate(TOOL_SPECIAL_TOKENS + sorted(set(string.printable)))}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in TOOL_SPECIAL_TOKENS])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        unk_token="<unk>",
+        chat_template=qwen2_5_chat_template,
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
+    )
+    # The system text and tool schema the template renders are ~700 characters: one token per fixed piece keeps the
+    # prompts short enough for a CPU test
+    header = tokenizer.apply_chat_template([{"role": "user", "content": ""}], tools=[multiply], tokenize=False)
+    header = header[: header.index("<|im_start|>user")]
+    pieces = re.split("|".join(re.escape(t) for t in TOOL_SPECIAL_TOKENS), header)
+    tokenizer.add_tokens([AddedToken(p, normalized=False, special=False) for p in pieces if len(p) > 8])
+    return tokenizer
+
+
+class ScriptedAnswerTrainer(PBSDTrainer):
+    """`PBSDTrainer` whose every generation call returns `12` then EOS: agent and environment tests whose point is not
+    what the model writes (a random model's tokens may open a tool call at random)."""
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        answer = self._tokenizer("12", add_special_tokens=False)["input_ids"] + [self._tokenizer.eos_token_id]
+        return [list(answer) for _ in prompt_ids], None

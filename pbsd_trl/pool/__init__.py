@@ -11,8 +11,9 @@ A pool is a folder:
   token ids, cut after the first EOS as GRPO cuts them), `teacher_logps` (K sums of the teacher's per-token log-probs
   of those completions given the teacher prompt, at the sampling temperature) and `teacher_prompt_length`.
 - `parts/`: the batches written while building (kept, so that an interrupted build resumes where it stopped).
-- `pbsd_pool.json`: the stamp, what the samples were drawn from (teacher weights fingerprint, tokenizer, teacher
-  prompt template and budget, sampling settings, K). The trainer recomputes the stamp from its own model and config
+- `pbsd_pool.json`: the stamp, what the samples were drawn from (teacher weights and model configuration
+  fingerprints, weights dtype and mixed precision, tokenizer, teacher prompt template and budget, sampling settings,
+  K). The trainer recomputes the stamp from its own model and config
   and refuses a pool whose stamp differs, naming the field.
 
 Modules: `stamp` (what a pool was drawn from), `sampling` (teacher prompts, samples, their log-probs), `build`

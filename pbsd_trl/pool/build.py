@@ -21,12 +21,25 @@ def _parts_dir(output_dir: str) -> str:
     return os.path.join(output_dir, "parts")
 
 
+def _damaged(path: str, err: Exception, fix: str) -> TeacherPoolError:
+    return TeacherPoolError(f"{path} cannot be read ({type(err).__name__}: {err}); it is damaged or truncated. {fix}")
+
+
+_REBUILD = "Rebuild the pool (delete its folder and rerun `python -m pbsd_trl.scripts.build_teacher_pool`)."
+
+
 def _read_stamp(output_dir: str) -> dict | None:
     path = os.path.join(output_dir, POOL_STAMP_FILE)
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            stamp = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise _damaged(path, err, _REBUILD) from err
+    if not isinstance(stamp, dict):
+        raise _damaged(path, TypeError(f"a {type(stamp).__name__}, not an object"), _REBUILD)
+    return stamp
 
 
 def _write_json_atomic(path: str, payload: dict) -> None:
@@ -45,7 +58,12 @@ def _done_keys(output_dir: str) -> set[str]:
     keys = set()
     for name in os.listdir(folder):
         if name.endswith(".parquet"):
-            keys.update(pq.read_table(os.path.join(folder, name), columns=["key"]).column("key").to_pylist())
+            path = os.path.join(folder, name)
+            try:
+                keys.update(pq.read_table(path, columns=["key"]).column("key").to_pylist())
+            except Exception as err:  # pyarrow raises OSError or ArrowInvalid, by the kind of damage
+                fix = "Delete this part file and rerun the build: it draws the part's rows again."
+                raise _damaged(path, err, fix) from err
     return keys
 
 
@@ -135,8 +153,13 @@ def build_teacher_pool(
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
-    from ..teacher import check_privileged_context
+    from ..teacher import check_privileged_context, check_prompt, teacher_position_limit
 
+    if getattr(args, "fp16", False):
+        raise ValueError(
+            "A teacher pool is sampled and scored in float32, or in bf16 autocast with `bf16=True`; the trainer would "
+            "score an `fp16=True` run in fp16 autocast, so its log-probs would differ. Build with `bf16` or float32."
+        )
     if num_samples < 1:
         raise ValueError(f"`num_samples` must be >= 1, got {num_samples}.")
     if backend not in ("hf", "vllm"):
@@ -177,7 +200,6 @@ def build_teacher_pool(
                 "complete": False,
                 "backend": backend,
                 "seed": seed,
-                "dtype": str(next(model.parameters()).dtype),
                 "bf16": bool(args.bf16),
                 "rows": None,
                 "created": (found or {}).get("created", time.strftime("%Y-%m-%dT%H:%M:%S")),
@@ -189,6 +211,7 @@ def build_teacher_pool(
     prompts, contexts = dataset["prompt"], dataset[column]
     first_row: dict[str, int] = {}
     for i, (prompt, context) in enumerate(zip(prompts, contexts, strict=True)):
+        check_prompt(prompt, i)
         check_privileged_context(context, column, i, args.allow_empty_privileged_context)
         first_row.setdefault(row_key(prompt, context), i)
     state.wait_for_everyone()
@@ -196,9 +219,16 @@ def build_teacher_pool(
     todo = [(key, row) for key, row in first_row.items() if key not in done]
     mine = todo[state.process_index :: state.num_processes]
 
-    builder = teacher_prompt_builder(tokenizer, args)
+    # The trainer's own length checks, before any sampling: a row it would refuse at construction is refused now.
+    # Every process checks every row, so that all of them stop (none waits for the others at the next barrier).
+    config = (model.get_base_model() if hasattr(model, "peft_config") else model).config
+    builder = teacher_prompt_builder(tokenizer, args, teacher_position_limit(config, args, backend == "vllm"))
+    for start in range(0, len(todo), 1024):
+        chunk = todo[start : start + 1024]
+        builder.check_rows([{"prompt": prompts[r], column: contexts[r]} for _, r in chunk], [r for _, r in chunk])
     rows = [{"prompt": prompts[r], column: contexts[r]} for _, r in mine]
-    teacher_prompts, _ = builder([row["prompt"] for row in rows], rows) if rows else ([], [])
+    indices = [r for _, r in mine]
+    teacher_prompts, _ = builder([row["prompt"] for row in rows], rows, indices) if rows else ([], [])
     prompt_ids = tokenize_prompts(tokenizer, teacher_prompts, args.chat_template_kwargs)
     # Longest first: similar lengths share a batch (less padding), and a memory problem shows up at once
     order = sorted(range(len(mine)), key=lambda i: -len(prompt_ids[i]))
@@ -299,4 +329,11 @@ def load_teacher_pool(path: str):
             f"The teacher pool at {path} is unfinished (its build was interrupted). Rerun the same build command to "
             "finish it: it resumes with the rows that have no samples yet."
         )
-    return load_from_disk(os.path.join(path, "data")), stamp
+    data = os.path.join(path, "data")
+    try:
+        dataset = load_from_disk(data)
+    except Exception as err:  # a truncated arrow file, a half-written state.json: pyarrow or datasets errors
+        raise _damaged(data, err, _REBUILD) from err
+    if stamp.get("rows") is not None and len(dataset) != stamp["rows"]:
+        raise _damaged(data, ValueError(f"{len(dataset)} rows, its stamp says {stamp['rows']}"), _REBUILD)
+    return dataset, stamp

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import time
 from collections import Counter
@@ -19,7 +21,8 @@ class TeacherPool:
 
     The i-th visit of a prompt group takes samples `(i·G_T + j) mod K` for its j-th teacher row, so every sample is
     used once before any is reused. Visits are counted per process (the rows of a prompt group sit on one process
-    when the per-device batch holds whole groups); they restart from 0 when a run is resumed from a checkpoint.
+    when the per-device batch holds whole groups), saved with each checkpoint and restored on resume (`pool.state`),
+    so that a resumed run takes the samples an uninterrupted one would.
     """
 
     def __init__(self, path: str, stride: int = 1):
@@ -114,6 +117,27 @@ def rows_visited(trainer, dataset) -> list[int]:
     return list(seen)
 
 
+def pool_keys_hold(trainer, dataset, column: str) -> list[bool]:
+    """For each row of `dataset`, whether the trainer's pool holds samples for it."""
+    pool = trainer._teacher_pool
+    return [pool.has(row_key(p, c)) for p, c in zip(dataset["prompt"], dataset[column], strict=True)]
+
+
+@contextlib.contextmanager
+def _quiet_coverage_warning():
+    """Drop the trainer's "no samples for N of the M rows" warning, which a pool of the visited rows always earns."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "has no samples for" not in str(record.msg)
+
+    trainer_logger = logging.getLogger("pbsd_trl.trainer")
+    trainer_logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        trainer_logger.removeFilter(keep)
+
+
 def use_default_pool(trainer, dataset, pool_root: str | None = None, say=print) -> str | None:
     """The example scripts' choice: draw the base teacher's samples for the rows the run visits into a pool first.
 
@@ -149,12 +173,17 @@ def use_default_pool(trainer, dataset, pool_root: str | None = None, say=print) 
     start = time.perf_counter()
     pool = build_teacher_pool(teacher, trainer._tokenizer, subset, path, args, num_samples)
     seconds = time.perf_counter() - start
-    trainer.use_teacher_pool(path)
+    with _quiet_coverage_warning():  # the rows without samples are the ones the run never visits: said below
+        trainer.use_teacher_pool(path)
+    column = args.privileged_context_column
+    covered = sum(pool_keys_hold(trainer, dataset, column))
+    run = f"the run's {args.max_steps} steps" if args.max_steps and args.max_steps > 0 else "the run"
     say(
-        f"[pbsd] Teacher samples: from a pool of K={num_samples} base-teacher samples for the {len(pool)} training "
-        f"prompts the run visits, drawn in {seconds:.0f} s into {path} (reused when the same command is rerun). "
-        "Training takes them from it instead of sampling and rescoring the teacher in every step: the default CPU job "
-        "runs in 0.91x the time with the build, a rerun saves the build too (benchmarks/results/default_job_pool.md). "
-        "`--auto_teacher_pool false` samples the teacher in every step."
+        f"[pbsd] Teacher samples: K={num_samples} base-teacher samples for each of the {len(pool)} distinct prompts "
+        f"{run} visit, drawn in {seconds:.0f} s into {path} ({covered} of the "
+        f"{len(dataset)} rows of train_dataset hold one of these prompts; the other {len(dataset) - covered} are "
+        "not visited, so no step samples the teacher online). Training takes its teacher samples from this pool "
+        "instead of sampling and rescoring the teacher in every step; rerunning the same command reuses it. "
+        "`--auto_teacher_pool false` samples the teacher in every step instead."
     )
     return path

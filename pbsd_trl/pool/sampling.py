@@ -31,8 +31,9 @@ def tokenize_prompts(tokenizer, prompts: list, chat_template_kwargs: dict | None
     return [list(ids) for ids in tokenizer(text=prompts)["input_ids"]]
 
 
-def teacher_prompt_builder(tokenizer, args):
-    """The trainer's [`TeacherPromptBuilder`] for `args`, tokenizing as GRPOTrainer does."""
+def teacher_prompt_builder(tokenizer, args, position_limit: tuple[int, str] | None = None):
+    """The trainer's [`TeacherPromptBuilder`] for `args`, tokenizing as GRPOTrainer does; `position_limit` as the
+    trainer's ([`teacher_position_limit`])."""
     from ..teacher import TeacherPromptBuilder
 
     kwargs = args.chat_template_kwargs or {}
@@ -44,6 +45,7 @@ def teacher_prompt_builder(tokenizer, args):
         count_tokens=lambda prompts: [len(ids) for ids in tokenize_prompts(tokenizer, prompts, kwargs)],
         encode=lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],
         decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=False),
+        position_limit=position_limit,
     )
 
 

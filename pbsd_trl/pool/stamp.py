@@ -11,11 +11,14 @@ import torch
 
 
 POOL_STAMP_FILE = "pbsd_pool.json"
-POOL_FORMAT = 1
+POOL_FORMAT = 2
 # Stamp fields that decide the teacher's sampling distribution and scoring: a pool must agree on all of them
 CHECKED_FIELDS = (
     "format",
     "teacher_weights",
+    "model_config",
+    "dtype",
+    "mixed_precision",
     "tokenizer",
     "teacher_prompt_template",
     "privileged_context_column",
@@ -65,13 +68,54 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
         parts = name.split(".")
         if adapters and any(part in adapters for part in parts):
             continue
-        if "inv_freq" in name:  # RoPE buffers are derived from the config, and vary with the device they sit on
+        if "inv_freq" in name:  # RoPE buffers vary with their device; the config they derive from is fingerprinted
             continue
         with _gathered([tensor] if isinstance(tensor, torch.nn.Parameter) else []):
             data = tensor.detach().to("cpu").contiguous()
             digest.update(f"{_canonical_name(name)}|{data.dtype}|{tuple(data.shape)}|".encode())
             digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
     return digest.hexdigest()
+
+
+# Config entries that name, route or describe outputs without changing a log-prob (`dtype` is a stamp field of its own)
+_CONFIG_KEYS_IGNORED = frozenset(
+    {
+        "_name_or_path", "_commit_hash", "transformers_version", "architectures", "dtype", "torch_dtype",
+        "use_cache", "pad_token_id", "bos_token_id", "eos_token_id", "output_attentions", "output_hidden_states",
+        "return_dict", "torchscript", "id2label", "label2id", "problem_type", "tokenizer_class",
+        "task_specific_params", "_attn_implementation", "_attn_implementation_autoset", "attn_implementation",
+        "chunk_size_feed_forward", "_experts_implementation", "initializer_range", "attention_dropout",
+    }
+)  # fmt: skip
+
+
+def _base_of(model):
+    model = getattr(model, "module", model)  # DDP/DeepSpeed wrapper
+    return model.get_base_model() if hasattr(model, "peft_config") else model
+
+
+def _config_entries(value):
+    if isinstance(value, dict):
+        return {k: _config_entries(v) for k, v in sorted(value.items()) if k not in _CONFIG_KEYS_IGNORED}
+    return [_config_entries(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def model_config_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 of the teacher's model configuration: everything in it that changes the log-probs of the same weights
+    (RoPE base and scaling, which set the rotary buffers the weights fingerprint skips, norm epsilon, attention
+    windows, layer types, …)."""
+    entries = _config_entries(_base_of(model).config.to_dict())
+    return hashlib.sha256(json.dumps(entries, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def weights_dtype(model: torch.nn.Module) -> str:
+    """The dtype the teacher's weights are held in (that of its input embeddings)."""
+    return str(_base_of(model).get_input_embeddings().weight.dtype)
+
+
+def mixed_precision(args) -> str:
+    """The autocast precision the trainer computes in: `"bf16"`, `"fp16"` or `"no"`."""
+    return "bf16" if args.bf16 else "fp16" if getattr(args, "fp16", False) else "no"
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -115,6 +159,9 @@ def pool_stamp(teacher_model, tokenizer, args, eos_ids: Sequence[int] | None = N
     return {
         "format": POOL_FORMAT,
         "teacher_weights": weights_fingerprint(teacher_model),
+        "model_config": model_config_fingerprint(teacher_model),
+        "dtype": weights_dtype(teacher_model),
+        "mixed_precision": mixed_precision(args),
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "teacher_prompt_template": args.teacher_prompt_template,
         "privileged_context_column": args.privileged_context_column,
@@ -135,7 +182,11 @@ def stamp_mismatches(found: dict, expected: dict) -> list[str]:
                 if a.get(key) != b.get(key):
                     problems.append(f"sampling.{key}: pool {a.get(key)!r}, this run {b.get(key)!r}")
         elif found.get(name) != expected.get(name):
-            what = {"teacher_weights": " (the teacher weights differ)", "tokenizer": " (the tokenizer differs)"}
+            what = {
+                "teacher_weights": " (the teacher weights differ)",
+                "model_config": " (the model configuration differs, e.g. RoPE scaling: other log-probs)",
+                "tokenizer": " (the tokenizer differs)",
+            }
             problems.append(
                 f"{name}{what.get(name, '')}: pool {found.get(name)!r:.80}, this run {expected.get(name)!r:.80}"
             )

@@ -29,6 +29,14 @@ def guard_reward_funcs(reward_funcs: list[Any], failures: list[Exception] | None
     return [_guard(func, name, failures) for func, name in zip(reward_funcs, names, strict=True)]
 
 
+def guard_environment_rewards(
+    reward_funcs: list[Any], names: list[str], failures: list[Exception] | None = None
+) -> list[Any]:
+    """GRPO's reward sources made of environments' `get_reward` (named after the environment class), guarded like
+    reward functions: an error names `<Environment>.get_reward` and, with `failures`, reaches every process."""
+    return [_guard(func, f"{name}.get_reward", failures) for func, name in zip(reward_funcs, names, strict=True)]
+
+
 def _guard(func: Any, name: str, failures: list[Exception] | None) -> Any:
     if isinstance(func, (str, torch.nn.Module)):
         return func
