@@ -111,18 +111,7 @@ def shared_prefix_token_logps(
     # right padding: a completion's length is one past its last attended position
     positions = torch.arange(1, completion_mask.size(1) + 1, device=completion_mask.device)
     lengths = (completion_mask.bool() * positions).amax(1)
-    max_rows = max_rows or rows.numel()
-    # Chunks of whole prompt groups, at most `max_rows` completion rows each (a group larger than that goes alone)
-    order = torch.argsort(inverse, stable=True)
-    chunks, current, count = [], [], 0
-    for u in range(unique.size(0)):
-        members = order[inverse[order] == u]
-        if current and count + members.numel() > max_rows:
-            chunks.append(current)
-            current, count = [], 0
-        current.append((u, members))
-        count += members.numel()
-    chunks.append(current)
+    chunks = _prompt_group_chunks(inverse, unique.size(0), max_rows or rows.numel())
     if autocast is None:
         autocast = functools.partial(torch.autocast, prompt_ids.device.type, enabled=False)
     for chunk in chunks:
@@ -170,6 +159,22 @@ def shared_prefix_token_logps(
                 )
             out[index, : labels.size(1)] = logps.float().to(out.device)
     return out
+
+
+def _prompt_group_chunks(inverse: torch.Tensor, num_prompts: int, max_rows: int) -> list[list]:
+    """`[(prompt, member rows)]` chunks of whole prompt groups, at most `max_rows` completion rows each (a group
+    larger than that goes alone)."""
+    order = torch.argsort(inverse, stable=True)
+    chunks, current, count = [], [], 0
+    for u in range(num_prompts):
+        members = order[inverse[order] == u]
+        if current and count + members.numel() > max_rows:
+            chunks.append(current)
+            current, count = [], 0
+        current.append((u, members))
+        count += members.numel()
+    chunks.append(current)
+    return chunks
 
 
 # ---- generation ---------------------------------------------------------------------------------------------------

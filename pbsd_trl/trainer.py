@@ -20,7 +20,6 @@ from .grpo_features import GRPOLossFeatures
 from .logprobs import (
     add_pbsd_logprob_head,
     concat_prompt_completion,
-    pad_token_lists,
     record_sampled_token_logps,
     reset_forward_patches,
     right_pad_to,
@@ -48,6 +47,7 @@ from .teacher import (
     check_prompt,
     teacher_position_limit,
 )
+from .teacher_batch import TeacherBatch, TeacherDraw, TeacherRows
 from .teacher_model import TEACHER_ADAPTER_NAME, TEACHER_STATE_FILE, TeacherEMACallback, TeacherWeights
 
 
@@ -721,7 +721,6 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
     # ---- generation and scoring ---------------------------------------------------------------------------------
     def _generate_and_score_completions(self, inputs):
         mode = "train" if self.model.training else "eval"
-        device = self.accelerator.device
         args = self.args
         # Build (and validate) the teacher prompts before any generation, so bad rows fail fast
         if self.environment_factories is not None:  # an environment may own the prompt (GRPO's default)
@@ -729,188 +728,170 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
         else:
             prompts = self.teacher_prompts.prompts(inputs)
         teacher_prompts, truncated = self.teacher_prompts(prompts, inputs)
-
-        num_rows = len(inputs)
         group_size = self.num_generations if mode == "train" else self.num_generations_eval
         teacher_group_size = group_size if args.pairing == "matched" else min(args.num_teacher_generations, group_size)
-        rank = self.accelerator.process_index
-        row_index = torch.arange(rank * num_rows, (rank + 1) * num_rows, device=device)
-        has_teacher = (row_index % group_size) < teacher_group_size
-        teacher_rows = has_teacher.nonzero().flatten().tolist()
-        if not teacher_rows:
-            raise ValueError(
-                f"This process holds no row that carries a teacher sample ({num_rows} rows, groups of {group_size}, "
-                f"{teacher_group_size} teacher samples per group): make each process's batch hold whole prompt groups."
-            )
+        rows = TeacherRows.of_batch(
+            len(inputs), group_size, teacher_group_size, self.accelerator.process_index, self.accelerator.device
+        )
         from_pool = self._pool_serves(inputs)
-        self._one_pass = None if from_pool else self._plan_one_pass([teacher_prompts[i] for i in teacher_rows])
+        self._one_pass = None if from_pool else self._plan_one_pass([teacher_prompts[i] for i in rows.rows])
         one_pass = self._one_pass
 
         output = super()._generate_and_score_completions(inputs)
-        student_rewards_global = self._last_rewards_per_func
+        student_rewards = self._last_rewards_per_func
         if self.environment_factories is not None:
             # The teacher prompt wraps the prompt the student saw, the environment's observation included
             prompts = self._student_prompts_seen(prompts)
             teacher_prompts, truncated = self.teacher_prompts(prompts, inputs)
-
-        pool_logps = None
-        if from_pool:
-            # Teacher samples drawn ahead of time by the base teacher, with their teacher log-probs
-            sampled_ids, teacher_completions, pool_logps = self._teacher_samples_from_pool(
-                inputs, teacher_prompts, teacher_rows, row_index, group_size
-            )
-            rollout_prompt_ids, tool_mask_rows, extra = None, None, {}
-            with self._isolated_reward_logs():
-                teacher_rewards_global = self._calculate_rewards(
-                    self._teacher_reward_rows(inputs, teacher_rows, extra),
-                    [prompts[i] for i in teacher_rows],  # rewards judge the answer to the student's question
-                    teacher_completions,
-                    sampled_ids,
-                )
+        draw = self._draw_teacher_samples(inputs, prompts, teacher_prompts, rows, from_pool, mode)
+        batch = self._pad_teacher_batch(output, teacher_prompts, rows, draw)
+        self._score_teacher_batch(output, batch, rows, draw, one_pass, mode)
+        student_rewards, teacher_rewards = self._row_rewards(student_rewards, draw.rewards, rows)
+        table = self._pair_table_of(output, batch, rows, student_rewards, teacher_rewards)
+        if args.pairing == "matched":  # a matched pair stays in its row: the rows carry it to the loss
+            output.update({f"pbsd_pair_{k}": v for k, v in table.matched_row_values(rows.row_index).items()})
         else:
-            # Teacher samples through GRPO's own generation path (HF generate, vLLM colocate/server), tool/environment
-            # loop and rollout_func included, on the teacher rows' slice of the per-row rollout state; with one
-            # generation pass they were drawn in the student's call and this call only decodes and logs them
+            self._pair_table[mode] = table
+        output.update(
+            batch.outputs(),
+            pbsd_labels=preference_labels(
+                teacher_rewards if teacher_rewards is not None else rows.has_teacher.float(),
+                student_rewards,
+                args.pair_labels,
+                args.tie_policy,
+            ),
+            pbsd_has_teacher=rows.has_teacher,
+            pbsd_row_index=rows.row_index,
+            pbsd_num_pairs=table.pairs.weight.sum().float(),
+        )
+        student_scored, teacher_scored = self._score_masks(output)
+        self._log_generation_metrics(
+            mode,
+            rows.has_teacher,
+            table,
+            teacher_rewards,
+            student_rewards,
+            teacher_scored.sum(1),
+            student_scored.sum(1),
+        )
+        truncated = torch.tensor(truncated, dtype=torch.float32, device=rows.row_index.device)
+        self._metrics[mode]["pbsd/context_truncated_frac"].append(self._global_mean(truncated))
+        self._logs["extra"]["teacher_completion"].extend(gather_object(rows.scatter(draw.completions)))
+        return output
+
+    def _draw_teacher_samples(self, inputs, prompts, teacher_prompts, rows, from_pool, mode) -> TeacherDraw:
+        """The teacher's samples for its rows and their rewards: from the pool, or through GRPO's own generation path
+        (HF generate, vLLM colocate/server), tool/environment loop and rollout_func included, on the teacher rows'
+        slice of the per-row rollout state; with one generation pass they were drawn in the student's call and this
+        call only decodes and logs them."""
+        teacher_rows = rows.rows
+        if from_pool:  # drawn ahead of time by the base teacher, with their teacher log-probs
+            ids, completions, pool_logps = self._teacher_samples_from_pool(
+                inputs, teacher_prompts, teacher_rows, rows.row_index, rows.group_size
+            )
+            draw = {"ids": ids, "completions": completions, "pool_logps": pool_logps}
+            extra = {}
+        else:
             self._reset_teacher_environments(inputs, teacher_rows, prompts)
             with self._teacher_rows_state(teacher_rows):
                 try:
                     with self._teacher_generation_metrics(mode), self._teacher_sampling_weights():
-                        rollout_prompt_ids, sampled_ids, tool_mask_rows, teacher_completions, _, extra, *_ = (
-                            self._generate([teacher_prompts[i] for i in teacher_rows])
+                        rollout_prompt_ids, ids, tool_mask_rows, completions, _, extra, *_ = self._generate(
+                            [teacher_prompts[i] for i in teacher_rows]
                         )
                 finally:
                     self._one_pass = None
-                with self._isolated_reward_logs():
-                    teacher_rewards_global = self._calculate_rewards(
-                        self._teacher_reward_rows(inputs, teacher_rows, extra),
-                        [prompts[i] for i in teacher_rows],  # rewards judge the answer to the student's question
-                        teacher_completions,
-                        sampled_ids,
-                    )
+            draw = {"ids": ids, "completions": completions}
+            draw.update(rollout_prompt_ids=rollout_prompt_ids, tool_mask_rows=tool_mask_rows)
+        with self._isolated_reward_logs():
+            rewards = self._calculate_rewards(
+                self._teacher_reward_rows(inputs, teacher_rows, extra),
+                [prompts[i] for i in teacher_rows],  # rewards judge the answer to the student's question
+                draw["completions"],
+                draw["ids"],
+            )
+        return TeacherDraw(rewards=rewards, **draw)
 
-        # Per-row teacher tensors; rows without a teacher sample get an empty completion
-        teacher_completion_lists = [[] for _ in range(num_rows)]
-        for i, ids in zip(teacher_rows, sampled_ids, strict=True):
-            teacher_completion_lists[i] = ids
-        pad_id, multiple = self._tokenizer.pad_token_id, self.pad_to_multiple_of
+    def _pad_teacher_batch(self, output, teacher_prompts, rows, draw) -> TeacherBatch:
+        """Per-row teacher tensors; rows without a teacher sample get an empty completion."""
+        pad_id = self._tokenizer.pad_token_id
         # A rollout_func tokenizes its own prompts (every row has a teacher rollout then)
-        teacher_prompt_lists = (
-            rollout_prompt_ids if self.rollout_func is not None else self._tokenize_prompts(teacher_prompts)[0]
+        prompt_lists = (
+            draw.rollout_prompt_ids if self.rollout_func is not None else self._tokenize_prompts(teacher_prompts)[0]
         )
-        teacher_prompt_ids, teacher_prompt_mask = pad_token_lists(
-            teacher_prompt_lists, pad_id, "left", device, multiple
+        end_ids = [*self.eos_token_ids, pad_id] if self.mask_truncated_completions else None
+        device = rows.row_index.device
+        batch = TeacherBatch.pad(
+            prompt_lists, rows.scatter(draw.ids, list), pad_id, device, self.pad_to_multiple_of, end_ids
         )
-        teacher_completion_ids, teacher_completion_mask = pad_token_lists(
-            teacher_completion_lists, pad_id, "right", device, multiple
-        )
-        if tool_mask_rows is not None:
+        if draw.tool_mask_rows is not None:
             output["teacher_tool_mask"] = self._pad_tool_mask(
-                tool_mask_rows, num_rows, teacher_rows, device, teacher_completion_ids.size(1)
+                draw.tool_mask_rows, rows.num_rows, rows.rows, device, batch.completion_ids.size(1)
             )
-        if self.mask_truncated_completions:
-            ends = [*self.eos_token_ids, pad_id]
-            clipped = torch.tensor(
-                [bool(ids) and ids[-1] not in ends for ids in teacher_completion_lists], device=device
-            )
-            teacher_completion_mask = teacher_completion_mask * (~clipped).unsqueeze(1).int()
-        student_scored, teacher_scored = self._score_masks(
-            {**output, "teacher_completion_mask": teacher_completion_mask}
-        )
+        return batch
 
-        # Teacher log-probs of both sample sets, from the teacher prompt and weights (no gradient)
+    def _score_teacher_batch(self, output, batch, rows, draw, one_pass, mode) -> None:
+        """Teacher log-probs of both sample sets, from the teacher prompt and weights (no gradient), into `batch`."""
+        args = self.args
+        student_scored, teacher_scored = self._score_masks(
+            {**output, "teacher_completion_mask": batch.completion_mask}
+        )
         batch_size = args.per_device_train_batch_size if mode == "train" else args.per_device_eval_batch_size
         with torch.no_grad(), disable_gradient_checkpointing(self.model, args.gradient_checkpointing_kwargs):
             with self.teacher.active():
                 scorer = self.teacher.scoring_model(self.model)
                 sets = [(output["completion_ids"], output["completion_mask"], student_scored)]
-                generation_logps = self._teacher_logps_of_generation(one_pass, teacher_rows, sampled_ids, num_rows)
-                if pool_logps is None and generation_logps is None:
-                    sets.append((teacher_completion_ids, teacher_completion_mask, teacher_scored))
-                teacher_logps_student, *rest = self._teacher_sequence_logps(
-                    scorer, teacher_prompt_ids, teacher_prompt_mask, sets, batch_size
+                generation_logps = self._teacher_logps_of_generation(one_pass, rows.rows, draw.ids, rows.num_rows)
+                if draw.pool_logps is None and generation_logps is None:
+                    sets.append((batch.completion_ids, batch.completion_mask, teacher_scored))
+                batch.logps_student_samples, *rest = self._teacher_sequence_logps(
+                    scorer, batch.prompt_ids, batch.prompt_mask, sets, batch_size
                 )
-                if rest:
-                    teacher_logps_teacher = rest[0]
-                elif generation_logps is not None:
-                    # the teacher's log-probs of its own samples, recorded while it sampled them in the one pass
-                    width = teacher_scored.size(1)
-                    teacher_logps_teacher = (right_pad_to(generation_logps, width, 0)[:, :width] * teacher_scored).sum(
-                        -1
-                    )
-                else:
-                    teacher_logps_teacher = torch.zeros(num_rows, device=device)
-                    teacher_logps_teacher[teacher_rows] = torch.tensor(pool_logps, device=device)
-                    # a completion masked out (truncated, with `mask_truncated_completions`) scores 0, as online
-                    teacher_logps_teacher = teacher_logps_teacher * teacher_completion_mask.any(1)
-
-        # Rewards per row (weighted over reward functions), local slices of the gathered tables
-        student_rewards = self._weighted_rewards(student_rewards_global)
-        teacher_rewards = self._weighted_rewards(teacher_rewards_global)
-        if student_rewards is not None:
-            student_rewards = student_rewards[rank * num_rows : (rank + 1) * num_rows]
-            n_teacher = len(teacher_rows)
-            teacher_rewards_rows = torch.full((num_rows,), torch.nan, device=device)
-            teacher_rewards_rows[teacher_rows] = teacher_rewards[rank * n_teacher : (rank + 1) * n_teacher]
+        if rest:
+            batch.logps_teacher_samples = rest[0]
+        elif generation_logps is not None:
+            # the teacher's log-probs of its own samples, recorded while it sampled them in the one pass
+            width = teacher_scored.size(1)
+            batch.logps_teacher_samples = (right_pad_to(generation_logps, width, 0)[:, :width] * teacher_scored).sum(
+                -1
+            )
         else:
-            teacher_rewards_rows = None
+            logps = torch.zeros(rows.num_rows, device=rows.row_index.device)
+            logps[rows.rows] = torch.tensor(draw.pool_logps, device=logps.device)
+            # a completion masked out (truncated, with `mask_truncated_completions`) scores 0, as online
+            batch.logps_teacher_samples = logps * batch.completion_mask.any(1)
 
-        labels = preference_labels(
-            teacher_rewards_rows if teacher_rewards_rows is not None else has_teacher.float(),
-            student_rewards,
-            args.pair_labels,
-            args.tie_policy,
-        )
-        teacher_lengths = teacher_scored.sum(1)
-        student_lengths = student_scored.sum(1)
+    def _row_rewards(self, student_rewards, teacher_rewards, rows):
+        """This process's `(n,)` student and teacher rewards (weighted over reward functions; NaN on rows without a
+        teacher sample), from GRPO's gathered tables; `(None, None)` without reward functions."""
+        student_rewards = self._weighted_rewards(student_rewards)
+        teacher_rewards = self._weighted_rewards(teacher_rewards)
+        if student_rewards is None:
+            return None, None
+        rank, num_rows, n_teacher = self.accelerator.process_index, rows.num_rows, len(rows.rows)
+        teacher_rows = torch.full((num_rows,), torch.nan, device=rows.row_index.device)
+        teacher_rows[rows.rows] = teacher_rewards[rank * n_teacher : (rank + 1) * n_teacher]
+        return student_rewards[rank * num_rows : (rank + 1) * num_rows], teacher_rows
 
+    def _pair_table_of(self, output, batch, rows, student_rewards, teacher_rewards) -> PairTable:
+        """The generation batch's samples (gathered over processes) and their pairs ([`make_pairs`]); for pairings
+        across rows, every sample's log-ratio too."""
+        args = self.args
         samples = Samples.of_rows(
-            gather(row_index // group_size),
-            gather(has_teacher),
+            gather(rows.row_index // rows.group_size),
+            gather(rows.has_teacher),
             None if student_rewards is None else gather(student_rewards),
-            None if teacher_rewards_rows is None else gather(teacher_rewards_rows),
+            None if teacher_rewards is None else gather(teacher_rewards),
             hashes=(
                 gather(sequence_hashes(output["completion_ids"], output["completion_mask"])),
-                gather(sequence_hashes(teacher_completion_ids, teacher_completion_mask)),
+                gather(sequence_hashes(batch.completion_ids, batch.completion_mask)),
             ),
         )
         pairs = make_pairs(
             samples, args.pairing, args.pair_labels, args.tie_policy, args.reward_temperature, args.teacher_weighting
         )
-        partner_log_ratios = None
-        if args.pairing != "matched":
-            partner_log_ratios = self._partner_log_ratios(
-                output, teacher_completion_ids, teacher_completion_mask, teacher_logps_teacher, teacher_logps_student
-            )
-        table = PairTable(samples, pairs, partner_log_ratios)
-        if args.pairing == "matched":  # a matched pair stays in its row: the rows carry it to the loss
-            matched = table.matched_row_values(row_index)
-            output.update({f"pbsd_pair_{name}": value for name, value in matched.items()})
-        else:
-            self._pair_table[mode] = table
-        num_pairs = pairs.weight.sum()
-
-        output.update(
-            teacher_prompt_ids=teacher_prompt_ids,
-            teacher_prompt_mask=teacher_prompt_mask,
-            teacher_completion_ids=teacher_completion_ids,
-            teacher_completion_mask=teacher_completion_mask,
-            teacher_logps_teacher_samples=teacher_logps_teacher,
-            teacher_logps_student_samples=teacher_logps_student,
-            pbsd_labels=labels,
-            pbsd_has_teacher=has_teacher,
-            pbsd_row_index=row_index,
-            pbsd_num_pairs=num_pairs.float(),
-        )
-        self._log_generation_metrics(
-            mode, has_teacher, pairs, samples, teacher_rewards_rows, student_rewards, teacher_lengths, student_lengths
-        )
-        truncated = torch.tensor(truncated, dtype=torch.float32, device=device)
-        self._metrics[mode]["pbsd/context_truncated_frac"].append(self._global_mean(truncated))
-        completions_for_table = [None] * num_rows
-        for i, completion in zip(teacher_rows, teacher_completions, strict=True):
-            completions_for_table[i] = completion
-        self._logs["extra"]["teacher_completion"].extend(gather_object(completions_for_table))
-        return output
+        log_ratios = None if args.pairing == "matched" else self._partner_log_ratios(output, batch)
+        return PairTable(samples, pairs, log_ratios)
 
     def _teacher_sequence_logps(self, scorer, prompt_ids, prompt_mask, completion_sets, batch_size=None):
         """Teacher log-prob sums of several `(ids, mask, score_mask)` completion sets given the same teacher prompts
@@ -981,9 +962,7 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
             chunks.append(logps[:, -completion_ids.size(1) :])
         return torch.cat(chunks).float()
 
-    def _partner_log_ratios(
-        self, output, teacher_completion_ids, teacher_completion_mask, teacher_logps_teacher, teacher_logps_student
-    ) -> torch.Tensor:
+    def _partner_log_ratios(self, output, batch) -> torch.Tensor:
         """Every sample's log-ratio `ρ`, detached and gathered (`(2N,)`, the [`Samples`] order), for pairings across
         rows.
 
@@ -993,26 +972,23 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
         each process differentiates its own samples against them, which gives the exact gradient of the global loss.
         """
         student_scored, teacher_scored = self._score_masks(
-            {**output, "teacher_completion_mask": teacher_completion_mask}
+            {**output, "teacher_completion_mask": batch.completion_mask}
         )
-        batch_size = (
-            self.args.per_device_train_batch_size if self.model.training else self.args.per_device_eval_batch_size
+        args = self.args
+        batch_size = args.per_device_train_batch_size if self.model.training else args.per_device_eval_batch_size
+        sets = (
+            (output["completion_ids"], output["completion_mask"], student_scored, batch.logps_student_samples),
+            (batch.completion_ids, batch.completion_mask, teacher_scored, batch.logps_teacher_samples),
         )
-        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
-            student_on_teacher, student_on_student = (
-                self._sequence_logps(
+        log_ratios = []
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, args.gradient_checkpointing_kwargs):
+            for ids, mask, scored, teacher_logps in sets:
+                policy_logps = self._sequence_logps(
                     self.model, output["prompt_ids"], output["prompt_mask"], ids, mask, batch_size, score_mask=scored
                 )
-                for ids, mask, scored in (
-                    (teacher_completion_ids, teacher_completion_mask, teacher_scored),
-                    (output["completion_ids"], output["completion_mask"], student_scored),
-                )
-            )
-        lengths_t = teacher_scored.sum(1) if self.args.length_normalize else None
-        lengths_s = student_scored.sum(1) if self.args.length_normalize else None
-        student = gather(implicit_log_ratios(student_on_student, teacher_logps_student, lengths_s))
-        teacher = gather(implicit_log_ratios(student_on_teacher, teacher_logps_teacher, lengths_t))
-        return torch.cat([student, teacher])
+                lengths = scored.sum(1) if args.length_normalize else None
+                log_ratios.append(gather(implicit_log_ratios(policy_logps, teacher_logps, lengths)))
+        return torch.cat(log_ratios)
 
     def _global_mean(self, values, mask=None):
         """Mean of `values` over `mask` (default: all) and every process, NaN entries left out; NaN when empty."""
@@ -1024,7 +1000,7 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
         return total / count if count else float("nan")
 
     def _log_generation_metrics(
-        self, mode, has_teacher, pairs, samples, teacher_rewards, student_rewards, teacher_lengths, student_lengths
+        self, mode, has_teacher, table, teacher_rewards, student_rewards, teacher_lengths, student_lengths
     ):
         metrics = self._metrics[mode]
         global_mean = self._global_mean
@@ -1037,7 +1013,8 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
             flipped = student_rewards > torch.nan_to_num(teacher_rewards, nan=-float("inf"))
             metrics["pbsd/flipped_frac"].append(global_mean(flipped.float(), has_teacher))
         if self.args.pair_labels != "role":  # the pair table is global already: no reduction
-            mixed = samples.is_teacher[pairs.first] & ~samples.is_teacher[pairs.second]
+            pairs, is_teacher = table.pairs, table.samples.is_teacher
+            mixed = is_teacher[pairs.first] & ~is_teacher[pairs.second]
             kept = pairs.weight > 0
             flipped = (pairs.target < 0.5) & kept & mixed
             metrics["pbsd/label_flipped_frac"].append((flipped.sum() / mixed.sum().clamp(min=1)).item())

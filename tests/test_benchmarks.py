@@ -99,16 +99,114 @@ def test_tuned_splits_are_disjoint_halves(task):
 
 def test_tuned_grids_have_equal_size():
     lt = _learning_tuned()
-    sizes = {m: len(lt.tuning_grid(m)) for m in lt.METHODS}
-    assert set(sizes.values()) == {len(lt.LEARNING_RATES) * 2} and min(sizes.values()) >= 4, sizes
-    for m in lt.METHODS:
-        knob = lt.KNOBS[m][0]
-        grid = lt.tuning_grid(m)
-        assert len({(c["learning_rate"], c[knob]) for c in grid}) == len(grid), m  # no duplicate configuration
+    for task in lt.TASK_NAMES:
+        sizes = {m: len(lt.tuning_grid(m, task)) for m in lt.METHODS}
+        assert set(sizes.values()) == {len(lt.LEARNING_RATES) * 2} and min(sizes.values()) >= 4, sizes
+        for m in lt.METHODS:
+            knob = lt.KNOBS[m][0]
+            grid = lt.tuning_grid(m, task)
+            assert len({(c["learning_rate"], c[knob]) for c in grid}) == len(grid), m  # no duplicate configuration
+    # every PBSD variant is a method of its own, with β as its knob on the task's own scale
+    assert set(lt.PBSD_METHODS) == {"PBSD", "PBSD-soft", "PBSD-reward", "PBSD-tilted"} <= set(lt.METHODS)
+    assert lt.parse_args([]).methods == list(lt.METHODS)
+    for m in lt.PBSD_METHODS:
+        assert lt.knob_values(m, "math") == ("pbsd_beta", (0.05, 0.1))
+        assert lt.knob_values(m, "tool_use") == ("pbsd_beta", (0.3, 0.5))
     ablation = lt.ablation_config(
         {"learning_rate": 1e-4, "pbsd_beta": 0.1}, lt.ABLATIONS["length-normalized (β x 40)"]
     )
     assert ablation == {"learning_rate": 1e-4, "pbsd_beta": 4.0, "length_normalize": True}
+    assert set(lt.DIAGNOSTIC_ARMS) <= set(lt.ABLATIONS)
+    assert {lt.ABLATIONS[a]["pbsd_loss_type"] for a in lt.DIAGNOSTIC_ARMS} == {
+        "teacher_sft",
+        "constant_student_weight",
+    }
+
+
+@pytest.mark.parametrize("task", ["math", "tool_use"])
+def test_tuned_every_pbsd_configuration_is_a_valid_config(task, tmp_path):
+    """Each PBSD method's grid and each ablation on the headline build a `PBSDConfig` (its checks pass)."""
+    lt = _learning_tuned()
+    settings = lt.task_settings(lt.parse_args(["--output_dir", str(tmp_path)]), task)
+    for m in lt.PBSD_METHODS:
+        for config in lt.tuning_grid(m, task):
+            args = lt.trainer_args(task, m, config, settings, 0, str(tmp_path))
+            assert type(args).__name__ == "PBSDConfig" and args.pbsd_beta == config["pbsd_beta"]
+            for field, value in lt.METHOD_FIXED[m].items():
+                assert getattr(args, field) == value, (m, field)
+    headline = lt.tuning_grid("PBSD", task)[0]
+    for name, overrides in lt.ABLATIONS.items():
+        args = lt.trainer_args(task, "PBSD", lt.ablation_config(headline, overrides), settings, 0, str(tmp_path))
+        assert args.pair_labels in ("role", "reward"), name
+    assert lt.trainer_args(task, "GRPO", lt.tuning_grid("GRPO", task)[0], settings, 0, str(tmp_path)).beta == 0.0
+
+
+def test_tuned_pbsd_variants_are_treated_alike():
+    lt = _learning_tuned()
+    settings = {"prompts_per_step": 8, "num_generations": 8}
+    for m in lt.PBSD_METHODS:
+        assert lt.is_pbsd(m) and lt.teacher_samples_per_step(m, {}, settings) == 64
+    assert lt.teacher_samples_per_step("PBSD", {"num_teacher_generations": 2}, settings) == 16
+    assert not lt.is_pbsd("GRPO") and lt.teacher_samples_per_step("GRPO", {}, settings) == 0
+    # costs: a variant without stored runs of its own borrows PBSD's, plus the partner pass of union pairing
+    costs = {("math", "PBSD"): {"seconds_per_step": 2.0, "tokens_per_step": 5000, "eval_seconds_per_100": 9.0}}
+    assert lt.step_costs("math", "PBSD", {}, costs)[:3] == (2.0, 5000, 9.0)
+    assert lt.step_costs("math", "PBSD-tilted", {}, costs)[0] == 2.0
+    assert lt.step_costs("math", "PBSD-soft", {}, costs)[0] == pytest.approx(2.0 * lt.PARTNER_PASS_COST)
+    default = lt.DEFAULT_COSTS["PBSD"]["seconds_per_step"]
+    assert lt.step_costs("tool_use", "PBSD-reward", {}, costs)[0] == pytest.approx(default * lt.PARTNER_PASS_COST)
+    assert lt.step_costs("math", "PBSD", {"num_teacher_generations": 2}, costs)[1] == pytest.approx(5000 * 10 / 16)
+    # verdicts: every PBSD method against the non-PBSD peers, a variant also against the paper's PBSD
+    assert lt.verdict_peers("PBSD", lt.METHODS) == ["GRPO", "OPSD", "SDFT"]
+    assert lt.verdict_peers("PBSD-soft", lt.METHODS) == ["GRPO", "OPSD", "SDFT", "PBSD"]
+    assert all(m in lt.DESCRIPTIONS and m in lt.COLORS and m in lt.METHOD_FIXED for m in lt.METHODS)
+
+
+def test_tuned_long_stage_length_and_step_grid(tmp_path):
+    lt = _learning_tuned()
+    args = lt.parse_args(["--output_dir", str(tmp_path)])
+    assert (args.long_steps, args.long_factor, args.long_seeds) == (300, 6.0, [0, 1])
+    assert lt.long_steps(args, 40) == 300 and lt.long_steps(args, 61) == 366
+    ctx = lt._PlanContext("math", args)
+    spec = lt.long_spec(ctx, args, "PBSD-soft", {"learning_rate": 1e-4, "pbsd_beta": 0.05}, 1, 61)
+    assert spec["stop"] == spec["budgets"] == {"steps": 366} and spec["eval_every_steps"] == 37
+    assert spec["split"] == "test" and spec["seed"] == 1
+    # the stored runs' keys are those of specifications without `eval_every_steps`
+    test = lt.test_spec(ctx, args, "PBSD", {"learning_rate": 1e-4, "pbsd_beta": 0.05}, 0)
+    assert "eval_every_steps" not in test and lt.PROTOCOL_VERSION == 1
+    # the length follows the headline-selected configuration's first test seed at the token budget
+    config = {"learning_rate": 1e-4}
+    run = {"seed": 0, "points": [{"step": 5}, {"step": 9}], "marks": {"tokens": 1}}
+    task_out = {"selected": {"GRPO": {"time": (config, 0.5)}}, "test": {"GRPO": [{"config": config, "runs": [run]}]}}
+    assert lt.tokens_budget_steps(task_out, "GRPO", 0) == 9 and lt.tokens_budget_steps(task_out, "GRPO", 1) is None
+
+    # the step grid evaluates every `eval_every_steps` and at the `steps` mark
+    evaluated = []
+
+    class State:
+        global_step = 0
+
+    callback = lt.BudgetCounter(
+        teacher_per_step=0,
+        student_per_step=8,
+        budgets={"steps": 7},
+        stop={"steps": 7},
+        eval_every_tokens=None,
+        eval_every_steps=3,
+        evaluate=lambda m: (
+            evaluated.append(State.global_step) or {"avg_at_k": 0.1, "pass_at_k": 0.2, "mean_completion_tokens": 5.0}
+        ),
+        clock=lt.Clock("wall"),
+    )
+
+    class Control:
+        should_training_stop = False
+
+    control = Control()
+    for step in range(1, 8):
+        State.global_step = step
+        callback.on_log(None, State, control, logs={"completions/mean_length": 5.0})
+    assert evaluated == [3, 6, 7] and control.should_training_stop and callback.marks == {"steps": 2}
 
 
 def test_tuned_run_cache_keys_and_resume(tmp_path):
@@ -268,10 +366,86 @@ def test_tuned_plan_estimates_every_stage(tmp_path):
     lt = _learning_tuned()
     text = lt.plan(lt.parse_args(["--output_dir", str(tmp_path)]), tmp_path / "empty-cache")
     for task in ("math", "tool_use"):
-        assert f"| {task} | tuning (validation, seed 0) | 16 |" in text
-        assert f"| {task} | PBSD ablations | 12 |" in text
+        assert f"| {task} | tuning (validation, seed 0; 7 methods) | 28 |" in text
+        assert f"| {task} | test (3 seeds; 1-3 configurations per method) | 21-63 |" in text
+        assert f"| {task} | PBSD ablations (2 of them diagnostic arms) | 18 |" in text
         assert f"| {task} | PBSD with a teacher pool (time budget) | 3 |" in text
+        assert f"| {task} | long horizon (seeds [0, 1]; steps: GRPO " in text
+    # DEFAULT_COSTS: 2660 tokens per step, 53 steps to 140k tokens, 6 x 53 = 318 > 300
+    assert "GRPO 318" in text and "PBSD-tilted 300" in text
+    assert "pbsd_beta` in [0.05, 0.1]" in text and "pbsd_beta` in [0.3, 0.5]" in text
     assert "DEFAULT_COSTS" in text and "sessions of 170 minutes" in text
+    assert lt.planned_run_count(lt.parse_args([])) == 2 * (28 + 7 * (3 + 2) + 18 + 3)
+
+
+def _fake_run(lt, seed, score, steps=40, history=True):
+    """A stored test run's shape: points at steps 10, 20, .., `steps`, every budget marked at the last point."""
+    points = [
+        {"step": st, "tokens": 1000.0 * st, "train_seconds": 2.0 * st, "avg_at_8": score + 0.001 * st / steps}
+        for st in range(10, steps + 1, 10)
+    ]
+    run = {"seed": seed, "points": points, "marks": {b: len(points) - 1 for b in lt.BUDGETS}, "steps": steps}
+    if history:
+        keys = ("pbsd/identical_frac", "pbsd/tie_frac", "pbsd/preference_accuracy", "pbsd/weight_reward_corr")
+        run["history"] = {"step": list(range(1, steps + 1)), **{k: [0.1] * steps for k in keys}}
+    return run
+
+
+def _fake_task(lt, task, methods):
+    base = [{"seed": s, "avg_at_8": 0.1} for s in (0, 1, 2)]
+    out = {"task": task, "model_path": "m", "base": base, "teacher": {"avg_at_8": 0.6}, "tuning": {}, "selected": {}}
+    out.update(test={}, ablations={}, pooled=None, long={})
+    for i, m in enumerate(methods):
+        config = lt.tuning_grid(m, task)[0]
+        out["selected"][m] = dict.fromkeys(lt.BUDGETS, (config, 0.3))
+        out["tuning"][m] = [{"config": config, "val": dict.fromkeys(lt.BUDGETS, 0.3), "steps": 40}]
+        out["test"][m] = [
+            {"config": config, "runs": [_fake_run(lt, s, 0.3 + 0.01 * i + 0.002 * s) for s in (0, 1, 2)]}
+        ]
+        out["long"][m] = {"config": config, "steps": 300, "runs": [_fake_run(lt, s, 0.4, steps=300) for s in (0, 1)]}
+    out["headline_pbsd"] = out["selected"]["PBSD"]["time"][0]
+    scores = {"SFT on teacher samples only": 0.3 + 0.03, "student-sample weight constant": 0.9}
+    for name, score in scores.items():  # the first arm as PBSD (index 3 of METHODS), the second far off
+        out["ablations"][name] = {"config": {}, "runs": [_fake_run(lt, s, score + 0.002 * s) for s in (0, 1, 2)]}
+    return out
+
+
+def test_tuned_report_covers_every_stage(tmp_path):
+    """The report and the PNGs from a synthetic payload: every method, the arms, the long stage, the summary."""
+    lt = _learning_tuned()
+    args = lt.parse_args(["--output_dir", str(tmp_path)])
+    config = {k: v for k, v in vars(args).items() if k not in ("output_dir", "plan")}
+    payload = {
+        "command": "python benchmarks/learning_tuned.py",
+        "started": "now",
+        "machine": {"cpu": "test"},
+        "config": config,
+        "tasks": [_fake_task(lt, t, lt.METHODS) for t in lt.TASK_NAMES],
+        "executed": 0,
+        "errors": [],
+        "total_seconds": 1.0,
+        "partial": None,
+    }
+    plots = lt.plot(payload, tmp_path, "learning")
+    lt.write_report(tmp_path / "learning.md", payload, plots)
+    md = (tmp_path / "learning.md").read_text()
+    for t in lt.TASK_NAMES:
+        assert f"### {t}: long horizon" in md and f"### {t}: training diagnostics (long-horizon runs" in md
+    assert md.count("**PBSD-role behaves as SFT on teacher samples here.**") == 2
+    assert md.count("- student-sample weight constant: PBSD-role") == 2 and "outside seed spread" in md
+    assert "  - `PBSD-soft`: learning_rate in [0.0001, 0.0003] x `pbsd_beta` in [0.05, 0.1]" in md
+    assert "  - `PBSD-soft`: learning_rate in [0.0001, 0.0003] x `pbsd_beta` in [0.3, 0.5]" in md
+    assert "| math | PBSD-reward | vs GRPO " in md and "| PBSD-tilted | PBSD |" in md
+    # the pair metrics: one column each, start → end of the runs
+    header = next(line for line in md.splitlines() if line.startswith("| method | seeds | "))
+    assert all(f" {c} |" in header for c in ("pref. acc.", "identical", "ties", "w–r corr."))
+    assert "| PBSD-reward | 3 | 0.100 → 0.100 | 0.100 → 0.100 |" in md and "| GRPO | 2 | 0.100 → 0.100 |" in md
+    # long horizon: best 0.401 (end), end − best 0 for every method and seed
+    assert "| PBSD-soft | learning_rate=0.0001, pbsd_beta=0.05 | 300 | 2 | 0.401 ± 0.000 | 0.401 ± 0.000 |" in md
+    pytest.importorskip("matplotlib")
+    for name in ("learning_math.png", "learning_long_math.png", "learning_long_tool_use.png", "learning_summary.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert "![summary](learning_summary.png)" in md
 
 
 @pytest.mark.slow
@@ -284,7 +458,7 @@ def test_learning_tuned_quick_resumes_from_cache(tmp_path):
     )
     assert payload["executed"] > 0 and not payload["errors"] and payload["partial"] is None
     (task,) = payload["tasks"]
-    assert set(task["selected"]) == {"GRPO", "OPSD", "SDFT", "PBSD"}
+    assert set(task["selected"]) == {"GRPO", "OPSD", "SDFT", "PBSD", "PBSD-soft", "PBSD-reward", "PBSD-tilted"}
     for method in task["selected"]:
         for budget in ("tokens", "time", "steps"):
             assert (
@@ -294,14 +468,23 @@ def test_learning_tuned_quick_resumes_from_cache(tmp_path):
         for entry in task["test"][method]:
             assert [r["seed"] for r in entry["runs"]] == [0, 1]
             assert all(set(r["marks"]) == {"tokens", "time", "steps"} for r in entry["runs"])
-    assert task["ablations"] and all(len(e["runs"]) == 2 for e in task["ablations"].values())
+    assert set(task["ablations"]) == {"SFT on teacher samples only", "student-sample weight constant"}
+    assert all(len(e["runs"]) == 2 for e in task["ablations"].values())
+    assert "- SFT on teacher samples only: PBSD-role" in md
+    # the long horizon: every method's time-selected configuration, 2 seeds, evaluated on a step grid to its end
+    assert set(task["long"]) == set(task["selected"])
+    for entry in task["long"].values():
+        assert [r["seed"] for r in entry["runs"]] == [0, 1]
+        assert all(r["points"][-1]["step"] == entry["steps"] == r["steps"] for r in entry["runs"])
+    assert "### math: long horizon" in md
     # PBSD at the time budget with a teacher pool, built inside the run for the rows of the online run's steps
     pooled = task["pooled"]["runs"]
     assert [r["seed"] for r in pooled] == [0, 1] and all(set(r["marks"]) == {"time"} for r in pooled)
     assert all(r["teacher_pool"]["rows"] > 0 and 0 < r["teacher_pool"]["seconds"] < r["train_seconds"] for r in pooled)
     assert "| PBSD, teacher pool |" in md
     pytest.importorskip("matplotlib")
-    assert (tmp_path / "learning_math.png").stat().st_size > 0
+    for name in ("learning_math.png", "learning_long_math.png", "learning_summary.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
     # A second invocation finds every run on disk
     run_quick("learning_tuned.py", "--output_dir", tmp_path, "--tasks", "math", timeout=600)
     assert json.loads((tmp_path / "learning.json").read_text())["executed"] == 0

@@ -30,7 +30,7 @@ sys.path.insert(0, SCRIPTS)
 from launch import LAUNCH_TIMEOUT, accelerate_launch, failure_report, launch_env  # noqa: E402
 
 
-CONFIGS = ["lora:base", "lora:ema", "full:base", "full:ema", "full:ema:all"]
+CONFIGS = ["lora:base", "lora:ema", "full:base", "full:ema", "full:ema:all", "full:base:union"]
 BACKENDS = {
     # name: (accelerate config, model variant suffix of the specs)
     "ddp": ("examples/accelerate_configs/multi_gpu.yaml", ""),

@@ -246,14 +246,8 @@ class FusedLogProbGapFunction(torch.autograd.Function):
         compute_dtype = _compute_dtype(student_hidden.dtype, device)
         dtype = log_z.dtype
 
-        # Upstream gradient of each scored token: its own, plus its sequence's gap gradient
-        g = torch.zeros(n_valid, device=device, dtype=dtype)
-        if grad_student_logps is not None:
-            g += grad_student_logps.reshape(-1)[valid]
-        if grad_gap is not None:
-            g += grad_gap[torch.div(valid, T, rounding_mode="floor")]
         # d loss / d raw logits = c * (onehot - p) * (1 - tanh²), c = g * slope; the tiles hold E = |c| * p * (1 - tanh²)
-        c = g.mul_(slope)
+        c = _upstream_token_grad(grad_student_logps, grad_gap, valid, T, dtype).mul_(slope)
         shift = log_z - c.abs().log()  # c = 0 gives +inf, hence E = 0 for that row
         neg_sign = -c.sign()
 
@@ -294,20 +288,7 @@ class FusedLogProbGapFunction(torch.autograd.Function):
                 tile = _logits_tile(
                     tile_buf[: (r1 - r0) * (v1 - v0)].view(r1 - r0, v1 - v0), rows[r0:r1], w, scaled_bias, inv_t
                 )
-                if post is None:
-                    tile.sub_(shift[r0:r1].unsqueeze(1))
-                    if low_buf is None:
-                        e = tile.exp_()
-                    else:
-                        e = torch.exp(tile, out=low_buf[: tile.numel()].view(tile.shape))
-                else:
-                    t = tile.tanh_()
-                    e = low_buf[: tile.numel()].view(tile.shape)
-                    if e.dtype == t.dtype:
-                        torch.mul(t, post, out=e).sub_(shift[r0:r1].unsqueeze(1)).exp_()
-                    else:  # exponentiate in fp32, round once
-                        torch.exp(t.mul(post).sub_(shift[r0:r1].unsqueeze(1)), out=e)
-                    e.mul_(t.square_().neg_().add_(1))
+                e = _scaled_probabilities(tile, shift[r0:r1], post, low_buf)
                 if grad_rows is not None:
                     _addmm_acc(grad_rows[r0:r1], e, w)
                 if grad_weight is not None:
@@ -329,6 +310,33 @@ class FusedLogProbGapFunction(torch.autograd.Function):
             grad_hidden.index_copy_(0, valid, grad_rows.to(student_hidden.dtype))
             grad_hidden = grad_hidden.view(B, T, H)
         return grad_hidden, None, grad_weight, grad_bias, None, None, None, None, None, None, None
+
+
+def _upstream_token_grad(grad_student_logps, grad_gap, valid, seq_len, dtype) -> torch.Tensor:
+    """Upstream gradient of each scored token: its own, plus its sequence's gap gradient."""
+    g = torch.zeros(valid.numel(), device=valid.device, dtype=dtype)
+    if grad_student_logps is not None:
+        g += grad_student_logps.reshape(-1)[valid]
+    if grad_gap is not None:
+        g += grad_gap[torch.div(valid, seq_len, rounding_mode="floor")]
+    return g
+
+
+def _scaled_probabilities(tile, shift, post, low_buf):
+    """`E = exp(z - shift)` of a tile of raw logits (times `1 - tanh²` with a logit cap), in place where it can be;
+    `shift = log Z - log|c|` folds each row's upstream scale into the softmax."""
+    if post is None:
+        tile.sub_(shift.unsqueeze(1))
+        if low_buf is None:
+            return tile.exp_()
+        return torch.exp(tile, out=low_buf[: tile.numel()].view(tile.shape))
+    t = tile.tanh_()
+    e = low_buf[: tile.numel()].view(tile.shape)
+    if e.dtype == t.dtype:
+        torch.mul(t, post, out=e).sub_(shift.unsqueeze(1)).exp_()
+    else:  # exponentiate in fp32, round once
+        torch.exp(t.mul(post).sub_(shift.unsqueeze(1)), out=e)
+    return e.mul_(t.square_().neg_().add_(1))
 
 
 def _check_inputs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, name: str) -> None:

@@ -44,10 +44,15 @@ def main():
     results = {}
     for spec in cli.configs:
         # student:kind[:option...], options: `tied` (the tied-embedding model), `all` (pairing="all", G_T=2 < G_S,
-        # reward labels: pairs straddle processes through the global pair table)
+        # reward labels: pairs straddle processes through the global pair table), `union` (every two samples of a
+        # prompt, soft reward labels, through the same table)
         student, kind, *options = spec.split(":")
         model_dir = cli.tied_model_dir if "tied" in options else cli.model_dir
-        pairing = dict(pairing="all", num_teacher_generations=2, pair_labels="reward") if "all" in options else {}
+        pairing = {}
+        if "all" in options:
+            pairing = dict(pairing="all", num_teacher_generations=2, pair_labels="reward")
+        if "union" in options:
+            pairing = dict(pairing="union", num_teacher_generations=2, pair_labels="soft", reward_temperature=0.1)
         start = time.time()
         rewards = [failing_reward_on(cli.fail_rank)] if cli.fail_rank is not None else None
         trainer = build_trainer(
