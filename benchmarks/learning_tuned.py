@@ -1065,11 +1065,11 @@ def run_long_stage(ctx, args, runner, progress, out: dict) -> None:
 
 
 def planned_run_count(args) -> int:
-    per_task = sum(len(tuning_grid(m, t, args.learning_rates)) for m in args.methods for t in args.tasks)
+    tuning = sum(len(tuning_grid(m, t, args.learning_rates)) for m in args.methods for t in args.tasks)
     per_method = len(args.seeds) + len(args.long_seeds)  # at least one selected configuration per method
     headline = HEADLINE_PBSD in args.methods
     per_pbsd = len(args.ablations) * len(args.seeds) + (len(args.seeds) if args.pooled else 0)
-    return per_task + len(args.tasks) * (len(args.methods) * per_method + (per_pbsd if headline else 0))
+    return tuning + len(args.tasks) * (len(args.methods) * per_method + (per_pbsd if headline else 0))
 
 
 class _PlanContext:
@@ -1684,8 +1684,9 @@ def diagnostics_lines(task_out: dict, a: dict) -> list[str]:
     return lines
 
 
-def _band(ax, curves: list[list[tuple]], color: str, label: str, ls: str = "-") -> None:
-    """Mean ± std over `curves` (lists of (x, y), cut to the shortest) with x the mean over curves."""
+def _band(ax, curves: list[list[tuple]], color: str, label: str | None, ls: str = "-") -> None:
+    """Mean ± std over `curves` (lists of (x, y), cut to the shortest) with x the mean over curves; `label` None:
+    no legend entry."""
     import numpy as np
 
     n = min((len(c) for c in curves), default=0)
@@ -1694,7 +1695,7 @@ def _band(ax, curves: list[list[tuple]], color: str, label: str, ls: str = "-") 
     x = np.mean([[p[0] for p in c[:n]] for c in curves], axis=0)
     y = np.array([[p[1] for p in c[:n]] for c in curves], dtype=float)
     mu, sd = y.mean(0), (y.std(0, ddof=1) if len(y) > 1 else np.zeros(n))
-    ax.plot(x, mu, marker="o", ms=3, color=color, ls=ls, label=f"{label} (n={len(y)})")
+    ax.plot(x, mu, marker="o", ms=3, color=color, ls=ls, label=None if label is None else f"{label} (n={len(y)})")
     ax.fill_between(x, mu - sd, mu + sd, color=color, alpha=0.15)
 
 
@@ -1803,13 +1804,15 @@ def plot_summary(plt, payload: dict):
         for m in a["methods"]:
             _band(ax, _curves(test_result(task_out, m, HEADLINE_BUDGET)[1], "train_seconds", base), COLORS[m], m)
             long = (task_out.get("long", {}).get(m) or {}).get("runs", [])
-            _band(ax, _curves(long, "train_seconds", base), COLORS[m], f"{m} long", ls="--")
+            _band(ax, _curves(long, "train_seconds", base), COLORS[m], None, ls="--")
         ax.axvline(a["budget_seconds"], color="k", ls="--", lw=1, alpha=0.5)
         ax.set_xlabel(f"training seconds ({a['clock']})")
         ax.set_ylabel("test Avg@8")
-        ax.set_title(f"{task_out['task']}: {HEADLINE_BUDGET}-selected configurations", fontsize=10)
+        ax.set_title(
+            f"{task_out['task']}: {HEADLINE_BUDGET}-selected configurations (dashed: long horizon)", fontsize=10
+        )
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=7)
     fig.suptitle("test Avg@8 vs training time" + (" [quick]" if a["quick"] else ""), fontsize=10)
     return fig
 

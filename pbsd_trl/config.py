@@ -129,6 +129,10 @@ class PBSDConfig(GRPOConfig):
             `"sigmoid"`: the PBSD logistic loss. Two diagnostic arms, with `pair_labels="role"`, that tell what the
             loss does on a task: `"teacher_sft"` (SFT on the teacher samples: gradient `-β·∇log π_θ(y⁺|x)`) and
             `"constant_student_weight"` (the student sample's per-pair weight `σ(-m)` replaced by its batch mean).
+            `"kl_regularized_pg"` optimizes the objective `E[r] - β·KL(π‖π_T)` directly, as a comparison: a policy
+            gradient over the student samples with the reward `r - β·log(π_θ/π_T)` and the prompt's mean as baseline
+            (needs `pairing="union"` and a reward source; `pair_labels` is unused, and the teacher samples are only
+            scored and logged, so `num_teacher_generations=1` keeps their cost down).
         length_normalize (`bool`, *optional*, defaults to `False`):
             Divide each sequence log-ratio by its completion length (SimPO/IPO-style) instead of using the sum.
         label_smoothing (`float`, *optional*, defaults to `0.0`):
@@ -174,9 +178,9 @@ class PBSDConfig(GRPOConfig):
             their teacher log-probs. Training steps then take `num_teacher_generations` samples per prompt from it
             (unused ones first on later visits) instead of generating and rescoring them; everything else is computed
             as without it. Needs `teacher_model_kind="base"` and `teacher_samples_from="teacher"`; a pool drawn from
-            other weights, another tokenizer, teacher prompt or sampling settings is refused at construction, naming
-            the difference. Student samples can then come from vLLM while the teacher stays the exact `base` teacher.
-            Evaluation rows missing from the pool get online teacher samples.
+            other weights, model configuration or precision, another tokenizer, teacher prompt or sampling settings is
+            refused at construction, naming the difference. Student samples can then come from vLLM while the teacher
+            stays the exact `base` teacher. Evaluation rows missing from the pool get online teacher samples.
         one_generation_pass (`bool`, *optional*, defaults to `True`):
             Draw the student and the teacher samples of a step in one `generate` call when they can share it: with
             the current weights (`teacher_model_kind="live"` or `teacher_samples_from="live"`), and for a PEFT
@@ -474,10 +478,14 @@ class PBSDConfig(GRPOConfig):
     @property
     def uses_rewards_in_loss(self) -> bool:
         """Whether the loss reads the rewards (they are only logged otherwise)."""
-        return self.pair_labels != "role" or self.teacher_weighting == "tilted"
+        return (
+            self.pair_labels != "role"
+            or self.teacher_weighting == "tilted"
+            or self.pbsd_loss_type == "kl_regularized_pg"
+        )
 
     def _check_loss_variant(self) -> None:
-        if self.pairing == "union" and self.pair_labels == "role":
+        if self.pairing == "union" and self.pair_labels == "role" and self.pbsd_loss_type != "kl_regularized_pg":
             raise ValueError(
                 "`pairing='union'` pairs every two samples of a prompt, two student samples included, which no role "
                 "orders: set `pair_labels='reward'` or `'soft'`, or use `pairing='matched'` / `'all'`."
@@ -487,7 +495,14 @@ class PBSDConfig(GRPOConfig):
                 "`teacher_weighting='tilted'` weights the teacher sample of role-labelled pairs; with "
                 f"`pair_labels={self.pair_labels!r}` the rewards already order the pairs. Use one or the other."
             )
-        if self.pbsd_loss_type != "sigmoid" and self.pair_labels != "role":
+        if self.pbsd_loss_type == "kl_regularized_pg":
+            if self.pairing != "union" or self.teacher_weighting != "uniform":
+                raise ValueError(
+                    "`pbsd_loss_type='kl_regularized_pg'` is a policy gradient over every two student samples of a "
+                    "prompt: set `pairing='union'` (its partner table) with `teacher_weighting='uniform'` (got "
+                    f"{self.pairing!r}, {self.teacher_weighting!r}); `pair_labels` is not used."
+                )
+        elif self.pbsd_loss_type != "sigmoid" and self.pair_labels != "role":
             raise ValueError(
                 f"`pbsd_loss_type={self.pbsd_loss_type!r}` is a diagnostic arm of the role-labelled loss (its teacher "
                 f"sample is always y⁺); set `pair_labels='role'` (got {self.pair_labels!r})."

@@ -42,6 +42,13 @@ Two diagnostic arms (`loss_type`, role targets) name what the logistic loss does
     constant_student_weight   gradient −β·[σ(−m_ab)·∇ρ_a − c̄·∇ρ_b], the student side's per-pair weight σ(−m)
                               replaced by its mean c̄ over the pairs (detached)
 
+and a third optimizes the objective J(π) = E_π[r] − β·KL(π‖π_T) directly, to tell the objective from its estimator:
+
+    kl_regularized_pg         every two student samples of a prompt, ℓ_ab = −sg(R_a − R_b)·(ρ_a − ρ_b) with
+                              R = r − β·ρ. Summed over a prompt's pairs, the gradient is −G·Σ_j (R_j − R̄)·∇log π_θ(y_j|x):
+                              a policy gradient with the KL-regularized reward R and the group mean as baseline
+                              (KL-regularized RL with the teacher as the reference)
+
 The gradient of the logistic loss, −β·(p̃ − σ(m))·(∇ρ_a − ∇ρ_b), raises the student's likelihood of the preferred
 sample, lowers that of the other, and vanishes once a pair is ordered as its target says.
 """
@@ -61,7 +68,7 @@ DROPPED_LABEL = 0.0  # the pair does not enter the loss
 PAIRINGS = ("matched", "all", "union")
 PAIR_LABELS = ("role", "reward", "soft")
 TEACHER_WEIGHTINGS = ("uniform", "tilted")
-LOSS_TYPES = ("sigmoid", "teacher_sft", "constant_student_weight")
+LOSS_TYPES = ("sigmoid", "teacher_sft", "constant_student_weight", "kl_regularized_pg")
 
 ACCURACY_TOLERANCE = 1e-4
 """A pair counts as ordered when its margin (in its target's direction) exceeds this: pool log-probs and online
@@ -165,16 +172,15 @@ class Pairs:
     second: torch.Tensor
     target: torch.Tensor
     weight: torch.Tensor
+    reward_gap: torch.Tensor | None = None  # r_first − r_second (NaN where either is unscored)
 
     def __len__(self) -> int:
         return self.first.numel()
 
-    def select(self, keep: torch.Tensor) -> Pairs:
-        return Pairs(self.first[keep], self.second[keep], self.target[keep], self.weight[keep])
 
-
-def candidate_pairs(samples: Samples, pairing: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(first, second)` indices of the pairs `pairing` forms; a teacher–student pair has its teacher sample first."""
+def candidate_pairs(samples: Samples, pairing: str, students_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(first, second)` indices of the pairs `pairing` forms; a teacher–student pair has its teacher sample first.
+    `students_only` keeps the pairs of two student samples."""
     num_rows = samples.num_rows
     device = samples.group.device
     if pairing == "matched":
@@ -189,6 +195,8 @@ def candidate_pairs(samples: Samples, pairing: str) -> tuple[torch.Tensor, torch
     else:  # each unordered pair once; teacher samples sit after student samples, so a mixed pair is (teacher, student)
         index = torch.arange(same.size(0), device=device)
         same &= index.unsqueeze(1) > index.unsqueeze(0)
+    if students_only:
+        same &= ~samples.is_teacher.unsqueeze(1) & ~samples.is_teacher.unsqueeze(0)
     first, second = same.nonzero().unbind(1)
     return first, second
 
@@ -254,16 +262,24 @@ def make_pairs(
     tie_policy: str = "role",
     temperature: float = 1.0,
     teacher_weighting: str = "uniform",
+    loss_type: str = "sigmoid",
 ) -> Pairs:
-    """The pairs of a batch, with their targets and weights (module docstring); dropped pairs keep weight `0`."""
-    first, second = candidate_pairs(samples, pairing)
+    """The pairs of a batch, with their targets and weights (module docstring); dropped pairs keep weight `0`.
+
+    `loss_type="kl_regularized_pg"` takes every two scored student samples of a prompt (its targets are unused)."""
+    policy_gradient = loss_type == "kl_regularized_pg"
+    first, second = candidate_pairs(samples, pairing, students_only=policy_gradient)
+    gap = samples.reward[first] - samples.reward[second]
+    if policy_gradient:  # the target only orients the pair statistics: by reward, a tie at 1/2
+        target = torch.where(gap > 0, 1.0, torch.where(gap < 0, 0.0, 0.5)).to(gap.dtype)
+        return Pairs(first, second, target, (~torch.isnan(gap)).to(gap.dtype), gap)
     target, kept = pair_targets(samples, first, second, pair_labels, tie_policy, temperature)
-    weight = kept.float()
+    weight = kept.to(gap.dtype)
     if teacher_weighting == "tilted":
         weight = weight * tilted_teacher_weights(samples, temperature)[first]
     elif teacher_weighting != "uniform":
         raise ValueError(f"Unknown teacher_weighting {teacher_weighting!r}; expected {list(TEACHER_WEIGHTINGS)}.")
-    return Pairs(first, second, target, weight)
+    return Pairs(first, second, target, weight, gap)
 
 
 def sequence_hashes(completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
@@ -346,6 +362,9 @@ def pair_losses(
         return logistic_preference_loss(margins, pairs.target, label_smoothing), margins
     if loss_type == "teacher_sft":
         return -beta * rho_first, margins
+    if loss_type == "kl_regularized_pg":
+        regularized_gap = torch.nan_to_num(pairs.reward_gap.to(margins.dtype), nan=0.0) - margins
+        return -regularized_gap.detach() * margins / beta, margins
     if loss_type == "constant_student_weight":
         weight = torch.sigmoid(-margins).detach()
         kept = pairs.weight > 0

@@ -106,6 +106,8 @@ def _with_row_index(dataset):
 
 def _reward_use(args) -> str:
     """What the loss does with the rewards, for the error that asks for them."""
+    if args.pbsd_loss_type == "kl_regularized_pg":
+        return "`pbsd_loss_type='kl_regularized_pg'` is a policy gradient on the reward"
     if args.pair_labels != "role":
         return f"`pair_labels={args.pair_labels!r}` orders pairs by reward"
     return "`teacher_weighting='tilted'` weights the teacher samples by reward"
@@ -888,7 +890,13 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
             ),
         )
         pairs = make_pairs(
-            samples, args.pairing, args.pair_labels, args.tie_policy, args.reward_temperature, args.teacher_weighting
+            samples,
+            args.pairing,
+            args.pair_labels,
+            args.tie_policy,
+            args.reward_temperature,
+            args.teacher_weighting,
+            args.pbsd_loss_type,
         )
         log_ratios = None if args.pairing == "matched" else self._partner_log_ratios(output, batch)
         return PairTable(samples, pairs, log_ratios)
@@ -1075,7 +1083,7 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
 
         self._log_loss_metrics(
             mode,
-            pair_statistics(margins, table.pairs, table.samples, share, rewards_decide=args.pair_labels != "role"),
+            pair_statistics(margins, table.pairs, table.samples, share, rewards_decide=args.uses_rewards_in_loss),
             teacher_log_ratios,
             student_log_ratios,
             inputs["pbsd_has_teacher"],
@@ -1127,6 +1135,8 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
         self._pair_table.clear()
         self._teacher_tokens_seen = 0
         self._step, self._buffered_inputs = 0, None
+        if self._teacher_pool is not None:  # a resume restores the checkpoint's counters
+            self._teacher_pool.visits.clear()
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _checkpoint_info(self) -> dict:

@@ -85,6 +85,7 @@ def test_unknown_choices(field, value):
         (dict(pairing="union", pair_labels="soft", num_iterations=2), "multiple"),
         (dict(teacher_weighting="tilted", pair_labels="soft"), "Use one or the other"),
         (dict(pbsd_loss_type="teacher_sft", pair_labels="reward"), "diagnostic arm"),
+        (dict(pbsd_loss_type="kl_regularized_pg"), "policy gradient over every two student samples"),
         (dict(pair_labels="soft", reward_temperature=0.0), "reward_temperature"),
         (dict(pair_labels="soft", reward_temperature=float("inf")), "reward_temperature"),
     ],
@@ -115,6 +116,7 @@ def test_grpo_loss_fields_warn_that_they_are_ignored():
         (dict(pair_labels="reward"), True),
         (dict(pairing="union", pair_labels="soft", num_teacher_generations=2), True),
         (dict(teacher_weighting="tilted", reward_temperature=0.5), True),
+        (dict(pairing="union", pbsd_loss_type="kl_regularized_pg", num_teacher_generations=1), True),
     ],
 )
 def test_reward_aware_variants_are_accepted_and_say_whether_the_loss_reads_rewards(kwargs, uses_rewards):

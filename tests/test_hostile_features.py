@@ -442,6 +442,28 @@ def test_a_tool_that_never_returns_goes_back_to_the_model_as_a_tool_error(tmp_pa
     assert (trainer._sync_tool_dicts, trainer._async_tool_dicts) == grpo_dicts  # GRPO's own dicts are untouched
 
 
+class ToolCallingTrainer(ScriptedAnswerTrainer):
+    """Every first turn calls `multiply(3, 4)`; a turn after a tool result answers `12`."""
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        tok = self._tokenizer
+        call = tok('<tool_call>\n{"name": "multiply", "arguments": {"a": 3, "b": 4}}\n</tool_call><|im_end|>')
+        answer = tok("12<|im_end|>")["input_ids"]
+        after_tool = tok.convert_tokens_to_ids("</tool_response>")
+        return [list(answer if after_tool in ids else call["input_ids"]) for ids in prompt_ids], None
+
+
+def test_training_with_a_tool_that_never_returns_goes_on(tmp_path, tool_setup, stuck_tools):
+    args = agent_args(tmp_path, tool_call_timeout=0.2, max_tool_calling_iterations=2, max_completion_length=256)
+    trainer = agent_trainer(tmp_path, tool_setup, answered_12, ToolCallingTrainer, args, tools=[stuck_tools[0]])
+    start = time.perf_counter()
+    trainer.train()
+    assert time.perf_counter() - start < 40  # 8 episodes of one call each; the tool blocks for 60 s
+    (log,) = [entry for entry in trainer.state.log_history if "tools/call_frequency" in entry]
+    assert log["tools/call_frequency"] == 1.0 and log["tools/failure_frequency"] == 1.0
+    assert log["pbsd/teacher_tools/failure_frequency"] == 1.0
+
+
 def test_a_timed_tool_passes_results_and_errors_through():
     from pbsd_trl.agent import _timed_tool
 

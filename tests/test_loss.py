@@ -46,6 +46,13 @@ def _reference_pairs(pairing, pair_labels, tie_policy, tau, weighting, has_teach
     teacher = [False] * n + [True] * n
     valid = [True] * n + list(has_teacher)
     reward = REWARD_S + REWARD_T
+    if pair_labels == "policy_gradient":  # every two scored student samples of a prompt
+        pairs = [(a, b) for a in range(n) for b in range(a) if group[a] == group[b]]
+        return [
+            (a, b, 0.5 if ra == rb else float(ra > rb), 1.0, ra - rb)
+            for a, b in pairs
+            if not math.isnan(ra := reward[a]) and not math.isnan(rb := reward[b])
+        ]
     if pairing == "matched":
         candidates = [(n + i, i) for i in range(n) if valid[n + i]]
     else:
@@ -93,14 +100,19 @@ def reference(pairing="matched", pair_labels="role", tie_policy="role", tau=1.0,
     policy, teacher_logps = POLICY_S + POLICY_T, TEACHER_S + TEACHER_T
     lengths = [max(n, 1) if normalize else 1 for n in LEN_S + LEN_T]
     rho = [(p - q) / n for p, q, n in zip(policy, teacher_logps, lengths, strict=True)]
-    pairs = _reference_pairs(pairing, pair_labels, tie_policy, tau, weighting, has_teacher)
-    total_weight = sum(w for *_, w in pairs)
+    labels = "policy_gradient" if loss_type == "kl_regularized_pg" else pair_labels
+    pairs = _reference_pairs(pairing, labels, tie_policy, tau, weighting, has_teacher)
+    total_weight = sum(pair[3] for pair in pairs)
     grad = [0.0] * len(policy)
     total = 0.0
     constant = sum(_sigmoid(-beta * (rho[a] - rho[b])) for a, b, *_ in pairs) / max(len(pairs), 1)
-    for a, b, p, w in pairs:
+    for a, b, p, w, *gap in pairs:
         m = beta * (rho[a] - rho[b])
-        if loss_type == "sigmoid":
+        if loss_type == "kl_regularized_pg":  # ℓ = −sg(Δr − m)·m/β
+            total += -w * (gap[0] - m) * m / beta
+            grad[a] += -w * (gap[0] - m) / lengths[a] / total_weight
+            grad[b] += w * (gap[0] - m) / lengths[b] / total_weight
+        elif loss_type == "sigmoid":
             q = (1 - eps) * p + eps * (1 - p)
             total += w * (-q * _log_sigmoid(m) - (1 - q) * _log_sigmoid(-m))
             dm = -q * _sigmoid(-m) + (1 - q) * _sigmoid(m)  # d/dm [-q log σ(m) - (1-q) log σ(-m)]
@@ -132,7 +144,7 @@ def _run(pairing="matched", pair_labels="role", tie_policy="role", tau=1.0, weig
     lengths = torch.tensor(LEN_S + LEN_T) if kw.get("length_normalize") else None
     rho = implicit_log_ratios(policy, torch.tensor(TEACHER_S + TEACHER_T, dtype=torch.float64), lengths)
     samples = _samples(kw.get("has_teacher"))
-    pairs = make_pairs(samples, pairing, pair_labels, tie_policy, tau, weighting)
+    pairs = make_pairs(samples, pairing, pair_labels, tie_policy, tau, weighting, kw.get("loss_type", "sigmoid"))
     loss, margins = pbsd_loss(
         rho, pairs, kw.get("beta", 0.5), kw.get("eps", 0.0), kw.get("loss_type", "sigmoid"), reduction="mean"
     )
@@ -148,7 +160,7 @@ def _run(pairing="matched", pair_labels="role", tie_policy="role", tau=1.0, weig
             strict=True,
         )
     )
-    expected = sorted(pair for pair in ref_pairs if pair[3] > 0)
+    expected = sorted(pair[:4] for pair in ref_pairs if pair[3] > 0)
     assert [pair[:2] for pair in got] == [pair[:2] for pair in expected]
     assert [v for pair in got for v in pair[2:]] == pytest.approx(
         [v for pair in expected for v in pair[2:]], rel=1e-12
@@ -187,7 +199,7 @@ def test_soft_reward_labels(pairing, tau):
 def test_tilted_teacher_weights(pairing, tau):
     _, _, pairs = _run(pairing, "role", tau=tau, weighting="tilted", has_teacher=[True, True, True, False] * 2)
     samples = _samples([True, True, True, False] * 2)
-    teacher_weights = {a: w for a, w in zip(pairs.first.tolist(), pairs.weight.tolist(), strict=True)}
+    teacher_weights = dict(zip(pairs.first.tolist(), pairs.weight.tolist(), strict=True))
     for group in (0, 1):  # self-normalized: the weights of a prompt's teacher samples average to 1
         members = [a for a in teacher_weights if samples.group[a] == group]
         assert sum(teacher_weights[a] for a in members) == pytest.approx(len(members))
@@ -343,3 +355,21 @@ def test_statistics_orient_margins_by_target_and_correlate_weights_with_reward_g
     expected = torch.corrcoef(torch.tensor([x, y], dtype=torch.float64))[0, 1].item()
     assert pearson_from_sums(sums, stats["corr_x"][1].item()) == pytest.approx(expected, rel=1e-4)
     assert math.isnan(pearson_from_sums({"x": 1, "y": 1, "xx": 1, "yy": 1, "xy": 1}, 1))
+
+
+def test_kl_regularized_policy_gradient():
+    """Pairs of student samples only; summed over a prompt's pairs the gradient of each ρ_j is −G·(R_j − R̄), with
+    R = r − β·ρ: a policy gradient on the KL-regularized reward with the group mean as baseline."""
+    _, _, pairs = _run("union", "reward", loss_type="kl_regularized_pg", beta=0.3, length_normalize=True)
+    samples = _samples()
+    assert not bool(samples.is_teacher[pairs.first].any() | samples.is_teacher[pairs.second].any())
+    beta = 0.3
+    rewards = torch.tensor([0.0, 1.0, 0.5, 0.25], dtype=torch.float64)  # one prompt, four student samples
+    samples = Samples.of_rows(torch.zeros(4, dtype=torch.long), torch.ones(4, dtype=torch.bool), rewards, rewards)
+    rho = torch.tensor([-1.0, 2.0, 0.5, -0.25, 0, 0, 0, 0], dtype=torch.float64, requires_grad=True)
+    pairs = make_pairs(samples, "union", "reward", loss_type="kl_regularized_pg")
+    loss, _ = pbsd_loss(rho, pairs, beta, loss_type="kl_regularized_pg", reduction="sum")
+    loss.backward()
+    regularized = rewards - beta * rho.detach()[:4]
+    assert rho.grad[:4].tolist() == pytest.approx((-4 * (regularized - regularized.mean())).tolist(), rel=1e-12)
+    assert rho.grad[4:].abs().sum() == 0  # the teacher samples take no part

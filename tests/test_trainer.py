@@ -317,6 +317,7 @@ def test_all_pairing_with_fewer_teacher_samples_matches_full_pair_loss_gradient(
         dict(pairing="union", pair_labels="soft", reward_temperature=0.5),
         dict(pairing="union", pair_labels="reward", tie_policy="role"),
         dict(pairing="all", pair_labels="role", teacher_weighting="tilted", reward_temperature=0.3),
+        dict(pairing="union", pair_labels="reward", pbsd_loss_type="kl_regularized_pg"),
     ],
 )
 def test_reward_aware_pairings_match_the_pair_loss_recomputed_from_scratch(tmp_path, tokenizer, dataset, variant):
@@ -354,6 +355,12 @@ def test_reward_aware_pairings_match_the_pair_loss_recomputed_from_scratch(tmp_p
         z = sum(math.exp(reward[k] / tau) for k in teachers)
         for a in members:
             for b in members:
+                if args.pbsd_loss_type == "kl_regularized_pg":
+                    if a > b and b < a < 8:  # two student samples: ℓ = −sg(R_a − R_b)·(ρ_a − ρ_b)
+                        gap = (reward[a] - reward[b]) - beta * (rho[a] - rho[b]).detach()
+                        terms.append(-gap * (rho[a] - rho[b]))
+                        weights.append(1.0)
+                    continue
                 if args.pairing == "union" and a > b:
                     gap = reward[a] - reward[b]
                     if args.pair_labels == "soft":

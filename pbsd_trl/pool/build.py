@@ -200,7 +200,6 @@ def build_teacher_pool(
                 "complete": False,
                 "backend": backend,
                 "seed": seed,
-                "bf16": bool(args.bf16),
                 "rows": None,
                 "created": (found or {}).get("created", time.strftime("%Y-%m-%dT%H:%M:%S")),
             },
