@@ -148,11 +148,19 @@ ABLATIONS = {
     },
     "SFT on teacher samples only": {"pbsd_loss_type": "teacher_sft"},
     "student-sample weight constant": {"pbsd_loss_type": "constant_student_weight"},
+    # the objective optimized directly (KL-regularized policy gradient, teacher as reference): tells the objective
+    # from its estimators
+    "KL-regularized policy gradient": {
+        "pbsd_loss_type": "kl_regularized_pg",
+        "pairing": "union",
+        "num_teacher_generations": 1,
+    },
 }
 # The loss's diagnostic arms among the ablations, and what PBSD within seed spread of the arm means
 DIAGNOSTIC_ARMS = {
     "SFT on teacher samples only": "PBSD-role behaves as SFT on teacher samples here",
     "student-sample weight constant": "PBSD-role's per-pair student weight σ(−m) makes no difference here",
+    "KL-regularized policy gradient": "PBSD-role learns as well as the objective optimized directly here",
 }
 DESCRIPTIONS = {
     "GRPO": "`trl.GRPOTrainer`, accuracy reward, `beta=0`",

@@ -120,6 +120,7 @@ def test_tuned_grids_have_equal_size():
     assert {lt.ABLATIONS[a]["pbsd_loss_type"] for a in lt.DIAGNOSTIC_ARMS} == {
         "teacher_sft",
         "constant_student_weight",
+        "kl_regularized_pg",
     }
 
 
@@ -368,14 +369,14 @@ def test_tuned_plan_estimates_every_stage(tmp_path):
     for task in ("math", "tool_use"):
         assert f"| {task} | tuning (validation, seed 0; 7 methods) | 28 |" in text
         assert f"| {task} | test (3 seeds; 1-3 configurations per method) | 21-63 |" in text
-        assert f"| {task} | PBSD ablations (2 of them diagnostic arms) | 18 |" in text
+        assert f"| {task} | PBSD ablations (3 of them diagnostic arms) | 21 |" in text
         assert f"| {task} | PBSD with a teacher pool (time budget) | 3 |" in text
         assert f"| {task} | long horizon (seeds [0, 1]; steps: GRPO " in text
     # DEFAULT_COSTS: 2660 tokens per step, 53 steps to 140k tokens, 6 x 53 = 318 > 300
     assert "GRPO 318" in text and "PBSD-tilted 300" in text
     assert "pbsd_beta` in [0.05, 0.1]" in text and "pbsd_beta` in [0.3, 0.5]" in text
     assert "DEFAULT_COSTS" in text and "sessions of 170 minutes" in text
-    assert lt.planned_run_count(lt.parse_args([])) == 2 * (28 + 7 * (3 + 2) + 18 + 3)
+    assert lt.planned_run_count(lt.parse_args([])) == 2 * (28 + 7 * (3 + 2) + 21 + 3)
 
 
 def _fake_run(lt, seed, score, steps=40, history=True):

@@ -103,6 +103,19 @@ def _merge_parts(output_dir: str):
     return merged
 
 
+def _distinct_rows(prompts, contexts, args) -> dict[str, int]:
+    """Key -> first row of each distinct (prompt, context), every row checked as the trainer checks it at
+    construction (before any sampling: a row the trainer would refuse is refused now)."""
+    from ..teacher import check_privileged_context, check_prompt
+
+    first_row: dict[str, int] = {}
+    for i, (prompt, context) in enumerate(zip(prompts, contexts, strict=True)):
+        check_prompt(prompt, i)
+        check_privileged_context(context, args.privileged_context_column, i, args.allow_empty_privileged_context)
+        first_row.setdefault(row_key(prompt, context), i)
+    return first_row
+
+
 def default_pool_batch_size(device, num_samples: int = 1) -> int:
     """Completions per generate call: 256, never fewer than the `num_samples` (K) completions of one row.
 
@@ -153,7 +166,7 @@ def build_teacher_pool(
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
-    from ..teacher import check_privileged_context, check_prompt, teacher_position_limit
+    from ..teacher import teacher_position_limit
 
     if getattr(args, "fp16", False):
         raise ValueError(
@@ -208,26 +221,21 @@ def build_teacher_pool(
     # Distinct (prompt, context) rows not yet drawn, split over processes
     column = args.privileged_context_column
     prompts, contexts = dataset["prompt"], dataset[column]
-    first_row: dict[str, int] = {}
-    for i, (prompt, context) in enumerate(zip(prompts, contexts, strict=True)):
-        check_prompt(prompt, i)
-        check_privileged_context(context, column, i, args.allow_empty_privileged_context)
-        first_row.setdefault(row_key(prompt, context), i)
+    first_row = _distinct_rows(prompts, contexts, args)
     state.wait_for_everyone()
     done = _done_keys(output_dir)
     todo = [(key, row) for key, row in first_row.items() if key not in done]
     mine = todo[state.process_index :: state.num_processes]
 
-    # The trainer's own length checks, before any sampling: a row it would refuse at construction is refused now.
-    # Every process checks every row, so that all of them stop (none waits for the others at the next barrier).
     config = (model.get_base_model() if hasattr(model, "peft_config") else model).config
     builder = teacher_prompt_builder(tokenizer, args, teacher_position_limit(config, args, backend == "vllm"))
+    as_rows = lambda pairs: [{"prompt": prompts[r], column: contexts[r]} for _, r in pairs]  # noqa: E731
+    # Every process checks every row, so that all of them stop (none waits for the others at the next barrier)
     for start in range(0, len(todo), 1024):
         chunk = todo[start : start + 1024]
-        builder.check_rows([{"prompt": prompts[r], column: contexts[r]} for _, r in chunk], [r for _, r in chunk])
-    rows = [{"prompt": prompts[r], column: contexts[r]} for _, r in mine]
-    indices = [r for _, r in mine]
-    teacher_prompts, _ = builder([row["prompt"] for row in rows], rows, indices) if rows else ([], [])
+        builder.check_rows(as_rows(chunk), [r for _, r in chunk])
+    rows = as_rows(mine)
+    teacher_prompts, _ = builder([row["prompt"] for row in rows], rows, [r for _, r in mine]) if rows else ([], [])
     prompt_ids = tokenize_prompts(tokenizer, teacher_prompts, args.chat_template_kwargs)
     # Longest first: similar lengths share a batch (less padding), and a memory problem shows up at once
     order = sorted(range(len(mine)), key=lambda i: -len(prompt_ids[i]))
