@@ -43,12 +43,18 @@ from .shared_prefix import shared_prefix_token_logps, shared_prompt_prefill, sup
 from .teacher import (
     ROW_INDEX_COLUMN,
     TeacherPromptBuilder,
-    check_privileged_context,
-    check_prompt,
     teacher_position_limit,
 )
 from .teacher_batch import TeacherBatch, TeacherDraw, TeacherRows
 from .teacher_model import TEACHER_ADAPTER_NAME, TEACHER_STATE_FILE, TeacherEMACallback, TeacherWeights
+from .trainer_checks import (
+    check_privileged_column,
+    check_teacher_prompts,
+    check_tokenizer,
+    check_trainer_arguments,
+    named_datasets,
+    reward_use,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -91,10 +97,6 @@ def _lora_row_scalings(model, adapter_names):
     return restore
 
 
-# Rows per chunk of the construction-time scans of map-style datasets
-_CHECK_CHUNK = 1024
-
-
 def _with_row_index(dataset):
     """An iterable dataset with each row's stream position in `ROW_INDEX_COLUMN`, for errors that name the row."""
     if isinstance(dataset, dict):
@@ -102,15 +104,6 @@ def _with_row_index(dataset):
     if isinstance(dataset, IterableDataset):
         return dataset.map(lambda row, index: {ROW_INDEX_COLUMN: index}, with_indices=True)
     return dataset
-
-
-def _reward_use(args) -> str:
-    """What the loss does with the rewards, for the error that asks for them."""
-    if args.pbsd_loss_type == "kl_regularized_pg":
-        return "`pbsd_loss_type='kl_regularized_pg'` is a policy gradient on the reward"
-    if args.pair_labels != "role":
-        return f"`pair_labels={args.pair_labels!r}` orders pairs by reward"
-    return "`teacher_weighting='tilted'` weights the teacher samples by reward"
 
 
 def _no_reward(prompts, completions, **kwargs):
@@ -168,25 +161,12 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
         if args is None:
             model_name = model if isinstance(model, str) else model.config._name_or_path
             args = PBSDConfig(f"{str(model_name).split('/')[-1] or 'model'}-PBSD")
-        elif not isinstance(args, PBSDConfig):
-            raise TypeError(
-                f"PBSDTrainer needs a `PBSDConfig`, got `{type(args).__name__}`. Replace `GRPOConfig(...)` with "
-                "`PBSDConfig(...)`: it takes the same arguments."
-            )
-        if rollout_func is not None and args.num_teacher_generations != args.num_generations:
-            raise ValueError(
-                "With `rollout_func`, every row needs a teacher rollout: the teacher prompt's tokens are the ones the "
-                f"rollout returns. Set `num_teacher_generations` ({args.num_teacher_generations}) to `num_generations` "
-                f"({args.num_generations})."
-            )
-
         reward_funcs = [] if reward_funcs is None else reward_funcs
         reward_funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
-        if args.uses_rewards_in_loss and not reward_funcs and environment_factory is None:
-            raise ValueError(f"{_reward_use(args)}: pass at least one reward function.")
-        self._check_tokenizer(processing_class)
-        for name, dataset in self._named_datasets(train_dataset, eval_dataset):
-            self._check_privileged_column(dataset, name, args, check_prompts=environment_factory is None)
+        check_trainer_arguments(args, reward_funcs, rollout_func, environment_factory)
+        check_tokenizer(processing_class)
+        for name, dataset in named_datasets(train_dataset, eval_dataset):
+            check_privileged_column(dataset, name, args, check_prompts=environment_factory is None)
 
         self._has_reward_funcs = bool(reward_funcs)
         reward_failures = []
@@ -224,7 +204,7 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
             self._has_reward_funcs = bool(self.reward_funcs)
             if args.uses_rewards_in_loss and not self._has_reward_funcs:
                 raise ValueError(
-                    f"{_reward_use(args)}: pass at least one reward function (or an environment with a "
+                    f"{reward_use(args)}: pass at least one reward function (or an environment with a "
                     "`get_reward` method)."
                 )
 
@@ -260,7 +240,7 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
             )
 
         tokenizer = self._tokenizer
-        self._check_tokenizer(tokenizer)
+        check_tokenizer(tokenizer)
         self.teacher_prompts = TeacherPromptBuilder(
             template=args.teacher_prompt_template,
             column=args.privileged_context_column,
@@ -272,7 +252,7 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
             # environments: tokenizing needs the batch's environments, which exist only once generation starts
             position_limit=self._teacher_position_limit() if self.environment_factories is None else None,
         )
-        for name, dataset in self._named_datasets(self.train_dataset, self.eval_dataset):
+        for name, dataset in named_datasets(self.train_dataset, self.eval_dataset):
             self._check_teacher_prompts(dataset, name)
         self._last_rewards_per_func = None
         self._pair_table = {}  # mode -> global per-row values that `pairing="all"` pairs against
@@ -292,7 +272,7 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
 
     def get_eval_dataloader(self, eval_dataset=None):
         if eval_dataset is not None and not isinstance(eval_dataset, str):  # a dataset given to `evaluate()`
-            self._check_privileged_column(
+            check_privileged_column(
                 eval_dataset, "eval_dataset", self.args, check_prompts=self.environment_factories is None
             )
             self._check_teacher_prompts(eval_dataset, "eval_dataset")
@@ -305,81 +285,18 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
             self.eval_dataset = datasets
 
     # ---- construction checks ------------------------------------------------------------------------------------
-    @staticmethod
-    def _named_datasets(train_dataset, eval_dataset):
-        if train_dataset is not None:
-            yield "train_dataset", train_dataset
-        if isinstance(eval_dataset, dict):
-            for key, dataset in eval_dataset.items():
-                yield f"eval_dataset[{key!r}]", dataset
-        elif eval_dataset is not None:
-            yield "eval_dataset", eval_dataset
-
-    @staticmethod
-    def _check_privileged_column(dataset, name: str, args: PBSDConfig, check_prompts: bool = True) -> None:
-        """Fail at construction, not at step 1, on a missing column or a row that cannot make a teacher prompt.
-
-        With `check_prompts=False` (an environment may own the prompt) only the privileged context is checked.
-        """
-        column = args.privileged_context_column
-        columns = getattr(dataset, "column_names", None)
-        if columns is None:  # an iterable dataset of unknown schema: rows are checked as they arrive
-            return
-        for needed in ("prompt", column) if check_prompts else (column,):
-            if needed not in columns:
-                raise ValueError(
-                    f"{name} has no {'privileged-context' if needed == column else 'prompt'} column '{needed}' "
-                    f"(columns: {columns}). PBSD's teacher is prompted with the prompt and the privileged context: "
-                    + (
-                        "add the column, or set `privileged_context_column` to the column that holds it."
-                        if needed == column
-                        else "add it (GRPO samples from it)."
-                    )
-                )
-        if isinstance(dataset, Dataset):
-            rows = dataset.select_columns(["prompt", column] if check_prompts else [column])
-            for start in range(0, len(rows), _CHECK_CHUNK):
-                chunk = rows[start : start + _CHECK_CHUNK]
-                prompts = chunk["prompt"] if check_prompts else [None] * len(chunk[column])
-                for row, (prompt, value) in enumerate(zip(prompts, chunk[column], strict=True), start=start):
-                    try:
-                        if check_prompts:
-                            check_prompt(prompt, row)
-                        check_privileged_context(value, column, row, args.allow_empty_privileged_context)
-                    except (TypeError, ValueError) as err:
-                        raise type(err)(f"{name}: {err}") from None
-
-    @staticmethod
-    def _check_tokenizer(processing_class) -> None:
-        """Padding needs a pad token or, as GRPO's fallback, an EOS token: without both a step would crash deep inside."""
-        tokenizer = getattr(processing_class, "tokenizer", processing_class)
-        if tokenizer is not None and tokenizer.pad_token is None and tokenizer.eos_token is None:
-            raise ValueError(
-                f"The tokenizer ({type(tokenizer).__name__}) has neither a pad token nor an EOS token: batches cannot be "
-                "padded and completions cannot end. Set one, e.g. `tokenizer.pad_token = ...` or "
-                "`tokenizer.add_special_tokens({'eos_token': ...})` (and resize the model's embeddings)."
-            )
-
     def _teacher_position_limit(self) -> tuple[int, str] | None:
         """Most tokens a teacher prompt may take: the model's positions (or vLLM's `max_model_len`) less a completion."""
         return teacher_position_limit(self._base_model(self.model).config, self.args, self.use_vllm)
 
     def _check_teacher_prompts(self, dataset, name: str) -> None:
-        """Tokenize every teacher prompt of a map-style dataset once, so that one that cannot fit fails now."""
-        if (
-            not isinstance(dataset, Dataset)
-            or self.environment_factories is not None  # the environment's observation joins the prompt later
-            or (self.teacher_prompts.max_length is None and self.teacher_prompts.position_limit is None)
-        ):
-            return
-        builder, column = self.teacher_prompts, self.args.privileged_context_column
-        rows = dataset.select_columns(["prompt", column])
-        for start in range(0, len(rows), _CHECK_CHUNK):
-            chunk = rows.select(range(start, min(start + _CHECK_CHUNK, len(rows)))).to_list()
-            try:
-                builder.check_rows(chunk, list(range(start, start + len(chunk))))
-            except (TypeError, ValueError) as err:
-                raise type(err)(f"{name}: {err}") from None
+        check_teacher_prompts(
+            self.teacher_prompts,
+            dataset,
+            name,
+            self.args.privileged_context_column,
+            self.environment_factories is not None,
+        )
 
     def _set_signature_columns_if_needed(self):
         # With `remove_unused_columns=True`, keep the privileged context and the reward functions' columns' carrier

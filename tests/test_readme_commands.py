@@ -2,9 +2,11 @@
 
 The commands are read from README.md's ```bash blocks, not copied here. Each one that can run on CPU runs as the
 README writes it, with the documented command-line overrides that make it small (`--max_steps 2`, tiny evaluations:
-every `PBSDConfig` field can be set on the command line); the setup steps in front of it (`python3 -m venv`, `pip
-install …`) are checked against `pyproject.toml` instead of run (CI runs them: they are the test command's own).
-A command this file does not know fails `test_every_readme_command_is_covered`: add it to `COMMANDS` below.
+every `PBSDConfig` field can be set on the command line), from a fresh folder, offline; the distributed launch also
+gets a free `--main_process_port`, so that concurrent launches on one machine do not collide. The setup steps in
+front of a command (`python3 -m venv`, `pip install …`) are checked, not run (installing needs the network): the
+extras they name exist in `pyproject.toml` and torch's pin is the CI test command's. A command this file does not
+know fails `test_every_readme_command_is_covered`: add it to `COMMANDS` below.
 """
 
 import os
@@ -29,10 +31,12 @@ README = (ROOT / "README.md").read_text()
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 EXTRAS = set(PYPROJECT["project"]["optional-dependencies"])
 
-# Documented overrides that make a training command cost a few seconds (2 steps, 4 problems, 2 samples each)
+# Documented overrides (README: every field can be set on the command line) that make a training command cost a few
+# CPU-seconds: 2 steps of 2 prompts x 4 samples, evaluations on 4 problems x 2 samples
 SMALL = [
     "--max_steps", "2",
-    "--per_device_train_batch_size", "16",
+    "--per_device_train_batch_size", "8",
+    "--num_generations", "4",
     "--logging_steps", "1",
     "--eval_num_problems", "4",
     "--eval_k", "2",
