@@ -432,12 +432,13 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
         """The module holding the teacher's weights (the frozen copy, or the PEFT model whose adapter it disables)."""
         return self.accelerator.unwrap_model(self.teacher.model if self.teacher.uses_separate_model else self.model)
 
-    def use_teacher_pool(self, path: str, train_dataset=None, eval_dataset=None) -> None:
+    def use_teacher_pool(self, path: str, train_dataset=None, eval_dataset=None, warn_missing: bool = True) -> None:
         """Take the base teacher's samples from the pool at `path` (what `teacher_pool` does at construction).
 
         Refuses a pool drawn from other teacher weights, tokenizer, teacher prompt or sampling settings, or with fewer
         than `num_teacher_generations` samples per row. Batches with a row the pool lacks sample the teacher online
-        (with vLLM, which cannot sample the base teacher, every row must be in the pool).
+        (with vLLM, which cannot sample the base teacher, every row must be in the pool); `warn_missing=False` leaves
+        out the warning that counts such training rows (for a pool of the rows a run visits, which says so itself).
         """
         from .pool import TeacherPool, pool_stamp, row_key
 
@@ -454,12 +455,12 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
         train_dataset = self.train_dataset if train_dataset is None else train_dataset
         eval_dataset = self.eval_dataset if eval_dataset is None else eval_dataset
         column = args.privileged_context_column
-        for name, dataset in self._named_datasets(train_dataset, eval_dataset):
+        for name, dataset in named_datasets(train_dataset, eval_dataset):
             if not isinstance(dataset, Dataset):
                 continue
             if self.use_vllm:  # vLLM cannot sample the base teacher online: every row must come from the pool
                 pool.check_covers(dataset, column, name)
-            elif name == "train_dataset":
+            elif name == "train_dataset" and warn_missing:
                 missing = sum(
                     not pool.has(row_key(p, c)) for p, c in zip(dataset["prompt"], dataset[column], strict=True)
                 )

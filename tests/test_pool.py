@@ -296,7 +296,8 @@ def test_default_pool_covers_the_rows_the_run_visits_and_replaces_teacher_genera
     messages = []
     path = use_default_pool(trainer, dataset, say=messages.append)
     pool, stamp = load_teacher_pool(path)
-    assert len(pool) == 4 and stamp["num_samples"] == 4 and "from a pool of K=4" in messages[0]
+    assert len(pool) == 4 and stamp["num_samples"] == 4
+    assert "K=4 base-teacher samples for each of the 4 distinct prompts" in messages[0]
     calls = []
     original = trainer._generate_single_turn
     trainer._generate_single_turn = lambda ids, *a, **kw: calls.append(len(ids)) or original(ids, *a, **kw)

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import logging
 import os
 import time
 from collections import Counter
@@ -123,21 +121,6 @@ def pool_keys_hold(trainer, dataset, column: str) -> list[bool]:
     return [pool.has(row_key(p, c)) for p, c in zip(dataset["prompt"], dataset[column], strict=True)]
 
 
-@contextlib.contextmanager
-def _quiet_coverage_warning():
-    """Drop the trainer's "no samples for N of the M rows" warning, which a pool of the visited rows always earns."""
-
-    def keep(record: logging.LogRecord) -> bool:
-        return "has no samples for" not in str(record.msg)
-
-    trainer_logger = logging.getLogger("pbsd_trl.trainer")
-    trainer_logger.addFilter(keep)
-    try:
-        yield
-    finally:
-        trainer_logger.removeFilter(keep)
-
-
 def use_default_pool(trainer, dataset, pool_root: str | None = None, say=print) -> str | None:
     """The example scripts' choice: draw the base teacher's samples for the rows the run visits into a pool first.
 
@@ -173,8 +156,7 @@ def use_default_pool(trainer, dataset, pool_root: str | None = None, say=print) 
     start = time.perf_counter()
     pool = build_teacher_pool(teacher, trainer._tokenizer, subset, path, args, num_samples)
     seconds = time.perf_counter() - start
-    with _quiet_coverage_warning():  # the rows without samples are the ones the run never visits: said below
-        trainer.use_teacher_pool(path)
+    trainer.use_teacher_pool(path, warn_missing=False)  # the rows without samples are never visited: said below
     column = args.privileged_context_column
     covered = sum(pool_keys_hold(trainer, dataset, column))
     run = f"the run's {args.max_steps} steps" if args.max_steps and args.max_steps > 0 else "the run"
