@@ -30,8 +30,10 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
 from .config import DEFAULT_TEACHER_PROMPT_TEMPLATE
+from .logprobs import pad_token_lists
 from .rewards import combine_rewards
 from .teacher import check_privileged_context, compose_teacher_prompt
+from .tokens import cut_after_eos, tokenize_prompts
 
 
 logger = logging.getLogger(__name__)
@@ -96,31 +98,6 @@ def _prompt_texts(tokenizer, prompts: list, chat_template_kwargs: dict | None = 
     return texts
 
 
-def _encode_prompts(tokenizer, prompts: list) -> list[list[int]]:
-    """Token ids of the prompts, as GRPO's `_tokenize_prompts` produces them."""
-    ids = []
-    for prompt in prompts:
-        if _is_conversational(prompt):
-            out = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)
-            ids.append(list(out["input_ids"]))
-        else:
-            ids.append(list(tokenizer(text=prompt)["input_ids"]))
-    return ids
-
-
-def _left_pad(batch: list[list[int]], pad_id: int, multiple: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(ids) for ids in batch)
-    if multiple:
-        width = -(-width // multiple) * multiple
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, ids in enumerate(batch):
-        if ids:
-            input_ids[i, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[i, width - len(ids) :] = 1
-    return input_ids, attention_mask
-
-
 def _eos_ids(model, tokenizer) -> set[int]:
     ids = set()
     for source in (getattr(model, "generation_config", None), tokenizer):
@@ -129,19 +106,6 @@ def _eos_ids(model, tokenizer) -> set[int]:
             continue
         ids.update(value if isinstance(value, (list, tuple)) else [value])
     return ids
-
-
-def _strip_completion(ids: list[int], eos: set[int], pad_id: int | None) -> list[int]:
-    """Completion ids up to and including the first EOS, without padding."""
-    out = []
-    for token in ids:
-        if token in eos:
-            out.append(token)
-            break
-        if pad_id is not None and token == pad_id and pad_id not in eos:
-            break
-        out.append(token)
-    return out
 
 
 @torch.no_grad()
@@ -161,7 +125,7 @@ def _hf_generate(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = _eos_ids(model, tokenizer)
     device = next(model.parameters()).device
-    input_ids, attention_mask = _left_pad(prompt_ids, pad_id, pad_to_multiple_of)
+    input_ids, attention_mask = pad_token_lists(prompt_ids, pad_id, "left", "cpu", pad_to_multiple_of)
     kwargs: dict[str, Any] = {
         "max_new_tokens": max_new_tokens,
         "num_return_sequences": num_samples,
@@ -178,7 +142,7 @@ def _hf_generate(
     result = []
     for i in range(len(prompt_ids)):
         rows = completions[i * num_samples : (i + 1) * num_samples]
-        result.append([_strip_completion(row, eos, pad_id) for row in rows])
+        result.append([cut_after_eos(row, eos) for row in rows])
     return result
 
 
@@ -313,7 +277,7 @@ def evaluate_avg_at_k(
     if not use_vllm and isinstance(model, str):
         model = AutoModelForCausalLM.from_pretrained(model)
 
-    prompt_ids = _encode_prompts(tokenizer, gen_prompts)
+    prompt_ids = tokenize_prompts(tokenizer, gen_prompts)
     prompt_texts = _prompt_texts(tokenizer, gen_prompts) if use_vllm else None
     # Sort by length so that each batch pads little; results are put back in dataset order.
     order = sorted(range(len(rows)), key=lambda i: len(prompt_ids[i]))

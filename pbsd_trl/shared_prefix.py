@@ -105,15 +105,13 @@ def shared_prefix_token_logps(
     rows = completion_mask.any(1).nonzero().flatten()  # rows without a completion score 0
     if rows.numel() == 0:
         return out
-    keyed = torch.cat([prompt_ids[rows], prompt_mask[rows]], dim=1)
-    unique, inverse = torch.unique(keyed, dim=0, return_inverse=True)
+    unique, inverse = torch.unique(torch.cat([prompt_ids[rows], prompt_mask[rows]], dim=1), dim=0, return_inverse=True)
     width = prompt_ids.size(1)
     # right padding: a completion's length is one past its last attended position
     positions = torch.arange(1, completion_mask.size(1) + 1, device=completion_mask.device)
     lengths = (completion_mask.bool() * positions).amax(1)
     chunks = _prompt_group_chunks(inverse, unique.size(0), max_rows or rows.numel())
-    if autocast is None:
-        autocast = functools.partial(torch.autocast, prompt_ids.device.type, enabled=False)
+    autocast = autocast or functools.partial(torch.autocast, prompt_ids.device.type, enabled=False)
     for chunk in chunks:
         uniq = torch.tensor([u for u, _ in chunk], device=prompt_ids.device)
         members = torch.cat([m for _, m in chunk])

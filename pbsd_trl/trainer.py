@@ -1,29 +1,23 @@
 """`PBSDTrainer`: GRPO's sampling loop, PBSD's pairwise loss against a privileged-context teacher."""
 
-import contextlib
 import logging
-import os
 import textwrap
-from collections import defaultdict
 
 import torch
 from accelerate.utils import gather, gather_object
-from datasets import Dataset, IterableDataset
+from datasets import IterableDataset
 from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import add_fused_lm_head
 
 from .agent import AgentRollouts, checked_rollout_func
-from .checkpoint import CheckpointError, check_checkpoint, checkpoint_info, write_checkpoint_info
+from .checkpoint_mixin import PBSDCheckpoints
 from .config import PBSDConfig
 from .grpo_features import GRPOLossFeatures
 from .logprobs import (
     add_pbsd_logprob_head,
-    concat_prompt_completion,
-    record_sampled_token_logps,
     reset_forward_patches,
     right_pad_to,
-    use_decoding_logps,
 )
 from .loss import (
     PairTable,
@@ -36,17 +30,18 @@ from .loss import (
     preference_labels,
     sequence_hashes,
 )
-from .pool.state import load_pool_state, save_pool_state
+from .pool.trainer_pool import TeacherPoolSamples
 from .rewards.guard import guard_environment_rewards, guard_reward_funcs
-from .rewards.validation import weighted_reward_sum
-from .shared_prefix import shared_prefix_token_logps, shared_prompt_prefill, supports_shared_prefix
+from .rewards.trainer_rewards import RewardTables
+from .scoring import SequenceScoring
 from .teacher import (
     ROW_INDEX_COLUMN,
     TeacherPromptBuilder,
     teacher_position_limit,
 )
 from .teacher_batch import TeacherBatch, TeacherDraw, TeacherRows
-from .teacher_model import TEACHER_ADAPTER_NAME, TEACHER_STATE_FILE, TeacherEMACallback, TeacherWeights
+from .teacher_generation import TeacherGeneration
+from .teacher_model import TeacherEMACallback, TeacherWeights
 from .trainer_checks import (
     check_privileged_column,
     check_teacher_prompts,
@@ -58,43 +53,6 @@ from .trainer_checks import (
 
 
 logger = logging.getLogger(__name__)
-
-
-def _lora_row_scalings(model, adapter_names):
-    """Per-row LoRA scalings (0 for `"__base__"` rows) on every layer, for a batch that mixes the active adapter and
-    the base model; returns what to restore, or None where that does not apply (other adapter types or variants,
-    several adapters in the batch)."""
-    from peft.tuners.lora.layer import Linear as LoraLinear
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    used = set(adapter_names) - {"__base__"}
-    if len(used) != 1:
-        return None
-    (adapter,) = used
-    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
-    if (
-        not layers
-        or any(
-            type(m) is not LoraLinear
-            or m.lora_variant.get(adapter) is not None
-            or m.merged
-            or list(m.active_adapters) != [adapter]
-            for m in layers
-            if adapter in getattr(m, "lora_A", {})
-        )
-        or any(not isinstance(m, LoraLinear) for m in layers)
-    ):
-        return None
-    device = next(model.parameters()).device
-    mask = torch.tensor([name != "__base__" for name in adapter_names], dtype=torch.float32, device=device).view(
-        -1, 1, 1
-    )
-    restore = []
-    for layer in layers:
-        if adapter in layer.scaling:
-            restore.append((layer, adapter, layer.scaling[adapter]))
-            layer.scaling[adapter] = layer.scaling[adapter] * mask
-    return restore
 
 
 def _with_row_index(dataset):
@@ -111,7 +69,16 @@ def _no_reward(prompts, completions, **kwargs):
     return [0.0] * len(prompts)
 
 
-class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
+class PBSDTrainer(
+    GRPOLossFeatures,
+    AgentRollouts,
+    TeacherGeneration,
+    TeacherPoolSamples,
+    SequenceScoring,
+    RewardTables,
+    PBSDCheckpoints,
+    GRPOTrainer,
+):
     """
     Trainer for Preference-Based Self-Distillation (PBSD), a drop-in replacement for [`~trl.GRPOTrainer`].
 
@@ -190,10 +157,21 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
             environment_factory=environment_factory,
         )
         self._reward_failures = reward_failures
-        # An environment's `get_reward`, which GRPO appends after `reward_funcs`, is guarded like them
-        ours = len(reward_funcs)
-        self.reward_funcs[ours:] = guard_environment_rewards(
-            self.reward_funcs[ours:], self.reward_func_names[ours:], reward_failures
+        self._adopt_reward_sources(len(reward_funcs), reward_failures)
+        is_peft = hasattr(self.model, "peft_config")
+        self._setup_teacher_weights(is_peft, rollout_func)
+        self._setup_teacher_prompts()
+        self._last_rewards_per_func = None
+        self._pair_table = {}  # mode -> the generation batch's pair table, for pairings across rows
+        self._teacher_tokens_seen = 0
+        self._setup_teacher_generation(args, train_dataset, eval_dataset, is_peft)
+
+    def _adopt_reward_sources(self, num_given: int, reward_failures: list) -> None:
+        """Guard an environment's `get_reward` (GRPO appends it after the given functions) like the reward functions,
+        and drop the placeholder that let GRPO construct without any."""
+        args = self.args
+        self.reward_funcs[num_given:] = guard_environment_rewards(
+            self.reward_funcs[num_given:], self.reward_func_names[num_given:], reward_failures
         )
         if not self._has_reward_funcs:
             # Drop the placeholder; an environment's own `get_reward`, appended by GRPO after it, stays
@@ -208,7 +186,10 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
                     "`get_reward` method)."
                 )
 
-        is_peft = hasattr(self.model, "peft_config")
+    def _setup_teacher_weights(self, is_peft: bool, rollout_func) -> None:
+        """The teacher's weights ([`TeacherWeights`]) and the scoring heads of both models (GRPO has already added TRL's
+        fused head to the student)."""
+        args = self.args
         # (a non-live teacher with vLLM and `teacher_samples_from="teacher"` is refused by PBSDConfig, before an
         # engine is built)
         if self.use_vllm and args.teacher_samples_from == "live" and args.teacher_model_kind != "live":
@@ -218,7 +199,6 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
                 args.teacher_model_kind,
             )
 
-        # Scoring heads. GRPO has already added TRL's fused head to the student.
         if args.use_fused_logprob_kernel is None:
             # Measured: ours is faster and leaner than TRL's torch fallback, and 1.5-2x slower than its Triton kernel
             args.use_fused_logprob_kernel = self.accelerator.device.type != "cuda"
@@ -239,6 +219,9 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
                 "switched), `teacher_model_kind='live'`, or `teacher_samples_from='live'`."
             )
 
+    def _setup_teacher_prompts(self) -> None:
+        """The teacher-prompt builder, and every teacher prompt of a map-style dataset checked once."""
+        args = self.args
         tokenizer = self._tokenizer
         check_tokenizer(tokenizer)
         self.teacher_prompts = TeacherPromptBuilder(
@@ -254,10 +237,6 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
         )
         for name, dataset in named_datasets(self.train_dataset, self.eval_dataset):
             self._check_teacher_prompts(dataset, name)
-        self._last_rewards_per_func = None
-        self._pair_table = {}  # mode -> global per-row values that `pairing="all"` pairs against
-        self._teacher_tokens_seen = 0
-        self._setup_teacher_generation(args, train_dataset, eval_dataset, is_peft)
 
     # ---- data loaders -------------------------------------------------------------------------------------------
     # The rows of a stream get their position (`_with_row_index`, for errors that name the row) in the loader only:
@@ -309,334 +288,6 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
     def _base_model(self, model):
         model = self.accelerator.unwrap_model(model)
         return model.get_base_model() if hasattr(model, "peft_config") else model
-
-    # ---- rewards ------------------------------------------------------------------------------------------------
-    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        if not self.reward_funcs:
-            # Role-labelled PBSD without reward functions: an empty (rows, 0) table, no collective needed
-            rewards = torch.zeros(len(prompts) * self.accelerator.num_processes, 0, device=self.accelerator.device)
-        else:
-            self._reward_failures.clear()
-            rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-            self._raise_reward_failures()
-        self._last_rewards_per_func = rewards
-        return rewards
-
-    def _raise_reward_failures(self) -> None:
-        """Raise the first reward-function error of any process on every process, with the same type and message.
-
-        The guarded functions record their errors instead of raising, so every process reaches GRPO's gather; one
-        flag all-reduce then tells every process whether to stop, instead of the healthy ones waiting in the next
-        collective until its timeout.
-        """
-        local = self._reward_failures[0] if self._reward_failures else None
-        self._reward_failures.clear()
-        world = self.accelerator.num_processes
-        if world == 1:
-            if local is not None:
-                raise local
-            return
-        flag = torch.tensor([float(local is not None)], device=self.accelerator.device)
-        if self.accelerator.reduce(flag, reduction="sum").item() == 0:
-            return
-        report = None if local is None else (type(local).__name__, str(local))
-        reports = gather_object([report])
-        rank, (kind, message) = next((r, rep) for r, rep in enumerate(reports) if rep is not None)
-        error_type = ValueError if kind == "ValueError" else RuntimeError
-        raise error_type(f"{message} [on process {rank} of {world}; every process stops]") from local
-
-    def _weighted_rewards(self, rewards_per_func: torch.Tensor) -> torch.Tensor | None:
-        """Weighted sum over reward functions per row (NaN where every function returned None); None without any."""
-        if rewards_per_func.size(1) == 0:
-            return None
-        totals = weighted_reward_sum(rewards_per_func.T.tolist(), self.reward_weights.tolist())
-        values = [torch.nan if total is None else total for total in totals]
-        return torch.tensor(values, dtype=torch.float32, device=rewards_per_func.device)
-
-    # ---- teacher sampling ---------------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _teacher_sampling_weights(self):
-        """Generation inside this context samples from the weights named by `teacher_samples_from`."""
-        if self.args.teacher_samples_from == "live" or self.teacher.kind == "live":
-            yield
-        elif self.teacher.uses_separate_model:
-            # GRPO's generation reads `self.model_wrapped`: point it at the teacher for the duration
-            student_wrapped = self.model_wrapped
-            self.model_wrapped = self.teacher.model
-            try:
-                yield
-            finally:
-                self.model_wrapped = student_wrapped
-        else:
-            with self.teacher.active():
-                yield
-
-    @contextlib.contextmanager
-    def _teacher_generation_metrics(self, mode: str):
-        """Keep GRPO's `completions/*` metrics and token count about the student: file teacher ones under `pbsd/`."""
-        metrics = self._metrics[mode]
-        before = {key: len(values) for key, values in metrics.items()}
-        tokens_seen = self.state.num_input_tokens_seen
-        num_tokens = metrics.get("num_tokens")
-        num_tokens = list(num_tokens) if num_tokens is not None else None
-        try:
-            yield
-        finally:  # also when interrupted: the student's metrics keep no teacher entries
-            for key in [k for k in metrics if k.startswith(("completions/", "tools/"))]:
-                new_values = metrics[key][before.get(key, 0) :]
-                del metrics[key][before.get(key, 0) :]
-                metrics[f"pbsd/teacher_{key}"].extend(new_values)
-            self._teacher_tokens_seen += self.state.num_input_tokens_seen - tokens_seen
-            self.state.num_input_tokens_seen = tokens_seen
-            if num_tokens is None:
-                metrics.pop("num_tokens", None)
-            else:
-                metrics["num_tokens"] = num_tokens
-
-    @contextlib.contextmanager
-    def _isolated_reward_logs(self):
-        """Teacher reward calls must not flush `log_extra`/`log_metric` entries into the student's table."""
-        saved = self._pending_extra_logs, self._pending_metrics
-        self._pending_extra_logs, self._pending_metrics = defaultdict(list), defaultdict(list)
-        try:
-            yield
-        finally:
-            self._pending_extra_logs, self._pending_metrics = saved
-
-    # ---- teacher samples: pool, one generation pass ------------------------------------------------------------
-    def _setup_teacher_generation(self, args, train_dataset, eval_dataset, is_peft):
-        """Open and check the teacher pool; decide whether student and teacher samples share one `generate` call."""
-        self._teacher_pool = None
-        if args.teacher_pool is not None:
-            self.use_teacher_pool(args.teacher_pool, train_dataset, eval_dataset)
-        # One generate call for both sample sets: same weights, or per-row PEFT adapters (adapter disabled = base)
-        same_weights = args.teacher_model_kind == "live" or args.teacher_samples_from == "live"
-        per_row_adapters = is_peft and args.teacher_model_kind != "live" and args.teacher_samples_from == "teacher"
-        self._one_pass_mode = None
-        if args.one_generation_pass and not self.use_vllm and not self.use_transformers_continuous_batching:
-            self._one_pass_mode = "shared" if same_weights else "adapters" if per_row_adapters else None
-        self._one_pass = None  # the plan of the step being generated
-        # A one-pass call samples the teacher rows with the teacher's own weights (live, or the base/EMA adapter rows)
-        # except when a non-live teacher's samples come from the live weights: then its logits are the teacher's
-        samples_with_teacher_weights = args.teacher_model_kind == "live" or args.teacher_samples_from == "teacher"
-        reuse = use_decoding_logps(
-            args.teacher_logps_from_generation,
-            self.accelerator.unwrap_model(self.model),
-            self.accelerator.mixed_precision != "no",
-        )
-        self._teacher_logps_from_generation = (
-            reuse and self._one_pass_mode is not None and samples_with_teacher_weights
-        )
-
-    def teacher_weights_model(self):
-        """The module holding the teacher's weights (the frozen copy, or the PEFT model whose adapter it disables)."""
-        return self.accelerator.unwrap_model(self.teacher.model if self.teacher.uses_separate_model else self.model)
-
-    def use_teacher_pool(self, path: str, train_dataset=None, eval_dataset=None, warn_missing: bool = True) -> None:
-        """Take the base teacher's samples from the pool at `path` (what `teacher_pool` does at construction).
-
-        Refuses a pool drawn from other teacher weights, tokenizer, teacher prompt or sampling settings, or with fewer
-        than `num_teacher_generations` samples per row. Batches with a row the pool lacks sample the teacher online
-        (with vLLM, which cannot sample the base teacher, every row must be in the pool); `warn_missing=False` leaves
-        out the warning that counts such training rows (for a pool of the rows a run visits, which says so itself).
-        """
-        from .pool import TeacherPool, pool_stamp, row_key
-
-        args = self.args
-        if args.teacher_model_kind != "base" or args.teacher_samples_from != "teacher":
-            raise ValueError(
-                "A teacher pool serves `teacher_model_kind='base'` with `teacher_samples_from='teacher'`."
-            )
-        pool = TeacherPool(path, stride=args.num_teacher_generations)
-        pool.check(
-            pool_stamp(self.teacher_weights_model(), self._tokenizer, args, self.eos_token_ids),
-            args.num_teacher_generations,
-        )
-        train_dataset = self.train_dataset if train_dataset is None else train_dataset
-        eval_dataset = self.eval_dataset if eval_dataset is None else eval_dataset
-        column = args.privileged_context_column
-        for name, dataset in named_datasets(train_dataset, eval_dataset):
-            if not isinstance(dataset, Dataset):
-                continue
-            if self.use_vllm:  # vLLM cannot sample the base teacher online: every row must come from the pool
-                pool.check_covers(dataset, column, name)
-            elif name == "train_dataset" and warn_missing:
-                missing = sum(
-                    not pool.has(row_key(p, c)) for p, c in zip(dataset["prompt"], dataset[column], strict=True)
-                )
-                if missing:
-                    logger.warning(
-                        "The teacher pool at %s has no samples for %d of the %d rows of train_dataset: batches holding "
-                        "such a row sample the teacher online.",
-                        path,
-                        missing,
-                        len(dataset),
-                    )
-        args.teacher_pool = path
-        self._teacher_pool = pool
-
-    def _pool_serves(self, inputs) -> bool:
-        if self._teacher_pool is None or self._is_agent:  # a multi-turn teacher rollout is not a stored completion
-            return False
-        from .pool import row_key
-
-        column = self.args.privileged_context_column
-        return all(self._teacher_pool.has(row_key(row["prompt"], row[column])) for row in inputs)
-
-    def _teacher_samples_from_pool(self, inputs, teacher_prompts, teacher_rows, row_index, group_size):
-        """(completion ids, decoded completions, teacher log-probs) of the teacher rows, taken from the pool."""
-        from .pool import row_key
-
-        column = self.args.privileged_context_column
-        keys = [row_key(inputs[i]["prompt"], inputs[i][column]) for i in teacher_rows]
-        global_rows = [int(row_index[i]) for i in teacher_rows]
-        ids, logps = self._teacher_pool.draw(
-            keys, [r % group_size for r in global_rows], [r // group_size for r in global_rows]
-        )
-        completions = self._decode_completions([teacher_prompts[i] for i in teacher_rows], ids)
-        return ids, completions, logps
-
-    def _teacher_logps_of_generation(self, one_pass, teacher_rows, sampled_ids, num_rows):
-        """Per-token `(num_rows, T)` teacher log-probs of the teacher samples recorded in the one generation pass, or
-        None where there are none (two calls, a pool, a recording that did not line up)."""
-        rows = None if one_pass is None else one_pass.get("teacher_token_logps")
-        if rows is None or [len(r) for r in rows] != [len(ids) for ids in sampled_ids]:
-            return None
-        per_token = torch.zeros(num_rows, max([len(r) for r in rows], default=0), device=self.accelerator.device)
-        for i, row in zip(teacher_rows, rows, strict=True):
-            per_token[i, : len(row)] = torch.tensor(row, device=per_token.device)
-        return per_token
-
-    def _decode_completions(self, prompts, completion_ids):
-        """Completions as `_generate` decodes them (text, or an assistant message for conversational prompts)."""
-        from trl.data_utils import is_conversational
-
-        if not is_conversational({"prompt": prompts[0]}):
-            return self.processing_class.batch_decode(completion_ids, skip_special_tokens=True)
-        tokenizer = self._tokenizer
-        if getattr(tokenizer, "response_template", None) is not None or getattr(tokenizer, "response_schema", None):
-            from transformers.utils.chat_parsing_utils import parse_response
-
-            prompt_ids = self._tokenize_prompts(prompts)[0]
-            return [
-                [parse_response(tokenizer, ids, prefix=p)] for ids, p in zip(completion_ids, prompt_ids, strict=True)
-            ]
-        contents = self.processing_class.batch_decode(completion_ids, skip_special_tokens=True)
-        return [[{"role": "assistant", "content": content}] for content in contents]
-
-    def _plan_one_pass(self, teacher_prompts):
-        """What the student's `generate` call also samples for the teacher this step (None: a separate call)."""
-        if self._one_pass_mode is None or self._is_agent:  # a tool loop calls generate once per turn
-            return None
-        from trl.data_utils import is_conversational
-
-        if is_conversational({"prompt": teacher_prompts[0]}) and self._is_vlm:
-            return None  # images ride along with the prompts: keep the two calls
-        return {"teacher_ids": self._tokenize_prompts(teacher_prompts)[0]}
-
-    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
-        plan = self._one_pass
-        if plan is None or images is not None:
-            with self._shared_prompt_prefill(images):
-                return super()._generate_single_turn(
-                    prompt_ids, images, multimodal_fields, num_generations, has_tool_images
-                )
-        if "teacher_result" in plan:  # the teacher's `_generate`: its samples were drawn with the student's
-            if list(map(list, prompt_ids)) != plan["teacher_ids"]:
-                raise RuntimeError(
-                    "One-pass generation: the teacher prompts differ from those sampled with the student."
-                )
-            self._one_pass = None
-            return plan.pop("teacher_result")
-        num_student = len(prompt_ids)
-        adapters = None
-        if self._one_pass_mode == "adapters":
-            active = self.accelerator.unwrap_model(self.model).active_adapter
-            teacher = "__base__" if self.teacher.kind == "base" else TEACHER_ADAPTER_NAME  # PEFT's name for "none"
-            adapters = [active] * num_student + [teacher] * len(plan["teacher_ids"])
-        with (
-            self._per_row_adapters(adapters) as select_rows,
-            self._shared_prompt_prefill(images, select_rows),
-            self._sampled_token_logps() as recorder,
-        ):
-            ids, logprobs = super()._generate_single_turn(
-                list(prompt_ids) + plan["teacher_ids"], images, multimodal_fields, num_generations, has_tool_images
-            )
-        split = lambda values: (None, None) if values is None else (values[:num_student], values[num_student:])  # noqa: E731
-        (student_ids, teacher_ids), (student_logprobs, teacher_logprobs) = split(ids), split(logprobs)
-        plan["teacher_result"] = (teacher_ids, teacher_logprobs)
-        if recorder is not None:
-            plan["teacher_token_logps"] = split(recorder.per_row(ids))[1]
-        return student_ids, student_logprobs
-
-    @contextlib.contextmanager
-    def _sampled_token_logps(self):
-        """Records the log-probs of the one-pass call's samples when they are the teacher's (see
-        `teacher_logps_from_generation`); yields None otherwise."""
-        if not self._teacher_logps_from_generation:
-            yield None
-            return
-        with record_sampled_token_logps(self.accelerator.unwrap_model(self.model_wrapped), self.temperature) as rec:
-            yield rec
-
-    @contextlib.contextmanager
-    def _shared_prompt_prefill(self, images, select_rows=None, share_attention=None):
-        """GRPO's HF `generate` call with each distinct prompt row prefilled once and, on CPU, each prompt's cache
-        attended to once for its samples (`pbsd_trl.shared_prefix`); `share_attention` as in
-        [`shared_prompt_prefill`]."""
-        model = self.accelerator.unwrap_model(self.model_wrapped)
-        if (
-            not self.args.share_prompt_prefill
-            or self.use_vllm
-            or images is not None
-            or self._is_vlm
-            or select_rows is False  # PEFT's `adapter_names` sub-batches: the prefill could not follow them
-        ):
-            yield
-            return
-        with shared_prompt_prefill(model, select_rows or None, share_attention=share_attention):
-            yield
-
-    @contextlib.contextmanager
-    def _per_row_adapters(self, adapter_names):
-        """A mixed-adapter batch for GRPO's `generate` call: row i computes with adapter `adapter_names[i]`.
-
-        Yields how to switch the per-row state to a subset of the rows (see `shared_prompt_prefill`), None where there
-        is none, or False where the batch cannot be split that way."""
-        if adapter_names is None:
-            yield None
-            return
-        model = self.accelerator.unwrap_model(self.model_wrapped)
-        masked = _lora_row_scalings(model, adapter_names)
-        if masked is not None:
-            # Rows with the adapter off get a LoRA scaling of 0: one batched LoRA product per layer instead of PEFT's
-            # per-adapter sub-batches, which index the batch in Python at every layer of every decoding step
-            row_scalings = [(layer, adapter, layer.scaling[adapter]) for layer, adapter, _ in masked]
-
-            def select_rows(index):
-                for layer, adapter, scaling in row_scalings:
-                    layer.scaling[adapter] = scaling if index is None else scaling[index]
-
-            try:
-                yield select_rows
-            finally:
-                for layer, adapter, scaling in masked:
-                    layer.scaling[adapter] = scaling
-            return
-        original = model.__dict__.get("generate")
-        generate = model.generate
-        model.generate = lambda *a, **kw: generate(*a, adapter_names=adapter_names, **kw)
-        # PEFT refuses `adapter_names` in training mode; dropout is disabled for PBSD, so eval() changes nothing else
-        was_training = model.training
-        model.eval()
-        try:
-            yield False
-        finally:
-            model.train(was_training)
-            if original is None:
-                del model.generate
-            else:
-                model.generate = original
 
     # ---- generation and scoring ---------------------------------------------------------------------------------
     def _generate_and_score_completions(self, inputs):
@@ -819,103 +470,6 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
         log_ratios = None if args.pairing == "matched" else self._partner_log_ratios(output, batch)
         return PairTable(samples, pairs, log_ratios)
 
-    def _teacher_sequence_logps(self, scorer, prompt_ids, prompt_mask, completion_sets, batch_size=None):
-        """Teacher log-prob sums of several `(ids, mask, score_mask)` completion sets given the same teacher prompts
-        (no gradient).
-
-        With pbsd-trl's kernel on a supported model, the rows of a prompt group share one teacher-prompt forward
-        whose KV cache serves all their completions, of every set (`pbsd_trl.shared_prefix`); else one
-        `[prompt ; completion]` pass per set.
-        """
-        model = self.accelerator.unwrap_model(scorer)
-        if not (self.args.use_fused_logprob_kernel and supports_shared_prefix(model)):
-            return [
-                self._sequence_logps(scorer, prompt_ids, prompt_mask, ids, mask, batch_size, score_mask=scored)
-                for ids, mask, scored in completion_sets
-            ]
-        width = max(ids.size(1) for ids, _, _ in completion_sets)
-        pad_id = self._tokenizer.pad_token_id
-        ids = torch.cat([right_pad_to(ids, width, pad_id) for ids, _, _ in completion_sets])
-        mask = torch.cat([right_pad_to(mask, width, 0) for _, mask, _ in completion_sets])
-        scored = torch.cat([right_pad_to(scored, width, 0) for _, _, scored in completion_sets])
-        rows = prompt_ids.size(0)
-        per_token = shared_prefix_token_logps(
-            model,
-            prompt_ids.repeat(len(completion_sets), 1),
-            prompt_mask.repeat(len(completion_sets), 1),
-            ids,
-            mask,
-            temperature=self.temperature,
-            max_rows=None if batch_size is None else 2 * batch_size,
-            autocast=self.accelerator.autocast,
-        )
-        sums = (per_token * scored).sum(-1)  # tool results are attended to but not scored
-        return [sums[i * rows : (i + 1) * rows] for i in range(len(completion_sets))]
-
-    def _sequence_logps(
-        self, model, prompt_ids, prompt_mask, completion_ids, completion_mask, batch_size=None, score_mask=None
-    ):
-        """Sum of per-token log-probs of each completion given its prompt, `(B,)` float32, over `score_mask` (default:
-        the completion mask; tool results are attended to but not scored)."""
-        per_token = self._completion_token_logps(
-            model, prompt_ids, prompt_mask, completion_ids, completion_mask, batch_size
-        )
-        return (per_token * (completion_mask if score_mask is None else score_mask)).sum(-1)
-
-    def _completion_token_logps(
-        self, model, prompt_ids, prompt_mask, completion_ids, completion_mask, batch_size=None
-    ):
-        """Per-token log-probs `(B, C)` of the completion tokens (0 on padding), at the sampling temperature."""
-        if completion_ids.size(1) == 0:
-            return completion_ids.new_zeros(completion_ids.shape, dtype=torch.float32)
-        if not self.args.use_fused_logprob_kernel:
-            input_ids, attention_mask, _ = concat_prompt_completion(
-                prompt_ids, prompt_mask, completion_ids, completion_mask
-            )
-            logps, _, _ = self._get_per_token_logps_and_entropies(
-                model, input_ids, attention_mask, completion_ids.size(1), batch_size=batch_size
-            )
-            return logps.float() * completion_mask
-        batch_size = batch_size or prompt_ids.size(0)
-        chunks = []
-        for start in range(0, prompt_ids.size(0), batch_size):
-            rows = slice(start, start + batch_size)
-            input_ids, attention_mask, labels = concat_prompt_completion(
-                prompt_ids[rows], prompt_mask[rows], completion_ids[rows], completion_mask[rows]
-            )
-            with self.accelerator.autocast():
-                logps = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, pbsd_logprobs=True)
-            chunks.append(logps[:, -completion_ids.size(1) :])
-        return torch.cat(chunks).float()
-
-    def _partner_log_ratios(self, output, batch) -> torch.Tensor:
-        """Every sample's log-ratio `ρ`, detached and gathered (`(2N,)`, the [`Samples`] order), for pairings across
-        rows.
-
-        A pair's two samples can sit on different processes or micro-batches. With on-policy updates
-        (`num_iterations=1`, one generation batch per optimizer step) the student's weights do not change between
-        here and the loss, so partner log-ratios scored now, without gradient, are the partners' values at loss time:
-        each process differentiates its own samples against them, which gives the exact gradient of the global loss.
-        """
-        student_scored, teacher_scored = self._score_masks(
-            {**output, "teacher_completion_mask": batch.completion_mask}
-        )
-        args = self.args
-        batch_size = args.per_device_train_batch_size if self.model.training else args.per_device_eval_batch_size
-        sets = (
-            (output["completion_ids"], output["completion_mask"], student_scored, batch.logps_student_samples),
-            (batch.completion_ids, batch.completion_mask, teacher_scored, batch.logps_teacher_samples),
-        )
-        log_ratios = []
-        with torch.no_grad(), disable_gradient_checkpointing(self.model, args.gradient_checkpointing_kwargs):
-            for ids, mask, scored, teacher_logps in sets:
-                policy_logps = self._sequence_logps(
-                    self.model, output["prompt_ids"], output["prompt_mask"], ids, mask, batch_size, score_mask=scored
-                )
-                lengths = scored.sum(1) if args.length_normalize else None
-                log_ratios.append(gather(implicit_log_ratios(policy_logps, teacher_logps, lengths)))
-        return torch.cat(log_ratios)
-
     def _global_mean(self, values, mask=None):
         """Mean of `values` over `mask` (default: all) and every process, NaN entries left out; NaN when empty."""
         values = values.detach().float()
@@ -1028,68 +582,3 @@ class PBSDTrainer(GRPOLossFeatures, AgentRollouts, GRPOTrainer):
         metrics["pbsd/log_ratio_teacher_samples"].append(global_mean(teacher_log_ratios, has_teacher))
         metrics["pbsd/log_ratio_student_samples"].append(global_mean(student_log_ratios))
         metrics["pbsd/kl_student_teacher"].append(global_mean(student_kl))
-
-    # ---- checkpoints --------------------------------------------------------------------------------------------
-    def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        # Check the checkpoint before anything of it is loaded, so that a bad file fails with its name
-        checkpoint = resume_from_checkpoint
-        if checkpoint is True:
-            from transformers.trainer_utils import get_last_checkpoint
-
-            checkpoint = get_last_checkpoint(self.args.output_dir)  # None: transformers raises its own error
-        if isinstance(checkpoint, (str, os.PathLike)):
-            check_checkpoint(checkpoint, self._checkpoint_info())
-            if self.teacher.kind == "ema":  # memory-mapped: the shapes are read, not the tensors
-                path = os.path.join(checkpoint, TEACHER_STATE_FILE)
-                self.teacher.check_state_dict(torch.load(path, map_location="cpu", weights_only=True, mmap=True), path)
-        # A `train()` interrupted mid-step (Ctrl-C in a notebook) leaves that step's partial metrics, completions
-        # table, pair table and buffered generation batch behind: a new run starts without them, as a new trainer
-        # would (the Trainer builds a new `TrainerState` too, so the token counts restart with it).
-        for metrics in self._metrics.values():
-            metrics.clear()
-        for logs in self._logs.values():
-            for values in logs.values() if isinstance(logs, dict) else [logs]:
-                values.clear()
-        self._pair_table.clear()
-        self._teacher_tokens_seen = 0
-        self._step, self._buffered_inputs = 0, None
-        if self._teacher_pool is not None:  # a resume restores the checkpoint's counters
-            self._teacher_pool.visits.clear()
-        return super().train(resume_from_checkpoint, *args, **kwargs)
-
-    def _checkpoint_info(self) -> dict:
-        return checkpoint_info(self.teacher.kind, self.teacher.is_peft)
-
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        state = self.teacher.state_dict()  # collective under ZeRO-3: every process calls it
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        if self._teacher_pool is not None:  # a gather: every process calls it
-            save_pool_state(self._teacher_pool, folder, self.accelerator, self.args.should_save)
-        if self.args.should_save:
-            if state is not None:
-                torch.save(state, os.path.join(folder, TEACHER_STATE_FILE))
-            write_checkpoint_info(folder, self._checkpoint_info())
-
-    def _load_optimizer_and_scheduler(self, checkpoint):
-        super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is not None and self._teacher_pool is not None:
-            load_pool_state(self._teacher_pool, checkpoint, self.accelerator)
-        if checkpoint is None or self.teacher.kind != "ema":
-            return
-        path = os.path.join(checkpoint, TEACHER_STATE_FILE)
-        if not os.path.exists(path):
-            raise FileNotFoundError(
-                f"{checkpoint} has no {TEACHER_STATE_FILE}: it was not written by a PBSD run with an EMA teacher, so "
-                "the teacher cannot be restored. Resume from a PBSD checkpoint or start a new run."
-            )
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise CheckpointError(
-                f"{path} cannot be read ({type(err).__name__}: {err}); it is corrupt or truncated. Resume from an "
-                "earlier checkpoint."
-            ) from err
-        self.teacher.load_state_dict(state, source=path)

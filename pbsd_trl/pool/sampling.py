@@ -4,33 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Sequence
 
 import torch
 
-from ..logprobs import record_sampled_token_logps, use_decoding_logps
+from ..logprobs import pad_token_lists, record_sampled_token_logps, use_decoding_logps
 from ..shared_prefix import shared_prompt_prefill
+from ..tokens import cut_after_eos, tokenize_prompts  # noqa: F401  (part of `pbsd_trl.pool`'s API)
 
 
 # ---- prompts ----------------------------------------------------------------------------------------------------
-def tokenize_prompts(tokenizer, prompts: list, chat_template_kwargs: dict | None = None) -> list[list[int]]:
-    """Prompt ids as GRPOTrainer tokenizes text prompts (chat template with the generation prompt, or plain text)."""
-    from trl.data_utils import is_conversational
-
-    if not prompts:
-        return []
-    if is_conversational({"prompt": prompts[0]}):
-        out = tokenizer.apply_chat_template(
-            conversation=prompts,
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=True,
-            **(chat_template_kwargs or {}),
-        )
-        return [list(ids) for ids in out["input_ids"]]
-    return [list(ids) for ids in tokenizer(text=prompts)["input_ids"]]
-
-
 def teacher_prompt_builder(tokenizer, args, position_limit: tuple[int, str] | None = None):
     """The trainer's [`TeacherPromptBuilder`] for `args`, tokenizing as GRPOTrainer does; `position_limit` as the
     trainer's ([`teacher_position_limit`])."""
@@ -50,38 +32,6 @@ def teacher_prompt_builder(tokenizer, args, position_limit: tuple[int, str] | No
 
 
 # ---- sampling and scoring ---------------------------------------------------------------------------------------
-def cut_after_eos(ids: Sequence[int], eos_ids: Sequence[int]) -> list[int]:
-    """Tokens up to and including the first EOS (GRPO's completion mask), as a list."""
-    out = []
-    for token in ids:
-        out.append(int(token))
-        if token in eos_ids:
-            break
-    return out
-
-
-def _left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, s in enumerate(sequences):
-        if s:
-            ids[i, width - len(s) :] = torch.tensor(s)
-            mask[i, width - len(s) :] = 1
-    return ids.to(device), mask.to(device)
-
-
-def _right_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(1, max(len(s) for s in sequences))
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, s in enumerate(sequences):
-        if s:
-            ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
-    return ids.to(device), mask.to(device)
-
-
 def _autocast(device, bf16: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
@@ -107,8 +57,8 @@ def sequence_logps(
     from ..ops import fused_logprobs
     from ..shared_prefix import shared_prefix_token_logps, supports_shared_prefix
 
-    p_ids, p_mask = _left_pad(prompt_ids, pad_id, device)
-    c_ids, c_mask = _right_pad(completion_ids, pad_id, device)
+    p_ids, p_mask = pad_token_lists(prompt_ids, pad_id, "left", device)
+    c_ids, c_mask = pad_token_lists(completion_ids, pad_id, "right", device)
     if supports_shared_prefix(model):
         per_token = shared_prefix_token_logps(
             model,
@@ -175,7 +125,7 @@ class HFSampler:
         """`(completions, logps)`: K completions per prompt (cut after EOS), and their teacher log-prob sums from
         the decoding steps (`records_logps`), or None where they must be scored."""
         rows = [ids for ids in prompt_ids for _ in range(num_samples)]
-        input_ids, attention_mask = _left_pad(rows, self.tokenizer.pad_token_id, self.device)
+        input_ids, attention_mask = pad_token_lists(rows, self.tokenizer.pad_token_id, "left", self.device)
         # each prompt's K rows share one prefill and (on CPU) one read of its cache per step, as in the trainer's calls
         prefill = shared_prompt_prefill(self.model) if self.share_prompt_prefill else contextlib.nullcontext()
         record = (
