@@ -241,32 +241,11 @@ def evaluate_avg_at_k(
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    rows = [dict(row) for row in dataset] if not isinstance(dataset, list) else [dict(row) for row in dataset]
-    if num_problems is not None:
-        rows = rows[:num_problems]
-    if not rows:
-        raise ValueError("The evaluation dataset is empty.")
-    if prompt_column not in rows[0]:
-        raise KeyError(f"The evaluation dataset has no prompt column '{prompt_column}' (columns: {sorted(rows[0])}).")
+    rows = _evaluation_rows(dataset, num_problems, prompt_column)
     student_prompts = [row[prompt_column] for row in rows]
+    gen_prompts = student_prompts
     if with_privileged_context:
-        if teacher_prompt_template is None:
-            teacher_prompt_template = DEFAULT_TEACHER_PROMPT_TEMPLATE
-        if privileged_context_column not in rows[0]:
-            raise KeyError(
-                f"Evaluating with the privileged context needs the column '{privileged_context_column}' (columns: "
-                f"{sorted(rows[0])})."
-            )
-        gen_prompts = [
-            compose_teacher_prompt(
-                p,
-                check_privileged_context(row.get(privileged_context_column), privileged_context_column, i, True),
-                teacher_prompt_template,
-            )
-            for i, (p, row) in enumerate(zip(student_prompts, rows, strict=True))
-        ]
-    else:
-        gen_prompts = student_prompts
+        gen_prompts = _teacher_view(rows, student_prompts, teacher_prompt_template, privileged_context_column)
     role = "teacher" if with_privileged_context else "student"
     description = description or role
 
@@ -279,109 +258,129 @@ def evaluate_avg_at_k(
 
     prompt_ids = tokenize_prompts(tokenizer, gen_prompts)
     prompt_texts = _prompt_texts(tokenizer, gen_prompts) if use_vllm else None
+    settings = (max_new_tokens, temperature, top_p, top_k)
+
+    def generate(idx: list[int], num_samples: int, do_sample: bool, offset: int) -> list[list[list[int]]]:
+        if use_vllm:
+            return _vllm_generate(
+                llm, [prompt_texts[i] for i in idx], num_samples, *settings, do_sample, seed + offset
+            )
+        batch = [prompt_ids[i] for i in idx]
+        return _hf_generate(model, tokenizer, batch, num_samples, *settings, do_sample, pad_to_multiple_of)
+
     # Sort by length so that each batch pads little; results are put back in dataset order.
     order = sorted(range(len(rows)), key=lambda i: len(prompt_ids[i]))
-
     was_training = getattr(model, "training", False) if not use_vllm else False
     if not use_vllm:
         model.eval()
     start = time.perf_counter()
-
-    def run(num_samples: int, do_sample: bool, label: str) -> list[list[list[int]]]:
-        completions: list = [None] * len(rows)
-        with tqdm(total=len(rows), desc=label, disable=not progress_bar, dynamic_ncols=True, leave=False) as bar:
-            for lo in range(0, len(order), batch_size):
-                idx = order[lo : lo + batch_size]
-                if use_vllm:
-                    batch = _vllm_generate(
-                        llm,
-                        [prompt_texts[i] for i in idx],
-                        num_samples,
-                        max_new_tokens,
-                        temperature,
-                        top_p,
-                        top_k,
-                        do_sample,
-                        seed + lo,
-                    )
-                else:
-                    batch = _hf_generate(
-                        model,
-                        tokenizer,
-                        [prompt_ids[i] for i in idx],
-                        num_samples,
-                        max_new_tokens,
-                        temperature,
-                        top_p,
-                        top_k,
-                        do_sample,
-                        pad_to_multiple_of,
-                    )
-                for i, samples in zip(idx, batch, strict=True):
-                    completions[i] = samples
-                bar.update(len(idx))
-        return completions
-
-    def score(completion_ids: list[list[list[int]]]) -> list[list[float]]:
-        num = len(completion_ids[0])
-        texts = [tokenizer.decode(ids, skip_special_tokens=True) for per in completion_ids for ids in per]
-        prompts = [
-            p for p in student_prompts for _ in range(num)
-        ]  # rewards judge the answer to the student's question
-        completions = [
-            [{"role": "assistant", "content": t}] if _is_conversational(p) else t
-            for p, t in zip(prompts, texts, strict=True)
-        ]
-        columns: dict[str, list] = {}
-        for key in rows[0]:
-            if key in _RESERVED_COLUMNS or key == prompt_column:
-                continue
-            columns[key] = [row.get(key) for row in rows for _ in range(num)]
-        flat_ids = [ids for per in completion_ids for ids in per]
-        values = score_completions(reward_funcs, prompts, completions, flat_ids, columns, reward_weights)
-        return [values[i * num : (i + 1) * num] for i in range(len(rows))]
-
     rng_devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     try:
         with torch.random.fork_rng(devices=rng_devices):
             torch.manual_seed(seed)
-            sampled = run(k, True, f"{description} avg@{k}")
-            greedy_ids = run(1, False, f"{description} greedy") if greedy else None
+            sampled = _sample_in_batches(generate, order, batch_size, k, True, f"{description} avg@{k}", progress_bar)
+            greedy_ids = (
+                _sample_in_batches(generate, order, batch_size, 1, False, f"{description} greedy", progress_bar)
+                if greedy
+                else None
+            )
     finally:  # also when interrupted: a model evaluated in the middle of training goes back to training mode
         if was_training:
             model.train()
 
-    rewards = score(sampled)
+    def score(completion_ids):
+        return _score_samples(
+            completion_ids, tokenizer, rows, student_prompts, prompt_column, reward_funcs, reward_weights
+        )
+
+    report = _avg_at_k_report(score(sampled), sampled, role, k)
+    if greedy_ids is not None:
+        g = [0.0 if math.isnan(per[0]) else per[0] for per in score(greedy_ids)]
+        report["greedy_accuracy"] = sum(g) / len(g)
+    report.update(seconds=round(time.perf_counter() - start, 2), temperature=temperature, top_p=top_p)
+    report.update(max_new_tokens=max_new_tokens)
+    report["per_problem"] = report.pop("per_problem")  # keep the report's key order: sampling settings first
+    report["sample_completions"] = [
+        tokenizer.decode(sampled[i][0], skip_special_tokens=True) for i in range(min(3, len(rows)))
+    ]
+    return report
+
+
+def _evaluation_rows(dataset, num_problems: int | None, prompt_column: str) -> list[dict]:
+    rows = [dict(row) for row in dataset]
+    if num_problems is not None:
+        rows = rows[:num_problems]
+    if not rows:
+        raise ValueError("The evaluation dataset is empty.")
+    if prompt_column not in rows[0]:
+        raise KeyError(f"The evaluation dataset has no prompt column '{prompt_column}' (columns: {sorted(rows[0])}).")
+    return rows
+
+
+def _teacher_view(rows, student_prompts, template: str | None, column: str) -> list:
+    """The prompts PBSD's teacher sees: `template` applied to each prompt and its privileged context."""
+    template = DEFAULT_TEACHER_PROMPT_TEMPLATE if template is None else template
+    if column not in rows[0]:
+        raise KeyError(
+            f"Evaluating with the privileged context needs the column '{column}' (columns: {sorted(rows[0])})."
+        )
+    return [
+        compose_teacher_prompt(p, check_privileged_context(row.get(column), column, i, True), template)
+        for i, (p, row) in enumerate(zip(student_prompts, rows, strict=True))
+    ]
+
+
+def _sample_in_batches(generate, order, batch_size, num_samples, do_sample, label, progress_bar):
+    """`[problem][sample][token]` completions, problems generated `batch_size` at a time in `order`."""
+    completions: list = [None] * len(order)
+    with tqdm(total=len(order), desc=label, disable=not progress_bar, dynamic_ncols=True, leave=False) as bar:
+        for lo in range(0, len(order), batch_size):
+            idx = order[lo : lo + batch_size]
+            for i, samples in zip(idx, generate(idx, num_samples, do_sample, lo), strict=True):
+                completions[i] = samples
+            bar.update(len(idx))
+    return completions
+
+
+def _score_samples(completion_ids, tokenizer, rows, student_prompts, prompt_column, reward_funcs, reward_weights):
+    """`[problem][sample]` rewards; they judge the answer to the student's question."""
+    num = len(completion_ids[0])
+    texts = [tokenizer.decode(ids, skip_special_tokens=True) for per in completion_ids for ids in per]
+    prompts = [p for p in student_prompts for _ in range(num)]
+    completions = [
+        [{"role": "assistant", "content": t}] if _is_conversational(p) else t
+        for p, t in zip(prompts, texts, strict=True)
+    ]
+    columns = {
+        key: [row.get(key) for row in rows for _ in range(num)]
+        for key in rows[0]
+        if key not in _RESERVED_COLUMNS and key != prompt_column
+    }
+    flat_ids = [ids for per in completion_ids for ids in per]
+    values = score_completions(reward_funcs, prompts, completions, flat_ids, columns, reward_weights)
+    return [values[i * num : (i + 1) * num] for i in range(len(rows))]
+
+
+def _avg_at_k_report(rewards, sampled, role: str, k: int) -> dict[str, Any]:
+    """Avg@k (mean over problems of the mean reward of their samples; an unscored sample counts 0), its standard
+    error over problems, and pass@k."""
     n_unscored = sum(1 for per in rewards for v in per if math.isnan(v))
     clean = [[0.0 if math.isnan(v) else v for v in per] for per in rewards]
     per_problem = [sum(per) / len(per) for per in clean]
     avg = sum(per_problem) / len(per_problem)
-    pass_k = sum(max(per) for per in clean) / len(clean)
-    greedy_accuracy = None
-    if greedy_ids is not None:
-        g = [0.0 if math.isnan(per[0]) else per[0] for per in score(greedy_ids)]
-        greedy_accuracy = sum(g) / len(g)
-    lengths = [len(ids) for per in sampled for ids in per]
-    seconds = time.perf_counter() - start
     std_err = math.sqrt(sum((p - avg) ** 2 for p in per_problem) / max(1, len(per_problem) - 1) / len(per_problem))
+    lengths = [len(ids) for per in sampled for ids in per]
     return {
         "prompt": role,
         "k": k,
-        "n_problems": len(rows),
+        "n_problems": len(per_problem),
         "avg_at_k": avg,
         "avg_at_k_stderr": std_err,
-        "pass_at_k": pass_k,
-        "greedy_accuracy": greedy_accuracy,
+        "pass_at_k": sum(max(per) for per in clean) / len(clean),
+        "greedy_accuracy": None,
         "mean_completion_tokens": sum(lengths) / len(lengths),
         "n_unscored": n_unscored,
-        "seconds": round(seconds, 2),
-        "temperature": temperature,
-        "top_p": top_p,
-        "max_new_tokens": max_new_tokens,
         "per_problem": per_problem,
-        "sample_completions": [
-            tokenizer.decode(sampled[i][0], skip_special_tokens=True) for i in range(min(3, len(rows)))
-        ],
     }
 
 

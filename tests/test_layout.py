@@ -13,7 +13,6 @@ MAX_FUNCTION_LINES = 80
 # Functions still over the limit, each to be split; the list may only shrink
 LONG_FUNCTIONS_TO_SPLIT = {
     "pbsd_trl.evaluate.evaluate_avg_at_k",
-    "pbsd_trl.pool.build.build_teacher_pool",
     "pbsd_trl.data.loading.load_prompt_dataset",
     "pbsd_trl.tiny.shipped.get_base_model",
     "pbsd_trl.tiny.sft.warm_start",

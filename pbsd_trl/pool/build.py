@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -166,8 +167,50 @@ def build_teacher_pool(
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
-    from ..teacher import teacher_position_limit
+    _check_build_arguments(args, num_samples, backend, batch_size)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    state = PartialState()
+    device = state.device
+    was_training = model.training
+    model = model.to(device).eval()
+    eos_ids = eos_token_ids(model, tokenizer)
+    _open_pool(output_dir, pool_stamp(model, tokenizer, args, eos_ids), num_samples, backend, seed, state)
+    mine, prompt_ids, num_rows = _rows_to_draw(model, tokenizer, dataset, args, output_dir, backend, state)
 
+    if backend == "vllm":
+        # The engine samples in the precision the teacher is scored in (bf16 autocast, or the model's dtype)
+        scored_dtype = "bfloat16" if args.bf16 else str(next(model.parameters()).dtype).removeprefix("torch.")
+        name = model_name_or_path or model.config._name_or_path
+        sampler = VLLMSampler(name, args, eos_ids, vllm_gpu_memory_utilization, seed, dtype=scored_dtype)
+    else:
+        sampler = HFSampler(model, tokenizer, args, eos_ids, device, bf16=bool(args.bf16))
+    batch_size = batch_size or default_pool_batch_size(device, num_samples)
+    draw = functools.partial(_draw_batch, model, tokenizer, sampler, args, eos_ids, device, num_samples)
+    bar = tqdm(
+        total=len(mine) * num_samples,
+        unit="sample",
+        desc=f"teacher pool ({sampler.name})",
+        disable=not (progress and state.is_main_process),
+        dynamic_ncols=True,
+    )
+    _draw_all(draw, mine, prompt_ids, output_dir, state, bar, batch_size // num_samples, seed, stop_after_batches)
+    model.train(was_training)
+
+    state.wait_for_everyone()
+    if stop_after_batches is not None and len(_done_keys(output_dir)) < num_rows:
+        return None
+    if state.is_main_process:
+        merged = _merge_parts(output_dir)
+        final = _read_stamp(output_dir)
+        final.update(complete=True, rows=len(merged))
+        _write_json_atomic(os.path.join(output_dir, POOL_STAMP_FILE), final)
+    state.wait_for_everyone()
+    dataset_out, _ = load_teacher_pool(output_dir)
+    return dataset_out
+
+
+def _check_build_arguments(args, num_samples: int, backend: str, batch_size: int | None) -> None:
     if getattr(args, "fp16", False):
         raise ValueError(
             "A teacher pool is sampled and scored in float32, or in bf16 autocast with `bf16=True`; the trainer would "
@@ -179,18 +222,10 @@ def build_teacher_pool(
         raise ValueError(f"`backend` must be 'hf' or 'vllm', got {backend!r}.")
     if batch_size is not None and batch_size < num_samples:
         raise ValueError(f"`batch_size` ({batch_size}) must hold at least the K={num_samples} samples of one row.")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    state = PartialState()
-    device = state.device
-    was_training = model.training
-    model = model.to(device).eval()
-    # A PEFT model's base teacher is the model with its adapters disabled
-    base_weights = model.disable_adapter if hasattr(model, "peft_config") else contextlib.nullcontext
-    eos_ids = eos_token_ids(model, tokenizer)
-    stamp = pool_stamp(model, tokenizer, args, eos_ids)
 
-    # The stamp is written first: a resumed build must be the same build
+
+def _open_pool(output_dir: str, stamp: dict, num_samples: int, backend: str, seed: int, state) -> None:
+    """Write the stamp first (a resumed build must be the same build): refuse a folder drawn with other settings."""
     os.makedirs(_parts_dir(output_dir), exist_ok=True)
     found = _read_stamp(output_dir)
     if found is not None:
@@ -218,7 +253,13 @@ def build_teacher_pool(
             },
         )
 
-    # Distinct (prompt, context) rows not yet drawn, split over processes
+
+def _rows_to_draw(model, tokenizer, dataset, args, output_dir: str, backend: str, state):
+    """`(mine, prompt_ids, num_rows)`: this process's share of the distinct rows not drawn yet, as `(key, row index)`,
+    their teacher prompts' ids, and the number of distinct rows. Every row is checked as the trainer checks it first,
+    on every process, so that all of them stop (none waits for the others at the next barrier)."""
+    from ..teacher import teacher_position_limit
+
     column = args.privileged_context_column
     prompts, contexts = dataset["prompt"], dataset[column]
     first_row = _distinct_rows(prompts, contexts, args)
@@ -230,95 +271,63 @@ def build_teacher_pool(
     config = (model.get_base_model() if hasattr(model, "peft_config") else model).config
     builder = teacher_prompt_builder(tokenizer, args, teacher_position_limit(config, args, backend == "vllm"))
     as_rows = lambda pairs: [{"prompt": prompts[r], column: contexts[r]} for _, r in pairs]  # noqa: E731
-    # Every process checks every row, so that all of them stop (none waits for the others at the next barrier)
     for start in range(0, len(todo), 1024):
         chunk = todo[start : start + 1024]
         builder.check_rows(as_rows(chunk), [r for _, r in chunk])
     rows = as_rows(mine)
     teacher_prompts, _ = builder([row["prompt"] for row in rows], rows, [r for _, r in mine]) if rows else ([], [])
-    prompt_ids = tokenize_prompts(tokenizer, teacher_prompts, args.chat_template_kwargs)
-    # Longest first: similar lengths share a batch (less padding), and a memory problem shows up at once
-    order = sorted(range(len(mine)), key=lambda i: -len(prompt_ids[i]))
+    return mine, tokenize_prompts(tokenizer, teacher_prompts, args.chat_template_kwargs), len(first_row)
 
-    if backend == "vllm":
-        # The engine samples in the precision the teacher is scored in below (bf16 autocast, or the model's dtype)
-        scored_dtype = "bfloat16" if args.bf16 else str(next(model.parameters()).dtype).removeprefix("torch.")
-        sampler = VLLMSampler(
-            model_name_or_path or model.config._name_or_path,
-            args,
-            eos_ids,
-            vllm_gpu_memory_utilization,
-            seed,
-            dtype=scored_dtype,
-        )
-    else:
-        sampler = HFSampler(model, tokenizer, args, eos_ids, device, bf16=bool(args.bf16))
-    if batch_size is None:
-        batch_size = default_pool_batch_size(device, num_samples)
-    prompts_per_batch = max(1, batch_size // num_samples)
-    bar = tqdm(
-        total=len(mine) * num_samples,
-        unit="sample",
-        desc=f"teacher pool ({sampler.name})",
-        disable=not (progress and state.is_main_process),
-        dynamic_ncols=True,
-    )
+
+def _draw_all(draw, mine, prompt_ids, output_dir, state, bar, prompts_per_batch, seed, stop_after_batches) -> None:
+    """Draw this process's rows batch by batch (longest first: similar lengths share a batch, and a memory problem
+    shows up at once), each batch seeded from `seed` and its first row and written as a part of its own."""
+    prompts_per_batch = max(1, prompts_per_batch)
+    order = sorted(range(len(mine)), key=lambda i: -len(prompt_ids[i]))
     generated, started = 0, time.perf_counter()
     for b, start in enumerate(range(0, len(order), prompts_per_batch)):
         if stop_after_batches is not None and b >= stop_after_batches:
             break
         batch = order[start : start + prompts_per_batch]
-        first_key = mine[batch[0]][0]
-        torch.manual_seed(int(hashlib.sha256(f"{seed}:{first_key}".encode()).hexdigest()[:8], 16))
-        with base_weights():
-            samples, decoded_logps = sampler.sample([prompt_ids[i] for i in batch], num_samples)
-        records = []
-        flat_prompts, flat_completions = [], []
-        for i, drawn in zip(batch, samples, strict=True):
-            drawn = [cut_after_eos(ids, eos_ids) for ids in drawn]
-            flat_prompts += [prompt_ids[i]] * num_samples
-            flat_completions += drawn
-            records.append(
-                {
-                    "key": mine[i][0],
-                    "row": mine[i][1],
-                    "completion_ids": drawn,
-                    "teacher_prompt_length": len(prompt_ids[i]),
-                }
-            )
-        if decoded_logps is not None:
-            logps = [logp for drawn in decoded_logps for logp in drawn]
-        else:
-            with base_weights():
-                logps = sequence_logps(
-                    model,
-                    flat_prompts,
-                    flat_completions,
-                    args.temperature,
-                    tokenizer.pad_token_id,
-                    device,
-                    bf16=bool(args.bf16),
-                )
-        for j, record in enumerate(records):
-            record["teacher_logps"] = logps[j * num_samples : (j + 1) * num_samples]
+        torch.manual_seed(int(hashlib.sha256(f"{seed}:{mine[batch[0]][0]}".encode()).hexdigest()[:8], 16))
+        records = draw([mine[i] for i in batch], [prompt_ids[i] for i in batch])
         _write_part(output_dir, state.process_index, records)
-        generated += sum(len(c) for c in flat_completions)
-        bar.update(len(flat_completions))
+        drawn = [ids for record in records for ids in record["completion_ids"]]
+        generated += sum(len(ids) for ids in drawn)
+        bar.update(len(drawn))
         bar.set_postfix_str(f"{generated / (time.perf_counter() - started):.0f} tok/s")
     bar.close()
-    model.train(was_training)
 
-    state.wait_for_everyone()
-    if stop_after_batches is not None and len(_done_keys(output_dir)) < len(first_row):
-        return None
-    if state.is_main_process:
-        merged = _merge_parts(output_dir)
-        final = _read_stamp(output_dir)
-        final.update(complete=True, rows=len(merged))
-        _write_json_atomic(os.path.join(output_dir, POOL_STAMP_FILE), final)
-    state.wait_for_everyone()
-    dataset_out, _ = load_teacher_pool(output_dir)
-    return dataset_out
+
+def _draw_batch(model, tokenizer, sampler, args, eos_ids, device, num_samples, rows, prompt_ids) -> list[dict]:
+    """One batch's records: K completions of each row (cut after EOS) and their teacher log-probs (from the decoding
+    steps, or scored with the base teacher's weights)."""
+    # A PEFT model's base teacher is the model with its adapters disabled
+    base_weights = model.disable_adapter if hasattr(model, "peft_config") else contextlib.nullcontext
+    with base_weights():
+        samples, decoded_logps = sampler.sample(prompt_ids, num_samples)
+    records, flat_prompts, flat_completions = [], [], []
+    for (key, row), ids, drawn in zip(rows, prompt_ids, samples, strict=True):
+        drawn = [cut_after_eos(completion, eos_ids) for completion in drawn]
+        flat_prompts += [ids] * num_samples
+        flat_completions += drawn
+        records.append({"key": key, "row": row, "completion_ids": drawn, "teacher_prompt_length": len(ids)})
+    if decoded_logps is not None:
+        logps = [logp for drawn in decoded_logps for logp in drawn]
+    else:
+        with base_weights():
+            logps = sequence_logps(
+                model,
+                flat_prompts,
+                flat_completions,
+                args.temperature,
+                tokenizer.pad_token_id,
+                device,
+                bf16=bool(args.bf16),
+            )
+    for j, record in enumerate(records):
+        record["teacher_logps"] = logps[j * num_samples : (j + 1) * num_samples]
+    return records
 
 
 def load_teacher_pool(path: str):
