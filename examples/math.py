@@ -52,22 +52,12 @@ import sys
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
-import time
-from pathlib import Path
-
 from accelerate import PartialState
-from trl import get_peft_config
 
-from pbsd_trl import PBSDTrainer
 from pbsd_trl.callbacks import SignalCheckpointCallback
-from pbsd_trl.data.loading import load_train_and_eval_datasets
 from pbsd_trl.data.tasks import TASKS
-from pbsd_trl.evaluate import evaluate_student_and_teacher
-from pbsd_trl.models import load_model_and_tokenizer
-from pbsd_trl.pool import use_default_pool
-from pbsd_trl.report import output_listing, plot_training_curves, results_table, summary_line, write_results
-from pbsd_trl.scripts.utils import parse_args, resume_arg, set_num_threads
-from pbsd_trl.tiny import get_base_model
+from pbsd_trl.scripts.task_example import run_task_example
+from pbsd_trl.scripts.utils import parse_args, task_parser
 
 
 TASK = TASKS["math"]
@@ -76,119 +66,15 @@ TITLE = "PBSD on the built-in arithmetic task"
 DEFAULTS = {"output_dir": "pbsd-math-tiny", "max_completion_length": 56, "learning_rate": 1e-4, "max_steps": 80}
 
 
+def make_parser():
+    """TRL's `TrlParser` over `(ScriptArguments, PBSDConfig, ModelConfig)`, with this script's defaults."""
+    return task_parser(TASK, DEFAULTS)
+
+
 def main(argv=None):
-    start = time.perf_counter()
     script_args, training_args, model_args = parse_args(TASK, DEFAULTS, argv)
-    state = PartialState()
-    say = print if state.is_main_process else lambda *args: None
-
-    # Data first: a bad file or a missing column fails before any model is built
-    context_column = training_args.privileged_context_column
-    train_dataset, eval_dataset = load_train_and_eval_datasets(
-        TASK, **script_args.dataset_kwargs(context_column, training_args.seed)
-    )
-
-    # Model: the built-in tiny base model (shipped in the package) unless --model_name_or_path
-    model_path = model_args.model_name_or_path
-    set_num_threads(script_args.num_threads, model_path is None, training_args.use_cpu, state.num_processes)
-    if model_path is None:
-        with state.main_process_first():
-            model_path = get_base_model(
-                TASK.name, build=script_args.build_base_model, progress_bar=state.is_main_process
-            )
-    attention = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
-    model, tokenizer = load_model_and_tokenizer(
-        model_path, dtype=model_args.dtype, revision=model_args.model_revision, **attention
-    )
-
-    # Rewards: final-answer equivalence (math-verify under a hard time limit)
-    reward_funcs = list(TASK.reward_funcs)
-
-    k = script_args.eval_k
-
-    def evaluate(net, label):
-        """Student and teacher-with-context Avg@k, on the main process."""
-        if eval_dataset is None or not state.is_main_process:
-            return None
-        reports = evaluate_student_and_teacher(
-            net,
-            tokenizer,
-            eval_dataset,
-            reward_funcs,
-            k,
-            teacher=script_args.eval_teacher,
-            description=label,
-            batch_size=script_args.eval_batch_size,
-            max_new_tokens=training_args.max_completion_length,
-            temperature=training_args.temperature,
-            teacher_prompt_template=training_args.teacher_prompt_template,
-            privileged_context_column=context_column,
-            seed=training_args.seed,
-        )
-        say(f"[pbsd] {label}: {summary_line(reports, k)}", flush=True)
-        return reports
-
-    resume = resume_arg(training_args.resume_from_checkpoint)
-    before = evaluate(model, "before training") if resume is None else None
-    state.wait_for_everyone()
-
-    # Train
     stopper = SignalCheckpointCallback()  # SIGTERM / Ctrl-C: checkpoint at the end of the step, then stop
-    trainer = PBSDTrainer(
-        model=model,
-        reward_funcs=reward_funcs,
-        args=training_args,
-        train_dataset=train_dataset,
-        processing_class=tokenizer,
-        peft_config=get_peft_config(model_args),
-        callbacks=[stopper],
-    )
-    if script_args.auto_teacher_pool:  # the fixed base teacher's samples, drawn in large batches before training
-        use_default_pool(trainer, train_dataset, say=say)
-    train_start = time.perf_counter()
-    try:
-        trainer.train(resume_from_checkpoint=resume)
-    finally:  # when train() raises, on_train_end never runs: give the caller its signal handlers back here
-        stopper.uninstall()
-    train_seconds = time.perf_counter() - train_start
-    out_dir = Path(training_args.output_dir)
-
-    # Evaluate the trained model (unless interrupted: then say how to resume)
-    after = None
-    if stopper.stop_requested:
-        checkpoint = out_dir / f"checkpoint-{trainer.state.global_step}"
-        say(f"[pbsd] Interrupted: continue with the same command plus --resume_from_checkpoint {checkpoint}")
-    else:
-        trainer.save_model(str(out_dir))  # every process: collective under DeepSpeed ZeRO-3
-        if state.is_main_process:
-            tokenizer.save_pretrained(str(out_dir))
-        state.wait_for_everyone()
-        after = evaluate(trainer.accelerator.unwrap_model(trainer.model), "after training")
-    state.wait_for_everyone()
-
-    # Report: results.json, results.md, training_curves.png
-    results = {
-        "task": TASK.name,
-        "model": model_path,
-        "dataset": script_args.dataset_name or f"builtin:{TASK.name}",
-        "k": k,
-        "global_step": trainer.state.global_step,
-        "train_seconds": round(train_seconds, 1),
-        "interrupted": stopper.stop_requested,
-        "before": before,
-        "after": after,
-    }
-    if state.is_main_process:
-        plot = None
-        if script_args.plot:
-            plot = plot_training_curves(trainer.state.log_history, out_dir / "training_curves.png", title=TITLE)
-        results["training_curves"] = str(plot) if plot else None
-        results["total_seconds"] = round(time.perf_counter() - start, 1)
-        table = results_table(before, after, k) if (before or after) else "(no evaluation)"
-        write_results(out_dir, results, table, TITLE)
-        say(f"\n{table}\n\n{output_listing(out_dir)}\n[pbsd] Total time {results['total_seconds']:.0f} s")
-    state.wait_for_everyone()
-    return results
+    return run_task_example(TASK, TITLE, script_args, training_args, model_args, stopper)
 
 
 if __name__ == "__main__":

@@ -151,15 +151,23 @@ def parse_args(
     [`EXAMPLE_DEFAULTS`], the task's teacher prompt template and `defaults` apply only where neither the command line
     nor the config file sets a value; without CUDA, `use_cpu=True` and `bf16=False`.
     """
+    parser = task_parser(task, defaults)
+    with warnings.catch_warnings():
+        # Our default sets GRPO's `gradient_checkpointing` (so that the user's flag still works); not worth a warning
+        warnings.filterwarnings("ignore", message="`gradient_checkpointing` is deprecated", category=FutureWarning)
+        return parser.parse_args_and_config(args=list(argv) if argv is not None else None)
+
+
+def task_parser(task: TaskSpec, defaults: dict[str, Any]) -> TrlParser:
+    """TRL's `TrlParser` over `(ScriptArguments, PBSDConfig, ModelConfig)` with [`EXAMPLE_DEFAULTS`], the task's
+    teacher prompt template and `defaults` (without CUDA also `use_cpu=True`, `bf16=False`) where neither the command
+    line nor a `--config` file sets a value."""
     parser = TrlParser((ScriptArguments, PBSDConfig, ModelConfig))
     device_defaults = {} if torch.cuda.is_available() else {"use_cpu": True, "bf16": False}
     parser.set_defaults_with_config(
         **EXAMPLE_DEFAULTS, teacher_prompt_template=task.teacher_prompt_template, **device_defaults, **defaults
     )
-    with warnings.catch_warnings():
-        # Our default sets GRPO's `gradient_checkpointing` (so that the user's flag still works); not worth a warning
-        warnings.filterwarnings("ignore", message="`gradient_checkpointing` is deprecated", category=FutureWarning)
-        return parser.parse_args_and_config(args=list(argv) if argv is not None else None)
+    return parser
 
 
 def resume_arg(value: str | None) -> str | bool | None:
