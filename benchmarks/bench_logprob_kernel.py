@@ -2,11 +2,11 @@
 Forward+backward time and extra peak memory of the PBSD log-prob computation, for three contenders doing the same work:
 student log-probs with backward, teacher log-probs forward-only, loss `(student_logps * w).sum() + gap.sum()`.
 
-- `naive`: full `[B, T, V]` logits, `log_softmax` + `gather` (`pbsd_trl.ops.reference_logprob_gap`);
+- `naive`: full `[B, T, V]` logits, `log_softmax` + `gather` (`pbsd_trl.kernels.reference_logprob_gap`);
 - `trl`: TRL's `ChunkedLogProbFunction`, called as `add_fused_lm_head` does (compact rows on Triton devices, every
   position scored then masked elsewhere; on CPU its torch fallback runs);
-- `ours`: `pbsd_trl.ops.fused_logprob_gap`, student and teacher rows in one call;
-- `1path`: what `PBSDTrainer` runs (`use_fused_logprob_kernel=True`): `pbsd_trl.ops.fused_logprobs`, the single-path
+- `ours`: `pbsd_trl.kernels.fused_logprob_gap`, student and teacher rows in one call;
+- `1path`: what `PBSDTrainer` runs (`use_fused_logprob_kernel=True`): `pbsd_trl.kernels.logprob_kernel`, the single-path
   form of the same autograd function, once for the student (with backward) and once for the teacher (no grad).
 
 Contenders are interleaved within each repetition (rotating the order) and medians are reported, because the host may
@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from bench_utils import PeakMemory, machine_description, pyplot, report_header, result_stem
 
-from pbsd_trl.ops import fused_logprob_gap, fused_logprobs, reference_logprob_gap
+from pbsd_trl.kernels import fused_logprob_gap, fused_logprobs, reference_logprob_gap
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -223,8 +223,8 @@ def write_markdown(path, results, sweep_result, machine, args, command):
         " `(student_logps * w).sum() + gap.sum()`, backward into the student hidden states and the head weight.",
         "- `naive`: full-logits `log_softmax` + `gather`; `trl`: TRL's `ChunkedLogProbFunction` called as"
         " `add_fused_lm_head` calls it (on CPU: torch fallback, every position scored then masked); `ours`:"
-        " `pbsd_trl.ops.fused_logprob_gap` with its default tiles; `1path`: what `PBSDTrainer` runs,"
-        " `pbsd_trl.ops.fused_logprobs` once for the student (with backward) and once for the teacher (no grad).",
+        " `pbsd_trl.kernels.fused_logprob_gap` with its default tiles; `1path`: what `PBSDTrainer` runs,"
+        " `pbsd_trl.kernels.logprob_kernel` once for the student (with backward) and once for the teacher (no grad).",
         "- Extra peak memory: peak during forward+backward over what is live before it (inputs), minus the returned"
         " gradients. CPU: resident high-water mark (`VmHWM` after resetting it through `/proc/self/clear_refs`) minus"
         " the resident size right before the run, after `gc.collect()` and `malloc_trim(0)`; this counts every page"

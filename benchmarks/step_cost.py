@@ -285,7 +285,7 @@ def grpo_with_prefill():
     CPU each prompt's cache attended to once for its samples)."""
     from trl import GRPOTrainer
 
-    from pbsd_trl.shared_prefix import shared_prompt_prefill
+    from pbsd_trl.kernels.shared_prefix import shared_prompt_prefill
 
     class GRPOPrefillOnce(GRPOTrainer):
         def _generate_single_turn(self, *args, **kwargs):

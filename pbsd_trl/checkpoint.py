@@ -12,7 +12,7 @@ import os
 import struct
 import zipfile
 
-from .teacher_model import TEACHER_STATE_FILE
+from .teacher.weights import TEACHER_STATE_FILE
 
 
 CHECKPOINT_INFO_FILE = "pbsd_checkpoint.json"

@@ -7,7 +7,7 @@ import torch
 
 from .checkpoint import CheckpointError, check_checkpoint, checkpoint_info, write_checkpoint_info
 from .pool.state import load_pool_state, save_pool_state
-from .teacher_model import TEACHER_STATE_FILE
+from .teacher.weights import TEACHER_STATE_FILE
 
 
 class PBSDCheckpoints:

@@ -10,7 +10,7 @@ For each problem, `k` completions are sampled (temperature 1.0 by default) and s
 - `per_problem`: each problem's mean reward over its `k` samples.
 
 With `with_privileged_context=True` the model is prompted like PBSD's teacher (the prompt with the privileged context
-folded in by `teacher_prompt_template`, see [`~pbsd_trl.teacher.compose_teacher_prompt`]), while the reward still
+folded in by `teacher_prompt_template`, see [`~pbsd_trl.teacher.prompts.compose_teacher_prompt`]), while the reward still
 judges the answer to the student's question, exactly as during training.
 
 Generation is batched: `batch_size` problems × `k` samples per HF `generate` call (`num_return_sequences=k`, left
@@ -32,7 +32,7 @@ from transformers import AutoModelForCausalLM
 from .config import DEFAULT_TEACHER_PROMPT_TEMPLATE
 from .logprobs import pad_token_lists
 from .rewards import combine_rewards
-from .teacher import check_privileged_context, compose_teacher_prompt
+from .teacher.prompts import check_privileged_context, compose_teacher_prompt
 from .tokens import cut_after_eos, tokenize_prompts
 
 

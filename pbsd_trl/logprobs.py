@@ -17,7 +17,7 @@ import types
 import torch
 from trl.trainer.utils import maybe_gather_lm_head_ctx, pad
 
-from .ops import fused_logprobs
+from .kernels import fused_logprobs
 
 
 def head_logit_transform(model) -> tuple[float | None, float]:

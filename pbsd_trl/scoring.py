@@ -5,6 +5,7 @@ import torch
 from accelerate.utils import gather
 from trl.models.utils import disable_gradient_checkpointing
 
+from .kernels.shared_prefix import shared_prefix_token_logps, supports_shared_prefix
 from .logprobs import (
     concat_prompt_completion,
     right_pad_to,
@@ -12,7 +13,6 @@ from .logprobs import (
 from .loss import (
     implicit_log_ratios,
 )
-from .shared_prefix import shared_prefix_token_logps, supports_shared_prefix
 
 
 class SequenceScoring:
@@ -23,7 +23,7 @@ class SequenceScoring:
         (no gradient).
 
         With pbsd-trl's kernel on a supported model, the rows of a prompt group share one teacher-prompt forward
-        whose KV cache serves all their completions, of every set (`pbsd_trl.shared_prefix`); else one
+        whose KV cache serves all their completions, of every set (`pbsd_trl.kernels.shared_prefix`); else one
         `[prompt ; completion]` pass per set.
         """
         model = self.accelerator.unwrap_model(scorer)

@@ -34,14 +34,14 @@ from .pool.trainer_pool import TeacherPoolSamples
 from .rewards.guard import guard_environment_rewards, guard_reward_funcs
 from .rewards.trainer_rewards import RewardTables
 from .scoring import SequenceScoring
-from .teacher import (
+from .teacher.batch import TeacherBatch, TeacherDraw, TeacherRows
+from .teacher.generation import TeacherGeneration
+from .teacher.prompts import (
     ROW_INDEX_COLUMN,
     TeacherPromptBuilder,
     teacher_position_limit,
 )
-from .teacher_batch import TeacherBatch, TeacherDraw, TeacherRows
-from .teacher_generation import TeacherGeneration
-from .teacher_model import TeacherEMACallback, TeacherWeights
+from .teacher.weights import TeacherEMACallback, TeacherWeights
 from .trainer_checks import (
     check_privileged_column,
     check_teacher_prompts,

@@ -4,7 +4,7 @@ row or tokenizer fails with its name before any model is built or any step runs,
 from datasets import Dataset
 
 from .config import PBSDConfig
-from .teacher import check_privileged_context, check_prompt
+from .teacher.prompts import check_privileged_context, check_prompt
 
 
 # Rows per chunk of the construction-time scans of map-style datasets

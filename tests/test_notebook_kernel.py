@@ -17,7 +17,7 @@ from transformers import TrainerCallback
 
 from pbsd_trl import PBSDTrainer
 from pbsd_trl.data.math_task import make_math_dataset
-from pbsd_trl.teacher_model import TeacherEMACallback
+from pbsd_trl.teacher.weights import TeacherEMACallback
 from pbsd_trl.tiny import build_char_tokenizer, build_random_model
 
 

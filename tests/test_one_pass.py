@@ -117,7 +117,7 @@ def test_one_pass_is_not_used_where_weights_differ(tmp_path, setup):
 def test_shared_prompt_prefill_draws_the_same_samples(tmp_path, setup, monkeypatch, case):
     """Prefilling each distinct prompt once (student, teacher and one-pass `generate` calls): the same samples for
     the same seed, with sampling on, and the same loss."""
-    import pbsd_trl.shared_prefix as shared_prefix
+    import pbsd_trl.kernels.shared_prefix as shared_prefix
 
     dataset = setup[1]
     kwargs = {"generation_kwargs": {"do_sample": True}}

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pbsd_trl.ops import fused_logprob_gap, fused_logprobs, reference_logprob_gap, reference_logprobs
+from pbsd_trl.kernels import fused_logprob_gap, fused_logprobs, reference_logprob_gap, reference_logprobs
 
 
 # Tiny tiles that divide neither the token count nor the vocabulary, so both tilings and their remainders run
@@ -161,7 +161,7 @@ def test_cuda_matches_float64_reference(dtype, atol):
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_low_precision_gemm_path(monkeypatch, with_bias):
     # The path accelerators take (bf16 GEMMs into fp32 statistics), forced on CPU so that CI covers it
-    import pbsd_trl.ops.logprob_gap as op
+    import pbsd_trl.kernels.logprob_kernel as op
 
     monkeypatch.setattr(op, "_compute_dtype", lambda dtype, device: dtype)
     student, teacher, weight, labels = make_inputs(dtype=torch.bfloat16)
@@ -312,7 +312,7 @@ def test_softcap_gradcheck_float64():
 
 
 def test_softcap_low_precision_gemm_path(monkeypatch):
-    import pbsd_trl.ops.logprob_gap as op
+    import pbsd_trl.kernels.logprob_kernel as op
 
     monkeypatch.setattr(op, "_compute_dtype", lambda dtype, device: dtype)
     student, teacher, weight, labels = make_inputs(dtype=torch.bfloat16)

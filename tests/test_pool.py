@@ -330,7 +330,7 @@ def test_default_pool_batch_size_by_device():
 
 def test_build_prefills_each_rows_prompt_once(tmp_path, model, tokenizer, dataset, monkeypatch):
     """The K samples of a row share one prefill of its teacher prompt, and the stored log-probs stay the teacher's."""
-    import pbsd_trl.shared_prefix as shared_prefix
+    import pbsd_trl.kernels.shared_prefix as shared_prefix
 
     calls = []
     original = shared_prefix.generate_with_shared_prefill

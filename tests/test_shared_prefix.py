@@ -8,7 +8,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from testing_utils import perturb_lora_adapters
 
-from pbsd_trl.shared_prefix import shared_prefix_token_logps
+from pbsd_trl.kernels.shared_prefix import shared_prefix_token_logps
 from pbsd_trl.tiny import build_char_tokenizer, build_random_model
 
 
@@ -30,7 +30,7 @@ def full_forward_logps(model, prompt_ids, prompt_mask, completion_ids, completio
 def test_shared_prefix_equals_full_forward(max_rows, peft, overhead, monkeypatch):
     """`overhead` 0: every distinct completion length runs as its own group, cut to that length; None: one group (as
     off the CPU)."""
-    import pbsd_trl.shared_prefix as shared_prefix
+    import pbsd_trl.kernels.shared_prefix as shared_prefix
 
     length_groups = shared_prefix._length_groups
     monkeypatch.setattr(shared_prefix, "_length_groups", lambda lengths, _: length_groups(lengths, overhead))
@@ -74,7 +74,7 @@ def test_shared_prefix_equals_full_forward(max_rows, peft, overhead, monkeypatch
 @pytest.mark.parametrize("overhead", [0, 8, 64])
 def test_length_groups_run_the_fewest_positions(lengths, overhead):
     """Against every split of the length-sorted completions into consecutive groups (brute force)."""
-    from pbsd_trl.shared_prefix import _length_groups
+    from pbsd_trl.kernels.shared_prefix import _length_groups
 
     assert _length_groups(lengths, overhead=None) == [list(range(len(lengths)))]
     groups = _length_groups(lengths, overhead=overhead)
@@ -93,7 +93,7 @@ def test_length_groups_run_the_fewest_positions(lengths, overhead):
 
 
 def test_width_groups_pad_no_prompt_to_more_than_twice_its_length():
-    from pbsd_trl.shared_prefix import _width_groups
+    from pbsd_trl.kernels.shared_prefix import _width_groups
 
     lengths = [95, 15, 80, 14, 96, 16, 40, 47]
     groups = _width_groups(lengths)
@@ -149,7 +149,7 @@ def _tiny_lm(peft: bool):
 def test_shared_prompt_prefill_generates_the_same_samples(do_sample, peft, extra_padding, lengths):
     from transformers import GenerationConfig
 
-    from pbsd_trl.shared_prefix import shared_prompt_prefill
+    from pbsd_trl.kernels.shared_prefix import shared_prompt_prefill
 
     tok, model = _tiny_lm(peft)
     ids, mask = _repeated_prompt_batch(
@@ -180,7 +180,7 @@ def test_shared_prompt_prefill_generates_the_same_samples(do_sample, peft, extra
 def test_shared_prompt_prefill_leaves_other_calls_plain():
     from transformers import GenerationConfig
 
-    from pbsd_trl.shared_prefix import can_prefill_once, shared_prompt_prefill
+    from pbsd_trl.kernels.shared_prefix import can_prefill_once, shared_prompt_prefill
 
     tok, model = _tiny_lm(peft=False)
     ids, mask = _repeated_prompt_batch(tok, model.config.vocab_size, lengths=[6, 8], repeats=2)
@@ -213,7 +213,7 @@ def test_shared_prompt_prefill_leaves_other_calls_plain():
 
 def test_preallocated_cache_appends_like_concatenation():
     """The in-place cache holds what DynamicCache's concatenation holds, also once it outgrows its room."""
-    from pbsd_trl.shared_prefix import _preallocate
+    from pbsd_trl.kernels.shared_prefix import _preallocate
 
     tok, model = _tiny_lm(peft=False)
     ids, mask = _repeated_prompt_batch(tok, model.config.vocab_size, lengths=[5, 7], repeats=2)
@@ -245,7 +245,7 @@ def test_shared_prefix_attention_equals_attention_over_the_repeated_cache(q_len,
 
     from transformers.cache_utils import DynamicLayer
 
-    from pbsd_trl.shared_attention import _share_prefix, shared_prefix_attention
+    from pbsd_trl.kernels.shared_attention import _share_prefix, shared_prefix_attention
 
     gen = torch.Generator().manual_seed(0)
     units, group, heads, kv_heads, dim, prompt = 3, 4, 4, 2, 8, 7
@@ -287,8 +287,8 @@ def test_generation_attends_to_each_prompt_once_where_groups_are_equal(repeats, 
     tokens and logits as a plain call; unequal groups keep the repeated cache."""
     from transformers import GenerationConfig
 
-    import pbsd_trl.shared_attention as shared_attention
-    import pbsd_trl.shared_prefix as shared_prefix
+    import pbsd_trl.kernels.shared_attention as shared_attention
+    import pbsd_trl.kernels.shared_prefix as shared_prefix
 
     tok, model = _tiny_lm(peft=False)
     ids, mask = _repeated_prompt_batch(
@@ -330,7 +330,7 @@ def test_generation_falls_back_where_the_model_attention_is_not_plain(monkeypatc
     from transformers import AttentionInterface, GenerationConfig
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from pbsd_trl.shared_prefix import shared_prompt_prefill
+    from pbsd_trl.kernels.shared_prefix import shared_prompt_prefill
 
     tok, model = _tiny_lm(peft=False)
     ids, mask = _repeated_prompt_batch(tok, model.config.vocab_size, lengths=[5, 8], repeats=3)
@@ -403,8 +403,8 @@ def test_shared_prefix_generation_across_architectures(name, monkeypatch):
     import transformers
     from transformers import GenerationConfig
 
-    import pbsd_trl.shared_attention as shared_attention
-    from pbsd_trl.shared_prefix import shared_prompt_prefill
+    import pbsd_trl.kernels.shared_attention as shared_attention
+    from pbsd_trl.kernels.shared_prefix import shared_prompt_prefill
 
     config_class, extra, shares = _ARCHITECTURES[name]
     fields = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)

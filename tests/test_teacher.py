@@ -2,7 +2,12 @@
 
 import pytest
 
-from pbsd_trl.teacher import ROW_INDEX_COLUMN, TeacherPromptBuilder, check_privileged_context, compose_teacher_prompt
+from pbsd_trl.teacher.prompts import (
+    ROW_INDEX_COLUMN,
+    TeacherPromptBuilder,
+    check_privileged_context,
+    compose_teacher_prompt,
+)
 from pbsd_trl.tiny import build_char_tokenizer
 
 

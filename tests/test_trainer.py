@@ -13,7 +13,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from pbsd_trl import PBSDConfig, PBSDTrainer
 from pbsd_trl.data.math_task import make_math_dataset
-from pbsd_trl.teacher_model import TEACHER_ADAPTER_NAME
+from pbsd_trl.teacher.weights import TEACHER_ADAPTER_NAME
 from pbsd_trl.tiny import build_random_model
 
 

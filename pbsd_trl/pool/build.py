@@ -107,7 +107,7 @@ def _merge_parts(output_dir: str):
 def _distinct_rows(prompts, contexts, args) -> dict[str, int]:
     """Key -> first row of each distinct (prompt, context), every row checked as the trainer checks it at
     construction (before any sampling: a row the trainer would refuse is refused now)."""
-    from ..teacher import check_privileged_context, check_prompt
+    from ..teacher.prompts import check_privileged_context, check_prompt
 
     first_row: dict[str, int] = {}
     for i, (prompt, context) in enumerate(zip(prompts, contexts, strict=True)):
@@ -258,7 +258,7 @@ def _rows_to_draw(model, tokenizer, dataset, args, output_dir: str, backend: str
     """`(mine, prompt_ids, num_rows)`: this process's share of the distinct rows not drawn yet, as `(key, row index)`,
     their teacher prompts' ids, and the number of distinct rows. Every row is checked as the trainer checks it first,
     on every process, so that all of them stop (none waits for the others at the next barrier)."""
-    from ..teacher import teacher_position_limit
+    from ..teacher.prompts import teacher_position_limit
 
     column = args.privileged_context_column
     prompts, contexts = dataset["prompt"], dataset[column]

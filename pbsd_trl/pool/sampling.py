@@ -7,8 +7,8 @@ import functools
 
 import torch
 
+from ..kernels.shared_prefix import shared_prompt_prefill
 from ..logprobs import pad_token_lists, record_sampled_token_logps, use_decoding_logps
-from ..shared_prefix import shared_prompt_prefill
 from ..tokens import cut_after_eos, tokenize_prompts  # noqa: F401  (part of `pbsd_trl.pool`'s API)
 
 
@@ -16,7 +16,7 @@ from ..tokens import cut_after_eos, tokenize_prompts  # noqa: F401  (part of `pb
 def teacher_prompt_builder(tokenizer, args, position_limit: tuple[int, str] | None = None):
     """The trainer's [`TeacherPromptBuilder`] for `args`, tokenizing as GRPOTrainer does; `position_limit` as the
     trainer's ([`teacher_position_limit`])."""
-    from ..teacher import TeacherPromptBuilder
+    from ..teacher.prompts import TeacherPromptBuilder
 
     kwargs = args.chat_template_kwargs or {}
     return TeacherPromptBuilder(
@@ -51,11 +51,11 @@ def sequence_logps(
     The same computation as the trainer's teacher scoring with pbsd-trl's fused kernel (left-padded prompt,
     right-padded completion, hidden states through the LM head in fp32 without `[tokens, vocab]` logits): on a
     supported model each distinct prompt is run once and its KV cache serves its K completions
-    (`pbsd_trl.shared_prefix`), else one `[prompt ; completion]` forward per row.
+    (`pbsd_trl.kernels.shared_prefix`), else one `[prompt ; completion]` forward per row.
     """
+    from ..kernels import fused_logprobs
+    from ..kernels.shared_prefix import shared_prefix_token_logps, supports_shared_prefix
     from ..logprobs import concat_prompt_completion, head_logit_transform
-    from ..ops import fused_logprobs
-    from ..shared_prefix import shared_prefix_token_logps, supports_shared_prefix
 
     p_ids, p_mask = pad_token_lists(prompt_ids, pad_id, "left", device)
     c_ids, c_mask = pad_token_lists(completion_ids, pad_id, "right", device)

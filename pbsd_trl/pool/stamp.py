@@ -59,7 +59,7 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     With a PEFT model the adapters are skipped (the `base` teacher is the adapter-disabled model), so a pool drawn
     from a plain model serves a LoRA student of the same model. ZeRO-3 partitioned parameters are gathered.
     """
-    from ..teacher_model import _gathered
+    from ..teacher.weights import _gathered
 
     adapters = _adapter_names(model)
     digest = hashlib.sha256()

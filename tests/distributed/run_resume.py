@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 from common import build_trainer, finish_launched_run, step_logs, write_json  # noqa: E402
 
-from pbsd_trl.teacher_model import _gathered  # noqa: E402
+from pbsd_trl.teacher.weights import _gathered  # noqa: E402
 
 
 def _student_params(trainer) -> dict[str, torch.Tensor]:

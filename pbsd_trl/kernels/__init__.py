@@ -1,4 +1,4 @@
-from .logprob_gap import FusedLogProbGapFunction, fused_logprob_gap, fused_logprobs
+from .logprob_kernel import FusedLogProbGapFunction, fused_logprob_gap, fused_logprobs
 from .reference import reference_logprob_gap, reference_logprobs
 
 

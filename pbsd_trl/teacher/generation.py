@@ -6,12 +6,12 @@ import contextlib
 
 import torch
 
-from .logprobs import (
+from ..kernels.shared_prefix import shared_prompt_prefill
+from ..logprobs import (
     record_sampled_token_logps,
     use_decoding_logps,
 )
-from .shared_prefix import shared_prompt_prefill
-from .teacher_model import TEACHER_ADAPTER_NAME
+from .weights import TEACHER_ADAPTER_NAME
 
 
 def _lora_row_scalings(model, adapter_names):
@@ -207,7 +207,7 @@ class TeacherGeneration:
     @contextlib.contextmanager
     def _shared_prompt_prefill(self, images, select_rows=None, share_attention=None):
         """GRPO's HF `generate` call with each distinct prompt row prefilled once and, on CPU, each prompt's cache
-        attended to once for its samples (`pbsd_trl.shared_prefix`); `share_attention` as in
+        attended to once for its samples (`pbsd_trl.kernels.shared_prefix`); `share_attention` as in
         [`shared_prompt_prefill`]."""
         model = self.accelerator.unwrap_model(self.model_wrapped)
         if (

@@ -21,8 +21,8 @@ import warnings
 import torch
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
-from .logprobs import head_logit_transform
-from .ops import fused_logprobs
+from ..logprobs import head_logit_transform
+from .logprob_kernel import fused_logprobs
 from .shared_attention import (
     SHARED_PREFIX_ATTENTION,
     SharedPrefixAttentionUnsupported,

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .logprobs import pad_token_lists
+from ..logprobs import pad_token_lists
 
 
 @dataclass(frozen=True)
