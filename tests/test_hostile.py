@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 from datasets import Dataset, IterableDataset
+from testing_utils import TEMPLATE
 
 from pbsd_trl import PBSDConfig, PBSDTrainer
 from pbsd_trl.checkpoint import CheckpointError
@@ -20,17 +21,11 @@ from pbsd_trl.tiny import build_char_tokenizer, build_random_model
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TEMPLATE = "{prompt} Reference solution: {privileged_context}"
 INF, NAN = float("inf"), float("nan")
 
 
 def contains_answer(completions, answer, **kwargs):
     return [float(a in c[0]["content"]) for c, a in zip(completions, answer, strict=True)]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_char_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -17,16 +17,15 @@ import time
 import pytest
 import torch
 from datasets import Dataset, IterableDataset
-from testing_utils import ScriptedAnswerTrainer, multiply, tiny_pbsd_config, tool_tokenizer
+from testing_utils import TEMPLATE, ScriptedAnswerTrainer, multiply, tiny_pbsd_config, tool_tokenizer
 
 from pbsd_trl import PBSDTrainer
 from pbsd_trl.data.math_task import make_math_dataset
 from pbsd_trl.pool import POOL_STAMP_FILE, TeacherPool, TeacherPoolError, build_teacher_pool, weights_fingerprint
-from pbsd_trl.tiny import build_char_tokenizer, build_random_model
+from pbsd_trl.tiny import build_random_model
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TEMPLATE = "{prompt} Reference solution: {privileged_context}"
 INVISIBLE = ["\u200b\u200b", "\x00", "\x1b[0m", "\x1b[31m \x1b[0m", "\ufeff\u2060\u200d", "\u3164"]
 
 
@@ -45,11 +44,6 @@ def snapshot(model):
 
 def unchanged(before, model):
     return all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_char_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from transformers import TrainerCallback
 from pbsd_trl import PBSDTrainer
 from pbsd_trl.data.math_task import make_math_dataset
 from pbsd_trl.teacher.weights import TeacherEMACallback
-from pbsd_trl.tiny import build_char_tokenizer, build_random_model
+from pbsd_trl.tiny import build_random_model
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,11 +26,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def contains_answer(completions, answer, **kwargs):
     return [float(a in c[0]["content"]) for c, a in zip(completions, answer, strict=True)]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_char_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -5,15 +5,12 @@ import copy
 import pytest
 import torch
 from peft import LoraConfig
-from testing_utils import perturb_lora_adapters, tiny_pbsd_config
+from testing_utils import TEMPLATE, perturb_lora_adapters, tiny_pbsd_config
 from trl import GRPOTrainer
 
 from pbsd_trl import PBSDTrainer
 from pbsd_trl.data.math_task import make_math_dataset
 from pbsd_trl.tiny import build_char_tokenizer, build_random_model
-
-
-TEMPLATE = "{prompt} Reference solution: {privileged_context}"
 
 
 def contains_answer(completions, answer, **kwargs):

@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from testing_utils import tiny_pbsd_config
+from testing_utils import TEMPLATE, tiny_pbsd_config
 
 from pbsd_trl import PBSDTrainer
 from pbsd_trl.data.math_task import make_math_dataset
@@ -20,10 +20,9 @@ from pbsd_trl.pool import (
     teacher_prompt_builder,
     tokenize_prompts,
 )
-from pbsd_trl.tiny import build_char_tokenizer, build_random_model
+from pbsd_trl.tiny import build_random_model
 
 
-TEMPLATE = "{prompt} Reference solution: {privileged_context}"
 K = 4
 
 
@@ -33,11 +32,6 @@ def contains_answer(completions, answer, **kwargs):
 
 def make_args(tmp_path, **kwargs):
     return tiny_pbsd_config(tmp_path / "out", **{"teacher_prompt_template": TEMPLATE, "max_steps": 2, **kwargs})
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_char_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -4,21 +4,13 @@ import copy
 
 import pytest
 import torch
-from testing_utils import tiny_pbsd_config
+from testing_utils import TEMPLATE, tiny_pbsd_config
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from pbsd_trl import PBSDTrainer
 from pbsd_trl.data.math_task import make_math_dataset
 from pbsd_trl.logprobs import concat_prompt_completion, right_pad_to
-from pbsd_trl.tiny import build_char_tokenizer, build_random_model
-
-
-TEMPLATE = "{prompt} Reference solution: {privileged_context}"
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_char_tokenizer()
+from pbsd_trl.tiny import build_random_model
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """The teacher collator: teacher prompts, context validation, and the never-cut-the-student-prompt rule."""
 
 import pytest
+from testing_utils import TEMPLATE
 
 from pbsd_trl.teacher.prompts import (
     ROW_INDEX_COLUMN,
@@ -9,9 +10,6 @@ from pbsd_trl.teacher.prompts import (
     compose_teacher_prompt,
 )
 from pbsd_trl.tiny import build_char_tokenizer
-
-
-TEMPLATE = "{prompt} Reference solution: {privileged_context}"
 
 
 def test_plain_text_prompt():

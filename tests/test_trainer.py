@@ -7,7 +7,7 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig
-from testing_utils import save_tiny_model, tiny_pbsd_config
+from testing_utils import TEMPLATE, save_tiny_model, tiny_pbsd_config
 from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
@@ -15,9 +15,6 @@ from pbsd_trl import PBSDConfig, PBSDTrainer
 from pbsd_trl.data.math_task import make_math_dataset
 from pbsd_trl.teacher.weights import TEACHER_ADAPTER_NAME
 from pbsd_trl.tiny import build_random_model
-
-
-TEMPLATE = "{prompt} Reference solution: {privileged_context}"
 
 
 def contains_answer(completions, answer, **kwargs):

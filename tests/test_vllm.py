@@ -9,6 +9,7 @@ top of TRL and PBSD is in `vllm_support.py`, and only there.
 import pytest
 import torch
 from peft import LoraConfig
+from testing_utils import TEMPLATE
 from vllm_support import (
     MAX_MODEL_LEN,
     GenerationRecorder,
@@ -27,7 +28,6 @@ from pbsd_trl.tiny import load_tokenizer
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, requires_vllm]
 
-TEMPLATE = "{prompt} Reference solution: {privileged_context}"
 PROBE_TEXT = "What is 12 + 7? Reference solution: 12 + 7 = 19, so the answer is \\boxed{19}."
 STEPS = 3
 TOLERANCE = 1e-5  # float32 engine vs float32 trainer; measured ~1e-6

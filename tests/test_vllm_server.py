@@ -8,6 +8,7 @@ its samples' log-probs are the initial model's, in both steps. Weight sync in se
 """
 
 import pytest
+from testing_utils import TEMPLATE
 from transformers import AutoModelForCausalLM
 from vllm_support import (
     MAX_MODEL_LEN,
@@ -26,7 +27,6 @@ from pbsd_trl.tiny import load_tokenizer
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, requires_vllm]
 
-TEMPLATE = "{prompt} Reference solution: {privileged_context}"
 STEPS = 2
 TOLERANCE = 1e-5
 

@@ -30,6 +30,10 @@ TINY_RUN_DEFAULTS = dict(
 """A few CPU steps of 2 prompts x 4 samples on a tiny model: what most trainer tests run."""
 
 
+TEMPLATE = "{prompt} Reference solution: {privileged_context}"
+"""The teacher prompt template of the tests (the student's prompt, then the privileged context)."""
+
+
 def tiny_pbsd_config(output_dir, **overrides) -> PBSDConfig:
     """`PBSDConfig` of a short CPU test run into `output_dir`: `TINY_RUN_DEFAULTS` updated with `overrides`."""
     return PBSDConfig(**{"output_dir": str(output_dir), **TINY_RUN_DEFAULTS, **overrides})

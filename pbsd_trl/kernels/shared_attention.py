@@ -6,10 +6,9 @@ When every distinct prompt has as many samples, each layer's cache holds one blo
 prompt once, then its G rows' completions interleaved position by position (`P + t·G + g` for row g's t-th
 position). A decoding step stacks a prompt's G queries and attends to its block in one `scaled_dot_product_attention`
 call, under a mask that lets row g see the prompt (less its padding) and its own completion positions only: the
-same attention as over `[prompt ; own completion]`, reading each prompt's keys once for its G rows. (An earlier
-version attended to the prompt and to the per-row completions separately and merged the two softmax parts by their
-log-sum-exp: measured slower on CPU, where the extra kernel calls and the merge cost more than the masked products
-of the other rows' completions that one call computes.)
+same attention as over `[prompt ; own completion]`, reading each prompt's keys once for its G rows. The masked
+products of the other rows' completions cost less than the extra calls a split into prompt and completion parts
+would make (`benchmarks/results/README.md`).
 """
 
 import contextlib

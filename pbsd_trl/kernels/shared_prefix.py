@@ -48,8 +48,8 @@ def supports_shared_prefix(model) -> bool:
 def _fewer_positions_pay(device) -> bool:
     """Whether trading extra calls or masked products for fewer positions read or run pays on `device`: prompts and
     completions grouped by width (several narrower forwards) and shared-prefix attention (each prompt's cache read
-    once, other rows' completions masked). Measured on CPU, where the cost follows the positions; elsewhere (a GPU's
-    small calls are bound by kernel launches) the plain computation is kept until measured there."""
+    once, other rows' completions masked). On CPU the cost follows the positions; a GPU's small calls are bound by
+    kernel launches, so the plain computation is kept there (`benchmarks/results/README.md`)."""
     return torch.device(device).type == "cpu"
 
 
@@ -312,8 +312,8 @@ def generate_with_shared_prefill(generate, model, select_rows=None, share_attent
     The last prompt position is left to `generate`, which computes the first sampled token's logits from it. With
     `share_attention` (and as many rows for every distinct prompt) the cache keeps one copy of each prompt and the
     decoding steps attend to it once per prompt ([`shared_prefix_attention`]); `None` (the default): on CPU, where it
-    was measured faster in every call PBSD makes (`benchmarks/results/step_cost.md`); elsewhere the model's own
-    attention kernel (e.g. FlashAttention on CUDA) is kept until it is measured there. A model whose attention is not
+    pays in every call PBSD makes (`benchmarks/results/step_cost.md`); elsewhere the model's own attention kernel (e.g.
+    FlashAttention on CUDA) is kept. A model whose attention is not
     plain full attention through transformers' `AttentionInterface` gets the call redone with the cache repeated per
     row, and a warning.
     """
@@ -369,8 +369,8 @@ def shared_prompt_prefill(model, select_rows=None, share_attention=None):
     where that is the same computation, and is a plain call elsewhere.
 
     `share_attention`: also attend to each prompt's cache once per decoding step (see [`shared_prefix_attention`];
-    `None`, the default: on CPU, where it was measured faster for the trainer's calls of 32-64 rows, student or
-    teacher prompts, and for the pool build's 256, in `benchmarks/results/step_cost.md`).
+    `None`, the default: on CPU, where it pays for the trainer's calls and the pool build's,
+    `benchmarks/results/step_cost.md`).
     """
     original = model.__dict__.get("generate")
     generate = model.generate

@@ -120,10 +120,8 @@ def _distinct_rows(prompts, contexts, args) -> dict[str, int]:
 def default_pool_batch_size(device, num_samples: int = 1) -> int:
     """Completions per generate call: 256, never fewer than the `num_samples` (K) completions of one row.
 
-    A GPU needs large batches to fill it. On CPU (the built-in math model, 1,024 teacher samples,
-    `benchmarks/results/pool_batch_size.md`) 256 per call draws the most tokens per second since decoding attends to
-    each prompt's cache once for its K samples (5,076 tokens/s at 64, 6,615 at 256, 5,555 at 1,024); before that,
-    with every row reading its own copy of the prompt's cache, 64 per call did (2,843 against 2,431 at 256).
+    A GPU needs large batches to fill it; on CPU 256 per call draws the most tokens per second
+    (`benchmarks/results/pool_batch_size.md`).
     """
     return max(num_samples, 256)
 

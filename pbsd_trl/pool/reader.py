@@ -127,9 +127,8 @@ def use_default_pool(trainer, dataset, pool_root: str | None = None, say=print) 
     A pool with K = G_T samples per visited row never draws more teacher samples than the run would draw online (each
     row is visited at least once), draws them in large batches, and spares the rescoring of the teacher's own
     samples. It applies with the fixed `base` teacher sampled with HF `generate` (not vLLM, not DeepSpeed/FSDP-sharded
-    weights). On a CPU the default math job's first run takes 0.91× as long with it, the build included (measured:
-    `benchmarks/results/default_job_pool.md`); a rerun of the same command reuses it. Returns the pool folder, or None
-    when it does not apply.
+    weights). Its cost against sampling online is in `benchmarks/results/default_job_pool.md`; a rerun of the same
+    command reuses it. Returns the pool folder, or None when it does not apply.
     """
     args = trainer.args
     if args.teacher_pool is not None:
