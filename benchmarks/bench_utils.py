@@ -10,6 +10,7 @@ import os
 import platform
 import subprocess
 import time
+from pathlib import Path
 
 import torch
 import trl
@@ -193,3 +194,19 @@ def smoke_base_model(task: str, output_dir) -> str:
         model_overrides=TEST_MODEL_OVERRIDES,
         progress_bar=False,
     )
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def display_path(path) -> str:
+    """`path` as a committed report shows it: relative to the repository, or to the home folder (`~/...`); never a
+    machine's absolute path."""
+    resolved = Path(path).expanduser().resolve()
+    for base, prefix in ((REPO_ROOT, None), (Path.home(), "~")):
+        try:
+            relative = resolved.relative_to(base)
+        except ValueError:
+            continue
+        return str(relative) if prefix is None else f"{prefix}/{relative}"
+    return resolved.name

@@ -54,7 +54,7 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-from bench_utils import budgeted_run_settings, pyplot, quiet_training_logs, smoke_base_model
+from bench_utils import budgeted_run_settings, display_path, pyplot, quiet_training_logs, smoke_base_model
 from bench_utils import machine_description as _machine_description  # noqa: E402
 
 from pbsd_trl.rewards import math_accuracy_reward  # noqa: E402
@@ -738,7 +738,7 @@ def main(argv=None):
         json_path.write_text(json.dumps(payload, indent=1))
 
     ctx = Context(args)
-    payload["model_path"] = ctx.model_path
+    payload["model_path"] = display_path(ctx.model_path)
     print(
         f"[learning] base model {ctx.model_path}; budget {args.budget_tokens:,} tokens; seeds {args.seeds}", flush=True
     )

@@ -47,7 +47,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_utils import quiet_training_logs, smoke_base_model  # noqa: E402
+from bench_utils import display_path, quiet_training_logs, smoke_base_model  # noqa: E402
 from learning import machine_description  # noqa: E402
 from learning_tuned import (  # noqa: E402
     EXAMPLE_MAX_COMPLETION_LENGTH,
@@ -537,7 +537,7 @@ def main(argv=None):
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "machine": machine_description(),
         "config": {k: v for k, v in vars(args).items() if k not in ("output_dir", "findings")},
-        "model_path": model_path,
+        "model_path": display_path(model_path),
         "records": {},
         "summaries": {},
         "executed": 0,

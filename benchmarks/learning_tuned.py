@@ -75,7 +75,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-from bench_utils import budgeted_run_settings, quiet_training_logs, smoke_base_model  # noqa: E402
+from bench_utils import budgeted_run_settings, display_path, quiet_training_logs, smoke_base_model  # noqa: E402
 from learning import machine_description, mean_std, verdict, welch  # noqa: E402
 
 
@@ -962,7 +962,7 @@ def run_task(ctx: TaskContext, args, runner: Runner, progress) -> dict:
     """The whole protocol on one task; returns what the report needs (missing runs are absent, not invented)."""
     out = {
         "task": ctx.task,
-        "model_path": ctx.model_path,
+        "model_path": display_path(ctx.model_path),
         "settings": ctx.settings,
         "base": [],
         "tuning": {},
