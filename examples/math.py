@@ -63,7 +63,7 @@ from pbsd_trl.scripts.utils import parse_args, task_parser
 TASK = TASKS["math"]
 TITLE = "PBSD on the built-in arithmetic task"
 # The no-argument run on the built-in tiny model (the rest of the defaults: `pbsd_trl.scripts.utils.EXAMPLE_DEFAULTS`)
-DEFAULTS = {"output_dir": "pbsd-math-tiny", "max_completion_length": 56, "learning_rate": 1e-4, "max_steps": 80}
+DEFAULTS = {"output_dir": "pbsd-math-tiny", "max_completion_length": 64, "learning_rate": 1e-4, "max_steps": 80}
 
 
 def make_parser():

@@ -1,23 +1,33 @@
 import json
 import random
+import re
 
 import pytest
 
 from pbsd_trl.data.math_task import (
     DIFFICULTIES,
     MATH_TEACHER_TEMPLATE,
+    OPERATION_CODES,
+    eval_problems,
     make_math_dataset,
+    math_completion,
+    math_hint,
     math_solution,
     parse_final_answer,
+    problem_text,
     sample_problem,
+    valid_operations,
 )
 from pbsd_trl.data.tool_task import (
     TOOL_TEACHER_TEMPLATE,
     TOOLS,
     make_tool_dataset,
+    sample_tool_example,
+    tool_call,
     tool_completion,
 )
 from pbsd_trl.rewards import parse_tool_calls, tool_call_reward
+from pbsd_trl.tiny import sft
 
 
 def _texts(dataset):
@@ -39,6 +49,18 @@ def test_math_solution_examples():
         math_solution(3, "*", 12)
 
 
+def test_math_prompt_completion_and_hint():
+    assert problem_text(347, "+", 589) == "347$589=" and problem_text(523, "-", 187) == "523@187="
+    assert problem_text(347, "*", 6) == "347&6="
+    assert math_completion(347, "+", 589) == "347+589: 7+9+0=16>6;4+8+1=13>36;3+5+1=9>936;#### 936"
+    # the hint is the method and the first step, never the answer
+    assert math_hint(347, "+", 589) == "347+589 from the right; first step 7+9+0=16>6"
+    assert math_hint(523, "-", 187) == "523-187 from the right; first step 13-7-0=6>6"
+    assert math_hint(347, "*", 6) == "347*6 from the right; first step 7*6+0=42>2"
+    assert valid_operations(347, 589) == ("+",) and valid_operations(589, 347) == ("+", "-")
+    assert valid_operations(347, 6) == ("+", "-", "*")
+
+
 @pytest.mark.parametrize("difficulty", list(DIFFICULTIES))
 def test_math_solutions_are_correct(difficulty):
     rng = random.Random(0)
@@ -46,7 +68,8 @@ def test_math_solutions_are_correct(difficulty):
     for _ in range(3000):
         a, op, b = sample_problem(rng, difficulty)
         assert lo <= len(str(a)) <= hi
-        assert op == "*" and 2 <= b <= 9 or lo <= len(str(b)) <= hi
+        assert 2 <= b <= 9 or op != "*" and lo <= len(str(b)) <= hi
+        assert op in valid_operations(a, b) and (op == "*" or a >= b)  # the operands do not tell + from -
         expected = {"+": a + b, "-": a - b, "*": a * b}[op]
         assert expected >= 0
         solution = math_solution(a, op, b)
@@ -57,9 +80,13 @@ def test_math_solutions_are_correct(difficulty):
 def test_math_dataset_schema_and_determinism():
     ds = make_math_dataset("train", n=50, seed=3)
     assert ds.column_names == ["prompt", "privileged_context", "answer"]
-    row = ds[0]
-    assert row["prompt"][0]["role"] == "user" and row["prompt"][0]["content"].endswith("=")
-    assert parse_final_answer(row["privileged_context"]) == row["answer"]
+    for row in ds:
+        text = row["prompt"][0]["content"]
+        assert row["prompt"][0]["role"] == "user" and text.endswith("=")
+        assert not set("+-*") & set(text) and len(set(OPERATION_CODES.values()) & set(text)) == 1
+        # the hint holds the method and the first step, not the answer nor the solution
+        assert "####" not in row["privileged_context"] and parse_final_answer(row["privileged_context"]) is None
+        assert row["privileged_context"].count(";") == 1 and row["privileged_context"].count(">") == 1
     assert ds.to_list() == make_math_dataset("train", n=50, seed=3).to_list()
     assert _texts(ds) != _texts(make_math_dataset("train", n=50, seed=4))
 
@@ -80,6 +107,7 @@ def test_math_splits_are_disjoint(difficulty):
     train_texts = set(_texts(make_math_dataset("train", n=5000, seed=0, difficulty=difficulty)))
     assert not train_texts & set(eval_texts)
     assert make_math_dataset("eval", n=10, difficulty=difficulty)["prompt"] == eval_ds["prompt"][:10]
+    assert len(eval_problems(difficulty)) == 200
     with pytest.raises(ValueError):
         make_math_dataset("eval", n=201)
 
@@ -98,18 +126,50 @@ def test_tool_dataset_schema_and_gold_calls():
     assert ds.column_names == ["prompt", "privileged_context", "golden_answer"]
     for row in ds:
         prompt = row["prompt"][0]["content"]
-        assert len(prompt) <= 150
-        assert "Action: <tool>\nAction Input: <json>" in prompt and "\nQ: " in prompt
+        assert len(prompt) <= 110 and "\nQ: " in prompt
         (call,) = row["golden_answer"]
         assert call["Action"] in TOOLS and f"{call['Action']}: " in prompt
-        assert isinstance(json.loads(call["Action_Input"]), dict)
+        arguments = json.loads(call["Action_Input"])
+        assert tuple(arguments) == TOOLS[call["Action"]]["signature"]
+        assert not any(f'"{name}"' in prompt for name in arguments)  # the argument names are privileged
         completion = tool_completion(row["golden_answer"])
         assert len(completion) <= 64
-        assert completion in row["privileged_context"]  # the demonstration
+        # the privileged context: the tool's documentation and a similar call, never the golden call itself
+        context = row["privileged_context"]
+        assert context.startswith(f"Doc: {call['Action']}(") and f"Action: {call['Action']}\n" in context
+        assert call["Action_Input"] not in context
         assert tool_call_matches(completion, row["golden_answer"])
         teacher = TOOL_TEACHER_TEMPLATE.format(prompt=prompt, privileged_context=row["privileged_context"])
         assert teacher.startswith(prompt)
     assert {row["golden_answer"][0]["Action"] for row in ds} == set(TOOLS)
+
+
+def test_tool_signatures_and_decoys():
+    for tool, spec in TOOLS.items():
+        signatures = [spec["signature"], *spec["decoys"]]
+        assert len(set(signatures)) == 3 and len({len(s) for s in signatures}) == 1, tool
+    example = sample_tool_example(random.Random(0))
+    assert example["golden_answer"] == [tool_call(example["tool"], example["values"])]
+
+
+@pytest.mark.parametrize("task", ["math", "tool_use"])
+def test_warm_start_student_is_uninformed_and_teacher_informed(task):
+    """The warm start's student rows answer with a guess of what only the context says (the operation, the argument
+    names), uniformly; its teacher rows with the right answer."""
+    rows = sft._task_sampler(task, random.Random(0), "medium")(600)
+    right = sum(student == teacher for _, _, student, teacher in rows) / len(rows)
+    expected = 11 / 27 if task == "math" else 1 / 3  # math: 4/9 of the problems allow 2 operations, 5/9 allow 3
+    assert abs(right - expected) < 0.07, right
+    for student_prompt, teacher_prompt, student, teacher in rows:
+        assert teacher_prompt.startswith(student_prompt) and len(teacher_prompt) > len(student_prompt)
+        if task == "math":
+            same_operands = re.sub(r"[-+*]", "?", student.split(":")[0]) == re.sub(
+                r"[-+*]", "?", teacher.split(":")[0]
+            )
+            assert same_operands, (student, teacher)
+            assert parse_final_answer(teacher) is not None and parse_final_answer(student) is not None
+        else:
+            assert student.split("\n")[0] == teacher.split("\n")[0]  # the right tool, maybe other argument names
 
 
 def test_tool_splits_determinism_and_disjointness():

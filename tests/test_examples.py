@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from testing_utils import load_example
 
 from pbsd_trl.callbacks import SignalCheckpointCallback
 from pbsd_trl.data.loading import DatasetColumnError, load_prompt_dataset
-from pbsd_trl.data.math_task import make_math_dataset
+from pbsd_trl.data.math_task import math_completion, parse_final_answer, problem_text, train_problems
 from pbsd_trl.data.tasks import TASKS
 from pbsd_trl.data.tool_task import make_tool_dataset
 from pbsd_trl.models import load_model_and_tokenizer
@@ -44,14 +45,14 @@ FAST = [
 
 @pytest.fixture(scope="module")
 def math_jsonl(tmp_path_factory):
-    """The built-in problems written in another schema: plain-text `problem`, `solution`, `result` columns."""
+    """Built-in problems written in another schema: plain-text `problem`, `solution` (a full reference solution),
+    `result` columns."""
     path = tmp_path_factory.mktemp("data") / "math.jsonl"
     with open(path, "w") as f:
-        for row in make_math_dataset("train", n=40, conversational=False):
-            f.write(
-                json.dumps({"problem": row["prompt"], "solution": row["privileged_context"], "result": row["answer"]})
-                + "\n"
-            )
+        for a, op, b in train_problems(random.Random("math-train-0"), 40):
+            solution = math_completion(a, op, b)  # a reference solution (not the built-in hint), ending in `#### N`
+            row = {"problem": problem_text(a, op, b), "solution": solution, "result": parse_final_answer(solution)}
+            f.write(json.dumps(row) + "\n")
     return str(path)
 
 
@@ -151,7 +152,7 @@ def test_builtin_datasets():
 
 def test_defaults_apply_only_where_unset(tmp_path):
     script, config, model = parse_args(TASKS["math"], math_example.DEFAULTS, [])
-    assert config.max_steps == 80 and config.learning_rate == 1e-4 and config.max_completion_length == 56
+    assert config.max_steps == 80 and config.learning_rate == 1e-4 and config.max_completion_length == 64
     assert config.pad_to_multiple_of == 16 and config.num_generations == 8 and config.per_device_train_batch_size == 64
     assert config.teacher_prompt_template == TASKS["math"].teacher_prompt_template
     assert model.model_name_or_path is None and script.dataset_name is None
@@ -162,7 +163,7 @@ def test_defaults_apply_only_where_unset(tmp_path):
     _, config, model = parse_args(TASKS["math"], math_example.DEFAULTS, ["--config", str(recipe), "--max_steps", "9"])
     assert config.learning_rate == 3e-4 and config.pbsd_beta == 0.5 and model.use_peft
     assert config.max_steps == 9  # command line beats the config file
-    assert config.max_completion_length == 56  # untouched default of the task
+    assert config.max_completion_length == 64  # untouched default of the task
 
     _, config, _ = parse_args(TASKS["tool_use"], tool_use_example.DEFAULTS, ["--learning_rate", "2e-5"])
     assert config.learning_rate == 2e-5 and config.max_completion_length == 64

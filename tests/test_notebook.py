@@ -74,7 +74,7 @@ def test_quickstart_runs_top_to_bottom_in_a_fresh_kernel(tmp_path, monkeypatch):
     )
     html = "".join(o.get("data", {}).get("text/html", "") for o in outputs)
     assert not [o for o in outputs if o.output_type == "error"]
-    assert "Reference solution:" in text  # the teacher prompt was shown next to the student's
+    assert "Hint:" in text  # the teacher prompt was shown next to the student's
     assert "<progress" in html  # TRL's/transformers' notebook progress bar, not the terminal one
     assert any("image/png" in o.get("data", {}) for o in outputs)  # the training curves, inline
     assert "before:" in text and "after:" in text and "PBSDTrainer" in text

@@ -246,12 +246,53 @@ def test_build_flag_bypasses_the_shipped_copy(tmp_path, monkeypatch):
     assert get_base_model("math", cache_dir=tmp_path, build=True) == path and len(calls) == 1  # cached
 
 
+# What the shipped base models are for: a teacher (the same network with the privileged context, a hint that is not
+# the answer) much better than its student, and a student right often enough for RL to get mixed groups. Targets of the
+# task table recorded in `pbsd_trl_base.json` (measured on the build machine by `base_model_quality`, Avg@8 on the
+# held-out problems and on their test rows 100-199).
+TASK_TARGETS = {"teacher_min": 0.75, "student_max": 0.45, "student_min": 0.1}
+
+
+@pytest.mark.parametrize("task", SHIPPED_TASKS)
+def test_shipped_base_model_recorded_task_table(task):
+    quality = tiny.verify_base_model(tiny.SHIPPED_BASE_MODELS_DIR / task)["quality"]
+    for split in ("", "_test"):
+        assert quality[f"teacher_avg_at_8{split}"] >= TASK_TARGETS["teacher_min"], quality
+        student = quality[f"student_avg_at_8{split}"]
+        assert TASK_TARGETS["student_min"] <= student <= TASK_TARGETS["student_max"], quality
+    assert quality["teacher_self_log_prob"] < 0 and quality["teacher_mean_completion_tokens"] >= 40, quality
+
+
+@pytest.mark.parametrize("task", SHIPPED_TASKS)
+def test_shipped_base_model_teacher_is_much_better_here(task):
+    """The gap holds on this machine's kernels too (any CPU, e.g. under `ATEN_CPU_CAPABILITY=avx2`): Avg@4 on 48
+    held-out problems. Student and teacher are near 0.3 and 0.85 on the build machine; the bands are wide (the
+    standard error on 48 problems is about 0.05) but exclude a teacher that is no better than its student."""
+    from pbsd_trl.data.tasks import TASKS
+    from pbsd_trl.evaluate import evaluate_avg_at_k
+
+    spec = TASKS[task]
+    path = get_base_model(task)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tokenizer = load_tokenizer(path)
+    dataset = spec.make_dataset("eval", 48, 0)
+    scores = {}
+    for who, privileged in (("student", False), ("teacher", True)):
+        report = evaluate_avg_at_k(
+            model, tokenizer, dataset, list(spec.reward_funcs), 4, max_new_tokens=80, seed=0, progress_bar=False,
+            with_privileged_context=privileged, teacher_prompt_template=spec.teacher_prompt_template,
+        )  # fmt: skip
+        scores[who] = report["avg_at_k"]
+    assert scores["teacher"] >= 0.6 and 0.05 <= scores["student"] <= 0.55, scores
+    assert scores["teacher"] - scores["student"] >= 0.3, scores
+
+
 @pytest.mark.slow
 def test_rebuild_with_the_committed_command_has_the_documented_quality(tmp_path):
     """The builder cannot rot: the committed command rebuilds a model of the documented quality.
 
-    Rebuilds the tool-use model (500 steps; the math model's 1,200 steps take ~8 minutes, too long for CI) with the
-    shipped copies' command (up to 2 threads, as many as this process has, instead of 1 to halve the time: the thread count
+    Rebuilds the math model (1,500 steps, about 12 CPU-minutes; the tool-use model's longer prompts take about 30) with
+    the shipped copies' command (up to 2 threads, as many as this process has, instead of 1 to halve the time: the thread count
     moves the weights in the last bits, like another CPU does, which the band allows for; more threads than the process
     has would oversubscribe the cores), and checks the quality band documented in `DEFAULT_WARM_START_STEPS` and recorded in the
     shipped manifest. The band is wide on purpose: the warm start's float trajectory, and so the exact accuracy,
@@ -261,29 +302,29 @@ def test_rebuild_with_the_committed_command_has_the_documented_quality(tmp_path)
     import subprocess
     import sys
 
-    output = tmp_path / "tool_use"
+    output = tmp_path / "math"
     command = [
         sys.executable,
         "-m",
         "pbsd_trl.tiny",
         "build",
-        "tool_use",
+        "math",
         "--output_dir",
         str(output),
         "--num_threads",
         str(min(2, torch.get_num_threads())),
     ]
-    subprocess.run(command, check=True, timeout=1800, env=dict(os.environ, TQDM_DISABLE="1"))
+    subprocess.run(command, check=True, timeout=3600, env=dict(os.environ, TQDM_DISABLE="1"))
     manifest = tiny.verify_base_model(output)
-    shipped_manifest = tiny.verify_base_model(tiny.SHIPPED_BASE_MODELS_DIR / "tool_use")
+    shipped_manifest = tiny.verify_base_model(tiny.SHIPPED_BASE_MODELS_DIR / "math")
     assert set(manifest["sha256"]) == set(shipped_manifest["sha256"])
     spec_keys = ("version", "task", "steps", "seed", "vocab", "special_tokens", "config", "warm_start")
     assert {key: manifest[key] for key in spec_keys} == {key: shipped_manifest[key] for key in spec_keys}
     quality = manifest["quality"]
     print(quality, "shipped:", shipped_manifest["quality"])
-    # documented band (`DEFAULT_WARM_START_STEPS`: shipped copy student 0.29, teacher 0.35): a warm-started model that
-    # answers part of the held-out problems, not a random one (0) nor a memorizer (1), and a teacher at least as good
+    # documented band (`DEFAULT_WARM_START_STEPS`): a student that answers part of the held-out problems (it guesses
+    # the operation: at most 11/27 right) and a teacher much better than it, on another CPU's float trajectory too
     for quality in (manifest["quality"], shipped_manifest["quality"]):
-        assert 0.1 <= quality["student_avg_at_4"] <= 0.6
-        assert 0.15 <= quality["teacher_avg_at_4"] <= 0.8
-        assert quality["teacher_avg_at_4"] >= quality["student_avg_at_4"] - 0.05
+        assert 0.1 <= quality["student_avg_at_8"] <= 0.45
+        assert quality["teacher_avg_at_8"] >= 0.65
+        assert quality["teacher_avg_at_8"] - quality["student_avg_at_8"] >= 0.3

@@ -1,26 +1,32 @@
-"""Synthetic arithmetic task with step-by-step reference solutions.
+"""Synthetic arithmetic task whose operation is written as a code, with a hint as privileged context.
 
-Problems are `a+b`, `a-b` (with `a >= b`) and `a*d` (`d` in 2..9), written without words,
-e.g. `"347+589="`. The privileged context is a right-to-left digit scratchpad that ends with the
-final answer in GSM8K style:
+Problems are `a+b`, `a-b` (`a >= b`; `b` may have one digit) and `a*d` (`d` in 2..9), but the prompt writes the operation
+as a code that the prompt does not explain ([`OPERATION_CODES`]: `$` is `+`, `@` is `-`, `&` is `*`), e.g.
+`"347$589="`. The answer is a right-to-left digit scratchpad, after the problem restated with its real operation,
+ending with the final answer in GSM8K style:
 
 ```python
->>> math_solution(347, "+", 589)
-'7+9+0=16>6;4+8+1=13>36;3+5+1=9>936;#### 936'
+>>> math_completion(347, "+", 589)
+'347+589: 7+9+0=16>6;4+8+1=13>36;3+5+1=9>936;#### 936'
 >>> math_solution(523, "-", 187)
 '13-7-0=6>6;12-8-1=3>36;5-1-1=3>336;#### 336'
 >>> math_solution(347, "*", 6)
 '7*6+0=42>2;4*6+4=28>82;3*6+2=20>082;2>2082;#### 2082'
 ```
 
-Each step is `<digit op digit op carry>=<value>><result digits so far>`. A subtraction step that
-borrows writes the borrowed ten in front of the top digit (`13-7-0`); a final carry is written as
-its own step (`2>2082`). The student must produce the same scratchpad from the bare problem, the
-teacher sees it in its prompt ([`MATH_TEACHER_TEMPLATE`]), which makes the teacher much stronger
-than the student: the gap that self-distillation closes.
+Each step is `<digit op digit op carry>=<value>><result digits so far>`. A subtraction step that borrows writes the
+borrowed ten in front of the top digit (`13-7-0`); a final carry is written as its own step (`2>2082`).
 
-The datasets follow the column schema of TRL's self-distillation trainers (`prompt`,
-`privileged_context`) plus an `answer` column for reward functions.
+The privileged context is a hint, not the solution ([`math_hint`]): the method (the problem with its real
+operation, digit by digit from the right) and the worked first step, e.g. `"347+589 from the right; first step
+7+9+0=16>6"`. The teacher (the prompt followed by ` Hint: <hint>`, [`MATH_TEACHER_TEMPLATE`]) still computes every
+other digit and the answer. The base model's student has not been told the codes (its warm start answers a coded
+problem with an operation drawn at random among those the operands allow, [`valid_operations`]), so it is right
+about as often as its guess of the operation; the codes are fixed, so the student can learn them from the teacher's
+samples or from the reward.
+
+The datasets follow the column schema of TRL's self-distillation trainers (`prompt`, `privileged_context`) plus an
+`answer` column for reward functions.
 """
 
 from __future__ import annotations
@@ -37,18 +43,26 @@ __all__ = [
     "DIFFICULTIES",
     "EVAL_SEED",
     "MATH_TEACHER_TEMPLATE",
+    "OPERATION_CODES",
     "MathProblem",
     "eval_problems",
     "make_math_dataset",
     "math_completion",
+    "math_hint",
     "math_solution",
     "parse_final_answer",
+    "problem_text",
     "sample_problem",
+    "valid_operations",
 ]
 
-MATH_TEACHER_TEMPLATE = "{prompt} Reference solution: {privileged_context}"
+MATH_TEACHER_TEMPLATE = "{prompt} Hint: {privileged_context}"
 """Teacher prompt template: `{prompt}` is the student's question (the last user turn's text for
-conversational prompts), `{privileged_context}` the reference solution."""
+conversational prompts), `{privileged_context}` the hint ([`math_hint`])."""
+
+OPERATION_CODES: dict[str, str] = {"+": "$", "-": "@", "*": "&"}
+"""How a prompt writes each operation (`"347$589="` is `347+589`). Fixed for the task, never explained in the
+prompt: the hint restates the problem with its real operation."""
 
 DIFFICULTIES: dict[str, tuple[int, int]] = {"easy": (1, 2), "medium": (2, 3), "hard": (3, 4)}
 """Difficulty name -> inclusive range of the number of digits of the operands (`d` of `a*d` is
@@ -64,7 +78,7 @@ EVAL_SIZE = 200
 OPERATIONS = ("+", "-", "*")
 
 MathProblem = tuple[int, str, int]
-"""A problem `(a, op, b)`."""
+"""A problem `(a, op, b)`, `op` the real operation (`"+"`, `"-"` or `"*"`)."""
 
 _FINAL_ANSWER_RE = re.compile(r"####\s*(-?\d+)")
 
@@ -87,22 +101,31 @@ def _random_number(rng: random.Random, lo_digits: int, hi_digits: int) -> int:
 
 
 def sample_problem(rng: random.Random, difficulty: str | tuple[int, int] = "medium") -> MathProblem:
-    """Draws one problem `(a, op, b)`: the operation is uniform, then each operand's number of digits
-    is uniform in the difficulty's range and its value uniform among numbers with that many digits."""
+    """Draws one problem `(a, op, b)`: the operation is uniform; `a`'s number of digits is uniform in the
+    difficulty's range and its value uniform among numbers with that many digits. `b` of `a*d` is a digit in 2..9;
+    `b` of `+` and `-` has one digit (2..9, as a multiplier) or a number of digits in the difficulty's range, each
+    number of digits equally likely, and the operands are ordered so that `a >= b`: so the operands say little about
+    the operation (a student who guesses it among [`valid_operations`] is right 11/27 of the time)."""
     lo, hi = _digits_range(difficulty)
     op = rng.choice(OPERATIONS)
     a = _random_number(rng, lo, hi)
     if op == "*":
         return a, op, rng.randint(2, 9)
-    b = _random_number(rng, lo, hi)
-    if op == "-" and a < b:
+    n_digits = rng.choice(sorted({1, *range(lo, hi + 1)}))
+    b = rng.randint(2, 9) if n_digits == 1 else _random_number(rng, n_digits, n_digits)
+    if a < b:
         a, b = b, a
     return a, op, b
 
 
+def valid_operations(a: int, b: int) -> tuple[str, ...]:
+    """The operations whose scratchpad exists for operands `a`, `b`: `-` needs `a >= b`, `*` a one-digit `b`."""
+    return tuple(op for op in OPERATIONS if (op != "-" or a >= b) and (op != "*" or 0 <= b <= 9))
+
+
 def problem_text(a: int, op: str, b: int) -> str:
-    """The question shown to the student, e.g. `"347+589="`."""
-    return f"{a}{op}{b}="
+    """The question shown to the student, with the operation's code, e.g. `"347$589="` for `347+589`."""
+    return f"{a}{OPERATION_CODES[op]}{b}="
 
 
 def _evaluate(a: int, op: str, b: int) -> int:
@@ -115,11 +138,7 @@ def _evaluate(a: int, op: str, b: int) -> int:
     raise ValueError(f"Unknown operation {op!r}")
 
 
-def math_solution(a: int, op: str, b: int) -> str:
-    """Right-to-left digit scratchpad for `a op b` ending in `#### <result>` (see module docstring).
-
-    `op` is `"+"`, `"-"` (requires `a >= b >= 0`) or `"*"` (requires `0 <= b <= 9`).
-    """
+def _steps(a: int, op: str, b: int) -> list[str]:
     if a < 0 or b < 0:
         raise ValueError("Operands must be non-negative.")
     da = [int(c) for c in reversed(str(a))]
@@ -162,14 +181,28 @@ def math_solution(a: int, op: str, b: int) -> str:
     if carry and op != "-":
         out = str(carry) + out
         steps.append(f"{carry}>{out}")
-    result = _evaluate(a, op, b)
-    assert int(out) == result, (a, op, b, out)  # the scratchpad is exact by construction
-    return ";".join(steps) + f";#### {result}"
+    assert int(out) == _evaluate(a, op, b), (a, op, b, out)  # the scratchpad is exact by construction
+    return steps
+
+
+def math_solution(a: int, op: str, b: int) -> str:
+    """Right-to-left digit scratchpad for `a op b` ending in `#### <result>` (see module docstring).
+
+    `op` is `"+"`, `"-"` (requires `a >= b >= 0`) or `"*"` (requires `0 <= b <= 9`).
+    """
+    return ";".join(_steps(a, op, b)) + f";#### {_evaluate(a, op, b)}"
 
 
 def math_completion(a: int, op: str, b: int) -> str:
-    """What the model is trained to answer: the scratchpad solution (without the end-of-turn token)."""
-    return math_solution(a, op, b)
+    """What the model is trained to answer: the problem with its real operation, then the scratchpad solution
+    (without the end-of-turn token), e.g. `"347+589: 7+9+0=16>6;4+8+1=13>36;3+5+1=9>936;#### 936"`."""
+    return f"{a}{op}{b}: {math_solution(a, op, b)}"
+
+
+def math_hint(a: int, op: str, b: int) -> str:
+    """The privileged context: the method and the worked first step, not the answer, e.g.
+    `"347+589 from the right; first step 7+9+0=16>6"` (the first step holds at most the last digit of the answer)."""
+    return f"{a}{op}{b} from the right; first step {_steps(a, op, b)[0]}"
 
 
 def parse_final_answer(text: str) -> str | None:
@@ -232,13 +265,13 @@ def make_math_dataset(
         seed: Seed of the training problems.
         difficulty: `"easy"` (1-2 digit operands), `"medium"` (2-3) or `"hard"` (3-4), or a
             `(min_digits, max_digits)` tuple.
-        conversational: If `True`, `prompt` is `[{"role": "user", "content": "347+589="}]`;
-            otherwise the plain string `"347+589="`. The base model of [`~pbsd_trl.tiny.get_base_model`]
+        conversational: If `True`, `prompt` is `[{"role": "user", "content": "347$589="}]`;
+            otherwise the plain string `"347$589="`. The base model of [`~pbsd_trl.tiny.get_base_model`]
             is trained on the conversational (chat template) format.
 
     Returns:
-        A [`~datasets.Dataset`] with columns `prompt`, `privileged_context` (the reference
-        solution) and `answer` (the result as a string).
+        A [`~datasets.Dataset`] with columns `prompt`, `privileged_context` (the hint: [`math_hint`]) and
+        `answer` (the result as a string).
     """
     if split == "train":
         problems = train_problems(random.Random(f"math-train-{seed}"), 1000 if n is None else n, difficulty)
@@ -254,6 +287,6 @@ def make_math_dataset(
     for a, op, b in problems:
         text = problem_text(a, op, b)
         prompts.append([{"role": "user", "content": text}] if conversational else text)
-        contexts.append(math_solution(a, op, b))
+        contexts.append(math_hint(a, op, b))
         answers.append(str(_evaluate(a, op, b)))
     return Dataset.from_dict({"prompt": prompts, "privileged_context": contexts, "answer": answers})

@@ -1,6 +1,6 @@
 """Draw a teacher-sample pool for a fixed (`base`) teacher, before training.
 
-    python -m pbsd_trl.scripts.build_teacher_pool --pool_dir pools/math --num_samples 8 --max_completion_length 56
+    python -m pbsd_trl.scripts.build_teacher_pool --pool_dir pools/math --num_samples 8 --max_completion_length 64
     accelerate launch --num_processes 4 -m pbsd_trl.scripts.build_teacher_pool --model_name_or_path Qwen/Qwen3-1.7B \\
         --dataset_name data/math.jsonl --prompt_column problem --solution_column solution \\
         --max_completion_length 1024 --pool_dir pools/qwen3-math --num_samples 8 --backend vllm
@@ -10,7 +10,7 @@ Every `PBSDConfig` field can be passed (`--temperature`, `--max_completion_lengt
 since the trainer refuses a pool whose stamp differs, naming the field. Without `--model_name_or_path` /
 `--dataset_name` it uses the built-in tiny model and dataset of `--task`, with the example scripts' shared defaults
 (`pbsd_trl.scripts.utils.EXAMPLE_DEFAULTS`) and the task's teacher prompt; the no-argument `examples/math.py` run also
-sets `--max_completion_length 56` (first line above).
+sets `--max_completion_length 64` (first line above).
 Interrupted builds resume when rerun with the same arguments. Then train with `--teacher_pool <pool_dir>`.
 """
 

@@ -7,10 +7,10 @@ Everything is built from code, nothing is downloaded:
 - :func:`tiny_model_config` / :func:`build_random_model`: a ~1M-parameter Qwen2 causal LM (and an even
   smaller one for unit tests).
 - :func:`warm_start`: a short SFT from random initialization on the built-in tasks
-  (:mod:`pbsd_trl.data`), half in student format (question -> solution) and half in teacher format
-  (question + privileged context -> solution). The default number of steps leaves a student that is
-  right part of the time and a teacher (the same network with the reference solution in its prompt)
-  that is almost always right: the setting self-distillation is for.
+  (:mod:`pbsd_trl.data`), half in student format (question -> a guess of what only the privileged context says,
+  then everything else right) and half in teacher format (question + privileged context, a hint -> solution). It
+  leaves a student that is right part of the time and a teacher (the same network with the hint in its prompt)
+  that is right most of the time and still computes its answer: the setting self-distillation is for.
 - :func:`get_base_model`: the warm-started model of a task, as a directory for ``from_pretrained``. The default
   recipe's models ship inside the package (``pbsd_trl/base_models/<task>``, checksummed), so every machine gets
   the same weights: the warm start's float trajectory depends on the CPU's kernels and thread count, so two

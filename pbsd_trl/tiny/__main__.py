@@ -24,7 +24,11 @@ def main(argv: list[str] | None = None) -> None:
         )
         print(
             json.dumps(
-                {k: manifest[k] for k in ("task", "steps", "build_seconds", "cpu", "quality") if k in manifest},
+                {
+                    k: manifest[k]
+                    for k in ("task", "steps", "build_seconds", "build_cpu_seconds", "cpu", "quality")
+                    if k in manifest
+                },
                 indent=2,
             )
         )

@@ -22,8 +22,11 @@ from .sft import DEFAULT_WARM_START_STEPS, warm_start
 
 logger = logging.getLogger(__name__)
 
-BASE_MODEL_VERSION = 1
-"""Bump when the tokenizer, the tasks or the warm-start recipe change: it is part of the cache key."""
+BASE_MODEL_VERSION = 2
+"""Bump when the tokenizer, the tasks or the warm-start recipe change: it is part of the cache key. Version 2: the
+tasks whose privileged context is a hint (math: coded operations, the method and the first step; tool use: hidden
+argument names, the documentation and a similar call), the uninformed student of the warm start, the cosine
+learning-rate schedule."""
 
 # ----------------------------------------------------------------------------------------------------
 # Shipped copies and cache
@@ -153,8 +156,8 @@ def get_base_model(
         cache_dir: Root of the cache of built models; default :func:`default_cache_dir`.
         force: Rebuild even if a cached model exists (implies ``build``).
         build: Build from scratch (into the cache) even for the default recipe, instead of the shipped copy.
-            The result differs from the shipped weights in the last bits on another CPU, and so does its
-            accuracy after 1,200 SFT steps at a constant learning rate.
+            The result differs from the shipped weights in the last bits on another CPU, and so, a little, does
+            its accuracy.
         steps: Warm-start steps; default :data:`DEFAULT_WARM_START_STEPS` of the task.
         seed: Warm-start seed.
         progress_bar: Show the warm start's progress bar.
@@ -185,7 +188,7 @@ def get_base_model(
     logger.warning("Building the tiny %s base model (%d SFT steps, one time) into %s", task, steps, final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
     try:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         warm_start(
             task,
             steps=steps,
@@ -195,7 +198,8 @@ def get_base_model(
             num_threads=num_threads,
             **warm_start_kwargs,
         )
-        _write_manifest(tmp, dict(spec, **_build_info(time.perf_counter() - start, num_threads)))
+        info = _build_info(time.perf_counter() - start, num_threads, time.process_time() - cpu_start)
+        _write_manifest(tmp, dict(spec, **info))
         if final.exists():
             if not force and (final / MANIFEST_FILE).is_file():  # another process finished first
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -210,8 +214,10 @@ def get_base_model(
     return str(final)
 
 
-def _build_info(seconds: float, num_threads: int | None) -> dict[str, Any]:
-    """Where and how a model was built: the warm start's result depends on the CPU kernels and thread count."""
+def _build_info(seconds: float, num_threads: int | None, cpu_seconds: float | None = None) -> dict[str, Any]:
+    """Where and how a model was built: the warm start's result depends on the CPU kernels and thread count.
+    ``build_seconds`` is wall time (on a shared machine, much more than the work), ``build_cpu_seconds`` the
+    process's CPU time (all threads)."""
     import transformers
 
     cpu = platform.processor() or platform.machine()
@@ -220,14 +226,16 @@ def _build_info(seconds: float, num_threads: int | None) -> dict[str, Any]:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
-    return {
+    info = {
         "build_seconds": round(seconds, 1),
+        "build_cpu_seconds": None if cpu_seconds is None else round(cpu_seconds, 1),
         "num_threads": num_threads or torch.get_num_threads(),
         "cpu": cpu,
         "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }
+    return info
 
 
 def build_base_model(
@@ -246,9 +254,10 @@ def build_base_model(
         raise FileExistsError(f"{output_dir} is not empty; remove it first (the build writes every file anew).")
     output_dir.mkdir(parents=True, exist_ok=True)
     steps = DEFAULT_WARM_START_STEPS[task]
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     warm_start(task, steps=steps, seed=0, output_dir=output_dir, num_threads=num_threads, progress_bar=progress_bar)
-    metadata = dict(_base_model_spec(task, steps, 0, {}), **_build_info(time.perf_counter() - start, num_threads))
+    info = _build_info(time.perf_counter() - start, num_threads, time.process_time() - cpu_start)
+    metadata = dict(_base_model_spec(task, steps, 0, {}), **info)
     metadata["command"] = f"python -m pbsd_trl.tiny build {task} --output_dir {output_dir} --num_threads {num_threads}"
     if evaluate:
         metadata["quality"] = base_model_quality(task, output_dir, num_threads=num_threads, progress_bar=progress_bar)
@@ -256,24 +265,73 @@ def build_base_model(
 
 
 BASE_MODEL_EVAL: dict[str, dict[str, Any]] = {
-    "math": {"k": 8, "num_problems": 200, "max_new_tokens": 64},
-    "tool_use": {"k": 4, "num_problems": 100, "max_new_tokens": 64},
+    "math": {"k": 8, "num_problems": 200, "max_new_tokens": 80},
+    "tool_use": {"k": 8, "num_problems": 200, "max_new_tokens": 80},
 }
 """How :func:`base_model_quality` evaluates each task's base model (held-out problems, temperature 1, seed 0)."""
+
+TEST_ROWS = slice(100, 200)
+"""The held-out rows the benchmarks call the test split (rows 0-99 are their validation split)."""
+
+
+@torch.no_grad()
+def sampled_log_probs(
+    model, tokenizer, prompts: list, k: int, max_new_tokens: int, *, seed: int = 0, batch_size: int = 32
+) -> tuple[list[float], list[int]]:
+    """Samples ``k`` completions per prompt at temperature 1 (no top-k / top-p) and returns, for each sample, the summed
+    log-probability of its tokens (the end-of-turn token included) under the prompt it was sampled from, and its
+    length in tokens. Conversational prompts go through the chat template, as in :func:`~pbsd_trl.evaluate_avg_at_k`.
+    """
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    totals: list[float] = []
+    lengths: list[int] = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for lo in range(0, len(prompts), batch_size):
+            ids = [
+                tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)[
+                    "input_ids"
+                ]
+                for p in prompts[lo : lo + batch_size]
+            ]
+            width = -(-max(map(len, ids)) // 16) * 16
+            input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+            mask = torch.zeros_like(input_ids)
+            for i, row in enumerate(ids):
+                input_ids[i, width - len(row) :] = torch.tensor(row)
+                mask[i, width - len(row) :] = 1
+            out = model.generate(
+                input_ids=input_ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                max_new_tokens=max_new_tokens, num_return_sequences=k, pad_token_id=pad, eos_token_id=eos,
+                output_scores=True, return_dict_in_generate=True,
+            )  # fmt: skip
+            tokens = out.sequences[:, width:]
+            log_probs = torch.stack([score.float().log_softmax(-1) for score in out.scores], 1)
+            token_log_probs = log_probs.gather(-1, tokens[:, : log_probs.shape[1]].unsqueeze(-1)).squeeze(-1)
+            for row in range(tokens.shape[0]):
+                ended = (tokens[row] == eos).nonzero()
+                n = int(ended[0]) + 1 if len(ended) else tokens.shape[1]
+                totals.append(float(token_log_probs[row, :n].sum()))
+                lengths.append(n)
+    return totals, lengths
 
 
 def base_model_quality(
     task: Task, path: str | os.PathLike, *, num_threads: int | None = None, progress_bar: bool = False
 ) -> dict[str, float]:
-    """Student and teacher (with the privileged context) Avg@k / pass@k of a base model on the task's held-out
-    problems, with the settings of :data:`BASE_MODEL_EVAL`."""
+    """The task table of a base model on the task's held-out problems, with the settings of :data:`BASE_MODEL_EVAL`:
+    student and teacher (with the privileged context) Avg@k / pass@k on all held-out problems and Avg@k on the test
+    rows (:data:`TEST_ROWS`); the teacher's mean log-probability of its own samples (summed over each completion,
+    temperature 1: how far from copying its context it is) and both views' mean completion length in tokens."""
     from transformers import AutoModelForCausalLM
 
     from ..data import MATH_TEACHER_TEMPLATE, TOOL_TEACHER_TEMPLATE, make_math_dataset, make_tool_dataset
     from ..evaluate import evaluate_avg_at_k
     from ..rewards import math_accuracy_reward, tool_call_reward
+    from ..teacher import compose_teacher_prompt
 
     settings = BASE_MODEL_EVAL[task]
+    k = settings["k"]
     make_dataset, template, reward = {
         "math": (make_math_dataset, MATH_TEACHER_TEMPLATE, math_accuracy_reward),
         "tool_use": (make_tool_dataset, TOOL_TEACHER_TEMPLATE, tool_call_reward),
@@ -285,15 +343,23 @@ def base_model_quality(
     if num_threads is not None:
         torch.set_num_threads(num_threads)
     try:
-        quality = {}
+        quality: dict[str, float] = {}
         for who, privileged in (("student", False), ("teacher", True)):
             report = evaluate_avg_at_k(
-                model, tokenizer, dataset, [reward], settings["k"], max_new_tokens=settings["max_new_tokens"],
+                model, tokenizer, dataset, [reward], k, max_new_tokens=settings["max_new_tokens"],
                 with_privileged_context=privileged, teacher_prompt_template=template, seed=0,
                 progress_bar=progress_bar, description=f"{task} {who}",
             )  # fmt: skip
-            quality[f"{who}_avg_at_{settings['k']}"] = round(report["avg_at_k"], 4)
-            quality[f"{who}_pass_at_{settings['k']}"] = round(report["pass_at_k"], 4)
+            test = report["per_problem"][TEST_ROWS]
+            quality[f"{who}_avg_at_{k}"] = round(report["avg_at_k"], 4)
+            quality[f"{who}_pass_at_{k}"] = round(report["pass_at_k"], 4)
+            quality[f"{who}_avg_at_{k}_test"] = round(sum(test) / len(test), 4)
+            quality[f"{who}_mean_completion_tokens"] = round(report["mean_completion_tokens"], 1)
+        prompts = [compose_teacher_prompt(row["prompt"], row["privileged_context"], template) for row in dataset]
+        log_probs, _ = sampled_log_probs(model, tokenizer, prompts, k, settings["max_new_tokens"], seed=1)
+        quality["teacher_self_log_prob"] = round(sum(log_probs) / len(log_probs), 3)
+        test_log_probs = log_probs[TEST_ROWS.start * k : TEST_ROWS.stop * k]
+        quality["teacher_self_log_prob_test"] = round(sum(test_log_probs) / len(test_log_probs), 3)
     finally:
         torch.set_num_threads(previous)
     return quality
