@@ -469,7 +469,11 @@ def test_learning_tuned_quick_resumes_from_cache(tmp_path):
         for entry in task["test"][method]:
             assert [r["seed"] for r in entry["runs"]] == [0, 1]
             assert all(set(r["marks"]) == {"tokens", "time", "steps"} for r in entry["runs"])
-    assert set(task["ablations"]) == {"SFT on teacher samples only", "student-sample weight constant"}
+    assert set(task["ablations"]) == {
+        "SFT on teacher samples only",
+        "student-sample weight constant",
+        "KL-regularized policy gradient",
+    }
     assert all(len(e["runs"]) == 2 for e in task["ablations"].values())
     assert "- SFT on teacher samples only: PBSD-role" in md
     # the long horizon: every method's time-selected configuration, 2 seeds, evaluated on a step grid to its end

@@ -18,7 +18,7 @@ from pbsd_trl.tiny import build_char_tokenizer, build_random_model, load_tokeniz
 
 
 COMPLETION_LENGTH = 6  # tokens, the last one EOS
-_PROMPT_SHAPE = (6, 52, 4)  # (len(prompt text), len(privileged context), len(answer)): the most common shape
+_PROMPT_SHAPE = (7, 43, 3)  # (len(prompt text), len(privileged context), len(answer)): the most common shape
 
 
 def make_model_dir(path: str, tied: bool = True) -> str:
