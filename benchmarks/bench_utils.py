@@ -184,7 +184,7 @@ def smoke_base_model(task: str, output_dir) -> str:
     runs train, so that a smoke run never builds (or needs) the real base model."""
     from pathlib import Path
 
-    from pbsd_trl.tiny import TEST_MODEL_OVERRIDES, get_base_model
+    from pbsd_trl.recipes.tiny import TEST_MODEL_OVERRIDES, get_base_model
 
     return get_base_model(
         task,

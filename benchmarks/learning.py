@@ -4,7 +4,7 @@ Learning benchmark: base vs GRPO vs OPSD/SDFT vs PBSD at an equal budget of gene
 The first, untuned comparison (every method at one shared learning rate; report in `benchmarks/results/untuned/`).
 The tuned comparison of issue 15 is `benchmarks/learning_tuned.py`, whose report is `benchmarks/results/learning.md`.
 
-Every method starts from the same built-in tiny base model (`pbsd_trl.tiny.get_base_model("math")`) and trains on the
+Every method starts from the same built-in tiny base model (`pbsd_trl.recipes.tiny.get_base_model("math")`) and trains on the
 built-in arithmetic task with the training settings of `examples/math.py` (8 prompts x 8 samples per step,
 `max_completion_length` 56, lr 1e-4 constant, temperature 1.0). The peers are the real TRL trainers:
 
@@ -238,7 +238,7 @@ def common_settings(args, seed: int, output_dir: str) -> dict:
 
 
 def build_trainer(method: str, args, model, tokenizer, train_dataset, seed: int, output_dir: str, callback):
-    from pbsd_trl.data.math_task import MATH_TEACHER_TEMPLATE
+    from pbsd_trl.recipes.data.math_task import MATH_TEACHER_TEMPLATE
 
     common = common_settings(args, seed, output_dir)
     with warnings.catch_warnings():
@@ -293,9 +293,9 @@ def build_trainer(method: str, args, model, tokenizer, train_dataset, seed: int,
 
 class Context:
     def __init__(self, args):
-        from pbsd_trl.data.math_task import make_math_dataset
-        from pbsd_trl.models import load_model_and_tokenizer
-        from pbsd_trl.tiny import get_base_model
+        from pbsd_trl.recipes.data.math_task import make_math_dataset
+        from pbsd_trl.recipes.models import load_model_and_tokenizer
+        from pbsd_trl.recipes.tiny import get_base_model
 
         self.args = args
         if args.quick:  # a few warm-start steps of a test-size model: the smoke run must not build the real one
@@ -308,8 +308,8 @@ class Context:
         self.make_train = lambda seed: make_math_dataset("train", n=args.train_size, seed=seed)
 
     def evaluate(self, model, tokenizer, seed: int, with_privileged_context: bool = False) -> dict:
-        from pbsd_trl.data.math_task import MATH_TEACHER_TEMPLATE
-        from pbsd_trl.evaluate import evaluate_avg_at_k
+        from pbsd_trl.recipes.data.math_task import MATH_TEACHER_TEMPLATE
+        from pbsd_trl.recipes.evaluate import evaluate_avg_at_k
 
         return evaluate_avg_at_k(
             model,
@@ -432,7 +432,7 @@ def write_markdown(path: Path, payload: dict, summary: dict, plots: dict):
         "",
         "## Setup",
         "",
-        f"- Model: the built-in tiny base model `pbsd_trl.tiny.get_base_model('math')` ({payload['model_path']}), "
+        f"- Model: the built-in tiny base model `pbsd_trl.recipes.tiny.get_base_model('math')` ({payload['model_path']}), "
         "fp32, full fine-tuning; a fresh copy for every run.",
         f"- Task: built-in arithmetic (`make_math_dataset`, medium), {a['train_size']} training problems drawn with the "
         f"run's seed; Avg@8 on the first {a['eval_problems']} of the 200 held-out problems (8 samples per problem, "

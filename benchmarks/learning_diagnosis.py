@@ -207,7 +207,7 @@ def run_variant(name: str, args, ctx: dict) -> dict:
     from tqdm.auto import tqdm
     from transformers import PrinterCallback, TrainerCallback, set_seed
 
-    from pbsd_trl.evaluate import evaluate_avg_at_k
+    from pbsd_trl.recipes.evaluate import evaluate_avg_at_k
 
     method, config = VARIANTS[name]
     settings = ctx["settings"]
@@ -473,9 +473,9 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     quiet_training_logs(args.num_threads)
-    from pbsd_trl.data.tasks import TASKS
-    from pbsd_trl.models import load_model_and_tokenizer
-    from pbsd_trl.tiny import get_base_model
+    from pbsd_trl.recipes.data.tasks import TASKS
+    from pbsd_trl.recipes.models import load_model_and_tokenizer
+    from pbsd_trl.recipes.tiny import get_base_model
 
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

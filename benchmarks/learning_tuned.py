@@ -244,7 +244,7 @@ def eval_splits(task: str, num_val: int, num_test: int):
     Raises `AssertionError` if a prompt appears in both (the held-out problems are distinct by construction, so this
     guards against a change of the generators).
     """
-    from pbsd_trl.data.tasks import TASKS
+    from pbsd_trl.recipes.data.tasks import TASKS
 
     if not (1 <= num_val <= 100 and 1 <= num_test <= 100):
         raise ValueError(f"Each split holds at most 100 problems; got num_val={num_val}, num_test={num_test}.")
@@ -456,7 +456,7 @@ HISTORY_KEYS = (
 
 def trainer_args(task: str, method: str, config: dict, settings: dict, seed: int, output_dir: str):
     """The TRL / pbsd-trl config object of `method` with `config` (learning rate and method fields) on `task`."""
-    from pbsd_trl.data.tasks import TASKS
+    from pbsd_trl.recipes.data.tasks import TASKS
 
     spec = TASKS[task]
     config = dict(config)
@@ -502,7 +502,7 @@ def build_trainer(
     callbacks,
 ):
     """The real TRL / pbsd-trl trainer of `method` with `config` on `task` ([`trainer_args`])."""
-    from pbsd_trl.data.tasks import TASKS
+    from pbsd_trl.recipes.data.tasks import TASKS
 
     args = trainer_args(task, method, config, settings, seed, output_dir)
     kwargs = dict(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer, callbacks=callbacks)
@@ -536,7 +536,7 @@ def teacher_samples_per_step(method: str, config: dict, settings: dict) -> int:
 
 def task_settings(args, task: str) -> dict:
     """The settings every run of `task` shares (part of every run key)."""
-    from pbsd_trl.data.tasks import TASKS
+    from pbsd_trl.recipes.data.tasks import TASKS
 
     return {
         "prompts_per_step": args.prompts_per_step,
@@ -551,9 +551,9 @@ def task_settings(args, task: str) -> dict:
 
 class TaskContext:
     def __init__(self, task: str, args):
-        from pbsd_trl.data.tasks import TASKS
-        from pbsd_trl.models import load_model_and_tokenizer
-        from pbsd_trl.tiny import get_base_model
+        from pbsd_trl.recipes.data.tasks import TASKS
+        from pbsd_trl.recipes.models import load_model_and_tokenizer
+        from pbsd_trl.recipes.tiny import get_base_model
 
         self.task = task
         self.spec = TASKS[task]
@@ -572,7 +572,7 @@ class TaskContext:
         return self.spec.make_dataset("train", self.settings["train_size"], seed)
 
     def evaluate(self, model, tokenizer, split: str, seed: int, with_privileged_context: bool = False) -> dict:
-        from pbsd_trl.evaluate import evaluate_avg_at_k
+        from pbsd_trl.recipes.evaluate import evaluate_avg_at_k
 
         dataset = self.val if split == "val" else self.test
         return evaluate_avg_at_k(

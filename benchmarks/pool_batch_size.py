@@ -46,9 +46,9 @@ def main(argv=None):
     from transformers import AutoModelForCausalLM
 
     from pbsd_trl import PBSDConfig
-    from pbsd_trl.data.math_task import MATH_TEACHER_TEMPLATE, make_math_dataset
     from pbsd_trl.pool import build_teacher_pool
-    from pbsd_trl.tiny import get_base_model, load_tokenizer
+    from pbsd_trl.recipes.data.math_task import MATH_TEACHER_TEMPLATE, make_math_dataset
+    from pbsd_trl.recipes.tiny import get_base_model, load_tokenizer
 
     command = "python benchmarks/pool_batch_size.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     path = get_base_model("math")

@@ -59,7 +59,7 @@ from pathlib import Path
 import torch
 from bench_utils import PeakMemory, machine_description, pyplot, report_header, result_stem, touch_free_memory
 
-from pbsd_trl.models import load_model_and_tokenizer
+from pbsd_trl.recipes.models import load_model_and_tokenizer
 from pbsd_trl.rewards import math_accuracy_reward
 
 
@@ -235,10 +235,10 @@ QUICK_CONFIGS = {
 # ------------------------------------------------------------------------------------------------------------- models
 def build_model(spec, seed=0):
     """(model, tokenizer) of a configuration."""
-    from pbsd_trl.tiny import build_char_tokenizer, build_random_model
+    from pbsd_trl.recipes.tiny import build_char_tokenizer, build_random_model
 
     if spec["model"] == "base":
-        from pbsd_trl.tiny import get_base_model
+        from pbsd_trl.recipes.tiny import get_base_model
 
         return load_model_and_tokenizer(get_base_model("math", steps=BASE_STEPS), dtype=torch.float32)
     tokenizer = build_char_tokenizer()
@@ -259,7 +259,7 @@ def build_model(spec, seed=0):
 def lora_config():
     from peft import LoraConfig
 
-    from pbsd_trl.scripts.utils import LORA_TARGET_MODULES
+    from pbsd_trl.recipes.example_args import LORA_TARGET_MODULES
 
     return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=list(LORA_TARGET_MODULES))
 
@@ -267,7 +267,7 @@ def lora_config():
 def pool_args(spec, output_dir):
     """The generation and teacher-prompt settings of the PBSD contenders, for the pool build."""
     from pbsd_trl import PBSDConfig
-    from pbsd_trl.data.math_task import MATH_TEACHER_TEMPLATE
+    from pbsd_trl.recipes.data.math_task import MATH_TEACHER_TEMPLATE
 
     return PBSDConfig(
         output_dir=output_dir,
@@ -310,7 +310,7 @@ def build_trainer(kind, num_generations, fused, model, tokenizer, dataset, spec,
     from trl import GRPOConfig, GRPOTrainer
 
     from pbsd_trl import PBSDConfig, PBSDTrainer
-    from pbsd_trl.data.math_task import MATH_TEACHER_TEMPLATE
+    from pbsd_trl.recipes.data.math_task import MATH_TEACHER_TEMPLATE
 
     common = dict(
         output_dir=output_dir,
@@ -588,7 +588,7 @@ def in_loop_teacher_throughput(summary):
 def run_config(config_name, spec, tmp_dir):
     from tqdm.auto import tqdm
 
-    from pbsd_trl.data.math_task import make_math_dataset
+    from pbsd_trl.recipes.data.math_task import make_math_dataset
 
     rounds, warmup = spec["rounds"], spec["warmup"]
     total_steps = rounds + warmup

@@ -1,9 +1,9 @@
 """PBSD on math: evaluate, train, evaluate, report.
 
 With no arguments it runs on a laptop CPU in minutes, offline: the built-in tiny base model
-(`pbsd_trl.tiny.get_base_model("math")`, a ~1M-parameter character-level Qwen2 warm-started on arithmetic, shipped in the
+(`pbsd_trl.recipes.tiny.get_base_model("math")`, a ~1M-parameter character-level Qwen2 warm-started on arithmetic, shipped in the
 package and checksummed; `--build_base_model` builds it from scratch instead) on the built-in synthetic arithmetic task
-(`pbsd_trl.data.math_task`: the privileged context is a step-by-step reference solution). It evaluates student Avg@8
+(`pbsd_trl.recipes.data.math_task`: the privileged context is a step-by-step reference solution). It evaluates student Avg@8
 and teacher-with-solution Avg@8 on the 200 held-out problems, trains with PBSD, evaluates again, prints a
 before/after table and writes `results.json`, `results.md` and `training_curves.png` into the output directory
 (default `pbsd-math-tiny/`).
@@ -55,14 +55,14 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 from accelerate import PartialState
 
 from pbsd_trl.callbacks import SignalCheckpointCallback
-from pbsd_trl.data.tasks import TASKS
-from pbsd_trl.scripts.task_example import run_task_example
-from pbsd_trl.scripts.utils import parse_args, task_parser
+from pbsd_trl.recipes.data.tasks import TASKS
+from pbsd_trl.recipes.example_args import parse_args, task_parser
+from pbsd_trl.recipes.task_example import run_task_example
 
 
 TASK = TASKS["math"]
 TITLE = "PBSD on the built-in arithmetic task"
-# The no-argument run on the built-in tiny model (the rest of the defaults: `pbsd_trl.scripts.utils.EXAMPLE_DEFAULTS`)
+# The no-argument run on the built-in tiny model (the rest of the defaults: `pbsd_trl.recipes.example_args.EXAMPLE_DEFAULTS`)
 DEFAULTS = {"output_dir": "pbsd-math-tiny", "max_completion_length": 64, "learning_rate": 1e-4, "max_steps": 80}
 
 

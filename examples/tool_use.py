@@ -1,8 +1,8 @@
 """PBSD on ReAct tool use: evaluate, train, evaluate, report.
 
 With no arguments it runs on a laptop CPU in minutes, offline: the built-in tiny base model
-(`pbsd_trl.tiny.get_base_model("tool_use")`, shipped in the package and checksummed) on the built-in synthetic
-tool-use task (`pbsd_trl.data.tool_task`, SDFT's ToolAlpaca format: the student sees tool names and a question, the
+(`pbsd_trl.recipes.tiny.get_base_model("tool_use")`, shipped in the package and checksummed) on the built-in synthetic
+tool-use task (`pbsd_trl.recipes.data.tool_task`, SDFT's ToolAlpaca format: the student sees tool names and a question, the
 privileged context holds the tool's documentation and a demonstration). The reward is `tool_call_reward` (same
 actions and same merged arguments as the `golden_answer`). It reports tool-call accuracy (Avg@8) of the student and
 of the teacher (the network with the documentation) on 200 held-out examples before and after training, and writes
@@ -30,14 +30,14 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 from accelerate import PartialState
 
 from pbsd_trl.callbacks import SignalCheckpointCallback
-from pbsd_trl.data.tasks import TASKS
-from pbsd_trl.scripts.task_example import run_task_example
-from pbsd_trl.scripts.utils import parse_args, task_parser
+from pbsd_trl.recipes.data.tasks import TASKS
+from pbsd_trl.recipes.example_args import parse_args, task_parser
+from pbsd_trl.recipes.task_example import run_task_example
 
 
 TASK = TASKS["tool_use"]
 TITLE = "PBSD on the built-in ReAct tool-use task"
-# The no-argument run on the built-in tiny model (the rest of the defaults: `pbsd_trl.scripts.utils.EXAMPLE_DEFAULTS`)
+# The no-argument run on the built-in tiny model (the rest of the defaults: `pbsd_trl.recipes.example_args.EXAMPLE_DEFAULTS`)
 DEFAULTS = {"output_dir": "pbsd-tool-use-tiny", "max_completion_length": 64, "learning_rate": 1e-4, "max_steps": 60}
 
 

@@ -3,12 +3,12 @@
 import pytest
 from testing_utils import save_tiny_model
 
-from pbsd_trl.tiny import build_char_tokenizer
+from pbsd_trl.recipes.tiny import build_char_tokenizer
 
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    """pbsd-trl's character tokenizer (`pbsd_trl.tiny`)."""
+    """pbsd-trl's character tokenizer (`pbsd_trl.recipes.tiny`)."""
     return build_char_tokenizer()
 
 

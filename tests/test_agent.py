@@ -13,7 +13,7 @@ from datasets import Dataset
 from testing_utils import multiply, tiny_pbsd_config, tool_tokenizer
 
 from pbsd_trl import PBSDTrainer
-from pbsd_trl.tiny import build_random_model
+from pbsd_trl.recipes.tiny import build_random_model
 
 
 TEMPLATE = "{prompt} Hint: {privileged_context}"

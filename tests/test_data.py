@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from pbsd_trl.data.math_task import (
+from pbsd_trl.recipes.data.math_task import (
     DIFFICULTIES,
     MATH_TEACHER_TEMPLATE,
     OPERATION_CODES,
@@ -18,7 +18,7 @@ from pbsd_trl.data.math_task import (
     sample_problem,
     valid_operations,
 )
-from pbsd_trl.data.tool_task import (
+from pbsd_trl.recipes.data.tool_task import (
     TOOL_TEACHER_TEMPLATE,
     TOOLS,
     make_tool_dataset,
@@ -26,8 +26,8 @@ from pbsd_trl.data.tool_task import (
     tool_call,
     tool_completion,
 )
+from pbsd_trl.recipes.tiny import sft
 from pbsd_trl.rewards import parse_tool_calls, tool_call_reward
-from pbsd_trl.tiny import sft
 
 
 def _texts(dataset):

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from pbsd_trl.evaluate import evaluate_avg_at_k, evaluate_student_and_teacher, score_completions
+from pbsd_trl.recipes.evaluate import evaluate_avg_at_k, evaluate_student_and_teacher, score_completions
+from pbsd_trl.recipes.tiny import build_random_model
 from pbsd_trl.rewards import math_accuracy_reward
 from pbsd_trl.scripts.evaluate import main
-from pbsd_trl.tiny import build_random_model
 
 
 class ScriptedModel(torch.nn.Module):

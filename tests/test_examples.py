@@ -12,13 +12,13 @@ import pytest
 from testing_utils import load_example
 
 from pbsd_trl.callbacks import SignalCheckpointCallback
-from pbsd_trl.data.loading import DatasetColumnError, load_prompt_dataset
-from pbsd_trl.data.math_task import math_completion, parse_final_answer, problem_text, train_problems
-from pbsd_trl.data.tasks import TASKS
-from pbsd_trl.data.tool_task import make_tool_dataset
-from pbsd_trl.models import load_model_and_tokenizer
-from pbsd_trl.report import plot_training_curves, results_table
-from pbsd_trl.scripts.utils import parse_args
+from pbsd_trl.recipes.data.loading import DatasetColumnError, load_prompt_dataset
+from pbsd_trl.recipes.data.math_task import math_completion, parse_final_answer, problem_text, train_problems
+from pbsd_trl.recipes.data.tasks import TASKS
+from pbsd_trl.recipes.data.tool_task import make_tool_dataset
+from pbsd_trl.recipes.example_args import parse_args
+from pbsd_trl.recipes.models import load_model_and_tokenizer
+from pbsd_trl.recipes.report import plot_training_curves, results_table
 
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,9 +15,9 @@ from testing_utils import TEMPLATE
 
 from pbsd_trl import PBSDConfig, PBSDTrainer
 from pbsd_trl.checkpoint import CheckpointError
-from pbsd_trl.data.math_task import make_math_dataset
+from pbsd_trl.recipes.data.math_task import make_math_dataset
+from pbsd_trl.recipes.tiny import build_char_tokenizer, build_random_model
 from pbsd_trl.rewards.validation import check_reward_outputs
-from pbsd_trl.tiny import build_char_tokenizer, build_random_model
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -20,9 +20,9 @@ from datasets import Dataset, IterableDataset
 from testing_utils import TEMPLATE, ScriptedAnswerTrainer, multiply, tiny_pbsd_config, tool_tokenizer
 
 from pbsd_trl import PBSDTrainer
-from pbsd_trl.data.math_task import make_math_dataset
 from pbsd_trl.pool import POOL_STAMP_FILE, TeacherPool, TeacherPoolError, build_teacher_pool, weights_fingerprint
-from pbsd_trl.tiny import build_random_model
+from pbsd_trl.recipes.data.math_task import make_math_dataset
+from pbsd_trl.recipes.tiny import build_random_model
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -14,7 +14,7 @@ import torch
 from datasets import Dataset
 
 from pbsd_trl import PBSDConfig, PBSDTrainer
-from pbsd_trl.tiny import build_char_tokenizer, build_random_model
+from pbsd_trl.recipes.tiny import build_char_tokenizer, build_random_model
 
 
 LETTERS = "abcdefgh"

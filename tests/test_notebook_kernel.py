@@ -16,9 +16,9 @@ from testing_utils import tiny_pbsd_config
 from transformers import TrainerCallback
 
 from pbsd_trl import PBSDTrainer
-from pbsd_trl.data.math_task import make_math_dataset
+from pbsd_trl.recipes.data.math_task import make_math_dataset
+from pbsd_trl.recipes.tiny import build_random_model
 from pbsd_trl.teacher.weights import TeacherEMACallback
-from pbsd_trl.tiny import build_random_model
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,7 +83,7 @@ _PROBE = textwrap.dedent(
 
     # plot_training_curves must not switch matplotlib's backend (a notebook's inline backend would stop showing plots)
     import matplotlib
-    from pbsd_trl.report import plot_training_curves
+    from pbsd_trl.recipes.report import plot_training_curves
     backend = matplotlib.get_backend()
     log = [{"step": s, "pbsd/margin": -1.0 + 0.1 * s, "pbsd/student_reward": 0.1 * s} for s in range(1, 6)]
     png = plot_training_curves(log, sys.argv[1], metrics=("pbsd/margin", "pbsd/student_reward"))
@@ -106,7 +106,7 @@ def import_probe(tmp_path_factory):
 
 
 def test_importing_every_module_changes_no_global_state(import_probe):
-    assert "pbsd_trl.trainer" in import_probe["modules"] and "pbsd_trl.report" in import_probe["modules"]
+    assert "pbsd_trl.trainer" in import_probe["modules"] and "pbsd_trl.recipes.report" in import_probe["modules"]
     assert import_probe["changes"] == {}, json.dumps(import_probe["changes"], indent=1)[:3000]
     # Heavy optional dependencies load when used, not on import (deepspeed's import, for one, logs and probes devices)
     assert import_probe["heavy imports"] == []

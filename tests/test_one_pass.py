@@ -9,8 +9,8 @@ from testing_utils import TEMPLATE, perturb_lora_adapters, tiny_pbsd_config
 from trl import GRPOTrainer
 
 from pbsd_trl import PBSDTrainer
-from pbsd_trl.data.math_task import make_math_dataset
-from pbsd_trl.tiny import build_char_tokenizer, build_random_model
+from pbsd_trl.recipes.data.math_task import make_math_dataset
+from pbsd_trl.recipes.tiny import build_char_tokenizer, build_random_model
 
 
 def contains_answer(completions, answer, **kwargs):

@@ -10,7 +10,6 @@ import torch
 from testing_utils import TEMPLATE, tiny_pbsd_config
 
 from pbsd_trl import PBSDTrainer
-from pbsd_trl.data.math_task import make_math_dataset
 from pbsd_trl.pool import (
     POOL_STAMP_FILE,
     TeacherPoolError,
@@ -20,7 +19,8 @@ from pbsd_trl.pool import (
     teacher_prompt_builder,
     tokenize_prompts,
 )
-from pbsd_trl.tiny import build_random_model
+from pbsd_trl.recipes.data.math_task import make_math_dataset
+from pbsd_trl.recipes.tiny import build_random_model
 
 
 K = 4
@@ -373,7 +373,7 @@ def test_build_command_on_local_files(tmp_path, model, tokenizer, dataset):
         + settings
     )
     assert len(pool) == len(rows) and all(len(ids) == K for ids in pool["completion_ids"])
-    from pbsd_trl.data.loading import load_prompt_dataset
+    from pbsd_trl.recipes.data.loading import load_prompt_dataset
 
     train = load_prompt_dataset(str(data_file), prompt_column="problem", solution_column="solution", task="math")
     trainer = PBSDTrainer(

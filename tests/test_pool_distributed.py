@@ -19,8 +19,8 @@ CONFIG = "examples/accelerate_configs/multi_gpu.yaml"
 
 
 def test_two_process_build_resumes_and_covers_every_row_once(tmp_path):
-    from pbsd_trl.data.math_task import make_math_dataset
     from pbsd_trl.pool import row_key
+    from pbsd_trl.recipes.data.math_task import make_math_dataset
 
     pool_dir, report = str(tmp_path / "pool"), str(tmp_path / "report.json")
     # First launch: each process writes one batch (2 rows of K=2) and stops, as if killed

@@ -101,10 +101,10 @@ def test_no_machine_paths_in_docs_and_results():
 
 
 def test_machine_path_pattern():
-    assert MACHINE_PATH.search("Base model `/work/wt13/pbsd_trl/base_models/math`")
+    assert MACHINE_PATH.search("Base model `/work/wt13/pbsd_trl/recipes/base_models/math`")
     assert MACHINE_PATH.search('"--out-dir /root/out"')
     assert not MACHINE_PATH.search("https://github.com/huggingface/trl/tree/main/work/x")
-    assert not MACHINE_PATH.search("pbsd_trl/base_models/math and ~/.cache/pbsd_trl/x and <tmp>/sc2")
+    assert not MACHINE_PATH.search("pbsd_trl/recipes/base_models/math and ~/.cache/pbsd_trl/x and <tmp>/sc2")
 
 
 def _anchor(heading: str) -> str:

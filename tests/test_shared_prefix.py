@@ -9,7 +9,7 @@ from peft import LoraConfig, get_peft_model
 from testing_utils import perturb_lora_adapters
 
 from pbsd_trl.kernels.shared_prefix import shared_prefix_token_logps
-from pbsd_trl.tiny import build_char_tokenizer, build_random_model
+from pbsd_trl.recipes.tiny import build_char_tokenizer, build_random_model
 
 
 def full_forward_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature):

@@ -8,9 +8,9 @@ from testing_utils import TEMPLATE, tiny_pbsd_config
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from pbsd_trl import PBSDTrainer
-from pbsd_trl.data.math_task import make_math_dataset
 from pbsd_trl.logprobs import concat_prompt_completion, right_pad_to
-from pbsd_trl.tiny import build_random_model
+from pbsd_trl.recipes.data.math_task import make_math_dataset
+from pbsd_trl.recipes.tiny import build_random_model
 
 
 @pytest.fixture(scope="module")

@@ -3,13 +3,13 @@
 import pytest
 from testing_utils import TEMPLATE
 
+from pbsd_trl.recipes.tiny import build_char_tokenizer
 from pbsd_trl.teacher.prompts import (
     ROW_INDEX_COLUMN,
     TeacherPromptBuilder,
     check_privileged_context,
     compose_teacher_prompt,
 )
-from pbsd_trl.tiny import build_char_tokenizer
 
 
 def test_plain_text_prompt():

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from pbsd_trl import tiny
-from pbsd_trl.tiny import (
+from pbsd_trl.recipes.tiny import (
     build_char_tokenizer,
     build_random_model,
     get_base_model,
@@ -268,8 +268,8 @@ def test_shipped_base_model_teacher_is_much_better_here(task):
     """The gap holds on this machine's kernels too (any CPU, e.g. under `ATEN_CPU_CAPABILITY=avx2`): Avg@4 on 48
     held-out problems. Student and teacher are near 0.3 and 0.85 on the build machine; the bands are wide (the
     standard error on 48 problems is about 0.05) but exclude a teacher that is no better than its student."""
-    from pbsd_trl.data.tasks import TASKS
-    from pbsd_trl.evaluate import evaluate_avg_at_k
+    from pbsd_trl.recipes.data.tasks import TASKS
+    from pbsd_trl.recipes.evaluate import evaluate_avg_at_k
 
     spec = TASKS[task]
     path = get_base_model(task)
@@ -306,7 +306,7 @@ def test_rebuild_with_the_committed_command_has_the_documented_quality(tmp_path)
     command = [
         sys.executable,
         "-m",
-        "pbsd_trl.tiny",
+        "pbsd_trl.recipes.tiny",
         "build",
         "math",
         "--output_dir",

@@ -12,9 +12,9 @@ from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
 from pbsd_trl import PBSDConfig, PBSDTrainer
-from pbsd_trl.data.math_task import make_math_dataset
+from pbsd_trl.recipes.data.math_task import make_math_dataset
+from pbsd_trl.recipes.tiny import build_random_model
 from pbsd_trl.teacher.weights import TEACHER_ADAPTER_NAME
-from pbsd_trl.tiny import build_random_model
 
 
 def contains_answer(completions, answer, **kwargs):

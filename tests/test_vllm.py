@@ -22,8 +22,8 @@ from vllm_support import (
     set_engine_env,
 )
 
-from pbsd_trl.data.math_task import make_math_dataset
-from pbsd_trl.tiny import load_tokenizer
+from pbsd_trl.recipes.data.math_task import make_math_dataset
+from pbsd_trl.recipes.tiny import load_tokenizer
 
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, requires_vllm]

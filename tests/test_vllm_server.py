@@ -21,8 +21,8 @@ from vllm_support import (
     without_server_weight_sync,
 )
 
-from pbsd_trl.data.math_task import make_math_dataset
-from pbsd_trl.tiny import load_tokenizer
+from pbsd_trl.recipes.data.math_task import make_math_dataset
+from pbsd_trl.recipes.tiny import load_tokenizer
 
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, requires_vllm]

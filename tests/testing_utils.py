@@ -11,7 +11,7 @@ from transformers import PreTrainedTokenizerFast
 from trl.chat_template_utils import qwen2_5_chat_template
 
 from pbsd_trl import PBSDConfig, PBSDTrainer
-from pbsd_trl.tiny import build_random_model
+from pbsd_trl.recipes.tiny import build_random_model
 
 
 TINY_RUN_DEFAULTS = dict(

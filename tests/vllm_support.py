@@ -217,14 +217,14 @@ def server_model_id(base_url: str) -> str:
 
 # ---- what the tests share -----------------------------------------------------------------------------------------
 # Head size 32 (hidden 64, 2 heads): the smallest head size of vLLM's CPU attention backend; the unit tests' model
-# (`pbsd_trl.tiny.TEST_MODEL_OVERRIDES`, head size 16) does not load there.
+# (`pbsd_trl.recipes.tiny.TEST_MODEL_OVERRIDES`, head size 16) does not load there.
 MODEL_OVERRIDES = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2, "num_key_value_heads": 2}
 MAX_MODEL_LEN = 512  # the math task's teacher prompts are ~120 characters (= tokens) + 8 completion tokens
 
 
 def make_model_dir(path) -> str:
     """A random tiny Qwen2 (tied LM head) and the character tokenizer, saved where vLLM loads models from: a path."""
-    from pbsd_trl.tiny import build_char_tokenizer, build_random_model
+    from pbsd_trl.recipes.tiny import build_char_tokenizer, build_random_model
 
     tokenizer = build_char_tokenizer()
     build_random_model(tokenizer, seed=0, **MODEL_OVERRIDES).save_pretrained(path)

@@ -9,7 +9,7 @@ Every `PBSDConfig` field can be passed (`--temperature`, `--max_completion_lengt
 `--max_teacher_prompt_length`, `--privileged_context_column`, `--bf16`, …): pass the values the training run will use,
 since the trainer refuses a pool whose stamp differs, naming the field. Without `--model_name_or_path` /
 `--dataset_name` it uses the built-in tiny model and dataset of `--task`, with the example scripts' shared defaults
-(`pbsd_trl.scripts.utils.EXAMPLE_DEFAULTS`) and the task's teacher prompt; the no-argument `examples/math.py` run also
+(`pbsd_trl.recipes.example_args.EXAMPLE_DEFAULTS`) and the task's teacher prompt; the no-argument `examples/math.py` run also
 sets `--max_completion_length 64` (first line above).
 Interrupted builds resume when rerun with the same arguments. Then train with `--teacher_pool <pool_dir>`.
 """
@@ -54,11 +54,11 @@ def main(argv=None):
     from transformers import HfArgumentParser
 
     from ..config import PBSDConfig
-    from ..data.loading import load_prompt_dataset
-    from ..data.tasks import TASKS
-    from ..models import load_model_and_tokenizer
     from ..pool import build_teacher_pool
-    from .utils import EXAMPLE_DEFAULTS
+    from ..recipes.data.loading import load_prompt_dataset
+    from ..recipes.data.tasks import TASKS
+    from ..recipes.example_args import EXAMPLE_DEFAULTS
+    from ..recipes.models import load_model_and_tokenizer
 
     argv = list(sys.argv[1:] if argv is None else argv)
     pool_args, rest = HfArgumentParser(PoolArguments).parse_args_into_dataclasses(
@@ -75,7 +75,7 @@ def main(argv=None):
 
     model_path = pool_args.model_name_or_path
     if model_path is None:
-        from ..tiny import get_base_model
+        from ..recipes.tiny import get_base_model
 
         with state.main_process_first():
             model_path = get_base_model(pool_args.task, progress_bar=state.is_main_process)

@@ -1,5 +1,5 @@
 """
-Avg@k / pass@k evaluation of a saved model from the command line (the report of [`~pbsd_trl.evaluate.evaluate_avg_at_k`]).
+Avg@k / pass@k evaluation of a saved model from the command line (the report of [`~pbsd_trl.recipes.evaluate.evaluate_avg_at_k`]).
 
 ```bash
 python -m pbsd_trl.scripts.evaluate --model_name_or_path DIR --dataset_name builtin:math --k 8 --reward math \\
@@ -8,7 +8,7 @@ python -m pbsd_trl.scripts.evaluate --model_name_or_path DIR --dataset_name buil
 
 `--dataset_name` is `builtin:math` / `builtin:tool_use` (the 200 held-out problems of the built-in tasks), a local
 `.json`/`.jsonl`/`.parquet`/`.csv` file, or a Hub dataset id (with `--dataset_split`); the column flags map other
-schemas as [`~pbsd_trl.data.loading.load_prompt_dataset`] does.
+schemas as [`~pbsd_trl.recipes.data.loading.load_prompt_dataset`] does.
 """
 
 import argparse
@@ -20,10 +20,10 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer
 
-from ..data.loading import load_prompt_dataset
-from ..data.tasks import TASKS
-from ..evaluate import evaluate_avg_at_k
-from ..models import load_model_and_tokenizer
+from ..recipes.data.loading import load_prompt_dataset
+from ..recipes.data.tasks import TASKS
+from ..recipes.evaluate import evaluate_avg_at_k
+from ..recipes.models import load_model_and_tokenizer
 
 
 def _build_parser() -> argparse.ArgumentParser:

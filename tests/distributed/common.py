@@ -14,7 +14,7 @@ import sys
 import zlib
 
 from pbsd_trl import PBSDConfig, PBSDTrainer
-from pbsd_trl.tiny import build_char_tokenizer, build_random_model, load_tokenizer
+from pbsd_trl.recipes.tiny import build_char_tokenizer, build_random_model, load_tokenizer
 
 
 COMPLETION_LENGTH = 6  # tokens, the last one EOS
@@ -37,7 +37,7 @@ def make_model_dir(path: str, tied: bool = True) -> str:
 
 def make_dataset(n: int = 16):
     """Math rows whose prompts, privileged contexts and answers all have the same length."""
-    from pbsd_trl.data.math_task import make_math_dataset
+    from pbsd_trl.recipes.data.math_task import make_math_dataset
 
     ds = make_math_dataset("train", n=400, seed=0)
     ds = ds.filter(

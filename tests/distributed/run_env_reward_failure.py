@@ -19,7 +19,7 @@ from common import finish_launched_run  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from testing_utils import ScriptedAnswerTrainer, tiny_pbsd_config, tool_tokenizer  # noqa: E402
 
-from pbsd_trl.tiny import build_random_model  # noqa: E402
+from pbsd_trl.recipes.tiny import build_random_model  # noqa: E402
 
 
 class RankOneExplodingEnv:

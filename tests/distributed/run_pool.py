@@ -12,9 +12,9 @@ from accelerate import PartialState  # noqa: E402
 from common import finish_launched_run  # noqa: E402
 
 from pbsd_trl import PBSDConfig  # noqa: E402
-from pbsd_trl.data.math_task import make_math_dataset  # noqa: E402
 from pbsd_trl.pool import build_teacher_pool  # noqa: E402
-from pbsd_trl.tiny import build_char_tokenizer, build_random_model  # noqa: E402
+from pbsd_trl.recipes.data.math_task import make_math_dataset  # noqa: E402
+from pbsd_trl.recipes.tiny import build_char_tokenizer, build_random_model  # noqa: E402
 
 
 def main():

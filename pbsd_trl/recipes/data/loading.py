@@ -92,17 +92,57 @@ def load_prompt_dataset(
     """
     spec = TASKS[task] if isinstance(task, str) else task
     if name.startswith("builtin:"):
-        key = name.split(":", 1)[1]
-        if key not in TASKS:
-            raise ValueError(f"Unknown built-in dataset {name!r}; expected one of {[f'builtin:{t}' for t in TASKS]}.")
-        dataset = TASKS[key].make_dataset(builtin_split, n=num_rows, seed=seed)
-        if privileged_context_column != "privileged_context":
-            dataset = dataset.rename_column("privileged_context", privileged_context_column)
-        return dataset
-
+        return _builtin_dataset(name, builtin_split, num_rows, seed, privileged_context_column)
     dataset = _read_dataset(name, split, config)
-    columns = list(dataset.column_names)
     where = f"dataset file {name}" if _is_local_file(name) else f"dataset {name!r}"
+    columns = list(dataset.column_names)
+    dataset = _rename_to_schema(
+        dataset,
+        where,
+        spec,
+        prompt_column,
+        solution_column,
+        answer_column,
+        privileged_context_column,
+        require_privileged_context,
+    )
+    needed = list(spec.reward_columns if spec is not None else ()) + [tuple(c) for c in (required_columns or ())]
+    for alternatives in needed:
+        if not any(column in dataset.column_names for column in alternatives):
+            raise DatasetColumnError(
+                f"The {where} has no column '{alternatives[0]}' needed by the "
+                f"{spec.name if spec else ''} reward (map one with --answer_column); its columns are {columns}."
+            )
+    if num_rows is not None:
+        dataset = dataset.select(range(min(num_rows, len(dataset))))
+    if len(dataset) == 0:
+        raise ValueError(f"The {where} has no rows.")
+    return _as_conversations(dataset, where, prompt_column)
+
+
+def _builtin_dataset(name: str, builtin_split: str, num_rows: int | None, seed: int, privileged_context_column: str):
+    key = name.split(":", 1)[1]
+    if key not in TASKS:
+        raise ValueError(f"Unknown built-in dataset {name!r}; expected one of {[f'builtin:{t}' for t in TASKS]}.")
+    dataset = TASKS[key].make_dataset(builtin_split, n=num_rows, seed=seed)
+    if privileged_context_column != "privileged_context":
+        dataset = dataset.rename_column("privileged_context", privileged_context_column)
+    return dataset
+
+
+def _rename_to_schema(
+    dataset,
+    where,
+    spec,
+    prompt_column,
+    solution_column,
+    answer_column,
+    privileged_context_column,
+    require_privileged_context,
+):
+    """The user's prompt, solution and answer columns renamed to PBSD's names (a column already holding a target
+    name is replaced); a missing column is a `DatasetColumnError` naming the flag that maps it."""
+    columns = list(dataset.column_names)
 
     def missing(column: str, flag: str) -> DatasetColumnError:
         return DatasetColumnError(
@@ -140,23 +180,15 @@ def load_prompt_dataset(
         and privileged_context_column in dataset.column_names
     ):
         dataset = dataset.add_column("solution", list(dataset[privileged_context_column]))
+    return dataset
 
-    needed = list(spec.reward_columns if spec is not None else ()) + [tuple(c) for c in (required_columns or ())]
-    for alternatives in needed:
-        if not any(column in dataset.column_names for column in alternatives):
-            raise DatasetColumnError(
-                f"The {where} has no column '{alternatives[0]}' needed by the "
-                f"{spec.name if spec else ''} reward (map one with --answer_column); its columns are {columns}."
-            )
 
-    if num_rows is not None:
-        dataset = dataset.select(range(min(num_rows, len(dataset))))
-    if len(dataset) == 0:
-        raise ValueError(f"The {where} has no rows.")
+def _as_conversations(dataset, where: str, prompt_column: str):
+    """Plain-text prompts as one-turn conversations; anything but text or chat messages is refused."""
     first = dataset[0]["prompt"]
     if isinstance(first, str):
-        dataset = dataset.map(lambda row: {"prompt": [{"role": "user", "content": row["prompt"]}]})
-    elif not (isinstance(first, list) and first and isinstance(first[0], dict) and "role" in first[0]):
+        return dataset.map(lambda row: {"prompt": [{"role": "user", "content": row["prompt"]}]})
+    if not (isinstance(first, list) and first and isinstance(first[0], dict) and "role" in first[0]):
         raise DatasetColumnError(
             f"The {where}: column '{prompt_column}' must hold text or a list of chat messages, got "
             f"{type(first).__name__}."

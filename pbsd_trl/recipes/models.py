@@ -11,7 +11,7 @@ from .tiny import ASSISTANT_TOKEN, END_TOKEN, USER_TOKEN, load_tokenizer
 
 
 def _is_tiny_tokenizer_dir(path: str) -> bool:
-    """Whether `path` is a local directory holding pbsd-trl's character tokenizer (`pbsd_trl.tiny`)."""
+    """Whether `path` is a local directory holding pbsd-trl's character tokenizer (`pbsd_trl.recipes.tiny`)."""
     config = Path(path) / "tokenizer_config.json"
     if not config.is_file():
         return False

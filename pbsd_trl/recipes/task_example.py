@@ -9,15 +9,15 @@ from pathlib import Path
 from accelerate import PartialState
 from trl import get_peft_config
 
-from ..data.loading import load_train_and_eval_datasets
-from ..data.tasks import TaskSpec
-from ..evaluate import evaluate_student_and_teacher
-from ..models import load_model_and_tokenizer
 from ..pool import use_default_pool
-from ..report import output_listing, plot_training_curves, results_table, summary_line, write_results
-from ..tiny import get_base_model
 from ..trainer import PBSDTrainer
-from .utils import resume_arg, set_num_threads
+from .data.loading import load_train_and_eval_datasets
+from .data.tasks import TaskSpec
+from .evaluate import evaluate_student_and_teacher
+from .example_args import resume_arg, set_num_threads
+from .models import load_model_and_tokenizer
+from .report import output_listing, plot_training_curves, results_table, summary_line, write_results
+from .tiny import get_base_model
 
 
 def run_task_example(task: TaskSpec, title: str, script_args, training_args, model_args, stopper) -> dict:

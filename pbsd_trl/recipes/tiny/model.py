@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import string
 from typing import Any, Literal
@@ -150,3 +151,16 @@ def build_random_model(
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = None
     return model
+
+
+@contextlib.contextmanager
+def torch_threads(num_threads: int | None):
+    """``torch.set_num_threads(num_threads)`` for the duration of the block (nothing when ``None``): the warm
+    start's result and speed depend on the thread count, and the caller's setting comes back afterwards."""
+    previous = torch.get_num_threads()
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

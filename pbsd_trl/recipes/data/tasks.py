@@ -3,7 +3,7 @@
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..rewards import math_accuracy_reward, tool_call_reward
+from ...rewards import math_accuracy_reward, tool_call_reward
 from .math_task import MATH_TEACHER_TEMPLATE, make_math_dataset
 from .tool_task import TOOL_TEACHER_TEMPLATE, make_tool_dataset
 

@@ -7,12 +7,12 @@ Everything is built from code, nothing is downloaded:
 - :func:`tiny_model_config` / :func:`build_random_model`: a ~1M-parameter Qwen2 causal LM (and an even
   smaller one for unit tests).
 - :func:`warm_start`: a short SFT from random initialization on the built-in tasks
-  (:mod:`pbsd_trl.data`), half in student format (question -> a guess of what only the privileged context says,
+  (:mod:`pbsd_trl.recipes.data`), half in student format (question -> a guess of what only the privileged context says,
   then everything else right) and half in teacher format (question + privileged context, a hint -> solution). It
   leaves a student that is right part of the time and a teacher (the same network with the hint in its prompt)
   that is right most of the time and still computes its answer: the setting self-distillation is for.
 - :func:`get_base_model`: the warm-started model of a task, as a directory for ``from_pretrained``. The default
-  recipe's models ship inside the package (``pbsd_trl/base_models/<task>``, checksummed), so every machine gets
+  recipe's models ship inside the package (``pbsd_trl/recipes/base_models/<task>``, checksummed), so every machine gets
   the same weights: the warm start's float trajectory depends on the CPU's kernels and thread count, so two
   machines building "the same" model get different ones. Other recipes (or ``build=True``) are built once and
   cached (``$PBSD_TRL_CACHE`` or ``~/.cache/pbsd_trl``).
@@ -20,8 +20,8 @@ Everything is built from code, nothing is downloaded:
 The shipped copies were produced by the committed command
 
 ```bash
-python -m pbsd_trl.tiny build math --output_dir pbsd_trl/base_models/math --num_threads 1
-python -m pbsd_trl.tiny build tool_use --output_dir pbsd_trl/base_models/tool_use --num_threads 1
+python -m pbsd_trl.recipes.tiny build math --output_dir pbsd_trl/recipes/base_models/math --num_threads 1
+python -m pbsd_trl.recipes.tiny build tool_use --output_dir pbsd_trl/recipes/base_models/tool_use --num_threads 1
 ```
 
 which also records, in each ``pbsd_trl_base.json``, the SHA-256 of every file (checked on every load), the
@@ -31,7 +31,7 @@ Example:
 
 ```python
 from transformers import AutoModelForCausalLM
-from pbsd_trl.tiny import get_base_model, load_tokenizer
+from pbsd_trl.recipes.tiny import get_base_model, load_tokenizer
 
 path = get_base_model("math")  # the shipped copy: instant, no build
 model = AutoModelForCausalLM.from_pretrained(path)

@@ -19,6 +19,7 @@ with `vllm.LLM` instead (needs vLLM and a model path; not exercised by this proj
 is `python -m pbsd_trl.scripts.evaluate`.
 """
 
+import contextlib
 import logging
 import math
 import time
@@ -29,11 +30,11 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
-from .config import DEFAULT_TEACHER_PROMPT_TEMPLATE
-from .logprobs import pad_token_lists
-from .rewards import combine_rewards
-from .teacher.prompts import check_privileged_context, compose_teacher_prompt
-from .tokens import cut_after_eos, tokenize_prompts
+from ..config import DEFAULT_TEACHER_PROMPT_TEMPLATE
+from ..logprobs import pad_token_lists
+from ..rewards import combine_rewards
+from ..teacher.prompts import check_privileged_context, compose_teacher_prompt
+from ..tokens import cut_after_eos, tokenize_prompts
 
 
 logger = logging.getLogger(__name__)
@@ -247,18 +248,63 @@ def evaluate_avg_at_k(
     if with_privileged_context:
         gen_prompts = _teacher_view(rows, student_prompts, teacher_prompt_template, privileged_context_column)
     role = "teacher" if with_privileged_context else "student"
-    description = description or role
+    start = time.perf_counter()
+    generation = dict(settings=(max_new_tokens, temperature, top_p, top_k), seed=seed, use_vllm=use_vllm, llm=llm)
+    generation.update(pad_to_multiple_of=pad_to_multiple_of, description=description or role)
+    sampled, greedy_ids = _sample_completions(
+        model, tokenizer, gen_prompts, k, greedy, batch_size, progress_bar, **generation
+    )
+    scoring = (tokenizer, rows, student_prompts, prompt_column, reward_funcs, reward_weights)
+    greedy_rewards = None if greedy_ids is None else _score_samples(greedy_ids, *scoring)
+    seconds = time.perf_counter() - start
+    report = _avg_at_k_report(_score_samples(sampled, *scoring), greedy_rewards, sampled, role, k, seconds, generation)
+    report["sample_completions"] = [tokenizer.decode(per[0], skip_special_tokens=True) for per in sampled[:3]]
+    return report
 
+
+def _sample_completions(
+    model,
+    tokenizer,
+    prompts,
+    k,
+    greedy,
+    batch_size,
+    progress_bar,
+    *,
+    settings,
+    seed,
+    use_vllm,
+    llm,
+    pad_to_multiple_of,
+    description,
+):
+    """`k` sampled completions per prompt, and one greedy completion per prompt when `greedy` (else `None`)."""
+    prompt_ids = tokenize_prompts(tokenizer, prompts)
+    generate, model = _generator(
+        model, tokenizer, prompts, prompt_ids, use_vllm, llm, settings, seed, pad_to_multiple_of
+    )
+    # Sort by length so that each batch pads little; results are put back in dataset order.
+    order = sorted(range(len(prompts)), key=lambda i: len(prompt_ids[i]))
+    with _sampling_mode(None if use_vllm else model, seed):
+        sampled = _sample_in_batches(generate, order, batch_size, k, True, f"{description} avg@{k}", progress_bar)
+        greedy_ids = (
+            _sample_in_batches(generate, order, batch_size, 1, False, f"{description} greedy", progress_bar)
+            if greedy
+            else None
+        )
+    return sampled, greedy_ids
+
+
+def _generator(model, tokenizer, prompts, prompt_ids, use_vllm, llm, settings, seed, pad_to_multiple_of):
+    """`generate(idx, num_samples, do_sample, offset)`: completion token ids of the prompts at `idx`, with HF
+    `generate` or vLLM; and the model, loaded when given as a path."""
     if use_vllm and llm is None:
         if not isinstance(model, str):
             raise ValueError("use_vllm=True needs `llm` (a vllm.LLM) or `model` as a path/hub id.")
         llm = _load_vllm(model)
     if not use_vllm and isinstance(model, str):
         model = AutoModelForCausalLM.from_pretrained(model)
-
-    prompt_ids = tokenize_prompts(tokenizer, gen_prompts)
-    prompt_texts = _prompt_texts(tokenizer, gen_prompts) if use_vllm else None
-    settings = (max_new_tokens, temperature, top_p, top_k)
+    prompt_texts = _prompt_texts(tokenizer, prompts) if use_vllm else None
 
     def generate(idx: list[int], num_samples: int, do_sample: bool, offset: int) -> list[list[list[int]]]:
         if use_vllm:
@@ -268,42 +314,24 @@ def evaluate_avg_at_k(
         batch = [prompt_ids[i] for i in idx]
         return _hf_generate(model, tokenizer, batch, num_samples, *settings, do_sample, pad_to_multiple_of)
 
-    # Sort by length so that each batch pads little; results are put back in dataset order.
-    order = sorted(range(len(rows)), key=lambda i: len(prompt_ids[i]))
-    was_training = getattr(model, "training", False) if not use_vllm else False
-    if not use_vllm:
+    return generate, model
+
+
+@contextlib.contextmanager
+def _sampling_mode(model, seed: int):
+    """Eval mode and a seeded, forked RNG (the caller's RNG state is untouched); a model evaluated in the middle of
+    training goes back to training mode, also when interrupted."""
+    was_training = getattr(model, "training", False)
+    if model is not None:
         model.eval()
-    start = time.perf_counter()
     rng_devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     try:
         with torch.random.fork_rng(devices=rng_devices):
             torch.manual_seed(seed)
-            sampled = _sample_in_batches(generate, order, batch_size, k, True, f"{description} avg@{k}", progress_bar)
-            greedy_ids = (
-                _sample_in_batches(generate, order, batch_size, 1, False, f"{description} greedy", progress_bar)
-                if greedy
-                else None
-            )
-    finally:  # also when interrupted: a model evaluated in the middle of training goes back to training mode
+            yield
+    finally:
         if was_training:
             model.train()
-
-    def score(completion_ids):
-        return _score_samples(
-            completion_ids, tokenizer, rows, student_prompts, prompt_column, reward_funcs, reward_weights
-        )
-
-    report = _avg_at_k_report(score(sampled), sampled, role, k)
-    if greedy_ids is not None:
-        g = [0.0 if math.isnan(per[0]) else per[0] for per in score(greedy_ids)]
-        report["greedy_accuracy"] = sum(g) / len(g)
-    report.update(seconds=round(time.perf_counter() - start, 2), temperature=temperature, top_p=top_p)
-    report.update(max_new_tokens=max_new_tokens)
-    report["per_problem"] = report.pop("per_problem")  # keep the report's key order: sampling settings first
-    report["sample_completions"] = [
-        tokenizer.decode(sampled[i][0], skip_special_tokens=True) for i in range(min(3, len(rows)))
-    ]
-    return report
 
 
 def _evaluation_rows(dataset, num_problems: int | None, prompt_column: str) -> list[dict]:
@@ -361,15 +389,16 @@ def _score_samples(completion_ids, tokenizer, rows, student_prompts, prompt_colu
     return [values[i * num : (i + 1) * num] for i in range(len(rows))]
 
 
-def _avg_at_k_report(rewards, sampled, role: str, k: int) -> dict[str, Any]:
+def _avg_at_k_report(rewards, greedy_rewards, sampled, role: str, k: int, seconds: float, generation: dict) -> dict:
     """Avg@k (mean over problems of the mean reward of their samples; an unscored sample counts 0), its standard
-    error over problems, and pass@k."""
+    error over problems, pass@k, the greedy accuracy (`None` without greedy samples) and the sampling settings."""
     n_unscored = sum(1 for per in rewards for v in per if math.isnan(v))
     clean = [[0.0 if math.isnan(v) else v for v in per] for per in rewards]
     per_problem = [sum(per) / len(per) for per in clean]
     avg = sum(per_problem) / len(per_problem)
     std_err = math.sqrt(sum((p - avg) ** 2 for p in per_problem) / max(1, len(per_problem) - 1) / len(per_problem))
     lengths = [len(ids) for per in sampled for ids in per]
+    greedy = None if greedy_rewards is None else [0.0 if math.isnan(per[0]) else per[0] for per in greedy_rewards]
     return {
         "prompt": role,
         "k": k,
@@ -377,9 +406,13 @@ def _avg_at_k_report(rewards, sampled, role: str, k: int) -> dict[str, Any]:
         "avg_at_k": avg,
         "avg_at_k_stderr": std_err,
         "pass_at_k": sum(max(per) for per in clean) / len(clean),
-        "greedy_accuracy": None,
+        "greedy_accuracy": None if greedy is None else sum(greedy) / len(greedy),
         "mean_completion_tokens": sum(lengths) / len(lengths),
         "n_unscored": n_unscored,
+        "seconds": round(seconds, 2),
+        "temperature": generation["settings"][1],
+        "top_p": generation["settings"][2],
+        "max_new_tokens": generation["settings"][0],
         "per_problem": per_problem,
     }
 

@@ -11,7 +11,7 @@ import trl
 from trl import ModelConfig, TrlParser
 
 from ..config import PBSDConfig
-from ..data.tasks import TaskSpec
+from .data.tasks import TaskSpec
 
 
 LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -46,7 +46,7 @@ class ScriptArguments(trl.ScriptArguments):
     Arguments of the example scripts besides [`PBSDConfig`] and TRL's `ModelConfig`.
 
     `--model_name_or_path` (`ModelConfig`) defaults to the built-in tiny base model of the task
-    ([`~pbsd_trl.tiny.get_base_model`]), `--dataset_name` to the built-in synthetic task.
+    ([`~pbsd_trl.recipes.tiny.get_base_model`]), `--dataset_name` to the built-in synthetic task.
 
     Args:
         dataset_test_split: Evaluation split of a hub dataset. Default: hold out `eval_num_problems` training rows.
@@ -125,7 +125,7 @@ class ScriptArguments(trl.ScriptArguments):
     )
 
     def dataset_kwargs(self, privileged_context_column: str, seed: int) -> dict[str, Any]:
-        """The keyword arguments of [`~pbsd_trl.data.loading.load_train_and_eval_datasets`] set by these arguments."""
+        """The keyword arguments of [`~pbsd_trl.recipes.data.loading.load_train_and_eval_datasets`] set by these arguments."""
         return dict(
             dataset_name=self.dataset_name,
             dataset_train_split=self.dataset_train_split,

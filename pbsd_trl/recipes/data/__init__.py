@@ -1,9 +1,9 @@
 """Built-in synthetic tasks with privileged context, in the column schema of TRL's self-distillation
 trainers (`prompt`, `privileged_context`):
 
-- `pbsd_trl.data.math_task`: arithmetic whose operation is written as a code; the privileged context is a hint (the
+- `pbsd_trl.recipes.data.math_task`: arithmetic whose operation is written as a code; the privileged context is a hint (the
   method and the first step of the scratchpad), not the solution (`answer` column).
-- `pbsd_trl.data.tool_task`: ReAct tool use whose argument names are not in the prompt; the privileged context is the
+- `pbsd_trl.recipes.data.tool_task`: ReAct tool use whose argument names are not in the prompt; the privileged context is the
   tool's documentation and a demonstration of a similar call, not the golden one (`golden_answer` column, SDFT's
   format).
 """

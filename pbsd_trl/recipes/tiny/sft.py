@@ -11,12 +11,20 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast, Qwen2ForCausalLM
 
-from .model import ASSISTANT_TOKEN, END_TOKEN, USER_TOKEN, Task, build_char_tokenizer, build_random_model
+from .model import (
+    ASSISTANT_TOKEN,
+    END_TOKEN,
+    USER_TOKEN,
+    Task,
+    build_char_tokenizer,
+    build_random_model,
+    torch_threads,
+)
 
 
 DEFAULT_WARM_START_STEPS: dict[str, int] = {"math": 1500, "tool_use": 1500}
 """SFT steps of the default recipe (the shipped base models). Measured on the shipped copies (seed 0, 1 CPU thread,
-the 200 held-out problems, Avg@8 at temperature 1, :data:`~pbsd_trl.tiny.shipped.BASE_MODEL_EVAL`; recorded in each
+the 200 held-out problems, Avg@8 at temperature 1, :data:`~pbsd_trl.recipes.tiny.shipped.BASE_MODEL_EVAL`; recorded in each
 ``pbsd_trl_base.json``, table in ``benchmarks/results/tasks.md``): math 1500 steps, student 0.361 (pass@8 0.875),
 teacher with the hint 0.854; tool_use 1500 steps, student 0.281 (pass@8 0.875), teacher with the documentation and a
 similar call 0.890. The student's accuracy is bounded by its guess of what only the context says (math: 11/27 of the
@@ -108,6 +116,45 @@ def _sft_batch(
     return input_ids, labels
 
 
+def _sft_step(model, tokenizer, rows, optimizer, scheduler) -> float:
+    """One optimizer step on ``rows``: the first half in student format, the second in teacher format."""
+    half = len(rows) // 2
+    prompts = [r[0] for r in rows[:half]] + [r[1] for r in rows[half:]]
+    completions = [r[2] for r in rows[:half]] + [r[3] for r in rows[half:]]
+    input_ids, labels = _sft_batch(tokenizer, prompts, completions)
+    loss = model(input_ids=input_ids, labels=labels).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def _train(model, tokenizer, sample, batch_size, steps, schedule, description, progress_bar, callback) -> None:
+    """AdamW from ``schedule = (learning_rate, warmup_steps, lr_schedule, min_lr_ratio)``, ``steps`` steps on fresh
+    ``sample(batch_size)`` rows, ``callback(step, model, tokenizer)`` after each one (in eval mode)."""
+    from tqdm.auto import tqdm
+
+    learning_rate, warmup_steps, lr_schedule, min_lr_ratio = schedule
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: _lr_factor(s, steps, warmup_steps, lr_schedule, min_lr_ratio)
+    )
+    model.train()
+    running = None
+    with tqdm(total=steps, desc=description, disable=not progress_bar, dynamic_ncols=True) as bar:
+        for step in range(1, steps + 1):
+            loss = _sft_step(model, tokenizer, sample(batch_size), optimizer, scheduler)
+            running = loss if running is None else 0.95 * running + 0.05 * loss
+            bar.set_postfix(loss=f"{running:.3f}", refresh=False)
+            bar.update(1)
+            if callback is not None:
+                model.eval()
+                callback(step, model, tokenizer)
+                model.train()
+
+
 def warm_start(
     task: Task = "math",
     steps: int | None = None,
@@ -141,7 +188,7 @@ def warm_start(
     :data:`DEFAULT_WARM_START_STEPS`.
 
     Args:
-        task: ``"math"`` (:mod:`pbsd_trl.data.math_task`) or ``"tool_use"`` (:mod:`pbsd_trl.data.tool_task`).
+        task: ``"math"`` (:mod:`pbsd_trl.recipes.data.math_task`) or ``"tool_use"`` (:mod:`pbsd_trl.recipes.data.tool_task`).
         steps: Optimizer steps; default :data:`DEFAULT_WARM_START_STEPS` of the task.
         seed: Seed of the initialization and of the training problems.
         output_dir: If given, the model and tokenizer are saved there with ``save_pretrained``.
@@ -150,7 +197,7 @@ def warm_start(
         warmup_steps: Linear warmup steps.
         lr_schedule: ``"cosine"`` (decay to ``min_lr_ratio`` times the rate at ``steps``) or ``"constant"``.
         min_lr_ratio: Final learning rate of the cosine schedule, relative to ``learning_rate``.
-        difficulty: Math difficulty (see :func:`pbsd_trl.data.math_task.make_math_dataset`).
+        difficulty: Math difficulty (see :func:`pbsd_trl.recipes.data.math_task.make_math_dataset`).
         model_overrides: :class:`~transformers.Qwen2Config` fields overriding :func:`tiny_model_config`.
         num_threads: If given, ``torch.set_num_threads`` for the duration of the run.
         progress_bar: Show a tqdm progress bar with the running loss.
@@ -159,45 +206,14 @@ def warm_start(
     Returns:
         ``(model, tokenizer)``, the model in eval mode.
     """
-    from tqdm.auto import tqdm
-
     steps = DEFAULT_WARM_START_STEPS[task] if steps is None else steps
     tokenizer = build_char_tokenizer()
     model = build_random_model(tokenizer, size="base", seed=seed, **(model_overrides or {}))
     sample = _task_sampler(task, random.Random(f"warm-start-{task}-{seed}"), difficulty)
 
-    previous_threads = torch.get_num_threads()
-    if num_threads is not None:
-        torch.set_num_threads(num_threads)
-    try:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: _lr_factor(s, steps, warmup_steps, lr_schedule, min_lr_ratio)
-        )
-        model.train()
-        half = batch_size // 2
-        running = None
-        with tqdm(total=steps, desc=f"warm start ({task})", disable=not progress_bar, dynamic_ncols=True) as bar:
-            for step in range(1, steps + 1):
-                rows = sample(batch_size)
-                prompts = [r[0] for r in rows[:half]] + [r[1] for r in rows[half:]]
-                completions = [r[2] for r in rows[:half]] + [r[3] for r in rows[half:]]
-                input_ids, labels = _sft_batch(tokenizer, prompts, completions)
-                loss = model(input_ids=input_ids, labels=labels).loss
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
-                bar.set_postfix(loss=f"{running:.3f}", refresh=False)
-                bar.update(1)
-                if callback is not None:
-                    model.eval()
-                    callback(step, model, tokenizer)
-                    model.train()
-    finally:
-        torch.set_num_threads(previous_threads)
+    with torch_threads(num_threads):
+        schedule = (learning_rate, warmup_steps, lr_schedule, min_lr_ratio)
+        _train(model, tokenizer, sample, batch_size, steps, schedule, f"warm start ({task})", progress_bar, callback)
     model.eval()
     if output_dir is not None:
         model.save_pretrained(output_dir)

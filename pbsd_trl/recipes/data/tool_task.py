@@ -257,7 +257,7 @@ def make_tool_dataset(
         n: Number of rows.
         seed: Seed of the training examples.
         conversational: If `True`, `prompt` is a one-turn conversation; otherwise the plain string.
-            The base model of [`~pbsd_trl.tiny.get_base_model`] is trained on the conversational format.
+            The base model of [`~pbsd_trl.recipes.tiny.get_base_model`] is trained on the conversational format.
 
     Returns:
         A [`~datasets.Dataset`] with columns `prompt`, `privileged_context` (documentation of the

@@ -266,7 +266,7 @@ def make_math_dataset(
         difficulty: `"easy"` (1-2 digit operands), `"medium"` (2-3) or `"hard"` (3-4), or a
             `(min_digits, max_digits)` tuple.
         conversational: If `True`, `prompt` is `[{"role": "user", "content": "347$589="}]`;
-            otherwise the plain string `"347$589="`. The base model of [`~pbsd_trl.tiny.get_base_model`]
+            otherwise the plain string `"347$589="`. The base model of [`~pbsd_trl.recipes.tiny.get_base_model`]
             is trained on the conversational (chat template) format.
 
     Returns:

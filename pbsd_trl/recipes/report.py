@@ -27,7 +27,7 @@ def summary_line(reports: dict[str, dict], k: int) -> str:
 
 
 def results_table(before: dict[str, dict] | None, after: dict[str, dict] | None, k: int) -> str:
-    """A markdown before/after table of student and teacher Avg@k and pass@k (reports of [`~pbsd_trl.evaluate.evaluate_avg_at_k`])."""
+    """A markdown before/after table of student and teacher Avg@k and pass@k (reports of [`~pbsd_trl.recipes.evaluate.evaluate_avg_at_k`])."""
     rows = [
         (f"student Avg@{k}", "student", "avg_at_k"),
         (f"student pass@{k}", "student", "pass_at_k"),

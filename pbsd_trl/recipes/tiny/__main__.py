@@ -1,4 +1,4 @@
-"""`python -m pbsd_trl.tiny build|verify`: build a base model with its manifest, or check one."""
+"""`python -m pbsd_trl.recipes.tiny build|verify`: build a base model with its manifest, or check one."""
 
 import argparse
 import json
@@ -8,7 +8,7 @@ from .shipped import build_base_model, verify_base_model
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pbsd_trl.tiny", description="Tiny offline base models.")
+    parser = argparse.ArgumentParser(prog="python -m pbsd_trl.recipes.tiny", description="Tiny offline base models.")
     commands = parser.add_subparsers(dest="command", required=True)
     build = commands.add_parser("build", help="Build the default recipe's base model of a task, with its manifest.")
     build.add_argument("task", choices=sorted(DEFAULT_WARM_START_STEPS))

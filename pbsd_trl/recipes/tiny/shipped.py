@@ -16,7 +16,15 @@ from typing import Any
 
 import torch
 
-from .model import CHARACTERS, SPECIAL_TOKENS, Task, build_char_tokenizer, load_tokenizer, tiny_model_config
+from .model import (
+    CHARACTERS,
+    SPECIAL_TOKENS,
+    Task,
+    build_char_tokenizer,
+    load_tokenizer,
+    tiny_model_config,
+    torch_threads,
+)
 from .sft import DEFAULT_WARM_START_STEPS, warm_start
 
 
@@ -99,7 +107,7 @@ def verify_base_model(path: str | os.PathLike) -> dict[str, Any]:
     if not hashes:
         raise BaseModelChecksumError(f"{manifest_path} records no checksums; rebuild the model (`force=True`).")
     fix = (
-        "Reinstall pbsd-trl (or `git checkout pbsd_trl/base_models`)"
+        "Reinstall pbsd-trl (or `git checkout pbsd_trl/recipes/base_models`)"
         if path.parent == SHIPPED_BASE_MODELS_DIR
         else "Rebuild it with `get_base_model(..., force=True)`"
     )
@@ -122,7 +130,7 @@ def _shipped_base_model(task: str) -> str:
     if manifest.get("version") != BASE_MODEL_VERSION:
         raise BaseModelChecksumError(
             f"The shipped {task} base model in {path} has recipe version {manifest.get('version')}, the code "
-            f"{BASE_MODEL_VERSION}: regenerate it with `python -m pbsd_trl.tiny build {task} --output_dir {path}`."
+            f"{BASE_MODEL_VERSION}: regenerate it with `python -m pbsd_trl.recipes.tiny build {task} --output_dir {path}`."
         )
     return str(path)
 
@@ -186,15 +194,21 @@ def get_base_model(
 
     root.mkdir(parents=True, exist_ok=True)
     logger.warning("Building the tiny %s base model (%d SFT steps, one time) into %s", task, steps, final)
+    return _build_into(final, force, spec, num_threads, progress_bar=progress_bar, **warm_start_kwargs)
+
+
+def _build_into(final: Path, force: bool, spec: dict, num_threads: int | None, **warm_start_kwargs: Any) -> str:
+    """Warm-starts into a temporary directory beside ``final`` and renames it into place at the end, so that an
+    interrupted build is never used and a build finished first by another process is kept."""
+    root = final.parent
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
     try:
         start, cpu_start = time.perf_counter(), time.process_time()
         warm_start(
-            task,
-            steps=steps,
-            seed=seed,
+            spec["task"],
+            steps=spec["steps"],
+            seed=spec["seed"],
             output_dir=tmp,
-            progress_bar=progress_bar,
             num_threads=num_threads,
             **warm_start_kwargs,
         )
@@ -258,7 +272,9 @@ def build_base_model(
     warm_start(task, steps=steps, seed=0, output_dir=output_dir, num_threads=num_threads, progress_bar=progress_bar)
     info = _build_info(time.perf_counter() - start, num_threads, time.process_time() - cpu_start)
     metadata = dict(_base_model_spec(task, steps, 0, {}), **info)
-    metadata["command"] = f"python -m pbsd_trl.tiny build {task} --output_dir {output_dir} --num_threads {num_threads}"
+    metadata["command"] = (
+        f"python -m pbsd_trl.recipes.tiny build {task} --output_dir {output_dir} --num_threads {num_threads}"
+    )
     if evaluate:
         metadata["quality"] = base_model_quality(task, output_dir, num_threads=num_threads, progress_bar=progress_bar)
     return _write_manifest(output_dir, metadata)
@@ -325,10 +341,10 @@ def base_model_quality(
     temperature 1: how far from copying its context it is) and both views' mean completion length in tokens."""
     from transformers import AutoModelForCausalLM
 
+    from ...rewards import math_accuracy_reward, tool_call_reward
+    from ...teacher import compose_teacher_prompt
     from ..data import MATH_TEACHER_TEMPLATE, TOOL_TEACHER_TEMPLATE, make_math_dataset, make_tool_dataset
     from ..evaluate import evaluate_avg_at_k
-    from ..rewards import math_accuracy_reward, tool_call_reward
-    from ..teacher import compose_teacher_prompt
 
     settings = BASE_MODEL_EVAL[task]
     k = settings["k"]
@@ -339,10 +355,7 @@ def base_model_quality(
     dataset = make_dataset("eval", n=settings["num_problems"])
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     tokenizer = load_tokenizer(path)
-    previous = torch.get_num_threads()
-    if num_threads is not None:
-        torch.set_num_threads(num_threads)
-    try:
+    with torch_threads(num_threads):
         quality: dict[str, float] = {}
         for who, privileged in (("student", False), ("teacher", True)):
             report = evaluate_avg_at_k(
@@ -360,6 +373,4 @@ def base_model_quality(
         quality["teacher_self_log_prob"] = round(sum(log_probs) / len(log_probs), 3)
         test_log_probs = log_probs[TEST_ROWS.start * k : TEST_ROWS.stop * k]
         quality["teacher_self_log_prob_test"] = round(sum(test_log_probs) / len(test_log_probs), 3)
-    finally:
-        torch.set_num_threads(previous)
     return quality
