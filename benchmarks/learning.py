@@ -6,7 +6,7 @@ The tuned comparison of issue 15 is `benchmarks/learning_tuned.py`, whose report
 
 Every method starts from the same built-in tiny base model (`pbsd_trl.recipes.tiny.get_base_model("math")`) and trains on the
 built-in arithmetic task with the training settings of `examples/math.py` (8 prompts x 8 samples per step,
-`max_completion_length` 56, lr 1e-4 constant, temperature 1.0). The peers are the real TRL trainers:
+`max_completion_length` of the task, lr 1e-4 constant, temperature 1.0). The peers are the real TRL trainers:
 
 - `GRPO`: `trl.GRPOTrainer` (TRL's defaults for the loss: `loss_type="dapo"`, `beta=0`), reward = answer accuracy;
 - `OPSD`: `trl.experimental.sdft.SDFTTrainer` configured as OPSD-style KL self-distillation: the same privileged
@@ -692,12 +692,16 @@ def parse_args(argv=None):
     p.add_argument("--train_size", type=int, default=2000)
     p.add_argument("--prompts_per_step", type=int, default=8)
     p.add_argument("--num_generations", type=int, default=8)
-    p.add_argument("--max_completion_length", type=int, default=56)
+    p.add_argument("--max_completion_length", type=int, default=None, help="Default: the math task's (its example's).")
     p.add_argument("--learning_rate", type=float, default=1e-4)
     p.add_argument("--pbsd_beta", type=float, default=0.1)
     p.add_argument("--num_threads", type=int, default=1)
     p.add_argument("--replot", action="store_true", help="Only rewrite learning.md and the PNGs from learning.json.")
     args = p.parse_args(argv)
+    if args.max_completion_length is None:
+        from pbsd_trl.recipes.data.tasks import TASKS
+
+        args.max_completion_length = TASKS["math"].max_completion_length
     if args.quick:
         args.seeds = args.seeds[:1]
         args.budget_tokens = 3_000

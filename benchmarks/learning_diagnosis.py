@@ -50,7 +50,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_utils import display_path, quiet_training_logs, smoke_base_model  # noqa: E402
 from learning import machine_description  # noqa: E402
 from learning_tuned import (  # noqa: E402
-    EXAMPLE_MAX_COMPLETION_LENGTH,
     RunCache,
     build_trainer,
     eval_splits,
@@ -488,7 +487,7 @@ def main(argv=None):
     settings = {
         "prompts_per_step": args.prompts_per_step,
         "num_generations": args.num_generations,
-        "max_completion_length": EXAMPLE_MAX_COMPLETION_LENGTH[spec_task.name],
+        "max_completion_length": spec_task.max_completion_length,
         "train_size": args.train_size,
     }
     rewards = list(spec_task.reward_funcs)

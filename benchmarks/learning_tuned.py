@@ -79,10 +79,6 @@ from bench_utils import budgeted_run_settings, display_path, quiet_training_logs
 from learning import machine_description, mean_std, verdict, welch  # noqa: E402
 
 
-# Completion budgets of the example scripts (`examples/math.py`, `examples/tool_use.py`)
-EXAMPLE_MAX_COMPLETION_LENGTH = {"math": 56, "tool_use": 64}
-
-
 PROTOCOL_VERSION = 1  # part of every run key: bump when a change makes stored runs incomparable
 TASK_NAMES = ("math", "tool_use")
 HEADLINE_PBSD = "PBSD"  # the paper's loss: the ablations, the teacher pool and the diagnostic arms build on it
@@ -541,7 +537,7 @@ def task_settings(args, task: str) -> dict:
     return {
         "prompts_per_step": args.prompts_per_step,
         "num_generations": args.num_generations,
-        "max_completion_length": args.max_completion_length or EXAMPLE_MAX_COMPLETION_LENGTH[TASKS[task].name],
+        "max_completion_length": args.max_completion_length or TASKS[task].max_completion_length,
         "train_size": args.train_size,
         "eval_problems": args.eval_problems,
         "k": 8,
@@ -1864,7 +1860,12 @@ def parse_args(argv=None):
     p.add_argument("--train_size", type=int, default=2000)
     p.add_argument("--prompts_per_step", type=int, default=8)
     p.add_argument("--num_generations", type=int, default=8)
-    p.add_argument("--max_completion_length", type=int, default=None, help="Default: the task's (math 56, tool 64).")
+    p.add_argument(
+        "--max_completion_length",
+        type=int,
+        default=None,
+        help="Default: the task's (`TaskSpec.max_completion_length`, that of its example script).",
+    )
     p.add_argument("--num_threads", type=int, default=1)
     p.add_argument("--max_minutes", type=float, default=None, help="Launch no new run after this many minutes.")
     args = p.parse_args(argv)

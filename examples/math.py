@@ -63,7 +63,12 @@ from pbsd_trl.recipes.task_example import run_task_example
 TASK = TASKS["math"]
 TITLE = "PBSD on the built-in arithmetic task"
 # The no-argument run on the built-in tiny model (the rest of the defaults: `pbsd_trl.recipes.example_args.EXAMPLE_DEFAULTS`)
-DEFAULTS = {"output_dir": "pbsd-math-tiny", "max_completion_length": 64, "learning_rate": 1e-4, "max_steps": 80}
+DEFAULTS = {
+    "output_dir": "pbsd-math-tiny",
+    "max_completion_length": TASK.max_completion_length,
+    "learning_rate": 1e-4,
+    "max_steps": 80,
+}
 
 
 def make_parser():

@@ -38,7 +38,12 @@ from pbsd_trl.recipes.task_example import run_task_example
 TASK = TASKS["tool_use"]
 TITLE = "PBSD on the built-in ReAct tool-use task"
 # The no-argument run on the built-in tiny model (the rest of the defaults: `pbsd_trl.recipes.example_args.EXAMPLE_DEFAULTS`)
-DEFAULTS = {"output_dir": "pbsd-tool-use-tiny", "max_completion_length": 64, "learning_rate": 1e-4, "max_steps": 60}
+DEFAULTS = {
+    "output_dir": "pbsd-tool-use-tiny",
+    "max_completion_length": TASK.max_completion_length,
+    "learning_rate": 1e-4,
+    "max_steps": 60,
+}
 
 
 def make_parser():

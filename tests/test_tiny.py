@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from pbsd_trl import tiny
+from pbsd_trl.recipes import tiny
 from pbsd_trl.recipes.tiny import (
     build_char_tokenizer,
     build_random_model,

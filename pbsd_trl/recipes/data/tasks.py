@@ -20,6 +20,8 @@ class TaskSpec:
         reward_columns: Alternatives of columns the reward needs: each inner tuple is satisfied by any of its columns.
         make_dataset: `make_dataset(split, n, seed)` builds the synthetic dataset (`split` is `"train"` or `"eval"`).
         teacher_prompt_template: The teacher prompt template of the synthetic dataset.
+        max_completion_length: Completion budget (tokens of the built-in character tokenizer, end of turn included)
+            of the example script and the benchmarks: the longest right completion of the synthetic dataset fits.
     """
 
     name: str
@@ -28,6 +30,7 @@ class TaskSpec:
     reward_columns: tuple[tuple[str, ...], ...]
     make_dataset: Callable
     teacher_prompt_template: str
+    max_completion_length: int
 
 
 TASKS: dict[str, TaskSpec] = {
@@ -38,6 +41,7 @@ TASKS: dict[str, TaskSpec] = {
         reward_columns=(("answer", "solution"),),
         make_dataset=make_math_dataset,
         teacher_prompt_template=MATH_TEACHER_TEMPLATE,
+        max_completion_length=64,
     ),
     "tool_use": TaskSpec(
         name="tool_use",
@@ -46,5 +50,6 @@ TASKS: dict[str, TaskSpec] = {
         reward_columns=(("golden_answer",),),
         make_dataset=make_tool_dataset,
         teacher_prompt_template=TOOL_TEACHER_TEMPLATE,
+        max_completion_length=64,
     ),
 }
