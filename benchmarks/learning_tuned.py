@@ -954,11 +954,19 @@ class Runner:
         return result
 
 
+def base_model_quality(model_path: str) -> dict:
+    """The quality a shipped base model records in its manifest (`pbsd_trl.recipes.tiny.shipped.base_model_quality`);
+    empty for a model without one (the smoke models of `--quick`)."""
+    manifest = Path(model_path) / "pbsd_trl_base.json"
+    return json.loads(manifest.read_text()).get("quality", {}) if manifest.is_file() else {}
+
+
 def run_task(ctx: TaskContext, args, runner: Runner, progress) -> dict:
     """The whole protocol on one task; returns what the report needs (missing runs are absent, not invented)."""
     out = {
         "task": ctx.task,
         "model_path": display_path(ctx.model_path),
+        "model_quality": base_model_quality(ctx.model_path),
         "settings": ctx.settings,
         "base": [],
         "tuning": {},
@@ -1321,7 +1329,7 @@ def long_summary(runs: list[dict]) -> dict | None:
 
 def write_report(path: Path, payload: dict, plots: dict) -> None:
     a = payload["config"]
-    lines = report_head(payload) + protocol_lines(payload) + verdict_summary_lines(payload)
+    lines = report_head(payload) + task_table_lines(payload) + protocol_lines(payload) + verdict_summary_lines(payload)
     for task_out in payload["tasks"]:
         lines += task_lines(task_out, a, plots)
     if plots.get("summary"):
@@ -1377,6 +1385,40 @@ def report_head(payload: dict) -> list[str]:
         "- stored runs by machine: "
         + "; ".join(f"{m}: {n}" for m, n in machines_of_runs(a["cache_dir"], a["tasks"]).items())
         + " (CPU seconds, hence the `time` budget, compare only within one machine type)",
+        "",
+    ]
+
+
+def task_table_lines(payload: dict) -> list[str]:
+    """Per task: what its base model's manifest records (test rows, 80 new tokens) and what this benchmark measured
+    with its own completion budget, so a budget that cuts right completions shows as a gap between the two."""
+    rows = []
+    for task_out in payload["tasks"]:
+        q, budget = task_out.get("model_quality", {}), task_out.get("settings", {}).get("max_completion_length", "–")
+        base = mean_std([r["avg_at_8"] for r in task_out["base"]]) if task_out["base"] else None
+        teacher = (task_out.get("teacher") or {}).get("avg_at_8")
+
+        def fmt(value, spec=".3f"):
+            return "–" if value is None else format(value, spec)
+
+        rows.append(
+            f"| {task_out['task']} | {fmt(q.get('teacher_avg_at_8_test'))} | {fmt(q.get('student_avg_at_8_test'))} | "
+            f"{fmt(q.get('teacher_self_log_prob_test'), '.2f')} | {fmt(q.get('teacher_mean_completion_tokens'), '.1f')}"
+            f" / {fmt(q.get('student_mean_completion_tokens'), '.1f')} | {budget} | {fmt(teacher)} | "
+            f"{'–' if base is None else format(base[0], '.3f')} |"
+        )
+    return [
+        "## The tasks",
+        "",
+        "Test Avg@8 of the teacher view (base model + privileged context) and the student view, the teacher's mean "
+        "log-probability of its own samples (nats per sequence) and the mean completion length, as the base model's "
+        "manifest records them (80 new tokens; [tasks.md](tasks.md)), then both views as this benchmark measured "
+        "them with its completion budget.",
+        "",
+        "| task | teacher Avg@8 | student Avg@8 | teacher self-log-prob | completion tokens (teacher / student) | "
+        "budget (tokens) | teacher Avg@8, budget | student Avg@8, budget |",
+        "|---|---|---|---|---|---|---|---|",
+        *rows,
         "",
     ]
 

@@ -427,9 +427,16 @@ def test_tuned_report_covers_every_stage(tmp_path):
         "total_seconds": 1.0,
         "partial": None,
     }
+    payload["tasks"][0]["model_quality"] = {"teacher_avg_at_8_test": 0.861, "teacher_self_log_prob_test": -0.59}
+    payload["tasks"][0]["settings"] = {"max_completion_length": 56}
     plots = lt.plot(payload, tmp_path, "learning")
     lt.write_report(tmp_path / "learning.md", payload, plots)
     md = (tmp_path / "learning.md").read_text()
+    # the task table: what the manifest records beside what the benchmark measured within its budget
+    task_rows = [
+        line for line in md.split("## The tasks")[1].split("## Protocol")[0].splitlines() if line[:3] == "| m"
+    ]
+    assert task_rows[0].startswith("| math | 0.861 | – | -0.59 | – / – | 56 |"), task_rows
     for t in lt.TASK_NAMES:
         assert f"### {t}: long horizon" in md and f"### {t}: training diagnostics (long-horizon runs" in md
     assert md.count("**PBSD-role behaves as SFT on teacher samples here.**") == 2
