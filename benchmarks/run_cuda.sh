@@ -19,7 +19,7 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TRL_EXPERIMENTAL_SILENCE=
 
 [[ $parts == *1* ]] && {
 echo "== 1. CUDA tests"
-timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_ops.py -k cuda -rA 2>&1 | tail -15 | tee -a "$out/cuda_run.log"
+timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -k cuda -rA 2>&1 | tail -15 | tee -a "$out/cuda_run.log"
 
 }
 [[ $parts == *2* ]] && {

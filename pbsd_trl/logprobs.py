@@ -37,6 +37,36 @@ def head_logit_transform(model) -> tuple[float | None, float]:
     return softcap, 1.0 if scale is None else float(scale)
 
 
+def backbone_of(model):
+    """The decoder stack under a causal LM's head (under the PEFT wrapper of a PEFT model)."""
+    return model.get_base_model().base_model if hasattr(model, "peft_config") else model.base_model
+
+
+def head_token_logps(model, hidden_states: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Per-token log-probs of `labels` (0 where -100) given the backbone's `hidden_states` at the positions that
+    predict them, through the model's LM head in pbsd-trl's fused kernel (fp32, no `[tokens, vocab]` logits), with the
+    head's softcap and scale; under ZeRO-3 the head's partitioned weight is gathered for the call."""
+    head = model.get_output_embeddings()
+    softcap, logit_scale = head_logit_transform(model)
+    with maybe_gather_lm_head_ctx(head.weight, head.bias):
+        return fused_logprobs(
+            hidden_states.to(head.weight.device),
+            head.weight,
+            labels.to(head.weight.device),
+            temperature=temperature,
+            bias=head.bias,
+            softcap=softcap,
+            logit_scale=logit_scale,
+        )
+
+
+def fused_forward_logps(model, input_ids, attention_mask, labels, temperature: float) -> torch.Tensor:
+    """What a patched forward returns for `pbsd_logprobs=True` ([`add_pbsd_logprob_head`]), on an unpatched model:
+    per-token log-probs `(B, S-1)` of `labels` (0 where -100)."""
+    hidden = backbone_of(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    return head_token_logps(model, hidden[:, :-1], labels[:, 1:], temperature)
+
+
 def router_aux_loss(router_logits, text_config, attention_mask=None) -> torch.Tensor:
     """The MoE load-balancing loss the model's own forward adds (transformers' Mixtral formula, which every MoE family
     reuses), from the backbone's router logits; the same call as TRL's fused head makes."""
@@ -75,7 +105,6 @@ def add_pbsd_logprob_head(model, temperature: float = 1.0) -> None:
     """
     original_forward = model.forward
     text_config = model.config.get_text_config()
-    softcap, logit_scale = head_logit_transform(model)
 
     @functools.wraps(type(model).forward)
     def _forward(self, *args, pbsd_logprobs=False, labels=None, **kwargs):
@@ -86,19 +115,7 @@ def add_pbsd_logprob_head(model, temperature: float = 1.0) -> None:
         kwargs["use_cache"] = False
         # PEFT and FSDP replace the backbone and the head after patching: look them up on every call
         backbone_outputs = self.base_model(*args, **kwargs)
-        hidden_states = backbone_outputs.last_hidden_state[:, :-1]
-        head = self.get_output_embeddings()
-        labels = labels[:, 1:].to(head.weight.device)
-        with maybe_gather_lm_head_ctx(head.weight, head.bias):
-            logps = fused_logprobs(
-                hidden_states.to(head.weight.device),
-                head.weight,
-                labels,
-                temperature=temperature,
-                bias=head.bias,
-                softcap=softcap,
-                logit_scale=logit_scale,
-            )
+        logps = head_token_logps(self, backbone_outputs.last_hidden_state[:, :-1], labels[:, 1:], temperature)
         if kwargs.get("output_router_logits"):
             return logps, router_aux_loss(backbone_outputs.router_logits, text_config, kwargs.get("attention_mask"))
         return logps

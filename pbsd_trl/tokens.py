@@ -1,4 +1,4 @@
-"""Token lists shared by the trainer's own calls, the pool build and evaluation: prompts tokenized as GRPOTrainer
+"""Token lists and EOS ids shared by the trainer's own calls, the pool build and evaluation: prompts tokenized as GRPOTrainer
 tokenizes them, and completions cut as GRPO's completion mask cuts them. Padding is `pbsd_trl.logprobs.pad_token_lists`."""
 
 from __future__ import annotations
@@ -32,3 +32,13 @@ def cut_after_eos(ids: Sequence[int], eos_ids: Sequence[int]) -> list[int]:
         if token in eos_ids:
             break
     return out
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a completion, as GRPOTrainer collects them: the tokenizer's EOS and the model's
+    generation-config EOS ids."""
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    if tokenizer.eos_token_id not in ids:
+        ids = [tokenizer.eos_token_id, *ids]
+    return ids

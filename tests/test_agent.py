@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 from datasets import Dataset
-from testing_utils import multiply, tiny_pbsd_config, tool_tokenizer
+from testing_utils import manual_sequence_logps, multiply, tiny_pbsd_config, tool_tokenizer
 
 from pbsd_trl import PBSDTrainer
 from pbsd_trl.recipes.tiny import build_random_model
@@ -102,18 +102,15 @@ def make_args(tmp_path, **kwargs):
     )
 
 
+def agent_sequence_logps(model, prompt_ids, prompt_mask, completion_ids, attention, scored, temperature=0.5):
+    """The reference scoring at these tests' sampling temperature, over `scored` tokens only (tool results attended to,
+    not scored), without gradient."""
+    with torch.no_grad():
+        return manual_sequence_logps(model, prompt_ids, prompt_mask, completion_ids, attention, temperature, scored)
+
+
 def answered_12(completions, **kwargs):
     return [float(c[-1].get("content", "").strip() == "12") for c in completions]
-
-
-def masked_sequence_logps(model, prompt_ids, prompt_mask, completion_ids, attention, scored, temperature=0.5):
-    """Plain forward, float64 log-softmax at the sampling temperature, summed over `scored` tokens only (tool results
-    attended to, not scored)."""
-    input_ids = torch.cat([prompt_ids, completion_ids], 1)
-    with torch.no_grad():
-        logits = model(input_ids=input_ids, attention_mask=torch.cat([prompt_mask, attention], 1)).logits
-    logps = (logits[:, prompt_ids.size(1) - 1 : -1].double() / temperature).log_softmax(-1)
-    return (logps.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1) * scored).sum(-1)
 
 
 def test_teacher_samples_call_the_tool_through_grpos_loop_and_tool_results_are_not_scored(tmp_path, tool_model):
@@ -156,10 +153,10 @@ def test_teacher_samples_call_the_tool_through_grpos_loop_and_tool_results_are_n
             inputs["completion_mask"] * inputs["tool_mask"],
         ),
     ]:
-        expected = masked_sequence_logps(
+        expected = agent_sequence_logps(
             model, inputs["teacher_prompt_ids"], inputs["teacher_prompt_mask"], inputs[ids], inputs[attention], scored
         )
-        unmasked = masked_sequence_logps(
+        unmasked = agent_sequence_logps(
             model,
             inputs["teacher_prompt_ids"],
             inputs["teacher_prompt_mask"],
@@ -172,7 +169,7 @@ def test_teacher_samples_call_the_tool_through_grpos_loop_and_tool_results_are_n
 
     # The loss: the student's log-probs from the student prompt, over the same masks
     loss = trainer.compute_loss(trainer.model, inputs)
-    student_on_teacher = masked_sequence_logps(
+    student_on_teacher = agent_sequence_logps(
         model,
         inputs["prompt_ids"],
         inputs["prompt_mask"],
@@ -180,7 +177,7 @@ def test_teacher_samples_call_the_tool_through_grpos_loop_and_tool_results_are_n
         inputs["teacher_completion_mask"],
         teacher_scored,
     )
-    student_on_student = masked_sequence_logps(
+    student_on_student = agent_sequence_logps(
         model,
         inputs["prompt_ids"],
         inputs["prompt_mask"],
@@ -329,7 +326,7 @@ def test_rollout_func_serves_the_teacher_from_the_teacher_prompt_with_its_env_ma
     assert prompt == expected_prompt  # the rollout's own tokens of the teacher prompt
     assert (inputs["teacher_tool_mask"] == 0).any() and (inputs["tool_mask"] == 0).any()
     teacher_scored = inputs["teacher_completion_mask"] * inputs["teacher_tool_mask"]
-    expected = masked_sequence_logps(
+    expected = agent_sequence_logps(
         model,
         inputs["teacher_prompt_ids"],
         inputs["teacher_prompt_mask"],

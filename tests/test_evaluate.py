@@ -16,7 +16,8 @@ from pbsd_trl.scripts.evaluate import main
 class ScriptedModel(torch.nn.Module):
     """A stand-in for a causal LM: `generate` returns scripted completions and records the prompts it saw.
 
-    Sample `j` of the problem whose decoded prompt contains key `q` is `script[q][j]` (greedy: `greedy[q]`).
+    The `j`-th row of a call whose decoded prompt contains key `q` (evaluation repeats each prompt's row once per
+    sample) gets `script[q][j]` (greedy: `greedy[q]`).
     """
 
     def __init__(self, tokenizer, script, greedy=None):
@@ -33,18 +34,17 @@ class ScriptedModel(torch.nn.Module):
         assert len(matches) == 1, (text, matches)
         return matches[0]
 
-    def generate(self, input_ids, attention_mask, num_return_sequences, max_new_tokens, do_sample, **kwargs):
+    def generate(self, input_ids, attention_mask, max_new_tokens, do_sample, **kwargs):
         self.calls.append(
             {"input_ids": input_ids.clone(), "attention_mask": attention_mask.clone(), "do_sample": do_sample}
         )
-        rows = []
+        rows, seen = [], {}
         for ids in input_ids:
-            text = self.tokenizer.decode(ids, skip_special_tokens=False)
-            key = self._key(text)
-            outs = self.script[key][:num_return_sequences] if do_sample else [self.greedy[key]]
-            for out in outs:
-                completion = self.tokenizer(out, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
-                rows.append(ids.tolist() + completion)
+            key = self._key(self.tokenizer.decode(ids, skip_special_tokens=False))
+            j = seen[key] = seen.get(key, -1) + 1
+            out = self.script[key][j] if do_sample else self.greedy[key]
+            completion = self.tokenizer(out, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+            rows.append(ids.tolist() + completion)
         width = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id
         return torch.tensor([r + [pad] * (width - len(r)) for r in rows])
@@ -76,9 +76,9 @@ def test_avg_pass_and_per_problem_are_hand_computable(tokenizer):
     assert report["n_problems"] == 3 and report["k"] == 4 and report["prompt"] == "student"
     assert report["seconds"] >= 0 and report["n_unscored"] == 0
     json.dumps(report)  # serializable
-    # batching: 2 problems then 1 for the sampled pass, same for greedy; left padding to a multiple of 16
+    # batching: 2 problems then 1 (x k rows) for the sampled pass, same for greedy; left padding to a multiple of 16
     sampled = [c for c in model.calls if c["do_sample"]]
-    assert [c["input_ids"].shape[0] for c in sampled] == [2, 1]
+    assert [c["input_ids"].shape[0] for c in sampled] == [2 * 4, 1 * 4]
     for call in model.calls:
         assert call["input_ids"].shape[1] % 16 == 0
         mask = call["attention_mask"]
@@ -111,7 +111,7 @@ def test_teacher_prompt_uses_template_but_reward_judges_the_student_question(tok
     )
     assert report["prompt"] == "teacher"
     assert report["per_problem"] == [0.5, 1.0]
-    decoded = [tokenizer.decode(ids, skip_special_tokens=True) for call in model.calls for ids in call["input_ids"]]
+    decoded = {tokenizer.decode(ids, skip_special_tokens=True) for call in model.calls for ids in call["input_ids"]}
     assert sorted(decoded) == ["Q1= REF: sol of Q1=", "Q2= REF: sol of Q2="]
     assert all(p[-1]["content"] in ("Q1=", "Q2=") for p in seen_prompts)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LoraConfig
-from testing_utils import tiny_pbsd_config
+from testing_utils import manual_sequence_logps, tiny_pbsd_config
 from transformers import TrainerCallback
 
 from pbsd_trl import PBSDTrainer
@@ -129,13 +129,6 @@ def forward_patch_depth(model) -> int:
         forward = cells["original_forward"].cell_contents
         depth += 1
     return depth
-
-
-def manual_sequence_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature):
-    input_ids = torch.cat([prompt_ids, completion_ids], 1)
-    logits = model(input_ids=input_ids, attention_mask=torch.cat([prompt_mask, completion_mask], 1)).logits
-    logps = (logits[:, prompt_ids.size(1) - 1 : -1].double() / temperature).log_softmax(-1)
-    return (logps.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1) * completion_mask).sum(-1)
 
 
 @pytest.mark.parametrize("second_fused", [True, False])

@@ -7,7 +7,7 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig
-from testing_utils import TEMPLATE, save_tiny_model, tiny_pbsd_config
+from testing_utils import TEMPLATE, manual_sequence_logps, save_tiny_model, tiny_pbsd_config
 from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
@@ -32,16 +32,6 @@ def make_args(tmp_path, **kwargs):
 
 def lora():
     return LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
-
-
-def manual_sequence_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature=1.0):
-    """Plain `model(...)` forward, full logits, float64 log-softmax: the independent reference."""
-    input_ids = torch.cat([prompt_ids, completion_ids], 1)
-    attention_mask = torch.cat([prompt_mask, completion_mask], 1)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    logits = logits[:, prompt_ids.size(1) - 1 : -1].double() / temperature
-    logps = logits.log_softmax(-1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
-    return (logps * completion_mask).sum(-1)
 
 
 def generation_batch(dataset, num_prompts=2, group=4):

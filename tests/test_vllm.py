@@ -305,3 +305,35 @@ def test_vllm_trainer_refuses_a_pool_it_cannot_use(model_dir, tokenizer, dataset
     more = make_math_dataset("train", n=18, seed=0)
     with pytest.raises(TeacherPoolError, match=r"no samples for 2 of the 18 rows of train_dataset \(first: row 16\)"):
         pbsd_trainer(model_dir, tokenizer, more, tmp_path, teacher_model_kind="base", teacher_pool=pool_dir)
+
+
+def test_evaluation_with_vllm_samples_what_hf_samples(model_dir, tokenizer, dataset):
+    """`evaluate_avg_at_k(use_vllm=True)` feeds the engine the prompt ids HF `generate` gets (`pbsd_trl.sampling`):
+    greedy completions of the float32 engine and of the HF model agree (a near-tie may flip one of them)."""
+    from transformers import AutoModelForCausalLM
+
+    from pbsd_trl.recipes.evaluate import evaluate_avg_at_k
+    from pbsd_trl.sampling import load_vllm
+
+    def recorder(calls):
+        def reward(completion_ids, **kwargs):
+            calls.append([list(ids) for ids in completion_ids])
+            return [0.0] * len(completion_ids)
+
+        return reward
+
+    settings = dict(k=2, greedy=True, num_problems=4, max_new_tokens=8, progress_bar=False)
+    hf_calls, vllm_calls = [], []
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    hf = evaluate_avg_at_k(model, tokenizer, dataset, recorder(hf_calls), **settings)
+    with cpu_engine_patches():
+        llm = load_vllm(model_dir, dtype="float32", max_model_len=MAX_MODEL_LEN, gpu_memory_utilization=0.1)
+        engine = evaluate_avg_at_k(
+            model_dir, tokenizer, dataset, recorder(vllm_calls), use_vllm=True, llm=llm, **settings
+        )
+    del llm
+    assert engine["n_problems"] == hf["n_problems"] == 4 and engine["k"] == 2
+    assert 0 < engine["mean_completion_tokens"] <= 8
+    hf_greedy, engine_greedy = hf_calls[-1], vllm_calls[-1]  # the greedy pass is scored last
+    assert len(engine_greedy) == len(hf_greedy) == 4
+    assert sum(a == b for a, b in zip(hf_greedy, engine_greedy, strict=True)) >= 3, (hf_greedy, engine_greedy)

@@ -34,6 +34,19 @@ TEMPLATE = "{prompt} Reference solution: {privileged_context}"
 """The teacher prompt template of the tests (the student's prompt, then the privileged context)."""
 
 
+def manual_sequence_logps(
+    model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature=1.0, score_mask=None
+):
+    """The independent reference of sequence scoring: a plain `model(...)` forward, full logits, float64 log-softmax
+    at `temperature`, summed over `score_mask` (default: the completion mask; tool results attended to, not scored).
+    Differentiable: call it under `torch.no_grad()` where no gradient is wanted."""
+    input_ids = torch.cat([prompt_ids, completion_ids], 1)
+    logits = model(input_ids=input_ids, attention_mask=torch.cat([prompt_mask, completion_mask], 1)).logits
+    logps = (logits[:, prompt_ids.size(1) - 1 : -1].double() / temperature).log_softmax(-1)
+    scored = completion_mask if score_mask is None else score_mask
+    return (logps.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1) * scored).sum(-1)
+
+
 def tiny_pbsd_config(output_dir, **overrides) -> PBSDConfig:
     """`PBSDConfig` of a short CPU test run into `output_dir`: `TINY_RUN_DEFAULTS` updated with `overrides`."""
     return PBSDConfig(**{"output_dir": str(output_dir), **TINY_RUN_DEFAULTS, **overrides})

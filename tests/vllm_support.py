@@ -336,8 +336,8 @@ class PoolEngineProbe:
 
         sample = VLLMSampler.sample
 
-        def checked_sample(sampler, prompt_ids, num_samples):
-            drawn, logps = sample(sampler, prompt_ids, num_samples)
+        def checked_sample(sampler, prompt_ids, num_samples, **kwargs):
+            drawn, logps = sample(sampler, prompt_ids, num_samples, **kwargs)
             self.batches += 1
             for prompt, samples in zip(prompt_ids, drawn, strict=True):
                 ids = list(prompt) + list(samples[0])

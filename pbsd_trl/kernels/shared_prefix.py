@@ -19,10 +19,8 @@ import types
 import warnings
 
 import torch
-from trl.trainer.utils import maybe_gather_lm_head_ctx
 
-from ..logprobs import head_logit_transform
-from .logprob_kernel import fused_logprobs
+from ..logprobs import backbone_of, head_token_logps
 from .shared_attention import (
     SHARED_PREFIX_ATTENTION,
     SharedPrefixAttentionUnsupported,
@@ -98,9 +96,7 @@ def shared_prefix_token_logps(
     """
     from transformers.cache_utils import DynamicCache
 
-    backbone = model.get_base_model().base_model if hasattr(model, "peft_config") else model.base_model
-    head = model.get_output_embeddings()
-    softcap, logit_scale = head_logit_transform(model)
+    backbone = backbone_of(model)
     out = torch.zeros(completion_ids.shape, dtype=torch.float32, device=completion_ids.device)
     rows = completion_mask.any(1).nonzero().flatten()  # rows without a completion score 0
     if rows.numel() == 0:
@@ -145,16 +141,7 @@ def shared_prefix_token_logps(
                 hidden = torch.cat([prefix.last_hidden_state[owner[group], -1:], hidden[:, :-1]], dim=1)
                 hidden_states.append((target[group], c_ids.masked_fill(c_mask == 0, -100), hidden))
         for index, labels, hidden in hidden_states:
-            with maybe_gather_lm_head_ctx(head.weight, head.bias):  # ZeRO-3: the head's weight is partitioned
-                logps = fused_logprobs(
-                    hidden.to(head.weight.device),
-                    head.weight,
-                    labels.to(head.weight.device),
-                    temperature=temperature,
-                    bias=head.bias,
-                    softcap=softcap,
-                    logit_scale=logit_scale,
-                )
+            logps = head_token_logps(model, hidden, labels, temperature)
             out[index, : labels.size(1)] = logps.float().to(out.device)
     return out
 

@@ -180,9 +180,9 @@ def build_teacher_pool(
         # The engine samples in the precision the teacher is scored in (bf16 autocast, or the model's dtype)
         scored_dtype = "bfloat16" if args.bf16 else str(next(model.parameters()).dtype).removeprefix("torch.")
         name = model_name_or_path or model.config._name_or_path
-        sampler = VLLMSampler(name, args, eos_ids, vllm_gpu_memory_utilization, seed, dtype=scored_dtype)
+        sampler = VLLMSampler.for_training(name, args, eos_ids, vllm_gpu_memory_utilization, seed, dtype=scored_dtype)
     else:
-        sampler = HFSampler(model, tokenizer, args, eos_ids, device, bf16=bool(args.bf16))
+        sampler = HFSampler.for_training(model, tokenizer, args, eos_ids, device, bf16=bool(args.bf16))
     batch_size = batch_size or default_pool_batch_size(device, num_samples)
     draw = functools.partial(_draw_batch, model, tokenizer, sampler, args, eos_ids, device, num_samples)
     bar = tqdm(

@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from ..tokens import eos_token_ids
+
 
 POOL_STAMP_FILE = "pbsd_pool.json"
 POOL_FORMAT = 2
@@ -128,15 +130,6 @@ def tokenizer_fingerprint(tokenizer) -> str:
         "bos": getattr(tokenizer, "bos_token_id", None),
     }
     return hashlib.sha256(json.dumps(payload, default=str).encode()).hexdigest()
-
-
-def eos_token_ids(model, tokenizer) -> list[int]:
-    """Every id that ends a completion, as GRPOTrainer collects them."""
-    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
-    if tokenizer.eos_token_id not in ids:
-        ids = [tokenizer.eos_token_id, *ids]
-    return ids
 
 
 def sampling_settings(args, eos_ids: Sequence[int]) -> dict[str, Any]:

@@ -13,9 +13,9 @@ With `with_privileged_context=True` the model is prompted like PBSD's teacher (t
 folded in by `teacher_prompt_template`, see [`~pbsd_trl.teacher.prompts.compose_teacher_prompt`]), while the reward still
 judges the answer to the student's question, exactly as during training.
 
-Generation is batched: `batch_size` problems × `k` samples per HF `generate` call (`num_return_sequences=k`, left
-padding, the tokenizer's chat template for conversational prompts, as GRPO tokenizes them). `use_vllm=True` samples
-with `vllm.LLM` instead (needs vLLM and a model path; not exercised by this project's CPU tests). The command line
+Generation is batched: `batch_size` problems × `k` samples per call through `pbsd_trl.sampling` (HF `generate` on
+left-padded prompt ids, tokenized as GRPO tokenizes them, the tokenizer's chat template for conversational prompts).
+`use_vllm=True` samples the same prompt ids with `vllm.LLM` instead (needs vLLM and a model path). The command line
 is `python -m pbsd_trl.scripts.evaluate`.
 """
 
@@ -31,10 +31,10 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
 from ..config import DEFAULT_TEACHER_PROMPT_TEMPLATE
-from ..logprobs import pad_token_lists
 from ..rewards import combine_rewards
+from ..sampling import HFSampler, VLLMSampler, load_vllm
 from ..teacher.prompts import check_privileged_context, compose_teacher_prompt
-from ..tokens import cut_after_eos, tokenize_prompts
+from ..tokens import eos_token_ids, tokenize_prompts
 
 
 logger = logging.getLogger(__name__)
@@ -82,102 +82,6 @@ def score_completions(
         **kwargs,
     )
     return [float("nan") if value is None else value for value in values]
-
-
-def _prompt_texts(tokenizer, prompts: list, chat_template_kwargs: dict | None = None) -> list[str]:
-    """Prompts as text, rendered with the chat template (generation prompt added) when conversational."""
-    texts = []
-    for prompt in prompts:
-        if _is_conversational(prompt):
-            texts.append(
-                tokenizer.apply_chat_template(
-                    prompt, add_generation_prompt=True, tokenize=False, **(chat_template_kwargs or {})
-                )
-            )
-        else:
-            texts.append(prompt)
-    return texts
-
-
-def _eos_ids(model, tokenizer) -> set[int]:
-    ids = set()
-    for source in (getattr(model, "generation_config", None), tokenizer):
-        value = getattr(source, "eos_token_id", None) if source is not None else None
-        if value is None:
-            continue
-        ids.update(value if isinstance(value, (list, tuple)) else [value])
-    return ids
-
-
-@torch.no_grad()
-def _hf_generate(
-    model,
-    tokenizer,
-    prompt_ids: list[list[int]],
-    num_samples: int,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    top_k: int | None,
-    do_sample: bool,
-    pad_to_multiple_of: int | None,
-) -> list[list[list[int]]]:
-    """Completion ids, `[prompt][sample][token]`."""
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos = _eos_ids(model, tokenizer)
-    device = next(model.parameters()).device
-    input_ids, attention_mask = pad_token_lists(prompt_ids, pad_id, "left", "cpu", pad_to_multiple_of)
-    kwargs: dict[str, Any] = {
-        "max_new_tokens": max_new_tokens,
-        "num_return_sequences": num_samples,
-        "pad_token_id": pad_id,
-        "eos_token_id": sorted(eos) if eos else None,
-        "do_sample": do_sample,
-    }
-    if do_sample:
-        kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k if top_k is not None else 0)
-    else:
-        kwargs.update(temperature=None, top_p=None, top_k=None)
-    out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs)
-    completions = out[:, input_ids.size(1) :].tolist()
-    result = []
-    for i in range(len(prompt_ids)):
-        rows = completions[i * num_samples : (i + 1) * num_samples]
-        result.append([cut_after_eos(row, eos) for row in rows])
-    return result
-
-
-def _vllm_generate(
-    llm,
-    prompt_texts: list[str],
-    num_samples: int,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    top_k: int | None,
-    do_sample: bool,
-    seed: int,
-) -> list[list[list[int]]]:  # pragma: no cover - needs vLLM and a GPU
-    from vllm import SamplingParams
-
-    params = SamplingParams(
-        n=num_samples,
-        temperature=temperature if do_sample else 0.0,
-        top_p=top_p if do_sample else 1.0,
-        top_k=(top_k if top_k else -1) if do_sample else -1,
-        max_tokens=max_new_tokens,
-        seed=seed,
-    )
-    outputs = llm.generate(prompt_texts, params, use_tqdm=False)
-    return [[list(c.token_ids) for c in o.outputs] for o in outputs]
-
-
-def _load_vllm(model_name_or_path: str, **kwargs):  # pragma: no cover - needs vLLM and a GPU
-    try:
-        from vllm import LLM
-    except ImportError as err:
-        raise ImportError("`use_vllm=True` needs vLLM: `pip install vllm` (pbsd-trl[vllm]).") from err
-    return LLM(model=model_name_or_path, **kwargs)
 
 
 def evaluate_avg_at_k(
@@ -280,9 +184,7 @@ def _sample_completions(
 ):
     """`k` sampled completions per prompt, and one greedy completion per prompt when `greedy` (else `None`)."""
     prompt_ids = tokenize_prompts(tokenizer, prompts)
-    generate, model = _generator(
-        model, tokenizer, prompts, prompt_ids, use_vllm, llm, settings, seed, pad_to_multiple_of
-    )
+    generate, model = _generator(model, tokenizer, prompt_ids, use_vllm, llm, settings, seed, pad_to_multiple_of)
     # Sort by length so that each batch pads little; results are put back in dataset order.
     order = sorted(range(len(prompts)), key=lambda i: len(prompt_ids[i]))
     with _sampling_mode(None if use_vllm else model, seed):
@@ -295,26 +197,70 @@ def _sample_completions(
     return sampled, greedy_ids
 
 
-def _generator(model, tokenizer, prompts, prompt_ids, use_vllm, llm, settings, seed, pad_to_multiple_of):
-    """`generate(idx, num_samples, do_sample, offset)`: completion token ids of the prompts at `idx`, with HF
-    `generate` or vLLM; and the model, loaded when given as a path."""
+def _generator(model, tokenizer, prompt_ids, use_vllm, llm, settings, seed, pad_to_multiple_of):
+    """`generate(idx, num_samples, do_sample, offset)`: completion token ids of the prompts at `idx`, sampled with HF
+    `generate` or vLLM (`pbsd_trl.sampling`); and the model, loaded when given as a path."""
     if use_vllm and llm is None:
         if not isinstance(model, str):
             raise ValueError("use_vllm=True needs `llm` (a vllm.LLM) or `model` as a path/hub id.")
-        llm = _load_vllm(model)
+        llm = load_vllm(model)
     if not use_vllm and isinstance(model, str):
         model = AutoModelForCausalLM.from_pretrained(model)
-    prompt_texts = _prompt_texts(tokenizer, prompts) if use_vllm else None
+    samplers = {
+        do_sample: _vllm_sampler(llm, *settings, do_sample)
+        if use_vllm
+        else _hf_sampler(model, tokenizer, *settings, do_sample, pad_to_multiple_of)
+        for do_sample in (True, False)
+    }
 
     def generate(idx: list[int], num_samples: int, do_sample: bool, offset: int) -> list[list[list[int]]]:
-        if use_vllm:
-            return _vllm_generate(
-                llm, [prompt_texts[i] for i in idx], num_samples, *settings, do_sample, seed + offset
-            )
         batch = [prompt_ids[i] for i in idx]
-        return _hf_generate(model, tokenizer, batch, num_samples, *settings, do_sample, pad_to_multiple_of)
+        if use_vllm:
+            return samplers[do_sample].sample(batch, num_samples, seed=seed + offset)[0]
+        return samplers[do_sample].sample(batch, num_samples)[0]
 
     return generate, model
+
+
+def _hf_sampler(model, tokenizer, max_new_tokens, temperature, top_p, top_k, do_sample, pad_to_multiple_of):
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = [i for i in eos_token_ids(model, tokenizer) if i is not None]
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": max_new_tokens,
+        "pad_token_id": pad_id,
+        "eos_token_id": eos or None,
+        "do_sample": do_sample,
+    }
+    if do_sample:
+        kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k if top_k is not None else 0)
+    else:
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    device = next(model.parameters()).device
+    return HFSampler(
+        model,
+        kwargs,
+        pad_token_id=pad_id,
+        eos_ids=eos,
+        device=device,
+        share_prompt_prefill=False,
+        pad_to_multiple_of=pad_to_multiple_of,
+    )
+
+
+def _vllm_sampler(llm, max_new_tokens, temperature, top_p, top_k, do_sample):  # pragma: no cover - needs vLLM
+    from vllm import SamplingParams
+
+    return VLLMSampler(
+        llm,
+        lambda n, seed: SamplingParams(
+            n=n,
+            temperature=temperature if do_sample else 0.0,
+            top_p=top_p if do_sample else 1.0,
+            top_k=(top_k if top_k else -1) if do_sample else -1,
+            max_tokens=max_new_tokens,
+            seed=seed,
+        ),
+    )
 
 
 @contextlib.contextmanager

@@ -144,5 +144,12 @@ def write_report(results: dict, trainer, script_args, title: str, state, say, st
         before, after, k = results["before"], results["after"], results["k"]
         table = results_table(before, after, k) if (before or after) else "(no evaluation)"
         write_results(out_dir, results, table, title)
-        say(f"\n{table}\n\n{output_listing(out_dir)}\n[pbsd] Total time {results['total_seconds']:.0f} s")
+        note = (
+            "\n\nBefore training the numbers are fixed by the base weights and the seed; after training they also "
+            "depend on the CPU (float rounding leads training along another trajectory): measured ranges in "
+            "benchmarks/results/README.md of pbsd-trl."
+            if after
+            else ""
+        )
+        say(f"\n{table}{note}\n\n{output_listing(out_dir)}\n[pbsd] Total time {results['total_seconds']:.0f} s")
     state.wait_for_everyone()

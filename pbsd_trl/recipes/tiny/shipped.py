@@ -295,40 +295,28 @@ def sampled_log_probs(
     model, tokenizer, prompts: list, k: int, max_new_tokens: int, *, seed: int = 0, batch_size: int = 32
 ) -> tuple[list[float], list[int]]:
     """Samples ``k`` completions per prompt at temperature 1 (no top-k / top-p) and returns, for each sample, the summed
-    log-probability of its tokens (the end-of-turn token included) under the prompt it was sampled from, and its
-    length in tokens. Conversational prompts go through the chat template, as in :func:`~pbsd_trl.evaluate_avg_at_k`.
-    """
+    log-probability of its tokens (the end-of-turn token included) under the prompt it was sampled from, read off the
+    decoding steps, and its length in tokens. Prompts are tokenized as :func:`~pbsd_trl.evaluate_avg_at_k` tokenizes
+    them."""
+    from ...sampling import HFSampler
+    from ...tokens import tokenize_prompts
+
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    settings = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens)
+    sampler = HFSampler(
+        model, {**settings, "pad_token_id": pad, "eos_token_id": eos}, pad_token_id=pad, eos_ids=[eos],
+        device=model.device, share_prompt_prefill=False, record_logps_at=1.0, pad_to_multiple_of=16,
+    )  # fmt: skip
     totals: list[float] = []
     lengths: list[int] = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for lo in range(0, len(prompts), batch_size):
-            ids = [
-                tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)[
-                    "input_ids"
-                ]
-                for p in prompts[lo : lo + batch_size]
-            ]
-            width = -(-max(map(len, ids)) // 16) * 16
-            input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
-            mask = torch.zeros_like(input_ids)
-            for i, row in enumerate(ids):
-                input_ids[i, width - len(row) :] = torch.tensor(row)
-                mask[i, width - len(row) :] = 1
-            out = model.generate(
-                input_ids=input_ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                max_new_tokens=max_new_tokens, num_return_sequences=k, pad_token_id=pad, eos_token_id=eos,
-                output_scores=True, return_dict_in_generate=True,
-            )  # fmt: skip
-            tokens = out.sequences[:, width:]
-            log_probs = torch.stack([score.float().log_softmax(-1) for score in out.scores], 1)
-            token_log_probs = log_probs.gather(-1, tokens[:, : log_probs.shape[1]].unsqueeze(-1)).squeeze(-1)
-            for row in range(tokens.shape[0]):
-                ended = (tokens[row] == eos).nonzero()
-                n = int(ended[0]) + 1 if len(ended) else tokens.shape[1]
-                totals.append(float(token_log_probs[row, :n].sum()))
-                lengths.append(n)
+            completions, logps = sampler.sample(tokenize_prompts(tokenizer, prompts[lo : lo + batch_size]), k)
+            if logps is None:
+                raise RuntimeError("The decoding steps' log-probs did not line up with the samples.")
+            totals += [logp for row in logps for logp in row]
+            lengths += [len(ids) for row in completions for ids in row]
     return totals, lengths
 
 

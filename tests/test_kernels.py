@@ -38,21 +38,30 @@ def assert_grads_close(actual, expected, rtol):
     assert (actual.double() - expected).abs().max() / scale < rtol
 
 
+def assert_matches_reference(student, teacher, weight, labels, tol, *, bias=None, compared=3, tiles=None, **options):
+    """The fused kernel against the float64 reference on the same inputs and `options` (temperature, softcap, ...):
+    float32 outputs (the first `compared` of them) within `tol`, and gradients of the student's hidden states, the
+    head's weight and bias within `tol` relative. Returns `(out, ref)`."""
+    out = fused_logprob_gap(student, teacher, weight, labels, bias=bias, **(tiles or {}), **options)
+    ref_student, ref_teacher, ref_weight = as_float64(student, teacher, weight)
+    ref_bias = None if bias is None else as_float64(bias)[0]
+    ref = reference_logprob_gap(ref_student, ref_teacher, ref_weight, labels, bias=ref_bias, **options)
+    for actual, expected in zip(out[:compared], ref[:compared], strict=True):
+        assert actual.dtype == torch.float32
+        torch.testing.assert_close(actual.double(), expected.detach(), atol=tol, rtol=0)
+    combined_loss(out).backward()
+    combined_loss(ref).backward()
+    pairs = [(student, ref_student), (weight, ref_weight)] + ([(bias, ref_bias)] if bias is not None else [])
+    for actual, expected in pairs:
+        assert_grads_close(actual.grad, expected.grad, tol)
+    return out, ref
+
+
 @pytest.mark.parametrize("tiles", [{}, TINY_TILES, {"token_chunk_size": 1, "vocab_chunk_size": 1}])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_fp32_matches_float64_reference(tiles, temperature):
     student, teacher, weight, labels = make_inputs()
-    out = fused_logprob_gap(student, teacher, weight, labels, temperature=temperature, **tiles)
-    ref_student, ref_teacher, ref_weight = as_float64(student, teacher, weight)
-    ref = reference_logprob_gap(ref_student, ref_teacher, ref_weight, labels, temperature=temperature)
-
-    for actual, expected in zip(out, ref, strict=False):
-        assert actual.dtype == torch.float32
-        torch.testing.assert_close(actual.double(), expected.detach(), atol=1e-4, rtol=0)
-    combined_loss(out).backward()
-    combined_loss(ref).backward()
-    assert_grads_close(student.grad, ref_student.grad, 1e-4)
-    assert_grads_close(weight.grad, ref_weight.grad, 1e-4)
+    assert_matches_reference(student, teacher, weight, labels, 1e-4, tiles=tiles, temperature=temperature)
 
 
 def test_gradcheck_float64():
@@ -73,15 +82,7 @@ def test_gradcheck_float64():
 def test_bias_matches_reference():
     student, teacher, weight, labels = make_inputs()
     bias = torch.randn(weight.shape[0], requires_grad=True)
-    out = fused_logprob_gap(student, teacher, weight, labels, temperature=1.3, bias=bias, **TINY_TILES)
-    ref_student, ref_teacher, ref_weight, ref_bias = as_float64(student, teacher, weight, bias)
-    ref = reference_logprob_gap(ref_student, ref_teacher, ref_weight, labels, temperature=1.3, bias=ref_bias)
-    for actual, expected in zip(out, ref, strict=False):
-        torch.testing.assert_close(actual.double(), expected.detach(), atol=1e-4, rtol=0)
-    combined_loss(out).backward()
-    combined_loss(ref).backward()
-    for actual, expected in ((student, ref_student), (weight, ref_weight), (bias, ref_bias)):
-        assert_grads_close(actual.grad, expected.grad, 1e-4)
+    assert_matches_reference(student, teacher, weight, labels, 1e-4, bias=bias, tiles=TINY_TILES, temperature=1.3)
 
 
 def test_teacher_gets_no_gradient():
@@ -121,17 +122,8 @@ def test_ignored_positions_are_zero_and_inert():
 
 def test_bf16_inputs():
     student, teacher, weight, labels = make_inputs(dtype=torch.bfloat16)
-    out = fused_logprob_gap(student, teacher, weight, labels, temperature=0.9, **TINY_TILES)
-    ref_student, ref_teacher, ref_weight = as_float64(student, teacher, weight)
-    ref = reference_logprob_gap(ref_student, ref_teacher, ref_weight, labels, temperature=0.9)
-    for actual, expected in zip(out[:2], ref[:2], strict=False):
-        assert actual.dtype == torch.float32
-        torch.testing.assert_close(actual.double(), expected.detach(), atol=2e-2, rtol=0)
-    combined_loss(out).backward()
-    combined_loss(ref).backward()
+    assert_matches_reference(student, teacher, weight, labels, 2e-2, compared=2, tiles=TINY_TILES, temperature=0.9)
     assert student.grad.dtype == torch.bfloat16 and weight.grad.dtype == torch.bfloat16
-    assert_grads_close(student.grad, ref_student.grad, 2e-2)
-    assert_grads_close(weight.grad, ref_weight.grad, 2e-2)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -145,17 +137,9 @@ def test_cuda_matches_float64_reference(dtype, atol):
     # rounding alone (cuBLAS's order, ~1e-6 relative) exceeds 1e-4 absolute, whatever the kernel does
     student.requires_grad_()
     weight = (weight / 512**0.5).to(dtype).requires_grad_()
-    out = fused_logprob_gap(student, teacher, weight, labels, temperature=0.8)
-    ref_student, ref_teacher, ref_weight = as_float64(student, teacher, weight)
-    ref = reference_logprob_gap(ref_student, ref_teacher, ref_weight, labels, temperature=0.8)
-    for actual, expected in zip(out[:2], ref[:2], strict=False):
-        assert actual.dtype == torch.float32 and actual.is_cuda
-        torch.testing.assert_close(actual.double(), expected.detach(), atol=atol, rtol=0)
-    combined_loss(out).backward()
-    combined_loss(ref).backward()
+    out, _ = assert_matches_reference(student, teacher, weight, labels, atol, compared=2, temperature=0.8)
+    assert all(t.is_cuda for t in out)
     assert teacher.grad is None and student.grad.dtype == dtype and weight.grad.dtype == dtype
-    assert_grads_close(student.grad, ref_student.grad, atol)
-    assert_grads_close(weight.grad, ref_weight.grad, atol)
 
 
 @pytest.mark.parametrize("with_bias", [False, True])
@@ -167,18 +151,9 @@ def test_low_precision_gemm_path(monkeypatch, with_bias):
     student, teacher, weight, labels = make_inputs(dtype=torch.bfloat16)
     bias = (torch.randn(weight.shape[0], generator=torch.Generator().manual_seed(3)) / 4).to(torch.bfloat16)
     bias = bias.requires_grad_() if with_bias else None
-    out = fused_logprob_gap(student, teacher, weight, labels, temperature=0.9, bias=bias, **TINY_TILES)
-    ref_student, ref_teacher, ref_weight = as_float64(student, teacher, weight)
-    ref_bias = as_float64(bias)[0] if with_bias else None
-    ref = reference_logprob_gap(ref_student, ref_teacher, ref_weight, labels, temperature=0.9, bias=ref_bias)
-    for actual, expected in zip(out[:2], ref[:2], strict=False):
-        torch.testing.assert_close(actual.double(), expected.detach(), atol=2e-2, rtol=0)
-    combined_loss(out).backward()
-    combined_loss(ref).backward()
-    assert_grads_close(student.grad, ref_student.grad, 2e-2)
-    assert_grads_close(weight.grad, ref_weight.grad, 2e-2)
-    if with_bias:
-        assert_grads_close(bias.grad, ref_bias.grad, 2e-2)
+    assert_matches_reference(
+        student, teacher, weight, labels, 2e-2, bias=bias, compared=2, tiles=TINY_TILES, temperature=0.9
+    )
 
 
 def test_tied_embedding_weights():
@@ -246,16 +221,8 @@ def test_all_ignored_batch():
 @pytest.mark.parametrize("tiles", [{}, TINY_TILES])
 def test_single_token(tiles):
     student, teacher, weight, labels = make_inputs(B=1, T=1, ignore=False)
-    out = fused_logprob_gap(student, teacher, weight, labels, **tiles)
-    ref_student, ref_teacher, ref_weight = as_float64(student, teacher, weight)
-    ref = reference_logprob_gap(ref_student, ref_teacher, ref_weight, labels)
-    for actual, expected in zip(out, ref, strict=False):
-        assert actual.shape == expected.shape
-        torch.testing.assert_close(actual.double(), expected.detach(), atol=1e-4, rtol=0)
-    combined_loss(out).backward()
-    combined_loss(ref).backward()
-    assert_grads_close(student.grad, ref_student.grad, 1e-4)
-    assert_grads_close(weight.grad, ref_weight.grad, 1e-4)
+    out, ref = assert_matches_reference(student, teacher, weight, labels, 1e-4, tiles=tiles)
+    assert [t.shape for t in out] == [t.shape for t in ref]
 
 
 def test_rejects_bad_shapes():
@@ -273,20 +240,14 @@ def test_softcap_and_scale_match_float64_reference(tiles, softcap, logit_scale):
     student, teacher, weight, labels = make_inputs()
     bias = torch.randn(weight.shape[0], generator=torch.Generator().manual_seed(5), requires_grad=True)
     transform = {"softcap": softcap, "logit_scale": logit_scale}
-    out = fused_logprob_gap(student, teacher, weight, labels, temperature=0.8, bias=bias, **tiles, **transform)
-    ref_student, ref_teacher, ref_weight, ref_bias = as_float64(student, teacher, weight, bias)
-    ref = reference_logprob_gap(
-        ref_student, ref_teacher, ref_weight, labels, temperature=0.8, bias=ref_bias, **transform
+    _, ref = assert_matches_reference(
+        student, teacher, weight, labels, 1e-4, bias=bias, tiles=tiles, temperature=0.8, **transform
     )
-    plain = reference_logprob_gap(ref_student, ref_teacher, ref_weight, labels, temperature=0.8, bias=ref_bias)
+    plain = reference_logprob_gap(
+        *as_float64(student, teacher, weight), labels, temperature=0.8, bias=bias.detach().double()
+    )
     # logits of a few units against a cap of 3-5: the transform changes the log-probs, so the comparison has teeth
     assert (ref[0] - plain[0]).abs().max() > 0.1
-    for actual, expected in zip(out, ref, strict=False):
-        torch.testing.assert_close(actual.double(), expected.detach(), atol=1e-4, rtol=0)
-    combined_loss(out).backward()
-    combined_loss(ref).backward()
-    for actual, expected in ((student, ref_student), (weight, ref_weight), (bias, ref_bias)):
-        assert_grads_close(actual.grad, expected.grad, 1e-4)
 
 
 def test_softcap_gradcheck_float64():
@@ -316,12 +277,6 @@ def test_softcap_low_precision_gemm_path(monkeypatch):
 
     monkeypatch.setattr(op, "_compute_dtype", lambda dtype, device: dtype)
     student, teacher, weight, labels = make_inputs(dtype=torch.bfloat16)
-    out = fused_logprob_gap(student, teacher, weight, labels, temperature=0.9, softcap=4.0, **TINY_TILES)
-    ref_student, ref_teacher, ref_weight = as_float64(student, teacher, weight)
-    ref = reference_logprob_gap(ref_student, ref_teacher, ref_weight, labels, temperature=0.9, softcap=4.0)
-    for actual, expected in zip(out[:2], ref[:2], strict=False):
-        torch.testing.assert_close(actual.double(), expected.detach(), atol=2e-2, rtol=0)
-    combined_loss(out).backward()
-    combined_loss(ref).backward()
-    assert_grads_close(student.grad, ref_student.grad, 2e-2)
-    assert_grads_close(weight.grad, ref_weight.grad, 2e-2)
+    assert_matches_reference(
+        student, teacher, weight, labels, 2e-2, compared=2, tiles=TINY_TILES, temperature=0.9, softcap=4.0
+    )
