@@ -334,6 +334,6 @@ def test_evaluation_with_vllm_samples_what_hf_samples(model_dir, tokenizer, data
     del llm
     assert engine["n_problems"] == hf["n_problems"] == 4 and engine["k"] == 2
     assert 0 < engine["mean_completion_tokens"] <= 8
-    hf_greedy, engine_greedy = hf_calls[-1], vllm_calls[-1]  # the greedy pass is scored last
+    hf_greedy, engine_greedy = hf_calls[0], vllm_calls[0]  # the greedy completions are scored first
     assert len(engine_greedy) == len(hf_greedy) == 4
     assert sum(a == b for a, b in zip(hf_greedy, engine_greedy, strict=True)) >= 3, (hf_greedy, engine_greedy)
