@@ -58,19 +58,18 @@ def sequence_logps(
     """
     if supports_shared_prefix(model):
         width = max(ids.size(1) for ids, _, _ in completion_sets)
-        pad = lambda index, value: torch.cat([right_pad_to(s[index], width, value) for s in completion_sets])  # noqa: E731
-        ids, mask, scored = pad(0, 0), pad(1, 0), pad(2, 0)
-        with torch.no_grad():
-            per_token = shared_prefix_token_logps(
-                model,
-                prompt_ids.repeat(len(completion_sets), 1),
-                prompt_mask.repeat(len(completion_sets), 1),
-                ids,
-                mask,
-                temperature=temperature,
-                max_rows=None if batch_size is None else 2 * batch_size,
-                autocast=autocast,
-            )
+        # padding is masked out: its ids and masks are 0
+        ids, mask, scored = (torch.cat([right_pad_to(s[i], width, 0) for s in completion_sets]) for i in range(3))
+        per_token = shared_prefix_token_logps(
+            model,
+            prompt_ids.repeat(len(completion_sets), 1),
+            prompt_mask.repeat(len(completion_sets), 1),
+            ids,
+            mask,
+            temperature=temperature,
+            max_rows=None if batch_size is None else 2 * batch_size,
+            autocast=autocast,
+        )
         sums, rows = (per_token * scored).sum(-1), prompt_ids.size(0)
         return [sums[i * rows : (i + 1) * rows] for i in range(len(completion_sets))]
     if forward is None:

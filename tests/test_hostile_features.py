@@ -166,7 +166,7 @@ def test_damaged_pool_part_is_named_when_the_build_resumes(tmp_path, model, toke
 
 # ---- the pool build applies the trainer's checks before sampling ---------------------------------------------------
 def _never_sample(monkeypatch):
-    from pbsd_trl.pool import sampling
+    from pbsd_trl import sampling
 
     def refuse(*args, **kwargs):
         raise AssertionError("the build sampled before checking the rows")

@@ -23,9 +23,10 @@ Build with [`build_teacher_pool`] or `python -m pbsd_trl.scripts.build_teacher_p
 shard the rows over processes).
 """
 
+from ..sampling import HFSampler, VLLMSampler
 from .build import build_teacher_pool, default_pool_batch_size, load_teacher_pool
 from .reader import TeacherPool, rows_visited, use_default_pool
-from .sampling import HFSampler, VLLMSampler, cut_after_eos, sequence_logps, teacher_prompt_builder, tokenize_prompts
+from .sampling import cut_after_eos, sequence_logps, teacher_prompt_builder, tokenize_prompts
 from .stamp import (
     CHECKED_FIELDS,
     POOL_FORMAT,

@@ -13,7 +13,8 @@ import uuid
 
 import torch
 
-from .sampling import HFSampler, VLLMSampler, cut_after_eos, sequence_logps, teacher_prompt_builder, tokenize_prompts
+from ..sampling import HFSampler, VLLMSampler
+from .sampling import cut_after_eos, sequence_logps, teacher_prompt_builder, tokenize_prompts
 from .stamp import POOL_STAMP_FILE, TeacherPoolError, eos_token_ids, pool_stamp, row_key, stamp_mismatches
 
 

@@ -9,7 +9,7 @@ import torch
 
 from .. import scoring
 from ..logprobs import pad_token_lists
-from ..sampling import HFSampler, VLLMSampler, bf16_autocast  # noqa: F401  (the samplers: part of `pbsd_trl.pool`'s API)
+from ..sampling import bf16_autocast
 from ..tokens import cut_after_eos, tokenize_prompts  # noqa: F401  (part of `pbsd_trl.pool`'s API)
 
 

@@ -247,7 +247,7 @@ def _hf_sampler(model, tokenizer, max_new_tokens, temperature, top_p, top_k, do_
     )
 
 
-def _vllm_sampler(llm, max_new_tokens, temperature, top_p, top_k, do_sample):  # pragma: no cover - needs vLLM
+def _vllm_sampler(llm, max_new_tokens, temperature, top_p, top_k, do_sample):
     from vllm import SamplingParams
 
     return VLLMSampler(
