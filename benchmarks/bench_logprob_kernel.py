@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_utils import PeakMemory, machine_description, pyplot, report_header, result_stem
+from harness.system import PeakMemory, machine_description, pyplot, report_header, result_stem
 
 from pbsd_trl.kernels import fused_logprob_gap, fused_logprobs, reference_logprob_gap
 

@@ -39,23 +39,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shlex
 import statistics
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import torch  # noqa: E402
-from bench_utils import budgeted_run_settings, display_path, pyplot, quiet_training_logs, smoke_base_model
-from bench_utils import machine_description as _machine_description  # noqa: E402
+from harness.budgets import Clock, make_budget_callback  # noqa: E402
+from harness.methods import build_trainer as harness_build_trainer  # noqa: E402
+from harness.methods import is_pbsd  # noqa: E402
+from harness.runs import smoke_base_model  # noqa: E402
+from harness.stats import mean_std, verdict, welch  # noqa: E402
+from harness.system import display_path, machine_description, pyplot, quiet_training_logs  # noqa: E402
 
 from pbsd_trl.rewards import math_accuracy_reward  # noqa: E402
 
@@ -84,206 +85,32 @@ COLORS = {
 LINESTYLES = {"PBSD-reward": "--"}
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Statistics
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def mean_std(values):
-    values = [float(v) for v in values]
-    if not values:
-        return float("nan"), float("nan")
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def _t_sf(t: float, df: float) -> float:
-    """Upper tail P(T > t) of Student's t with `df` degrees of freedom (numeric integration; t >= 0)."""
-    if math.isinf(t):
-        return 0.0
-    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
-
-    def pdf(x):
-        return math.exp(log_c - (df + 1) / 2 * math.log1p(x * x / df))
-
-    # P(0 < T < t) by Simpson's rule, then 0.5 minus it
-    n = 2000
-    h = t / n
-    s = pdf(0) + pdf(t) + sum((4 if i % 2 else 2) * pdf(i * h) for i in range(1, n))
-    return max(0.0, 0.5 - s * h / 3)
-
-
-def welch(a, b):
-    """Welch's t statistic and two-sided p-value of mean(a) - mean(b)."""
-    ma, sa = mean_std(a)
-    mb, sb = mean_std(b)
-    va, vb = sa**2 / len(a), sb**2 / len(b)
-    if va + vb == 0:
-        return (math.inf if ma != mb else 0.0), (0.0 if ma != mb else 1.0)
-    t = (ma - mb) / math.sqrt(va + vb)
-    df = (va + vb) ** 2 / ((va**2 / (len(a) - 1) if va else 0) + (vb**2 / (len(b) - 1) if vb else 0))
-    return t, min(1.0, 2 * _t_sf(abs(t), df))
-
-
-def verdict(pbsd, baseline):
-    """`beat` / `lost` when |difference of means| > std(PBSD) + std(baseline) (seed spread), else `tied`."""
-    mp, sp = mean_std(pbsd)
-    mb, sb = mean_std(baseline)
-    diff = mp - mb
-    if abs(diff) > sp + sb:
-        return ("beat" if diff > 0 else "lost"), diff
-    return "tied", diff
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Machine
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def machine_description() -> dict:
-    import transformers
-
-    desc = _machine_description("cuda" if torch.cuda.is_available() else "cpu")
-    desc["transformers"] = transformers.__version__
-    desc.setdefault("gpu", "none (CPU run)")
-    return desc
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Token budget and periodic evaluation
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def make_budget_callback(*, method, per_step, budget, eval_every, stop_at, evaluate, bar):
-    from transformers import TrainerCallback
-
-    class BudgetCallback(TrainerCallback):
-        """Sums generated completion tokens from the logged metrics; evaluates at token thresholds; stops at budget."""
-
-        def __init__(self):
-            self.tokens = 0.0
-            self.student_tokens = 0.0
-            self.teacher_tokens = 0.0
-            self.next_eval = eval_every
-            self.points: list[dict] = []
-            self.eval_seconds = 0.0
-            self.start = time.perf_counter()
-            self.steps_logged = 0
-            self.budget_step = None
-            self.budget_tokens = None
-            self.budget_train_seconds = None
-
-        def on_log(self, args, state, control, logs=None, model=None, **kwargs):
-            logs = logs or {}
-            if "completions/mean_length" not in logs:
-                return control
-            self.steps_logged += 1
-            student = logs["completions/mean_length"] * per_step
-            teacher = (
-                logs.get("pbsd/teacher_completions/mean_length", 0.0) * per_step if method in PBSD_METHODS else 0.0
-            )
-            if method in PBSD_METHODS and "pbsd/teacher_completions/mean_length" not in logs:
-                raise RuntimeError(f"{method}: no teacher completion lengths logged at step {state.global_step}.")
-            self.student_tokens += student
-            self.teacher_tokens += teacher
-            self.tokens += student + teacher
-            bar.update(min(self.tokens, stop_at) - bar.n)
-            bar.set_postfix(step=state.global_step, refresh=False)
-            train_seconds = time.perf_counter() - self.start - self.eval_seconds
-            if self.budget_step is None and self.tokens >= budget:
-                self.budget_step = state.global_step
-                self.budget_tokens = self.tokens
-                self.budget_train_seconds = train_seconds
-            if self.tokens >= self.next_eval - 1e-6:
-                t0 = time.perf_counter()
-                report = evaluate(model)
-                self.eval_seconds += time.perf_counter() - t0
-                point = {
-                    "step": state.global_step,
-                    "tokens": self.tokens,
-                    "student_tokens": self.student_tokens,
-                    "teacher_tokens": self.teacher_tokens,
-                    "train_seconds": train_seconds,
-                    "avg_at_8": report["avg_at_k"],
-                    "pass_at_8": report["pass_at_k"],
-                    "mean_completion_tokens": report["mean_completion_tokens"],
-                }
-                self.points.append(point)
-                bar.write(
-                    f"  [{method}] step {state.global_step:4d}  tokens {self.tokens:9.0f}  Avg@8 {report['avg_at_k']:.3f}"
-                    f"  (train {train_seconds:.0f} s, eval {report['seconds']:.0f} s)"
-                )
-                while self.next_eval <= self.tokens + 1e-6:
-                    self.next_eval += eval_every
-            if self.tokens >= stop_at - 1e-6:
-                control.should_training_stop = True
-            return control
-
-    return BudgetCallback()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Trainers
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def common_settings(args, seed: int, output_dir: str) -> dict:
-    return budgeted_run_settings(
-        output_dir,
-        seed,
-        args.prompts_per_step,
-        args.num_generations,
-        args.max_completion_length,
-        args.learning_rate,
-    )
+# Each method of this comparison as a method of the harness (`harness.methods`) and its settings beyond the shared
+# learning rate: OPSD is forward KL; PBSD-reward keeps matched pairs with reward labels (ties by role), unlike the
+# tuned benchmark's `PBSD-reward` (every pair of a prompt, ties dropped)
+HARNESS_METHODS = {
+    "GRPO": ("GRPO", {}, None),
+    "OPSD": ("OPSD", {"distillation_alpha": 0.0}, None),
+    "SDFT": ("SDFT", {}, None),
+    "PBSD-role": ("PBSD", {}, None),
+    "PBSD-reward": ("PBSD", {}, {"teacher_model_kind": "base", "pair_labels": "reward"}),
+}
 
 
 def build_trainer(method: str, args, model, tokenizer, train_dataset, seed: int, output_dir: str, callback):
-    from pbsd_trl.recipes.data.math_task import MATH_TEACHER_TEMPLATE
-
-    common = common_settings(args, seed, output_dir)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", category=UserWarning)
-        if method in ("OPSD", "SDFT"):
-            from trl.experimental.sdft import SDFTConfig, SDFTTrainer
-
-            extra = dict(teacher_model_kind="base", teacher_prompt_template=MATH_TEACHER_TEMPLATE)
-            if method == "OPSD":
-                extra.update(distillation_mode="full_logits", distillation_alpha=0.0)
-            config = SDFTConfig(**common, **extra)
-            return SDFTTrainer(
-                model=model,
-                args=config,
-                train_dataset=train_dataset,
-                processing_class=tokenizer,
-                callbacks=[callback],
-            )
-        if method == "GRPO" or method in PBSD_METHODS:
-            from trl import GRPOConfig, GRPOTrainer
-
-            from pbsd_trl import PBSDConfig, PBSDTrainer
-
-            if method == "GRPO":
-                trainer_class, config = GRPOTrainer, GRPOConfig(**common, pad_to_multiple_of=16)
-            else:
-                trainer_class = PBSDTrainer
-                config = PBSDConfig(
-                    **common,
-                    pad_to_multiple_of=16,
-                    pbsd_beta=args.pbsd_beta,
-                    pair_labels="role" if method == "PBSD-role" else "reward",
-                    teacher_model_kind="base",
-                    teacher_prompt_template=MATH_TEACHER_TEMPLATE,
-                )
-            return trainer_class(
-                model=model,
-                reward_funcs=[math_accuracy_reward],
-                args=config,
-                train_dataset=train_dataset,
-                processing_class=tokenizer,
-                callbacks=[callback],
-            )
-    raise ValueError(f"Unknown method {method!r}")
+    """`method`'s trainer on the math task at the shared learning rate (and PBSD's `--pbsd_beta`)."""
+    name, config, fixed = HARNESS_METHODS[method]
+    config = {"learning_rate": args.learning_rate, **config}
+    if is_pbsd(name):
+        config["pbsd_beta"] = args.pbsd_beta
+    settings = {
+        "prompts_per_step": args.prompts_per_step,
+        "num_generations": args.num_generations,
+        "max_completion_length": args.max_completion_length,
+    }
+    return harness_build_trainer(
+        "math", name, config, settings, seed, model, tokenizer, train_dataset, output_dir, [callback], fixed=fixed
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -337,16 +164,16 @@ def run_one(ctx: Context, method: str, seed: int, stop_at: float, position_desc:
     model, tokenizer = ctx.load()
     train_dataset = ctx.make_train(seed)
     eval_every = args.budget_tokens / args.eval_points
-    with tqdm(
-        total=stop_at, desc=position_desc, unit="tok", unit_scale=True, dynamic_ncols=True, mininterval=5
-    ) as bar:
+    per_step = args.prompts_per_step * args.num_generations
+    with tqdm(desc=position_desc, unit="step", dynamic_ncols=True, mininterval=5) as bar:
         callback = make_budget_callback(
-            method=method,
-            per_step=args.prompts_per_step * args.num_generations,
-            budget=args.budget_tokens,
-            eval_every=eval_every,
-            stop_at=stop_at,
+            teacher_per_step=per_step if method in PBSD_METHODS else 0,
+            student_per_step=per_step,
+            budgets={"tokens": args.budget_tokens},
+            stop={"tokens": stop_at},
+            eval_every_tokens=eval_every,
             evaluate=lambda m: ctx.evaluate(m, tokenizer, seed),
+            clock=Clock("wall"),
             bar=bar,
         )
         with tempfile.TemporaryDirectory(prefix=f"learning-{method}-") as tmp:
@@ -355,7 +182,7 @@ def run_one(ctx: Context, method: str, seed: int, stop_at: float, position_desc:
             t0 = time.perf_counter()
             trainer.train()
             wall = time.perf_counter() - t0
-    budget_point = next((p for p in callback.points if p["tokens"] >= args.budget_tokens - 1e-6), None)
+    budget_point = callback.points[callback.marks["tokens"]] if "tokens" in callback.marks else None
     return {
         "method": method,
         "seed": seed,
@@ -367,9 +194,9 @@ def run_one(ctx: Context, method: str, seed: int, stop_at: float, position_desc:
         "wall_seconds": wall,
         "eval_seconds": callback.eval_seconds,
         "train_seconds": wall - callback.eval_seconds,
-        "budget_step": callback.budget_step,
-        "budget_tokens": callback.budget_tokens,
-        "budget_train_seconds": callback.budget_train_seconds,
+        "budget_step": budget_point and budget_point["step"],
+        "budget_tokens": budget_point and budget_point["tokens"],
+        "budget_train_seconds": budget_point and budget_point["train_seconds"],
         "points": callback.points,
         "final": budget_point,
     }

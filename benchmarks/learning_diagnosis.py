@@ -47,15 +47,10 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_utils import display_path, quiet_training_logs, smoke_base_model  # noqa: E402
-from learning import machine_description  # noqa: E402
-from learning_tuned import (  # noqa: E402
-    RunCache,
-    build_trainer,
-    eval_splits,
-    model_identity,
-    teacher_samples_per_step,
-)
+from harness.methods import build_trainer, teacher_samples_per_step  # noqa: E402
+from harness.runs import RunCache, model_identity, smoke_base_model  # noqa: E402
+from harness.splits import eval_splits  # noqa: E402
+from harness.system import display_path, machine_description, pyplot, quiet_training_logs  # noqa: E402
 
 
 DIAGNOSIS_VERSION = 1
@@ -395,8 +390,6 @@ def write_report(path: Path, payload: dict, plot_path: Path | None) -> None:
 
 
 def plot(payload: dict, path: Path) -> Path | None:
-    from bench_utils import pyplot
-
     plt = pyplot()
     if plt is None:
         return None

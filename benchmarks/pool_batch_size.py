@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_utils import machine_description, quiet_training_logs, report_header, result_stem  # noqa: E402
+from harness.system import machine_description, quiet_training_logs, report_header, result_stem  # noqa: E402
 
 
 def parse_args(argv=None):

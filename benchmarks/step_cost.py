@@ -30,7 +30,7 @@ optimizer and scheduler steps and `zero_grad`. Trainer methods are wrapped with 
 `_sequence_logps` outside the loss (teacher scoring), the rest of `_generate_and_score_completions` (tokenization,
 padding, decoding, metrics), `compute_loss` (loss forward), `accelerator.backward`, and the remainder (clipping,
 optimizer). Peak memory is the process's resident high-water mark during the step minus the resident size before it
-(`PeakMemory` of `bench_utils.py`), plus the persistent state each trainer holds (parameters, the
+(`PeakMemory` of `harness/system.py`), plus the persistent state each trainer holds (parameters, the
 separate teacher copy, optimizer state).
 
 Usage:
@@ -57,7 +57,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from bench_utils import PeakMemory, machine_description, pyplot, report_header, result_stem, touch_free_memory
+from harness.system import PeakMemory, machine_description, pyplot, report_header, result_stem, touch_free_memory
 
 from pbsd_trl.recipes.models import load_model_and_tokenizer
 from pbsd_trl.rewards import math_accuracy_reward

@@ -3,19 +3,38 @@
 The tiny model is made to call the tool by a short supervised warm start on one scripted episode (call
 `multiply(3, 4)`, read the result, answer `12`), from both the student and the teacher prompt. Everything after that —
 generation, tool execution, the second turn, masks and scores — is the trainer's own code path.
+
+Then hostile input to the agent features (`pbsd_trl/agent.py`), each named before any update or handled: a bad
+`rollout_func` output, a tool that never returns (`tool_call_timeout`), an environment's reward as the only reward
+source and one that raises (also on one of two processes). These use a random model of the same tool-calling
+tokenizer (the rollouts are scripted or the tool is called by hand).
 """
 
 import copy
+import json
+import os
+import sys
+import threading
+import time
 
 import pytest
 import torch
 from datasets import Dataset
-from testing_utils import manual_sequence_logps, multiply, tiny_pbsd_config, tool_tokenizer
+from testing_utils import (
+    ScriptedAnswerTrainer,
+    manual_sequence_logps,
+    multiply,
+    params_snapshot,
+    params_unchanged,
+    tiny_pbsd_config,
+    tool_tokenizer,
+)
 
 from pbsd_trl import PBSDTrainer
 from pbsd_trl.recipes.tiny import build_random_model
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEMPLATE = "{prompt} Hint: {privileged_context}"
 QUESTION = "What is 3 * 4?"
 HINT = "call multiply."
@@ -335,3 +354,272 @@ def test_rollout_func_serves_the_teacher_from_the_teacher_prompt_with_its_env_ma
         teacher_scored,
     )
     torch.testing.assert_close(inputs["teacher_logps_teacher_samples"].double(), expected, atol=1e-4, rtol=1e-4)
+
+
+# ---- rollout_func outputs -------------------------------------------------------------------------------------------
+def agent_rows(n=4):
+    return [{"prompt": [{"role": "user", "content": QUESTION}], "privileged_context": HINT}] * n
+
+
+def agent_args(tmp_path, **kwargs):
+    return tiny_pbsd_config(
+        tmp_path,
+        **{
+            "per_device_train_batch_size": 4,
+            "num_generations": 2,
+            "max_completion_length": 16,
+            "max_steps": 1,
+            "teacher_prompt_template": "{prompt} Hint: {privileged_context}",
+            **kwargs,
+        },
+    )
+
+
+@pytest.fixture(scope="module")
+def tool_setup():
+    tokenizer = tool_tokenizer()
+    return build_random_model(tokenizer, seed=0, max_position_embeddings=4096), tokenizer
+
+
+def agent_trainer(tmp_path, tool_setup, reward_funcs=None, trainer_cls=ScriptedAnswerTrainer, args=None, **kwargs):
+    model, tokenizer = copy.deepcopy(tool_setup[0]), tool_setup[1]
+    return trainer_cls(
+        model,
+        reward_funcs,
+        args=args or agent_args(tmp_path),
+        train_dataset=Dataset.from_list(agent_rows(8)),
+        processing_class=tokenizer,
+        **kwargs,
+    )
+
+
+def scripted_rollout(tokenizer, rows_of=len):
+    """A rollout of fixed completions; `rows_of(prompts)` is how many rows it returns."""
+
+    def rollout(prompts, trainer):
+        n = rows_of(prompts)
+        template = dict(add_generation_prompt=True, tokenize=True, return_dict=True)
+        ids = [tokenizer.apply_chat_template(p, **template)["input_ids"] for p in prompts][:n]
+        answer = tokenizer("12<|im_end|>")["input_ids"]
+        return {"prompt_ids": [list(i) for i in ids], "completion_ids": [answer] * n, "logprobs": None}
+
+    return rollout
+
+
+def mentions_12(completions, **kwargs):
+    return [float("12" in str(c)) for c in completions]
+
+
+def _is_teacher_call(prompts):
+    return "Hint:" in prompts[0][-1]["content"]
+
+
+@pytest.mark.parametrize(
+    "make_rollout, error, fragment",
+    [
+        (lambda tok: lambda prompts, trainer: None, TypeError, "returned NoneType None; it must return a dict"),
+        (lambda tok: scripted_rollout(tok, lambda p: len(p) - 1), ValueError, "returned 3 rows of 'prompt_ids' for 4"),
+        (  # right on the student's call, one row short on the teacher's
+            lambda tok: scripted_rollout(tok, lambda p: len(p) - _is_teacher_call(p)),
+            ValueError,
+            r"\(the teacher's call, on the teacher prompts\) returned 3 rows of 'prompt_ids' for 4",
+        ),
+    ],
+)
+def test_bad_rollout_func_output_names_the_rollout_func(tmp_path, tool_setup, make_rollout, error, fragment):
+    rollout = make_rollout(tool_setup[1])
+    rollout.__name__ = "my_rollout"
+    args = agent_args(tmp_path, teacher_model_kind="live")
+    trainer = agent_trainer(tmp_path, tool_setup, mentions_12, PBSDTrainer, args, rollout_func=rollout)
+    before = params_snapshot(trainer.model)
+    with pytest.raises(error, match=fragment) as err:
+        trainer.train()
+    assert str(err.value).startswith("`rollout_func` 'my_rollout'") and "reward function" not in str(err.value)
+    assert trainer.state.global_step == 0 and params_unchanged(before, trainer.model)
+
+
+def test_a_correct_rollout_func_still_trains(tmp_path, tool_setup):
+    args = agent_args(tmp_path, teacher_model_kind="live")
+    rollout = scripted_rollout(tool_setup[1])
+    trainer = agent_trainer(tmp_path, tool_setup, mentions_12, PBSDTrainer, args, rollout_func=rollout)
+    trainer.train()
+    assert trainer.state.global_step == 1
+
+
+# ---- tool-call timeout ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("value", [0, -1.0, float("inf")])
+def test_tool_call_timeout_must_be_a_positive_number(tmp_path, value):
+    with pytest.raises(ValueError, match="`tool_call_timeout`"):
+        tiny_pbsd_config(tmp_path, tool_call_timeout=value)
+
+
+@pytest.fixture
+def stuck_tools():
+    """A sync and an async tool that block for a minute, released at teardown so that no thread outlives the test."""
+    import asyncio
+
+    release = threading.Event()
+
+    def multiply(a: int, b: int) -> int:
+        """
+        Multiplies two integers.
+
+        Args:
+            a: The first integer.
+            b: The second integer.
+
+        Returns:
+            The product of the two integers.
+        """
+        release.wait(60)
+        return a * b
+
+    async def add(a: int, b: int) -> int:
+        """
+        Adds two integers.
+
+        Args:
+            a: The first integer.
+            b: The second integer.
+
+        Returns:
+            The sum of the two integers.
+        """
+        await asyncio.sleep(60)
+        return a + b
+
+    yield multiply, add
+    release.set()
+
+
+@pytest.mark.parametrize("name", ["multiply", "add"])
+def test_a_tool_that_never_returns_goes_back_to_the_model_as_a_tool_error(tmp_path, tool_setup, stuck_tools, name):
+    """GRPO's tool loop on a completion that calls the tool: past the timeout the model reads a tool error."""
+    args = agent_args(tmp_path, tool_call_timeout=0.5, max_tool_calling_iterations=1, max_completion_length=256)
+    trainer = agent_trainer(tmp_path, tool_setup, mentions_12, args=args, tools=list(stuck_tools))
+    tokenizer = tool_setup[1]
+    prompts = [[{"role": "user", "content": QUESTION}]]
+    template = dict(tools=list(stuck_tools), add_generation_prompt=True, tokenize=True, return_dict=True)
+    prompt_ids = [tokenizer.apply_chat_template(prompts[0], **template)["input_ids"]]
+    call = {"type": "function", "function": {"name": name, "arguments": {"a": 3, "b": 4}}}
+    completions = [[{"role": "assistant", "content": "", "tool_calls": [call]}]]
+    trainer._sync_tool_dicts, trainer._async_tool_dicts = [{"multiply": stuck_tools[0]}], [{"add": stuck_tools[1]}]
+    grpo_dicts = trainer._sync_tool_dicts, trainer._async_tool_dicts
+    start = time.perf_counter()
+    _, completions, _, _, calls, failures, _ = trainer._tool_call_loop(
+        prompts, prompt_ids, [[tokenizer.eos_token_id]], completions, None, None, {}
+    )
+    assert time.perf_counter() - start < 20  # the tools block for 60 s
+    assert calls == 1 and failures == 1
+    message = completions[0][1]
+    assert message["role"] == "tool" and message["name"] == name
+    assert f"tool '{name}' did not return within tool_call_timeout=0.5 s" in message["content"]
+    assert completions[0][2]["role"] == "assistant"  # the model went on after the tool error
+    assert (trainer._sync_tool_dicts, trainer._async_tool_dicts) == grpo_dicts  # GRPO's own dicts are untouched
+
+
+class ToolCallingTrainer(ScriptedAnswerTrainer):
+    """Every first turn calls `multiply(3, 4)`; a turn after a tool result answers `12`."""
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        tok = self._tokenizer
+        call = tok('<tool_call>\n{"name": "multiply", "arguments": {"a": 3, "b": 4}}\n</tool_call><|im_end|>')
+        answer = tok("12<|im_end|>")["input_ids"]
+        after_tool = tok.convert_tokens_to_ids("</tool_response>")
+        return [list(answer if after_tool in ids else call["input_ids"]) for ids in prompt_ids], None
+
+
+def test_training_with_a_tool_that_never_returns_goes_on(tmp_path, tool_setup, stuck_tools):
+    args = agent_args(tmp_path, tool_call_timeout=0.2, max_tool_calling_iterations=2, max_completion_length=256)
+    trainer = agent_trainer(tmp_path, tool_setup, mentions_12, ToolCallingTrainer, args, tools=[stuck_tools[0]])
+    start = time.perf_counter()
+    trainer.train()
+    assert time.perf_counter() - start < 40  # 8 episodes of one call each; the tool blocks for 60 s
+    (log,) = [entry for entry in trainer.state.log_history if "tools/call_frequency" in entry]
+    assert log["tools/call_frequency"] == 1.0 and log["tools/failure_frequency"] == 1.0
+    assert log["pbsd/teacher_tools/failure_frequency"] == 1.0
+
+
+def test_a_timed_tool_passes_results_and_errors_through():
+    from pbsd_trl.agent import _timed_tool
+
+    def broken(a: int, b: int) -> int:
+        raise ArithmeticError("no")
+
+    assert _timed_tool(multiply, "multiply", 5.0)(a=3, b=4) == 12
+    with pytest.raises(ArithmeticError, match="no"):
+        _timed_tool(broken, "broken", 5.0)(a=3, b=4)
+
+
+# ---- environments: reward labels from get_reward, a failing get_reward -------------------------------------------
+class ContextLengthEnv:
+    """Rewards an episode by the length of its row's context: a deterministic reward source of its own."""
+
+    def reset(self, **kwargs):
+        self.reward = float(len(kwargs["privileged_context"]))
+
+    def multiply(self, a: int, b: int) -> int:
+        """
+        Multiplies two integers.
+
+        Args:
+            a: The first integer.
+            b: The second integer.
+
+        Returns:
+            The product of the two integers.
+        """
+        return a * b
+
+    def get_reward(self) -> float:
+        return self.reward
+
+
+class ExplodingEnv(ContextLengthEnv):
+    def get_reward(self) -> float:
+        raise ZeroDivisionError("the judge is down")
+
+
+def test_reward_labels_from_an_environment_reward_alone_train(tmp_path, tool_setup):
+    args = agent_args(tmp_path, pair_labels="reward")
+    trainer = agent_trainer(tmp_path, tool_setup, args=args, environment_factory=ContextLengthEnv)
+    assert trainer.reward_func_names == ["ContextLengthEnv"]
+    trainer.train()
+    assert trainer.state.global_step == 1
+    # the last reward call is the teacher's: its episodes were scored by their environments
+    assert trainer._last_rewards_per_func.flatten().tolist() == [float(len(HINT))] * 4
+
+
+def test_reward_labels_without_any_reward_source_are_still_refused(tmp_path, tool_setup):
+    plain = type("PlainEnv", (), {"reset": lambda self, **kwargs: None})
+    with pytest.raises(ValueError, match="pair_labels='reward'.*pass at least one reward function"):
+        agent_trainer(tmp_path, tool_setup, args=agent_args(tmp_path, pair_labels="reward"), environment_factory=plain)
+
+
+def test_failing_environment_reward_names_the_environment(tmp_path, tool_setup):
+    trainer = agent_trainer(tmp_path, tool_setup, environment_factory=ExplodingEnv)
+    before = params_snapshot(trainer.model)
+    with pytest.raises(RuntimeError, match="reward function 'ExplodingEnv.get_reward' raised ZeroDivisionError"):
+        trainer.train()
+    assert trainer.state.global_step == 0 and params_unchanged(before, trainer.model)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_environment_reward_error_on_one_rank_is_raised_on_every_rank(tmp_path):
+    """Rank 1's environment reward raises: both ranks raise the same named error, promptly, before any update."""
+    sys.path.insert(0, os.path.join(ROOT, "tests", "distributed"))
+    from launch import accelerate_launch, failure_report
+
+    rc, output, _ = accelerate_launch(
+        "examples/accelerate_configs/multi_gpu.yaml", "run_env_reward_failure.py", "--out", str(tmp_path), timeout=300
+    )
+    assert rc == 0, failure_report(output)
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for report in reports:
+        assert report["type"] == "RuntimeError", report
+        assert "reward function 'RankOneExplodingEnv.get_reward' raised ZeroDivisionError" in report["message"]
+        assert "on process 1 of 2" in report["message"], report
+        assert report["params_unchanged"] and report["global_step"] == 0, report
+    assert reports[0]["message"] == reports[1]["message"]
+    assert max(r["seconds_to_error"] for r in reports) < 120, reports

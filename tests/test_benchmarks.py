@@ -1,5 +1,6 @@
 """The benchmark scripts' smoke modes (`--quick`) run end to end and write their reports and plots."""
 
+import importlib
 import json
 import subprocess
 import sys
@@ -76,11 +77,14 @@ def test_step_cost_quick(tmp_path):
 # ---- benchmarks/learning_tuned.py: the protocol's pieces, without training ----------------------------------------
 
 
-def _learning_tuned():
+def _bench(module: str):
+    """A module of `benchmarks/` (a script, its report, or a harness module), imported as the scripts import it."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    import learning_tuned
+    return importlib.import_module(module)
 
-    return learning_tuned
+
+def _learning_tuned():
+    return _bench("learning_tuned")
 
 
 @pytest.mark.parametrize("task", ["math", "tool_use"])
@@ -88,11 +92,11 @@ def test_tuned_splits_are_disjoint_halves(task):
     lt = _learning_tuned()
     val, test = lt.eval_splits(task, 100, 100)
     assert len(val) == len(test) == 100
-    val_prompts = {lt.prompt_text(p) for p in val["prompt"]}
-    test_prompts = {lt.prompt_text(p) for p in test["prompt"]}
+    val_prompts = {_bench("harness.splits").prompt_text(p) for p in val["prompt"]}
+    test_prompts = {_bench("harness.splits").prompt_text(p) for p in test["prompt"]}
     assert len(val_prompts) == len(test_prompts) == 100 and not val_prompts & test_prompts
     with pytest.raises(AssertionError, match="share 1 prompts"):
-        lt.check_disjoint(val.select(range(3)), val.select(range(2, 5)))
+        _bench("harness.splits").check_disjoint(val.select(range(3)), val.select(range(2, 5)))
     with pytest.raises(ValueError, match="at most 100"):
         lt.eval_splits(task, 101, 10)
 
@@ -103,15 +107,19 @@ def test_tuned_grids_have_equal_size():
         sizes = {m: len(lt.tuning_grid(m, task)) for m in lt.METHODS}
         assert set(sizes.values()) == {len(lt.LEARNING_RATES) * 2} and min(sizes.values()) >= 4, sizes
         for m in lt.METHODS:
-            knob = lt.KNOBS[m][0]
+            knob = _bench("harness.methods").KNOBS[m][0]
             grid = lt.tuning_grid(m, task)
             assert len({(c["learning_rate"], c[knob]) for c in grid}) == len(grid), m  # no duplicate configuration
     # every PBSD variant is a method of its own, with β as its knob on the task's own scale
-    assert set(lt.PBSD_METHODS) == {"PBSD", "PBSD-soft", "PBSD-reward", "PBSD-tilted"} <= set(lt.METHODS)
+    assert (
+        set(_bench("harness.methods").PBSD_METHODS)
+        == {"PBSD", "PBSD-soft", "PBSD-reward", "PBSD-tilted"}
+        <= set(lt.METHODS)
+    )
     assert lt.parse_args([]).methods == list(lt.METHODS)
-    for m in lt.PBSD_METHODS:
-        assert lt.knob_values(m, "math") == ("pbsd_beta", (0.05, 0.1))
-        assert lt.knob_values(m, "tool_use") == ("pbsd_beta", (0.3, 0.5))
+    for m in _bench("harness.methods").PBSD_METHODS:
+        assert _bench("harness.methods").knob_values(m, "math") == ("pbsd_beta", (0.05, 0.1))
+        assert _bench("harness.methods").knob_values(m, "tool_use") == ("pbsd_beta", (0.3, 0.5))
     ablation = lt.ablation_config(
         {"learning_rate": 1e-4, "pbsd_beta": 0.1}, lt.ABLATIONS["length-normalized (β x 40)"]
     )
@@ -129,23 +137,30 @@ def test_tuned_every_pbsd_configuration_is_a_valid_config(task, tmp_path):
     """Each PBSD method's grid and each ablation on the headline build a `PBSDConfig` (its checks pass)."""
     lt = _learning_tuned()
     settings = lt.task_settings(lt.parse_args(["--output_dir", str(tmp_path)]), task)
-    for m in lt.PBSD_METHODS:
+    for m in _bench("harness.methods").PBSD_METHODS:
         for config in lt.tuning_grid(m, task):
-            args = lt.trainer_args(task, m, config, settings, 0, str(tmp_path))
+            args = _bench("harness.methods").trainer_args(task, m, config, settings, 0, str(tmp_path))
             assert type(args).__name__ == "PBSDConfig" and args.pbsd_beta == config["pbsd_beta"]
             for field, value in lt.METHOD_FIXED[m].items():
                 assert getattr(args, field) == value, (m, field)
     headline = lt.tuning_grid("PBSD", task)[0]
     for name, overrides in lt.ABLATIONS.items():
-        args = lt.trainer_args(task, "PBSD", lt.ablation_config(headline, overrides), settings, 0, str(tmp_path))
+        args = _bench("harness.methods").trainer_args(
+            task, "PBSD", lt.ablation_config(headline, overrides), settings, 0, str(tmp_path)
+        )
         assert args.pair_labels in ("role", "reward"), name
-    assert lt.trainer_args(task, "GRPO", lt.tuning_grid("GRPO", task)[0], settings, 0, str(tmp_path)).beta == 0.0
+    assert (
+        _bench("harness.methods")
+        .trainer_args(task, "GRPO", lt.tuning_grid("GRPO", task)[0], settings, 0, str(tmp_path))
+        .beta
+        == 0.0
+    )
 
 
 def test_tuned_pbsd_variants_are_treated_alike():
     lt = _learning_tuned()
     settings = {"prompts_per_step": 8, "num_generations": 8}
-    for m in lt.PBSD_METHODS:
+    for m in _bench("harness.methods").PBSD_METHODS:
         assert lt.is_pbsd(m) and lt.teacher_samples_per_step(m, {}, settings) == 64
     assert lt.teacher_samples_per_step("PBSD", {"num_teacher_generations": 2}, settings) == 16
     assert not lt.is_pbsd("GRPO") and lt.teacher_samples_per_step("GRPO", {}, settings) == 0
@@ -158,9 +173,12 @@ def test_tuned_pbsd_variants_are_treated_alike():
     assert lt.step_costs("tool_use", "PBSD-reward", {}, costs)[0] == pytest.approx(default * lt.PARTNER_PASS_COST)
     assert lt.step_costs("math", "PBSD", {"num_teacher_generations": 2}, costs)[1] == pytest.approx(5000 * 10 / 16)
     # verdicts: every PBSD method against the non-PBSD peers, a variant also against the paper's PBSD
-    assert lt.verdict_peers("PBSD", lt.METHODS) == ["GRPO", "OPSD", "SDFT"]
-    assert lt.verdict_peers("PBSD-soft", lt.METHODS) == ["GRPO", "OPSD", "SDFT", "PBSD"]
-    assert all(m in lt.DESCRIPTIONS and m in lt.COLORS and m in lt.METHOD_FIXED for m in lt.METHODS)
+    assert _bench("learning_tuned_report").verdict_peers("PBSD", lt.METHODS) == ["GRPO", "OPSD", "SDFT"]
+    assert _bench("learning_tuned_report").verdict_peers("PBSD-soft", lt.METHODS) == ["GRPO", "OPSD", "SDFT", "PBSD"]
+    assert all(
+        m in _bench("harness.methods").DESCRIPTIONS and m in _bench("harness.methods").COLORS and m in lt.METHOD_FIXED
+        for m in lt.METHODS
+    )
 
 
 def test_tuned_long_stage_length_and_step_grid(tmp_path):
@@ -187,7 +205,7 @@ def test_tuned_long_stage_length_and_step_grid(tmp_path):
     class State:
         global_step = 0
 
-    callback = lt.BudgetCounter(
+    callback = _bench("harness.budgets").BudgetCounter(
         teacher_per_step=0,
         student_per_step=8,
         budgets={"steps": 7},
@@ -214,9 +232,11 @@ def test_tuned_run_cache_keys_and_resume(tmp_path):
     lt = _learning_tuned()
     spec = {"task": "math", "method": "PBSD", "config": {"learning_rate": 1e-4, "pbsd_beta": 0.1}, "seed": 0}
     reordered = {"seed": 0, "config": {"pbsd_beta": 0.1, "learning_rate": 1e-4}, "method": "PBSD", "task": "math"}
-    assert lt.run_key(spec) == lt.run_key(reordered)
-    assert lt.run_key(spec) != lt.run_key({**spec, "seed": 1})
-    assert lt.run_key(spec) != lt.run_key({**spec, "config": {"learning_rate": 3e-4, "pbsd_beta": 0.1}})
+    assert _bench("harness.runs").run_key(spec) == _bench("harness.runs").run_key(reordered)
+    assert _bench("harness.runs").run_key(spec) != _bench("harness.runs").run_key({**spec, "seed": 1})
+    assert _bench("harness.runs").run_key(spec) != _bench("harness.runs").run_key(
+        {**spec, "config": {"learning_rate": 3e-4, "pbsd_beta": 0.1}}
+    )
 
     cache = lt.RunCache(tmp_path)
     args = lt.parse_args(["--output_dir", str(tmp_path)])
@@ -236,8 +256,9 @@ def test_tuned_run_cache_keys_and_resume(tmp_path):
     finally:
         lt.execute_train = original
     assert calls == ["run a"] and first["steps"] == again["steps"] == 3
-    assert (tmp_path / "math" / f"{lt.run_key(train)}.json").is_file()
-    (tmp_path / "math" / f"{lt.run_key(train)}.json").write_text(json.dumps({"spec": {**train, "seed": 9}}))
+    stored = tmp_path / "math" / f"{_bench('harness.runs').run_key(train)}.json"
+    assert stored.is_file()
+    stored.write_text(json.dumps({"spec": {**train, "seed": 9}}))
     with pytest.raises(RuntimeError, match="stored specification differs"):
         cache.get(train)
 
@@ -310,8 +331,7 @@ def test_tuned_selection_uses_validation_at_each_budget():
 
 
 def test_tuned_diagnostics_average_the_window_before_the_budget_and_verdicts_need_two_seeds():
-    lt = _learning_tuned()
-    w = lt.DIAGNOSTIC_WINDOW
+    w = _bench("learning_tuned_report").DIAGNOSTIC_WINDOW
 
     def run(offset, budget_step):
         steps = list(range(1, 3 * w + 1))
@@ -322,13 +342,15 @@ def test_tuned_diagnostics_average_the_window_before_the_budget_and_verdicts_nee
         }
 
     # steps 1..w average (w+1)/2; the last w steps up to step 2w average 1.5w+0.5; steps after the budget ignored
-    diag = lt.training_diagnostics([run(0.0, 2 * w), run(1.0, 2 * w)], "time")
+    diag = _bench("learning_tuned_report").training_diagnostics([run(0.0, 2 * w), run(1.0, 2 * w)], "time")
     first, last, n = diag["reward"]
     assert n == 2 and first == pytest.approx((w + 1) / 2 + 0.5) and last == pytest.approx(1.5 * w + 0.5 + 0.5)
     assert "pbsd/margin" not in diag  # not logged: absent, not zero
     # shorter than two windows: its two halves (steps 1..3 and 4..6 of a 6-step run)
-    assert lt.training_diagnostics([run(0.0, 6)], "time")["reward"] == (2.0, 5.0, 1)
-    assert lt.training_diagnostics([run(0.0, 3)], "time") == {}  # too short for two windows of 2 steps
+    assert _bench("learning_tuned_report").training_diagnostics([run(0.0, 6)], "time")["reward"] == (2.0, 5.0, 1)
+    assert (
+        _bench("learning_tuned_report").training_diagnostics([run(0.0, 3)], "time") == {}
+    )  # too short for two windows of 2 steps
 
     def arm(values):
         return [{"points": [{"avg_at_8": v}], "marks": {"time": 0}} for v in values]
@@ -342,7 +364,7 @@ def test_tuned_diagnostics_average_the_window_before_the_budget_and_verdicts_nee
             "SDFT": [{"config": config, "runs": arm([0.30])}],
         },
     }
-    out = lt.verdicts(task_out, ["GRPO", "SDFT", "PBSD"], "time")
+    out = _bench("learning_tuned_report").verdicts(task_out, ["GRPO", "SDFT", "PBSD"], "time")
     assert out["GRPO"][0] == "lost" and out["GRPO"][1] == pytest.approx(-0.10) and out["GRPO"][3] < 0.01
     assert out["GRPO"][2] == pytest.approx(0.02)  # std sum: 0.01 + 0.01
     assert out["SDFT"] == ("pending", None, None, None) and "PBSD" not in out
@@ -354,13 +376,13 @@ def test_tuned_diagnostics_average_the_window_before_the_budget_and_verdicts_nee
     for runs in task_out["test"]["PBSD"][0]["runs"]:
         runs["points"][0]["step"] = 40
     task_out["pooled"] = {"config": config, "runs": pooled([0.60, 0.61, 0.62], steps=39)}
-    assert lt.pbsd_time_execution(task_out)[0] == "online"
-    assert lt.verdicts(task_out, ["GRPO", "PBSD"], "time")["GRPO"][0] == "lost"
+    assert _bench("learning_tuned_report").pbsd_time_execution(task_out)[0] == "online"
+    assert _bench("learning_tuned_report").verdicts(task_out, ["GRPO", "PBSD"], "time")["GRPO"][0] == "lost"
     task_out["pooled"] = {"config": config, "runs": pooled([0.60, 0.61, 0.62], steps=55)}
-    assert lt.pbsd_time_execution(task_out)[0] == "teacher pool"
-    assert lt.verdicts(task_out, ["GRPO", "PBSD"], "time")["GRPO"][0] == "beat"
+    assert _bench("learning_tuned_report").pbsd_time_execution(task_out)[0] == "teacher pool"
+    assert _bench("learning_tuned_report").verdicts(task_out, ["GRPO", "PBSD"], "time")["GRPO"][0] == "beat"
     task_out["pooled"]["runs"] = task_out["pooled"]["runs"][:2]  # fewer seeds than online: not a comparison
-    assert lt.pbsd_time_execution(task_out)[0] == "online"
+    assert _bench("learning_tuned_report").pbsd_time_execution(task_out)[0] == "online"
 
 
 def test_tuned_plan_estimates_every_stage(tmp_path):
@@ -521,3 +543,23 @@ def test_pool_batch_size_quick(tmp_path):
     assert rows[1].endswith("| 1.00x |")  # the reference size (the first, without 256) against itself
     for row in rows[1:]:
         assert float(row.split(" | ")[2]) > 0  # tokens per second
+
+
+def test_untuned_methods_are_harness_methods_with_their_own_settings(tmp_path):
+    """`benchmarks/learning.py` builds its five methods through the harness: the settings its report describes."""
+    learning, methods = _bench("learning"), _bench("harness.methods")
+    settings = {"prompts_per_step": 2, "num_generations": 4, "max_completion_length": 16}
+    expected = {
+        "GRPO": {"loss_type": "dapo", "beta": 0.0},
+        "OPSD": {"distillation_mode": "full_logits", "distillation_alpha": 0.0, "teacher_model_kind": "base"},
+        "SDFT": {"distillation_mode": "topk_logits", "distillation_alpha": 0.5, "teacher_model_kind": "base"},
+        "PBSD-role": {"pair_labels": "role", "pairing": "matched", "pbsd_beta": 0.1, "teacher_model_kind": "base"},
+        "PBSD-reward": {"pair_labels": "reward", "pairing": "matched", "tie_policy": "role", "pbsd_beta": 0.1},
+    }
+    assert set(expected) == set(learning.METHODS) == set(learning.HARNESS_METHODS)
+    for method, fields in expected.items():
+        name, config, fixed = learning.HARNESS_METHODS[method]
+        config = {"learning_rate": 1e-4, **config, **({"pbsd_beta": 0.1} if methods.is_pbsd(name) else {})}
+        args = methods.trainer_args("math", name, config, settings, 0, str(tmp_path), fixed)
+        assert {k: getattr(args, k) for k in fields} == fields, method
+        assert args.learning_rate == 1e-4 and args.lr_scheduler_type == "constant"

@@ -108,3 +108,35 @@ def test_the_core_does_not_import_the_demo_kit():
     core = {name for name in MODULES if name not in recipes and not name.startswith("pbsd_trl.scripts")}
     uses = {name: imported_modules(name, MODULES[name]) & recipes for name in core}
     assert not {name: found for name, found in uses.items() if found}, "the core imports the demo kit"
+
+
+BENCHMARKS = PACKAGE_ROOT / "benchmarks"
+# A script may import its own report module; everything else the scripts share comes from the harness
+BENCHMARK_IMPORTS_ALLOWED = {"learning_tuned": {"learning_tuned_report"}}
+
+
+def benchmark_imports(path: Path, local: set[str]) -> set[str]:
+    """The modules of `benchmarks/` (scripts and harness modules) that `path` imports, at any depth."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.add(node.module)
+    return {module for module in found if module.split(".")[0] in local}
+
+
+def test_benchmark_scripts_share_the_harness_and_not_each_other():
+    scripts = {p.stem: p for p in BENCHMARKS.glob("*.py")}
+    local = set(scripts) | {"harness"}
+    assert {"learning_tuned", "step_cost", "learning"} <= set(scripts), "the benchmark scan is broken"
+    for name, path in scripts.items():
+        imported = benchmark_imports(path, local)
+        others = {m for m in imported if m.split(".")[0] != "harness"} - BENCHMARK_IMPORTS_ALLOWED.get(name, set())
+        assert not others, (
+            f"benchmarks/{name}.py imports {sorted(others)}: move what it needs into benchmarks/harness/"
+        )
+        assert any(m.startswith("harness") for m in imported), f"benchmarks/{name}.py does not use the harness"
+    for path in (BENCHMARKS / "harness").glob("*.py"):
+        scripts_used = {m for m in benchmark_imports(path, local) if m.split(".")[0] != "harness"}
+        assert not scripts_used, f"benchmarks/harness/{path.name} imports the scripts {sorted(scripts_used)}"

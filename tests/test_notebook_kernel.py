@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LoraConfig
-from testing_utils import manual_sequence_logps, tiny_pbsd_config
+from testing_utils import contains_answer, manual_sequence_logps, tiny_pbsd_config
 from transformers import TrainerCallback
 
 from pbsd_trl import PBSDTrainer
@@ -22,10 +22,6 @@ from pbsd_trl.teacher.weights import TeacherEMACallback
 
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def contains_answer(completions, answer, **kwargs):
-    return [float(a in c[0]["content"]) for c, a in zip(completions, answer, strict=True)]
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,14 @@
+"""Reward functions and their checks (`pbsd_trl/rewards/`): the math and tool-call rewards against tables of cases,
+their time limits, naming and combining; what a reward function returns or raises is checked and named
+(`validation.py`), and a reward function failing on one of two processes fails on both, named (`guard.py`).
+"""
+
 import asyncio
 import functools
 import json
+import os
 import pickle
+import sys
 import threading
 import time
 
@@ -32,6 +39,8 @@ from pbsd_trl.rewards.verifier import get_worker as _get_worker
 
 pytest.importorskip("math_verify")
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+INF, NAN = float("inf"), float("nan")
 GARBAGE = "".join(chr(33 + (i * 7919) % 90) for i in range(10_000)).replace("#", "").replace("\\", "")
 
 # (completion, reference answer, expected reward)
@@ -566,3 +575,37 @@ class TestErrors:
 
         with pytest.raises(ValueError, match="reward function 'bad_len' returned 1 values for 2 completions"):
             combine_rewards([plain_reward, bad_len])(prompts=["a", "b"], completions=["a", "b"])
+
+
+# ---- rewards ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("value", [INF, -INF])
+def test_infinite_reward_names_the_function_and_index(value):
+    with pytest.raises(ValueError, match=r"reward function 'r' returned -?inf at index 1; rewards must be finite"):
+        check_reward_outputs("r", [0.0, value, None], 3)
+    assert check_reward_outputs("r", [0.0, NAN, None], 3)[2] is None  # NaN and None still mean "no reward"
+
+
+# ---- a reward function failing on one of two processes -------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_reward_error_on_one_rank_is_raised_on_every_rank(tmp_path):
+    """Rank 1's reward function raises; both ranks must raise the same named error, promptly, before any update."""
+    sys.path.insert(0, os.path.join(ROOT, "tests", "distributed"))
+    from common import make_model_dir
+    from launch import accelerate_launch, failure_report
+
+    model_dir = make_model_dir(str(tmp_path / "model"), tied=False)
+    rc, output, _ = accelerate_launch(
+        "examples/accelerate_configs/multi_gpu.yaml", "run_reward_failure.py", "--model-dir", model_dir,
+        "--out", str(tmp_path), timeout=300,
+    )  # fmt: skip
+    assert rc == 0, failure_report(output)
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for report in reports:
+        assert report["type"] == "RuntimeError", report
+        assert "reward function 'exploding_reward' raised ValueError: boom on rank 1" in report["message"], report
+        assert "on process 1 of 2" in report["message"], report
+        assert report["params_unchanged"] and report["global_step"] == 0, report
+    assert reports[0]["message"] == reports[1]["message"]
+    # no rank waited for a collective timeout (gloo's default is 30 minutes)
+    assert max(r["seconds_to_error"] for r in reports) < 120, reports

@@ -7,7 +7,7 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig
-from testing_utils import TEMPLATE, manual_sequence_logps, save_tiny_model, tiny_pbsd_config
+from testing_utils import TEMPLATE, contains_answer, manual_sequence_logps, save_tiny_model, tiny_pbsd_config
 from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
@@ -15,10 +15,6 @@ from pbsd_trl import PBSDConfig, PBSDTrainer
 from pbsd_trl.recipes.data.math_task import make_math_dataset
 from pbsd_trl.recipes.tiny import build_random_model
 from pbsd_trl.teacher.weights import TEACHER_ADAPTER_NAME
-
-
-def contains_answer(completions, answer, **kwargs):
-    return [float(a in c[0]["content"]) for c, a in zip(completions, answer, strict=True)]
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +111,7 @@ def test_teacher_scores_with_teacher_prompt_and_weights_student_with_its_own(
 
 
 @pytest.mark.parametrize("accumulation", [1, 2])
-def test_fused_kernel_and_trl_head_give_the_same_step(tmp_path, tokenizer, dataset, accumulation):
+def test_fused_kernel_and_trl_head_give_the_same_step(tmp_path, tokenizer, dataset, accumulation, tiny_trainer):
     """One PBSD step with pbsd-trl's kernel and with TRL's fused head: same loss, same update. With gradient
     accumulation the generation batch spans several micro-batches, so the kernel's teacher scoring runs in several
     chunks (regression: each chunk entered the same single-use autocast context)."""
@@ -132,7 +128,7 @@ def test_fused_kernel_and_trl_head_give_the_same_step(tmp_path, tokenizer, datas
             learning_rate=1.0,
             gradient_accumulation_steps=accumulation,
         )
-        trainer = PBSDTrainer(model, contains_answer, args=args, train_dataset=dataset, processing_class=tokenizer)
+        trainer = tiny_trainer(dataset, args=args, model=model)
         trainer.train()
         results.append(
             (trainer.state.log_history[0]["loss"], [p.detach().clone() for p in trainer.model.parameters()])
@@ -256,12 +252,14 @@ def test_teacher_kinds_train(tmp_path, tokenizer, dataset, kind, use_peft):
             assert all(not p.requires_grad for p in trainer.teacher._teacher_params)
 
 
-def test_all_pairing_with_fewer_teacher_samples_matches_full_pair_loss_gradient(tmp_path, tokenizer, dataset):
+def test_all_pairing_with_fewer_teacher_samples_matches_full_pair_loss_gradient(
+    tmp_path, tokenizer, dataset, tiny_trainer
+):
     """`pairing="all"` differentiates each process's samples against a detached partner table: check that the
     gradient equals the one of the plain mean over all G_T × G_S pairs, recomputed from scratch."""
     model = build_random_model(tokenizer, seed=5)
     args = make_args(tmp_path, pairing="all", num_teacher_generations=2, gradient_checkpointing=False)
-    trainer = PBSDTrainer(model, contains_answer, args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer = tiny_trainer(dataset, args=args, model=model)
     trainer.model.train()
     inputs = trainer._generate_and_score_completions(generation_batch(dataset))
     assert inputs["pbsd_has_teacher"].tolist() == [True, True, False, False] * 2
@@ -307,7 +305,9 @@ def test_all_pairing_with_fewer_teacher_samples_matches_full_pair_loss_gradient(
         dict(pairing="union", pair_labels="reward", pbsd_loss_type="kl_regularized_pg"),
     ],
 )
-def test_reward_aware_pairings_match_the_pair_loss_recomputed_from_scratch(tmp_path, tokenizer, dataset, variant):
+def test_reward_aware_pairings_match_the_pair_loss_recomputed_from_scratch(
+    tmp_path, tokenizer, dataset, variant, tiny_trainer
+):
     """Union pairs (teacher and student samples of a prompt together, ordered by reward) and tilted teacher weights:
     the trainer's loss and gradient equal the weighted mean over the pairs, enumerated and scored from scratch."""
     model = build_random_model(tokenizer, seed=7)
@@ -317,7 +317,7 @@ def test_reward_aware_pairings_match_the_pair_loss_recomputed_from_scratch(tmp_p
     def spread_reward(completions, **kwargs):  # distinct, varied rewards: every pair is informative
         return [float((next(rewards) * 7) % 5) / 4 for _ in completions]
 
-    trainer = PBSDTrainer(model, spread_reward, args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer = tiny_trainer(dataset, spread_reward, args=args, model=model)
     trainer.model.train()
     inputs = trainer._generate_and_score_completions(generation_batch(dataset))
     loss = trainer.compute_loss(trainer.model, inputs)
@@ -380,25 +380,13 @@ def test_reward_aware_pairings_match_the_pair_loss_recomputed_from_scratch(tmp_p
 
 
 # ---- bad input ---------------------------------------------------------------------------------------------------
-def test_missing_privileged_column_fails_at_construction(tmp_path, tokenizer, dataset):
+def test_missing_privileged_column_fails_at_construction(tmp_path, tokenizer, dataset, tiny_trainer):
     with pytest.raises(ValueError, match="train_dataset has no privileged-context column 'privileged_context'"):
-        PBSDTrainer(
-            build_random_model(tokenizer),
-            contains_answer,
-            args=make_args(tmp_path),
-            train_dataset=dataset.remove_columns("privileged_context"),
-            processing_class=tokenizer,
-        )
+        tiny_trainer(dataset.remove_columns("privileged_context"), args=make_args(tmp_path))
 
 
-def test_dataset_given_to_evaluate_is_checked_before_generation(tmp_path, tokenizer, dataset):
-    trainer = PBSDTrainer(
-        build_random_model(tokenizer),
-        contains_answer,
-        args=make_args(tmp_path, per_device_eval_batch_size=8),
-        train_dataset=dataset,
-        processing_class=tokenizer,
-    )
+def test_dataset_given_to_evaluate_is_checked_before_generation(tmp_path, tokenizer, dataset, tiny_trainer):
+    trainer = tiny_trainer(dataset, args=make_args(tmp_path, per_device_eval_batch_size=8))
     calls = []
     trainer._generate = lambda *args, **kwargs: calls.append(args)  # must not be reached
     with pytest.raises(ValueError, match="eval_dataset has no privileged-context column 'privileged_context'"):
@@ -429,98 +417,61 @@ def test_dataset_given_to_evaluate_is_checked_before_generation(tmp_path, tokeni
         ),
     ],
 )
-def test_bad_context_fails_at_construction(tmp_path, tokenizer, dataset, contexts, error, match):
+def test_bad_context_fails_at_construction(tmp_path, tokenizer, dataset, contexts, error, match, tiny_trainer):
     bad = dataset.remove_columns("privileged_context").add_column("privileged_context", contexts(dataset.to_list()))
     with pytest.raises(error, match=match):
-        PBSDTrainer(
-            build_random_model(tokenizer),
-            contains_answer,
-            args=make_args(tmp_path),
-            train_dataset=bad,
-            processing_class=tokenizer,
-        )
+        tiny_trainer(bad, args=make_args(tmp_path))
 
 
-def test_none_context_allowed_when_configured(tmp_path, tokenizer, dataset):
+def test_none_context_allowed_when_configured(tmp_path, tokenizer, dataset, tiny_trainer):
     rows = dataset.to_list()
     for row in rows:
         row["privileged_context"] = None
-    trainer = PBSDTrainer(
-        build_random_model(tokenizer),
-        contains_answer,
-        args=make_args(tmp_path, allow_empty_privileged_context=True, max_steps=1),
-        train_dataset=Dataset.from_list(rows),
-        processing_class=tokenizer,
+    trainer = tiny_trainer(
+        Dataset.from_list(rows), args=make_args(tmp_path, allow_empty_privileged_context=True, max_steps=1)
     )
     trainer.train()
     assert trainer.state.global_step == 1
 
 
-def test_reward_function_with_wrong_length_is_named_before_any_update(tmp_path, tokenizer, dataset):
+def test_reward_function_with_wrong_length_is_named_before_any_update(tmp_path, tokenizer, dataset, tiny_trainer):
     def short_reward(completions, **kwargs):
         return [1.0] * (len(completions) - 1)
 
     model = build_random_model(tokenizer)
     before = [p.detach().clone() for p in model.parameters()]
-    trainer = PBSDTrainer(
-        model, short_reward, args=make_args(tmp_path), train_dataset=dataset, processing_class=tokenizer
-    )
+    trainer = tiny_trainer(dataset, short_reward, args=make_args(tmp_path), model=model)
     with pytest.raises(ValueError, match="reward function 'short_reward' returned 7 values for 8 completions"):
         trainer.train()
     assert trainer.state.global_step == 0
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters(), strict=True))
 
 
-def test_raising_reward_function_is_named(tmp_path, tokenizer, dataset):
+def test_raising_reward_function_is_named(tmp_path, tokenizer, dataset, tiny_trainer):
     def broken_reward(completions, **kwargs):
         raise KeyError("answer")
 
-    trainer = PBSDTrainer(
-        build_random_model(tokenizer),
-        broken_reward,
-        args=make_args(tmp_path),
-        train_dataset=dataset,
-        processing_class=tokenizer,
-    )
+    trainer = tiny_trainer(dataset, broken_reward, args=make_args(tmp_path))
     with pytest.raises(RuntimeError, match="reward function 'broken_reward' raised KeyError"):
         trainer.train()
 
 
-def test_reward_labels_need_reward_functions(tmp_path, tokenizer, dataset):
+def test_reward_labels_need_reward_functions(tmp_path, tokenizer, dataset, tiny_trainer):
     with pytest.raises(ValueError, match="pair_labels='reward'"):
-        PBSDTrainer(
-            build_random_model(tokenizer),
-            None,
-            args=make_args(tmp_path, pair_labels="reward"),
-            train_dataset=dataset,
-            processing_class=tokenizer,
-        )
+        tiny_trainer(dataset, None, args=make_args(tmp_path, pair_labels="reward"))
 
 
-def test_grpo_config_is_rejected_with_a_hint(tmp_path, tokenizer, dataset):
+def test_grpo_config_is_rejected_with_a_hint(tmp_path, tokenizer, dataset, tiny_trainer):
     args = GRPOConfig(
         output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4, use_cpu=True, report_to=[]
     )
     with pytest.raises(TypeError, match="PBSDConfig"):
-        PBSDTrainer(
-            build_random_model(tokenizer),
-            contains_answer,
-            args=args,
-            train_dataset=dataset,
-            processing_class=tokenizer,
-        )
+        tiny_trainer(dataset, args=args)
 
 
-def test_role_mode_trains_without_reward_functions_and_eval_works(tmp_path, tokenizer, dataset):
+def test_role_mode_trains_without_reward_functions_and_eval_works(tmp_path, tokenizer, dataset, tiny_trainer):
     args = make_args(tmp_path, max_steps=2, eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=8)
-    trainer = PBSDTrainer(
-        build_random_model(tokenizer),
-        None,
-        args=args,
-        train_dataset=dataset,
-        eval_dataset=make_math_dataset("eval", n=4),
-        processing_class=tokenizer,
-    )
+    trainer = tiny_trainer(dataset, None, args=args, eval_dataset=make_math_dataset("eval", n=4))
     trainer.train()
     evals = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
     assert evals and "eval_pbsd/preference_accuracy" in evals[0]
@@ -535,7 +486,7 @@ async def async_constant_reward(completions, **kwargs):
     return [4.0] * len(completions)
 
 
-def test_reward_callables_of_every_kind_score_both_sample_sets(tmp_path, tokenizer, dataset):
+def test_reward_callables_of_every_kind_score_both_sample_sets(tmp_path, tokenizer, dataset, tiny_trainer):
     import functools
 
     from pbsd_trl.rewards import RewardFunction
@@ -553,9 +504,7 @@ def test_reward_callables_of_every_kind_score_both_sample_sets(tmp_path, tokeniz
     counting = CountingReward()
     reward_funcs = [constant_reward, functools.partial(constant_reward, value=2.0), counting, async_constant_reward]
     args = make_args(tmp_path, max_steps=2, pair_labels="reward")
-    trainer = PBSDTrainer(
-        build_random_model(tokenizer), reward_funcs, args=args, train_dataset=dataset, processing_class=tokenizer
-    )
+    trainer = tiny_trainer(dataset, reward_funcs, args=args)
     trainer.train()
     assert trainer.state.global_step == 2
     logs = trainer.state.log_history[0]

@@ -34,6 +34,25 @@ TEMPLATE = "{prompt} Reference solution: {privileged_context}"
 """The teacher prompt template of the tests (the student's prompt, then the privileged context)."""
 
 
+INVISIBLE_CONTEXTS = ["\u200b\u200b", "\x00", "\x1b[0m", "\x1b[31m \x1b[0m", "\ufeff\u2060\u200d", "\u3164"]
+"""Privileged contexts with no visible character (zero-width, control, ANSI escapes, a Hangul filler): empty ones."""
+
+
+def contains_answer(completions, answer, **kwargs):
+    """The tests' reward function: 1.0 where a conversational completion contains the row's `answer`."""
+    return [float(a in c[0]["content"]) for c, a in zip(completions, answer, strict=True)]
+
+
+def params_snapshot(model) -> list[torch.Tensor]:
+    """Copies of `model`'s parameters, for `params_unchanged`."""
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def params_unchanged(before: list[torch.Tensor], model) -> bool:
+    """Whether every parameter of `model` still equals its `params_snapshot` copy `before` (no update happened)."""
+    return all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
 def manual_sequence_logps(
     model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature=1.0, score_mask=None
 ):

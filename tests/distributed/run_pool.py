@@ -1,4 +1,4 @@
-"""Build a teacher pool with every process of an `accelerate launch` (see tests/test_pool_distributed.py)."""
+"""Build a teacher pool with every process of an `accelerate launch` (see tests/test_pool.py)."""
 
 import argparse
 import json

@@ -1,4 +1,6 @@
-"""What GRPOTrainer adds beyond its own objective, kept by PBSDTrainer: MoE router loss, entropy bonus and mask."""
+"""What GRPOTrainer adds beyond its own objective, kept by PBSDTrainer (`pbsd_trl/grpo_features.py`): MoE router loss,
+entropy bonus and mask; also a Gemma-2 soft-capped head scored as the model scores it, and the model card.
+"""
 
 import copy
 
@@ -7,7 +9,6 @@ import torch
 from testing_utils import TEMPLATE, tiny_pbsd_config
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-from pbsd_trl import PBSDTrainer
 from pbsd_trl.logprobs import concat_prompt_completion, right_pad_to
 from pbsd_trl.recipes.data.math_task import make_math_dataset
 from pbsd_trl.recipes.tiny import build_random_model
@@ -45,10 +46,6 @@ def tiny_moe(tokenizer, router_aux_loss_coef=0.5, seed=0):
     return Qwen3MoeForCausalLM(config)
 
 
-def contains_answer(completions, answer, **kwargs):
-    return [float(a in c[0]["content"]) for c, a in zip(completions, answer, strict=True)]
-
-
 def generation_batch(dataset, num_prompts=2, group=4):
     return [dict(dataset[i]) for i in range(num_prompts) for _ in range(group)]
 
@@ -69,22 +66,14 @@ def reference_aux_loss(model, inputs, pad_id):
 
 
 @pytest.mark.parametrize("fused", [True, False])
-def test_moe_router_aux_loss_is_in_the_loss_and_its_gradient(tmp_path, tokenizer, dataset, fused):
+def test_moe_router_aux_loss_is_in_the_loss_and_its_gradient(tmp_path, tokenizer, dataset, fused, tiny_trainer):
     model = tiny_moe(tokenizer, router_aux_loss_coef=0.5)
     initial = copy.deepcopy(model)
-    with_aux = PBSDTrainer(
-        model,
-        contains_answer,
-        args=make_args(tmp_path / "a", use_fused_logprob_kernel=fused),
-        train_dataset=dataset,
-        processing_class=tokenizer,
-    )
-    without = PBSDTrainer(
-        copy.deepcopy(initial),
-        contains_answer,
+    with_aux = tiny_trainer(dataset, args=make_args(tmp_path / "a", use_fused_logprob_kernel=fused), model=model)
+    without = tiny_trainer(
+        dataset,
         args=make_args(tmp_path / "b", use_fused_logprob_kernel=fused, router_aux_loss_coef=0.0),
-        train_dataset=dataset,
-        processing_class=tokenizer,
+        model=copy.deepcopy(initial),
     )
     assert with_aux.aux_loss_enabled and with_aux.router_aux_loss_coef == 0.5  # the architecture's own coefficient
     assert not without.aux_loss_enabled
@@ -109,14 +98,8 @@ def test_moe_router_aux_loss_is_in_the_loss_and_its_gradient(tmp_path, tokenizer
     assert (gate_aux - gate_plain).abs().max() > 1e-4
 
 
-def test_moe_training_logs_aux_loss(tmp_path, tokenizer, dataset):
-    trainer = PBSDTrainer(
-        tiny_moe(tokenizer),
-        contains_answer,
-        args=make_args(tmp_path),
-        train_dataset=dataset,
-        processing_class=tokenizer,
-    )
+def test_moe_training_logs_aux_loss(tmp_path, tokenizer, dataset, tiny_trainer):
+    trainer = tiny_trainer(dataset, args=make_args(tmp_path), model=tiny_moe(tokenizer))
     trainer.train()
     logged = [log["aux_loss"] for log in trainer.state.log_history if "aux_loss" in log]
     assert len(logged) == 2 and all(value > 0 for value in logged)
@@ -133,23 +116,11 @@ def token_entropies(model, inputs):
     return -(logp.exp() * logp).sum(-1)
 
 
-def test_entropy_bonus_subtracts_coef_times_student_entropy(tmp_path, tokenizer, dataset):
+def test_entropy_bonus_subtracts_coef_times_student_entropy(tmp_path, tokenizer, dataset, tiny_trainer):
     model = build_random_model(tokenizer, seed=1)
     initial = copy.deepcopy(model)
-    bonus = PBSDTrainer(
-        model,
-        contains_answer,
-        args=make_args(tmp_path / "a", entropy_coef=0.3),
-        train_dataset=dataset,
-        processing_class=tokenizer,
-    )
-    plain = PBSDTrainer(
-        copy.deepcopy(initial),
-        contains_answer,
-        args=make_args(tmp_path / "b"),
-        train_dataset=dataset,
-        processing_class=tokenizer,
-    )
+    bonus = tiny_trainer(dataset, args=make_args(tmp_path / "a", entropy_coef=0.3), model=model)
+    plain = tiny_trainer(dataset, args=make_args(tmp_path / "b"), model=copy.deepcopy(initial))
     bonus.model.train()
     plain.model.train()
     inputs = bonus._generate_and_score_completions(generation_batch(dataset))
@@ -165,41 +136,23 @@ def test_entropy_bonus_subtracts_coef_times_student_entropy(tmp_path, tokenizer,
     torch.testing.assert_close(metrics["policy_loss"][-1], loss_plain.item(), atol=1e-5, rtol=1e-5)
 
 
-def test_adaptive_entropy_trains_and_moves_the_coefficient(tmp_path, tokenizer, dataset):
+def test_adaptive_entropy_trains_and_moves_the_coefficient(tmp_path, tokenizer, dataset, tiny_trainer):
     # Entropy of a random model is far above the target, so the controller lowers the coefficient each step
     args = make_args(
         tmp_path, entropy_coef=0.1, use_adaptive_entropy=True, entropy_target=0.01, entropy_coef_delta=0.02
     )
-    trainer = PBSDTrainer(
-        build_random_model(tokenizer, seed=1),
-        contains_answer,
-        args=args,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-    )
+    trainer = tiny_trainer(dataset, args=args, model=build_random_model(tokenizer, seed=1))
     trainer.train()
     coefs = [log["entropy_coef"] for log in trainer.state.log_history if "entropy_coef" in log]
     assert coefs == pytest.approx([0.08, 0.06])
     assert all("policy_loss" in log and "entropy" in log for log in trainer.state.log_history[:-1])
 
 
-def test_top_entropy_quantile_keeps_the_loss_and_restricts_the_gradient(tmp_path, tokenizer, dataset):
+def test_top_entropy_quantile_keeps_the_loss_and_restricts_the_gradient(tmp_path, tokenizer, dataset, tiny_trainer):
     model = build_random_model(tokenizer, seed=1)
     initial = copy.deepcopy(model)
-    masked = PBSDTrainer(
-        model,
-        contains_answer,
-        args=make_args(tmp_path / "a", top_entropy_quantile=0.0),
-        train_dataset=dataset,
-        processing_class=tokenizer,
-    )
-    full = PBSDTrainer(
-        copy.deepcopy(initial),
-        contains_answer,
-        args=make_args(tmp_path / "b"),
-        train_dataset=dataset,
-        processing_class=tokenizer,
-    )
+    masked = tiny_trainer(dataset, args=make_args(tmp_path / "a", top_entropy_quantile=0.0), model=model)
+    full = tiny_trainer(dataset, args=make_args(tmp_path / "b"), model=copy.deepcopy(initial))
     masked.model.train()
     full.model.train()
     inputs = masked._generate_and_score_completions(generation_batch(dataset))
@@ -214,7 +167,7 @@ def test_top_entropy_quantile_keeps_the_loss_and_restricts_the_gradient(tmp_path
     assert 0 < grad_masked.norm() < 0.5 * grad_full.norm()
 
 
-def test_gemma2_softcapped_head_is_scored_by_the_default_kernel(tmp_path, tokenizer, dataset):
+def test_gemma2_softcapped_head_is_scored_by_the_default_kernel(tmp_path, tokenizer, dataset, tiny_trainer):
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     torch.manual_seed(0)
@@ -235,9 +188,7 @@ def test_gemma2_softcapped_head_is_scored_by_the_default_kernel(tmp_path, tokeni
     model = Gemma2ForCausalLM(config)
     with torch.no_grad():  # logits of several units, so that a cap of 2 bends them
         model.lm_head.weight.mul_(30)
-    trainer = PBSDTrainer(
-        model, contains_answer, args=make_args(tmp_path), train_dataset=dataset, processing_class=tokenizer
-    )
+    trainer = tiny_trainer(dataset, args=make_args(tmp_path), model=model)
     assert trainer.args.use_fused_logprob_kernel  # the default on CPU: pbsd-trl's kernel, no refusal
     inputs = trainer._generate_and_score_completions(generation_batch(dataset))
     ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
@@ -267,15 +218,9 @@ def test_gemma2_softcapped_head_is_scored_by_the_default_kernel(tmp_path, tokeni
     torch.testing.assert_close(seq_logps(own.double()), capped, atol=1e-4, rtol=1e-4)
 
 
-def test_model_card_names_pbsd_and_cites_it(tmp_path, tokenizer, dataset):
+def test_model_card_names_pbsd_and_cites_it(tmp_path, tokenizer, dataset, tiny_trainer):
     # GRPO writes the card at every checkpoint (and on push_to_hub) from the trainer's class attributes
-    trainer = PBSDTrainer(
-        build_random_model(tokenizer, seed=1),
-        contains_answer,
-        args=make_args(tmp_path),
-        train_dataset=dataset,
-        processing_class=tokenizer,
-    )
+    trainer = tiny_trainer(dataset, args=make_args(tmp_path), model=build_random_model(tokenizer, seed=1))
     trainer.create_model_card(model_name="tiny-pbsd")
     card = (tmp_path / "README.md").read_text()
     assert "PBSD" in card and "2605.05040" in card and "yu2026pbsd" in card

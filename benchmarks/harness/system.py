@@ -1,8 +1,5 @@
-"""What the benchmark scripts share: peak-memory measurement, the machine description, report headers, plots.
-
-The scripts import it as `bench_utils` (Python puts a script's own folder on the import path) and import the package
-only through its public API.
-"""
+"""The machine a benchmark runs on and the files it writes: machine description, report headers and file names,
+peak memory, quiet training logs, plots, and paths as committed reports show them."""
 
 import ctypes
 import gc
@@ -77,9 +74,14 @@ def touch_free_memory(fraction: float = 0.75, chunk_mib: int = 256) -> float:
     return time.perf_counter() - start
 
 
-def machine_description(device):
+def machine_description(device=None):
+    """Versions, CPU model and core count, the GPU (on `device="cuda"`; default: CUDA where available), load average."""
+    import transformers
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     desc = {"python": platform.python_version(), "torch": torch.__version__, "torch threads": torch.get_num_threads()}
     desc["trl"] = trl.__version__
+    desc["transformers"] = transformers.__version__
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
         for line in lscpu.splitlines():
@@ -88,8 +90,7 @@ def machine_description(device):
                 desc[key.strip()] = value.strip()
     except (OSError, subprocess.CalledProcessError):
         pass
-    if device == "cuda":
-        desc["gpu"] = torch.cuda.get_device_name()
+    desc["gpu"] = torch.cuda.get_device_name() if device == "cuda" else "none (CPU run)"
     try:
         desc["load_average_at_start"] = os.getloadavg()
     except OSError:
@@ -132,38 +133,6 @@ def pyplot():
     return plt
 
 
-def budgeted_run_settings(
-    output_dir: str,
-    seed: int,
-    prompts_per_step: int,
-    num_generations: int,
-    max_completion_length: int,
-    learning_rate: float,
-) -> dict:
-    """The `GRPOConfig` / `PBSDConfig` fields every method of the learning benchmarks shares: a constant learning
-    rate, sampling at temperature 1, fp32 and no checkpoints; a budget callback stops the run, not `max_steps`."""
-    return dict(
-        output_dir=output_dir,
-        per_device_train_batch_size=prompts_per_step * num_generations,
-        num_generations=num_generations,
-        gradient_accumulation_steps=1,
-        max_completion_length=max_completion_length,
-        learning_rate=learning_rate,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        temperature=1.0,
-        max_steps=100_000,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        seed=seed,
-        use_cpu=not torch.cuda.is_available(),
-        bf16=False,
-        disable_tqdm=True,
-        gradient_checkpointing=False,
-    )
-
-
 def quiet_training_logs(num_threads: int) -> None:
     """Sets the torch thread count and silences the libraries' per-step logs and warnings, which would bury the
     benchmarks' progress bars (hundreds of runs, each warning once)."""
@@ -179,24 +148,7 @@ def quiet_training_logs(num_threads: int) -> None:
     hf_logging.set_verbosity_error()
 
 
-def smoke_base_model(task: str, output_dir) -> str:
-    """A 20-step warm start of the test-size model, cached under `output_dir`: what the benchmarks' `--quick` smoke
-    runs train, so that a smoke run never builds (or needs) the real base model."""
-    from pathlib import Path
-
-    from pbsd_trl.recipes.tiny import TEST_MODEL_OVERRIDES, get_base_model
-
-    return get_base_model(
-        task,
-        cache_dir=Path(output_dir) / "base_model",
-        steps=20,
-        batch_size=8,
-        model_overrides=TEST_MODEL_OVERRIDES,
-        progress_bar=False,
-    )
-
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def display_path(path) -> str:

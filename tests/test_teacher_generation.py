@@ -1,20 +1,19 @@
-"""One generation pass for student and teacher samples equals two passes (greedy decoding: the same samples)."""
+"""How the teacher samples are drawn (`pbsd_trl/teacher/generation.py`): one generation pass for student and teacher
+samples equals two passes (greedy decoding: the same samples), a shared prompt prefill draws the same samples, and
+teacher log-probs read off the decoding steps equal a scoring pass.
+"""
 
 import copy
 
 import pytest
 import torch
 from peft import LoraConfig
-from testing_utils import TEMPLATE, perturb_lora_adapters, tiny_pbsd_config
+from testing_utils import TEMPLATE, contains_answer, perturb_lora_adapters, tiny_pbsd_config
 from trl import GRPOTrainer
 
 from pbsd_trl import PBSDTrainer
 from pbsd_trl.recipes.data.math_task import make_math_dataset
 from pbsd_trl.recipes.tiny import build_char_tokenizer, build_random_model
-
-
-def contains_answer(completions, answer, **kwargs):
-    return [float(a in c[0]["content"]) for c, a in zip(completions, answer, strict=True)]
 
 
 def make_args(tmp_path, **kwargs):
