@@ -118,9 +118,8 @@ class ScriptArguments(trl.ScriptArguments):
         default=None,
         metadata={
             "help": "torch intra-op threads (torch.set_num_threads). Default on CPU with the built-in tiny model: the "
-            "available cores shared out among the processes (on a quiet 2-core machine 2 threads trained 1.5x and "
-            "built the base model 1.65x faster than 1); else torch's default. Pass 1 on a busy machine: oversubscribed "
-            "threads spin (2 threads measured 13x slower than 1 for generation on a loaded 2-core machine)."
+            "available cores shared out among the processes; else torch's default. Pass 1 on a busy machine, where "
+            "oversubscribed threads spin and generation slows down many times over."
         },
     )
 

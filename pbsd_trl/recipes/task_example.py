@@ -146,7 +146,8 @@ def write_report(results: dict, trainer, script_args, title: str, state, say, st
         write_results(out_dir, results, table, title)
         note = (
             "\n\nBefore training the numbers are fixed by the base weights and the seed; after training they also "
-            "depend on the CPU (float rounding leads training along another trajectory): measured ranges in "
+            "depend on the CPU and the torch thread count (float rounding leads training along another trajectory): "
+            "measured lines in "
             "benchmarks/results/README.md of pbsd-trl."
             if after
             else ""

@@ -23,13 +23,11 @@ from .model import (
 
 
 DEFAULT_WARM_START_STEPS: dict[str, int] = {"math": 1500, "tool_use": 1500}
-"""SFT steps of the default recipe (the shipped base models). Measured on the shipped copies (seed 0, 1 CPU thread,
-the 200 held-out problems, Avg@8 at temperature 1, :data:`~pbsd_trl.recipes.tiny.shipped.BASE_MODEL_EVAL`; recorded in each
-``pbsd_trl_base.json``, table in ``benchmarks/results/tasks.md``): math 1500 steps, student 0.361 (pass@8 0.875),
-teacher with the hint 0.854; tool_use 1500 steps, student 0.281 (pass@8 0.875), teacher with the documentation and a
-similar call 0.890. The student's accuracy is bounded by its guess of what only the context says (math: 11/27 of the
-teacher's, tool use: 1/3), so it stays below 0.45 on a rebuild on any CPU; the teacher's depends on the float
-trajectory a little (the cosine schedule ends every build at a low learning rate)."""
+"""SFT steps of the default recipe (the shipped base models; their quality, measured with
+:data:`~pbsd_trl.recipes.tiny.shipped.BASE_MODEL_EVAL`, is recorded in each ``pbsd_trl_base.json`` and tabled in
+``benchmarks/results/tasks.md``). The student's accuracy is bounded by its guess of what only the context says (math:
+11/27 of the teacher's, tool use: 1/3), so it stays below 0.45 on a rebuild on any CPU; the teacher's depends on the
+float trajectory a little (the cosine schedule ends every build at a low learning rate)."""
 
 
 # ----------------------------------------------------------------------------------------------------
