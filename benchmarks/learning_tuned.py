@@ -52,6 +52,7 @@ Usage:
     python benchmarks/learning_tuned.py                              # full run (resumes from the cache)
     python benchmarks/learning_tuned.py --max_minutes 170            # one session's worth, then a partial report
     python benchmarks/learning_tuned.py --quick --output_dir /tmp/x  # smoke run on test-size models (minutes)
+    python benchmarks/learning_tuned.py --max_completion_length math=56  # a completion budget per task
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ def task_settings(args, task: str) -> dict:
     return {
         "prompts_per_step": args.prompts_per_step,
         "num_generations": args.num_generations,
-        "max_completion_length": args.max_completion_length or TASKS[task].max_completion_length,
+        "max_completion_length": args.max_completion_length.get(task) or TASKS[task].max_completion_length,
         "train_size": args.train_size,
         "eval_problems": args.eval_problems,
         "k": 8,
@@ -726,6 +727,19 @@ def plan(args, cache_root: Path) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def completion_lengths(parser, values: list[str], tasks) -> dict[str, int]:
+    """`--max_completion_length` as {task: N}: one N for every task, or TASK=N entries."""
+    if len(values) == 1 and "=" not in values[0]:
+        values = [f"{task}={values[0]}" for task in tasks]
+    lengths = {}
+    for value in values:
+        task, _, n = value.partition("=")
+        if task not in TASK_NAMES or not n.isdigit() or int(n) < 1:
+            parser.error(f"--max_completion_length: expected N or TASK=N with TASK in {TASK_NAMES}, got {value!r}")
+        lengths[task] = int(n)
+    return lengths
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="Smoke run: test-size models, tiny budgets, 2 seeds.")
@@ -762,20 +776,23 @@ def parse_args(argv=None):
     p.add_argument("--num_generations", type=int, default=8)
     p.add_argument(
         "--max_completion_length",
-        type=int,
-        default=None,
-        help="Default: the task's (`TaskSpec.max_completion_length`, that of its example script).",
+        nargs="+",
+        default=[],
+        metavar="[TASK=]N",
+        help="N for every task, or TASK=N per task (e.g. `math=56 tool_use=64`); a task without one takes its own "
+        "(`TaskSpec.max_completion_length`, that of its example script).",
     )
     p.add_argument("--num_threads", type=int, default=1)
     p.add_argument("--max_minutes", type=float, default=None, help="Launch no new run after this many minutes.")
     args = p.parse_args(argv)
+    args.max_completion_length = completion_lengths(p, args.max_completion_length, args.tasks)
     if args.quick:
         args.seeds = args.seeds[:2]
         args.learning_rates = args.learning_rates[:1]
         args.budget_tokens, args.budget_seconds, args.budget_steps = 600.0, 0.5, 2
         args.eval_points, args.eval_problems, args.stability_factor = 2, 4, 1.5
         args.prompts_per_step, args.train_size = 1, 32
-        args.max_completion_length = 16
+        args.max_completion_length = dict.fromkeys(args.tasks, 16)
         # the diagnostic arms: the ablations with report logic of their own
         args.ablations = [name for name in args.ablations if name in DIAGNOSTIC_ARMS] or args.ablations[:1]
         args.long_steps, args.long_factor, args.long_eval_points = 3, 1.5, 2

@@ -563,3 +563,21 @@ def test_untuned_methods_are_harness_methods_with_their_own_settings(tmp_path):
         args = methods.trainer_args("math", name, config, settings, 0, str(tmp_path), fixed)
         assert {k: getattr(args, k) for k in fields} == fields, method
         assert args.learning_rate == 1e-4 and args.lr_scheduler_type == "constant"
+
+
+def test_tuned_completion_length_per_task_enters_the_task_settings():
+    """One `--max_completion_length` for every task or one per task: each task's runs keep the length they ran with."""
+    lt = _learning_tuned()
+    per_task = lt.parse_args(["--max_completion_length", "math=56"])
+    assert lt.task_settings(per_task, "math")["max_completion_length"] == 56
+    from pbsd_trl.recipes.data.tasks import TASKS
+
+    own = TASKS["tool_use"].max_completion_length
+    assert lt.task_settings(per_task, "tool_use")["max_completion_length"] == own
+    every = lt.parse_args(["--max_completion_length", "40"])
+    assert {t: lt.task_settings(every, t)["max_completion_length"] for t in lt.TASK_NAMES} == dict.fromkeys(
+        lt.TASK_NAMES, 40
+    )
+    for bad in (["maths=56"], ["math=0"], ["math=x"], ["56", "64"]):
+        with pytest.raises(SystemExit):
+            lt.parse_args(["--max_completion_length", *bad])
